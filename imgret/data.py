@@ -1,0 +1,368 @@
+"""Images stage: which images form the gallery and the queries, with their labels.
+
+The contract with the next stage is `ImageSet`: parallel lists of paths and integer labels, plus a
+fingerprint that changes whenever the set of images changes (it keys the embedding cache). Paths
+are plain files, or `synthetic://...` addresses that fully describe a generated image, so a worker
+process can open any image from its path alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from imgret.errors import ConfigError, DataUnavailable, allowed
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("tiny_imagenet", "folder", "synthetic")
+SPLITS = ("gallery", "queries")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split: image i is `paths[i]`, of class `class_names[labels[i]]`."""
+
+    dataset: str
+    split: str
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    source_id: str  # what the paths point into: an archive digest, a folder's listing hash, ...
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{self.dataset}|{self.split}|{self.source_id}|".encode())
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{path}\t{label}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def open(self, i: int) -> Image.Image:
+        return open_image(self.paths[i])
+
+
+@dataclass(frozen=True)
+class Splits:
+    gallery: ImageSet
+    queries: ImageSet
+
+
+def open_image(path: str) -> Image.Image:
+    """An RGB image: greyscale and palette images are converted (Tiny-ImageNet has greyscale ones)."""
+    if path.startswith(SYNTHETIC_SCHEME):
+        return synthetic_image(path)
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def load_splits(data_cfg, seed: int = 0) -> Splits:
+    name = data_cfg.name
+    if name == "tiny_imagenet":
+        splits = tiny_imagenet_splits(data_cfg)
+    elif name == "folder":
+        splits = folder_splits(data_cfg, seed)
+    elif name == "synthetic":
+        splits = synthetic_splits(data_cfg, seed)
+    else:
+        raise ConfigError(f"unknown dataset data.name={name!r}; allowed: {allowed(DATASETS)}")
+    gallery = stratified_subset(splits.gallery, data_cfg.get("gallery_limit"), "data.gallery_limit")
+    queries = stratified_subset(splits.queries, data_cfg.get("query_limit"), "data.query_limit")
+    for image_set in (gallery, queries):
+        if len(image_set) == 0:
+            raise DataUnavailable(f"the {name} {image_set.split} split has no images")
+    return Splits(gallery, queries)
+
+
+def stratified_subset(image_set: ImageSet, per_class: int | None, key: str) -> ImageSet:
+    """The first `per_class` images of every class, in the set's (deterministic) order."""
+    if per_class is None:
+        return image_set
+    if not isinstance(per_class, int) or per_class < 1:
+        raise ConfigError(f"{key}={per_class!r} must be a positive number of images per class, or null")
+    taken: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(image_set.labels.tolist()):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return ImageSet(
+        dataset=image_set.dataset,
+        split=image_set.split,
+        paths=tuple(image_set.paths[i] for i in keep),
+        labels=image_set.labels[keep],
+        class_names=image_set.class_names,
+        source_id=image_set.source_id,
+    )
+
+
+def natural_key(text: str) -> list:
+    """`img_2` before `img_10`, so that 'the first N images' means what a person expects."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+# --------------------------------------------------------------------------- Tiny-ImageNet
+
+TINY_DIRNAME = "tiny-imagenet-200"
+STAMP_NAME = ".imgret-extracted.json"
+
+
+def tiny_imagenet_splits(data_cfg) -> Splits:
+    root = prepare_tiny_imagenet(data_cfg)
+    source_id = json.loads((root / STAMP_NAME).read_text())["digest"]
+    class_names = tuple((root / "wnids.txt").read_text().split())
+    class_index = {wnid: i for i, wnid in enumerate(class_names)}
+
+    gallery_paths, gallery_labels = [], []
+    for wnid in class_names:
+        image_dir = root / "train" / wnid / "images"
+        names = sorted((entry.name for entry in os.scandir(image_dir) if entry.is_file()), key=natural_key)
+        gallery_paths += [str(image_dir / name) for name in names]
+        gallery_labels += [class_index[wnid]] * len(names)
+
+    query_rows = []
+    for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
+        if line.strip():
+            filename, wnid = line.split("\t")[:2]
+            query_rows.append((filename, class_index[wnid]))
+    query_rows.sort(key=lambda row: natural_key(row[0]))
+    query_paths = [str(root / "val" / "images" / filename) for filename, _ in query_rows]
+    query_labels = [label for _, label in query_rows]
+
+    def make(split, paths, labels):
+        return ImageSet("tiny_imagenet", split, tuple(paths), np.asarray(labels, dtype=np.int64),
+                        class_names, source_id)
+
+    return Splits(make("gallery", gallery_paths, gallery_labels), make("queries", query_paths, query_labels))
+
+
+def prepare_tiny_imagenet(data_cfg) -> Path:
+    """The extracted dataset folder, downloading, verifying and extracting the archive if needed."""
+    root = Path(data_cfg.root).expanduser().resolve()
+    target = root / TINY_DIRNAME
+    archive = data_cfg.get("archive")
+    checksums = list(data_cfg.get("checksums") or [])
+
+    if archive is not None:
+        archive_path = Path(archive).expanduser().resolve()
+        if not archive_path.is_file():
+            raise DataUnavailable(
+                f"data.archive={archive!r} does not exist (resolved to {archive_path}); "
+                "give the path of a tiny-imagenet-200.zip"
+            )
+        if _stamp_matches(target, archive_path):
+            return target
+    else:
+        if _stamp_matches(target, None):
+            return target
+        archive_path = download(data_cfg.url, root / "downloads" / Path(data_cfg.url).name)
+
+    digest = verify_checksum(archive_path, checksums)
+    extract_atomically(archive_path, target, digest)
+    return target
+
+
+def _stamp_matches(target: Path, archive_path: Path | None) -> bool:
+    """True if `target` is a finished extraction (of this very archive file, when one is given)."""
+    stamp_path = target / STAMP_NAME
+    if not stamp_path.is_file():
+        return False
+    if archive_path is None:
+        return True
+    stamp = json.loads(stamp_path.read_text())
+    stat = archive_path.stat()
+    if stamp.get("archive_size") == stat.st_size and stamp.get("archive_mtime_ns") == stat.st_mtime_ns:
+        return True
+    # Another copy of the same archive (same digest) is as good; a different archive is re-extracted.
+    return stamp.get("digest") in _digests(archive_path, ("sha256",)).values()
+
+
+def download(url: str, destination: Path) -> Path:
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f"{destination.name}.part-{uuid.uuid4().hex[:8]}")
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {destination.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as error:
+        partial.unlink(missing_ok=True)
+        raise DataUnavailable(
+            f"could not download {url}: {error}. Offline, or behind a proxy? Download the zip elsewhere "
+            "and pass it with data.archive=/path/to/tiny-imagenet-200.zip"
+        ) from error
+    os.replace(partial, destination)
+    return destination
+
+
+def _digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                           desc=f"checksum {path.name}", leave=False) as bar:
+        while chunk := handle.read(1 << 22):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+            bar.update(len(chunk))
+    return {name: f"{name}:{hasher.hexdigest()}" for name, hasher in hashers.items()}
+
+
+def verify_checksum(archive_path: Path, checksums: Sequence[str]) -> str:
+    """The archive's sha256 digest, once one of its digests is found in `checksums`."""
+    algorithms = {"sha256"}
+    for checksum in checksums:
+        algorithm, _, value = str(checksum).partition(":")
+        if algorithm not in hashlib.algorithms_available or not value:
+            raise ConfigError(f"data.checksums entry {checksum!r} must read '<algorithm>:<hex>', e.g. 'sha256:...'")
+        algorithms.add(algorithm)
+    digests = _digests(archive_path, sorted(algorithms))
+    if not any(str(checksum).lower() in digests.values() for checksum in checksums):
+        raise DataUnavailable(
+            f"{archive_path} has checksum {digests['sha256']}, which is not among data.checksums "
+            f"({allowed(checksums) or 'none'}). If this archive is the one you mean, accept it with "
+            f"data.checksums=[{digests['sha256']}]"
+        )
+    return digests["sha256"]
+
+
+def extract_atomically(archive_path: Path, target: Path, digest: str) -> None:
+    """Extract into a temporary folder, stamp it, then rename: a half-done extraction never counts."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            prefix = f"{TINY_DIRNAME}/"
+            members = [m for m in archive.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+            if not members:
+                raise DataUnavailable(f"{archive_path} holds no {prefix} folder: is it Tiny-ImageNet-200?")
+            for member in tqdm(members, desc=f"extract {archive_path.name}", unit="file", miniters=1000):
+                archive.extract(member, staging)
+        stat = archive_path.stat()
+        stamp = {"digest": digest, "archive": str(archive_path), "archive_size": stat.st_size,
+                 "archive_mtime_ns": stat.st_mtime_ns}
+        (staging / TINY_DIRNAME / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
+        if target.exists():  # an older or unfinished extraction: move it aside, then replace it
+            stale = target.parent / f".{target.name}.stale-{uuid.uuid4().hex[:8]}"
+            os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(staging / TINY_DIRNAME, target)
+        except OSError:
+            if not (target / STAMP_NAME).is_file():  # not a concurrent extraction that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def list_class_folder(folder: Path, extensions: Sequence[str]) -> dict[str, list[str]]:
+    suffixes = {ext.lower() for ext in extensions}
+    if not folder.is_dir():
+        raise DataUnavailable(f"image folder {folder} does not exist")
+    classes = {}
+    for class_dir in sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name)):
+        files = [str(p) for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
+        if files:
+            classes[class_dir.name] = sorted(files, key=natural_key)
+    if not classes:
+        raise DataUnavailable(
+            f"{folder} holds no images in class subfolders (<class>/<image>, extensions {', '.join(suffixes)})"
+        )
+    return classes
+
+
+def _listing_id(*listings: dict[str, list[str]]) -> str:
+    digest = hashlib.sha256()
+    for listing in listings:
+        for files in listing.values():
+            for path in files:
+                stat = os.stat(path)
+                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return f"listing:{digest.hexdigest()[:16]}"
+
+
+def folder_splits(data_cfg, seed: int) -> Splits:
+    if data_cfg.get("gallery_dir") in (None, "???"):
+        raise ConfigError("data=folder needs data.gallery_dir=/path/to/<class>/<image> tree")
+    gallery_listing = list_class_folder(Path(data_cfg.gallery_dir), data_cfg.extensions)
+    if data_cfg.get("query_dir"):
+        query_listing = list_class_folder(Path(data_cfg.query_dir), data_cfg.extensions)
+    else:
+        fraction = float(data_cfg.query_fraction)
+        if not 0.0 < fraction < 1.0:
+            raise ConfigError(f"data.query_fraction={fraction} must lie strictly between 0 and 1")
+        rng = np.random.default_rng(seed)
+        query_listing = {}
+        for name, files in gallery_listing.items():
+            n_query = min(len(files) - 1, max(1, round(fraction * len(files))))
+            chosen = set(rng.permutation(len(files))[:n_query].tolist())
+            query_listing[name] = [f for i, f in enumerate(files) if i in chosen]
+            gallery_listing[name] = [f for i, f in enumerate(files) if i not in chosen]
+    class_names = tuple(sorted(set(gallery_listing) | set(query_listing), key=natural_key))
+    class_index = {name: i for i, name in enumerate(class_names)}
+    source_id = _listing_id(gallery_listing, query_listing)
+
+    def make(split, listing):
+        paths = [path for name in listing for path in listing[name]]
+        labels = [class_index[name] for name in listing for _ in listing[name]]
+        return ImageSet("folder", split, tuple(paths), np.asarray(labels, dtype=np.int64), class_names, source_id)
+
+    return Splits(make("gallery", gallery_listing), make("queries", query_listing))
+
+
+# --------------------------------------------------------------------------- synthetic images
+
+SYNTHETIC_SCHEME = "synthetic://"
+
+
+def synthetic_splits(data_cfg, seed: int) -> Splits:
+    size = int(data_cfg.image_size)
+    n_classes = int(data_cfg.num_classes)
+    if size < 8 or n_classes < 1:
+        raise ConfigError(f"data.image_size={size} must be >= 8 and data.num_classes={n_classes} >= 1")
+    class_names = tuple(f"class_{c:03d}" for c in range(n_classes))
+
+    def make(split, per_class):
+        paths = [f"{SYNTHETIC_SCHEME}{seed}/{size}/{split}/{c}/{i}" for c in range(n_classes) for i in range(per_class)]
+        labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
+        return ImageSet("synthetic", split, tuple(paths), labels, class_names, f"synthetic:{seed}:{size}")
+
+    return Splits(make("gallery", int(data_cfg.gallery_per_class)), make("queries", int(data_cfg.query_per_class)))
+
+
+def synthetic_image(path: str) -> Image.Image:
+    """A smooth per-class colour pattern, shifted, brightened and noised per image."""
+    seed, size, split, label, index = path[len(SYNTHETIC_SCHEME):].split("/")
+    seed, size, label, index = int(seed), int(size), int(label), int(index)
+    class_rng = np.random.default_rng([seed, label])
+    coarse = class_rng.random((3, 4, 4), dtype=np.float32)
+    pattern = np.kron(coarse, np.ones((1, size // 4 + 1, size // 4 + 1), np.float32))[:, :size, :size]
+    image_rng = np.random.default_rng([seed, label, SPLITS.index(split), index])
+    shift = image_rng.integers(-size // 8, size // 8 + 1, size=2)
+    pattern = np.roll(pattern, tuple(shift), axis=(1, 2))
+    pattern = pattern * image_rng.uniform(0.8, 1.2) + image_rng.normal(0, 0.08, pattern.shape)
+    pixels = (np.clip(pattern, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+    return Image.fromarray(pixels, "RGB")

@@ -1,0 +1,85 @@
+"""One experiment run, stage by stage: images -> embedding store -> index -> search -> metrics.
+
+Tracking is not done here: `run_experiment` returns plain results and the caller records them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from imgret.data import load_splits
+from imgret.extract import ensure_embeddings
+from imgret.groundtruth import exact_ground_truth
+from imgret.index import build_index, validate_search
+from imgret.metrics import latency_percentiles, precision_at, recall_at
+from imgret.search import timed_search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    info: dict = field(default_factory=dict)  # what was reused, where stores live: logged as tags
+
+
+def configure_threads(threads: int | None) -> int:
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            from imgret.errors import ConfigError
+
+            raise ConfigError(f"threads={threads!r} must be a positive whole number, or null for every core")
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def run_experiment(cfg) -> RunResult:
+    threads = configure_threads(cfg.get("threads"))
+    splits = load_splits(cfg.data, cfg.seed)
+    validate_search(cfg.method, cfg.k, len(splits.gallery))
+
+    embeddings = ensure_embeddings(splits, cfg)
+    gallery, queries = embeddings.gallery, embeddings.queries
+    gallery_vectors = np.ascontiguousarray(gallery.vectors)
+    query_vectors = np.ascontiguousarray(queries.vectors)
+
+    # Search deep enough for recall@10 and precision@10 even when k < 10.
+    depth = min(max(int(cfg.k), 10), len(gallery))
+    truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
+
+    index, build_seconds = build_index(cfg.method, gallery_vectors)
+    found = timed_search(index, query_vectors, depth, int(cfg.search.latency_queries),
+                         int(cfg.search.warmup_queries), progress=bool(cfg.extract.progress))
+
+    latency = latency_percentiles(found.latencies_ms)
+    metrics = {
+        "recall_at_1": recall_at(found.ids, truth.ids, 1),
+        "recall_at_10": recall_at(found.ids, truth.ids, min(10, depth)),
+        "recall_at_k": recall_at(found.ids, truth.ids, int(cfg.k)),
+        "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, min(10, depth)),
+        "search_ms_p50": latency[50],
+        "search_ms_p95": latency[95],
+        "search_ms_p99": latency[99],
+        "search_qps_batch": len(query_vectors) / found.batch_seconds,
+        "build_s": build_seconds,
+        "index_bytes": float(index.nbytes),
+        **embeddings.timings,
+        "gallery_size": float(len(gallery)),
+        "query_size": float(len(queries)),
+        "dim": float(gallery.dim),
+    }
+    info = {
+        "embeddings_extracted": ",".join(embeddings.extracted) or "none",
+        "gallery_store": str(gallery.path),
+        "query_store": str(queries.path),
+        "threads": str(threads),
+        "latency_queries": str(len(found.latencies_ms)),
+    }
+    log.info("results: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return RunResult(metrics, info)
