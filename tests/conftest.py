@@ -1,0 +1,84 @@
+"""Shared fixtures: Hydra-composed configs with a temporary cache and MLflow store, and a small real
+subset of the Tiny-ImageNet archive (the real images and layout, 4 classes)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+REAL_ARCHIVE = (PROJECT_ROOT / ".." / "shared" / "data" / "tiny-imagenet-200.zip").resolve()
+
+SUBSET_CLASSES = 4
+SUBSET_TRAIN_PER_CLASS = 12  # the second class has greyscale images among its first 12 (_9)
+SUBSET_VAL_PER_CLASS = 3
+
+
+def require_real_archive() -> Path:
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(f"the real Tiny-ImageNet archive is missing: expected {REAL_ARCHIVE} (see README, 'Data')")
+    return REAL_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def tiny_subset_zip(tmp_path_factory) -> tuple[Path, str]:
+    """A zip in the official layout holding real images of the first 4 classes, and its sha256 checksum."""
+    source = require_real_archive()
+    prefix = "tiny-imagenet-200/"
+    out = tmp_path_factory.mktemp("archive") / "tiny-subset.zip"
+    with zipfile.ZipFile(source) as real, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as subset:
+        wnids = real.read(prefix + "wnids.txt").decode().split()[:SUBSET_CLASSES]
+        subset.writestr(prefix + "wnids.txt", "\n".join(wnids) + "\n")
+        for wnid in wnids:
+            for n in range(SUBSET_TRAIN_PER_CLASS):
+                name = f"{prefix}train/{wnid}/images/{wnid}_{n}.JPEG"
+                subset.writestr(name, real.read(name))
+        kept, taken = [], {w: 0 for w in wnids}
+        for line in real.read(prefix + "val/val_annotations.txt").decode().splitlines():
+            filename, wnid = line.split("\t")[:2]
+            if wnid in taken and taken[wnid] < SUBSET_VAL_PER_CLASS:
+                taken[wnid] += 1
+                kept.append(line)
+                subset.writestr(f"{prefix}val/images/{filename}", real.read(f"{prefix}val/images/{filename}"))
+        subset.writestr(prefix + "val/val_annotations.txt", "\n".join(kept) + "\n")
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    return out, f"sha256:{digest}"
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the real config with Hydra, writing caches and MLflow runs under this test's tmp_path."""
+
+    def compose_cfg(*overrides: str):
+        base = [
+            f"paths.cache={tmp_path / 'cache'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            f"tracking.artifact_root={tmp_path / 'mlruns' / 'artifacts'}",
+            "extract.progress=false",
+            "extract.latency_images=4",
+            "search.latency_queries=50",
+            "search.warmup_queries=5",
+            "num_workers=0",
+        ]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=base + list(overrides))
+
+    return compose_cfg
+
+
+SYNTHETIC_FAST = ("data=synthetic", "model.pretrained=false", "model.image_size=32", "batch_size=16")
+
+
+def clustered_vectors(n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.15) -> np.ndarray:
+    """L2-normalised points around random centres: what IVF is built for, so its recall can drop."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    points = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim)).astype(np.float32)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    return points.astype(np.float32)

@@ -1,0 +1,116 @@
+"""End to end: a composed config run through the pipeline and recorded in a real MLflow sqlite store,
+and real Hydra multiruns of `python -m imgret.run`, read back with MlflowClient."""
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT_ROOT, SYNTHETIC_FAST
+from imgret.errors import ConfigError
+from imgret.run import run_tracked
+
+METRICS = {
+    "recall_at_1", "recall_at_10", "recall_at_k", "precision_at_10", "search_ms_p50", "search_ms_p95",
+    "search_ms_p99", "search_qps_batch", "build_s", "index_bytes", "extract_ms_per_image",
+    "extract_images_per_s", "gallery_size", "query_size", "dim",
+}
+
+
+def runs_of(tracking_uri: str, experiment: str = "imgret"):
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
+    cfg = make_cfg(*SYNTHETIC_FAST, "method=ivf", "nlist=4", "nprobe=4", "k=5")
+    metrics = run_tracked(cfg)
+    client, runs = runs_of(cfg.tracking.uri)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert set(run.data.metrics) == METRICS
+    assert run.data.metrics == pytest.approx(metrics)
+    assert run.data.metrics["recall_at_k"] == 1.0  # nprobe = nlist visits every list
+    assert run.data.metrics["gallery_size"] == 200 and run.data.metrics["query_size"] == 40
+    params = run.data.params
+    assert params["method.nprobe"] == "4" and params["nlist"] == "4" and params["model.arch"] == "resnet18"
+    assert params["k"] == "5" and params["data.name"] == "synthetic"
+    tags = run.data.tags
+    assert (tags["model"], tags["method"], tags["dataset"]) == ("resnet18", "ivf", "synthetic")
+    assert tags["git_commit"] and tags["version.faiss-cpu"] and tags["version.torch"] and tags["cpu"]
+    assert tags["embeddings_extracted"] == "gallery,queries"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"config.yaml", "results.json"}
+    results = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/results.json")
+    assert results["metrics"]["recall_at_k"] == 1.0
+
+
+def test_a_failing_run_is_marked_failed_with_its_error(make_cfg):
+    cfg = make_cfg(*SYNTHETIC_FAST, "method=ivf", "nlist=4", "nprobe=5")
+    with pytest.raises(ConfigError, match="nprobe=5"):
+        run_tracked(cfg)
+    _, runs = runs_of(cfg.tracking.uri)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "ConfigError: nprobe=5" in runs[0].data.tags["error"]
+
+
+def imgret_multirun(tmp_path, *overrides, timeout=600):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "imgret.run", "-m", *SYNTHETIC_FAST,
+        f"paths.cache={tmp_path / 'cache'}", f"tracking.uri={uri}",
+        f"tracking.artifact_root={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "extract.progress=false", "search.latency_queries=50", "extract.latency_images=4", "num_workers=0",
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    return result, uri
+
+
+def children_of_the_parent(uri):
+    _, runs = runs_of(uri)
+    parents = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1, "every job's run hangs under the parent"
+    return parent, children
+
+
+def test_hydra_multirun_groups_jobs_under_a_parent_and_extracts_once(tmp_path):
+    result, uri = imgret_multirun(tmp_path, "model=resnet18", "method=brute,flat,ivf", "nlist=4", "nprobe=1,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = children_of_the_parent(uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "6"
+    assert len(children) == 6 and {c.info.status for c in children} == {"FINISHED"}
+    extracted = [c.data.tags["embeddings_extracted"] for c in children]
+    assert extracted.count("gallery,queries") == 1 and extracted.count("none") == 5
+    by_setting = {(c.data.tags["method"], c.data.params["nprobe"]): c.data.metrics["recall_at_10"] for c in children}
+    assert by_setting[("brute", "1")] == by_setting[("flat", "1")] == by_setting[("ivf", "4")] == 1.0
+    assert by_setting[("ivf", "1")] <= 1.0
+    assert {c.data.metrics["extract_ms_per_image"] for c in children} == {children[0].data.metrics["extract_ms_per_image"]}
+
+
+def test_a_failed_job_is_marked_failed_and_the_multirun_goes_on(tmp_path):
+    # nprobe=64 > nlist=4 fails the second job; the third and fourth must still run.
+    result, uri = imgret_multirun(tmp_path, "method=ivf,flat", "nlist=4", "nprobe=2,64")
+    assert result.returncode != 0, "Hydra reports the failure once all jobs ran"
+    parent, children = children_of_the_parent(uri)
+    statuses = [(c.data.tags["method"], c.data.params["nprobe"], c.info.status) for c in children]
+    assert statuses == [("ivf", "2", "FINISHED"), ("ivf", "64", "FAILED"), ("flat", "2", "FINISHED"),
+                        ("flat", "64", "FINISHED")]
+    assert "nprobe=64" in children[1].data.tags["error"]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+
+
+def test_unknown_model_is_refused_before_any_job_with_the_options(tmp_path):
+    result, _ = imgret_multirun(tmp_path, "model=resnet18,vgg99")
+    assert result.returncode != 0
+    assert "vgg99" in result.stderr and "resnet18" in result.stderr and "clip" in result.stderr
+    assert not (tmp_path / "cache").exists(), "nothing may run before the whole sweep composes"

@@ -1,0 +1,115 @@
+import faiss
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import clustered_vectors
+from imgret.errors import ConfigError
+from imgret.groundtruth import exact_ground_truth, ground_truth_path
+from imgret.index import BruteForceIndex, build_index, validate_search
+from imgret.metrics import latency_percentiles, precision_at, recall_at
+from imgret.search import timed_search
+from imgret.store import EmbeddingStore
+
+GALLERY = clustered_vectors(4000, 64, clusters=32, seed=1)
+QUERIES = clustered_vectors(4200, 64, clusters=32, seed=1)[4000:]  # same centres, unseen points
+
+
+def method(name, **params):
+    return OmegaConf.create({"name": name, **params})
+
+
+def exact_ids(k=10):
+    flat = faiss.IndexFlatIP(GALLERY.shape[1])
+    flat.add(GALLERY)
+    return flat.search(QUERIES, k)[1]
+
+
+def recall_of(method_cfg, k=10):
+    index, _ = build_index(method_cfg, GALLERY)
+    return recall_at(index.search(QUERIES, k)[1], exact_ids(k), k)
+
+
+def test_brute_force_returns_the_same_neighbours_as_faiss_flat():
+    scores, ids = BruteForceIndex(GALLERY, query_chunk=64).search(QUERIES, 10)
+    flat = faiss.IndexFlatIP(64)
+    flat.add(GALLERY)
+    flat_scores, flat_ids = flat.search(QUERIES, 10)
+    assert np.array_equal(ids, flat_ids)
+    assert np.allclose(scores, flat_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_cfg", [method("brute"), method("flat"), method("ivf", nlist=16, nprobe=16)],
+                         ids=["brute", "flat", "ivf-nprobe=nlist"])
+def test_exact_settings_have_recall_one(method_cfg):
+    assert recall_of(method_cfg) == 1.0
+
+
+def test_ivf_with_one_probe_misses_neighbours_on_clustered_data():
+    one_probe = recall_of(method("ivf", nlist=64, nprobe=1))
+    more_probes = recall_of(method("ivf", nlist=64, nprobe=8))
+    assert one_probe < 1.0
+    assert one_probe < more_probes  # nprobe is really applied
+
+
+def test_build_reports_time_and_size():
+    index, seconds = build_index(method("ivf", nlist=16, nprobe=4), GALLERY)
+    assert seconds > 0
+    assert index.nbytes > GALLERY.nbytes  # the vectors plus ids and centroids
+    assert index.index.nprobe == 4
+
+
+@pytest.mark.parametrize("method_cfg, k, match", [
+    (method("ivf", nlist=16, nprobe=32), 10, "nprobe=32 must be a whole number from 1 to nlist \\(16\\)"),
+    (method("ivf", nlist=5000, nprobe=1), 10, "nlist=5000 must be .* gallery size \\(4000\\)"),
+    (method("flat"), 4001, "k=4001 must be .* gallery size \\(4000\\)"),
+    (method("annoy"), 10, "unknown method='annoy'; allowed: 'brute', 'flat', 'ivf'"),
+])
+def test_bad_search_values_fail_early_with_what_is_allowed(method_cfg, k, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_search(method_cfg, k, gallery_size=4000)
+
+
+def test_too_few_points_per_list_is_a_warning():
+    with pytest.warns(UserWarning, match="training points per list"):
+        validate_search(method("ivf", nlist=200, nprobe=1), 10, gallery_size=4000)
+
+
+def test_recall_counts_overlap_not_order_and_ignores_missing_results():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    found = np.array([[3, 2, 1], [4, -1, 9]])
+    assert recall_at(found, exact, 3) == pytest.approx((3 + 1) / 6)
+    assert recall_at(found, exact, 1) == pytest.approx((0 + 1) / 2)
+
+
+def test_precision_is_the_share_of_results_with_the_query_class():
+    gallery_labels = np.array([0, 0, 1, 1])
+    found = np.array([[0, 1, 2], [2, -1, 0]])
+    assert precision_at(found, gallery_labels, np.array([0, 1]), 3) == pytest.approx((2 + 1) / 6)
+
+
+def test_latency_percentiles():
+    p = latency_percentiles(np.arange(1, 101))
+    assert p[50] == pytest.approx(50.5) and p[99] == pytest.approx(99.01)
+
+
+def test_timed_search_takes_at_least_the_configured_number_of_single_queries():
+    index, _ = build_index(method("flat"), GALLERY)
+    run = timed_search(index, QUERIES[:30], 5, latency_queries=100, warmup_queries=3, progress=False)
+    assert run.ids.shape == (30, 5) and len(run.latencies_ms) == 100
+    assert (run.latencies_ms > 0).all() and run.batch_seconds > 0
+
+
+def test_ground_truth_is_computed_once_and_cached(tmp_path):
+    stores = []
+    for name, vectors in [("gallery", GALLERY), ("queries", QUERIES)]:
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "vectors.npy", vectors)
+        (tmp_path / name / "meta.json").write_text('{"count": %d, "dim": 64}' % len(vectors))
+        stores.append(EmbeddingStore.open(tmp_path / name))
+    truth = exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache")
+    assert np.array_equal(truth.ids, exact_ids(10))
+    cached = ground_truth_path(tmp_path / "cache", *stores, k=10)
+    assert cached.is_file()
+    np.savez(cached, ids=truth.ids * 0, scores=truth.scores)  # prove the second call reads the cache
+    assert not exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids.any()
