@@ -1,14 +1,21 @@
 """Search stage: an index over the gallery's L2-normalised vectors, searched by inner product (= cosine).
 
 Every method implements `SearchIndex`: `search(queries, k) -> (scores, ids)`, best first, with id -1
-where an approximate index found fewer than k results. `build_index` validates the method's
-parameters against the gallery before any work, then builds and times the index.
+where an approximate index found fewer than k results. Each method's parameters are split into build
+parameters (they change the index, so they key the on-disk index cache) and query parameters (applied
+to a built or loaded index before searching), so a sweep over nprobe or ef_search builds each index once.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
+import uuid
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import faiss
@@ -19,9 +26,25 @@ from imgret.errors import ConfigError, allowed
 
 log = logging.getLogger(__name__)
 
-METHODS = ("brute", "flat", "ivf")
 # faiss's k-means wants at least this many training points per centroid, and warns below it.
-MIN_POINTS_PER_LIST = 39
+MIN_POINTS_PER_CENTROID = 39
+
+
+@dataclass(frozen=True)
+class Method:
+    build_params: tuple[str, ...]
+    query_params: tuple[str, ...]
+    cached: bool  # saved to disk after building: it trains or builds a graph, so rebuilding costs
+
+
+METHODS = {
+    "brute": Method((), ("query_chunk",), cached=False),
+    "flat": Method((), (), cached=False),
+    "ivf": Method(("nlist",), ("nprobe",), cached=True),
+    "ivfpq": Method(("nlist", "pq_m", "pq_nbits"), ("nprobe",), cached=True),
+    "hnsw": Method(("hnsw_m", "ef_construction"), ("ef_search",), cached=True),
+    "factory": Method(("index_factory",), ("search_params",), cached=True),
+}
 
 
 class SearchIndex(Protocol):
@@ -31,16 +54,20 @@ class SearchIndex(Protocol):
     def nbytes(self) -> int: ...
 
 
+def writable_float32(array: np.ndarray) -> np.ndarray:
+    """torch.from_numpy wants a writable buffer; a store's memory-mapped vectors are read-only."""
+    return np.require(array, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
+
+
 class BruteForceIndex:
     """Exact cosine: a matrix product per chunk of queries and a partial top-k (torch.topk, no full sort)."""
 
     def __init__(self, gallery: np.ndarray, query_chunk: int = 1024):
-        # torch wants a writable buffer; a store's memory-mapped vectors are read-only, so copy those.
-        self.gallery = torch.from_numpy(np.require(gallery, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        self.gallery = torch.from_numpy(writable_float32(gallery))
         self.query_chunk = query_chunk
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = torch.from_numpy(np.require(queries, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        queries = torch.from_numpy(writable_float32(queries))
         scores = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         with torch.inference_mode():
@@ -57,8 +84,6 @@ class BruteForceIndex:
 
 
 class FaissIndex:
-    """Any faiss index, with the query-time parameters it was given applied before every search."""
-
     def __init__(self, index: faiss.Index):
         self.index = index
 
@@ -70,46 +95,155 @@ class FaissIndex:
         return int(faiss.serialize_index(self.index).nbytes)
 
 
+@dataclass(frozen=True)
+class BuiltIndex:
+    index: SearchIndex
+    build_s: float  # train + add, as measured when the index was built (also when loaded from the cache)
+    reused: bool
+    path: Path | None = None
+
+
+def _whole(value, low: int, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
 def validate_search(method_cfg, k: int, gallery_size: int) -> None:
     """Fail before any extraction or build if the method cannot run on this gallery."""
     name = method_cfg.get("name")
     if name not in METHODS:
         raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
-    if not isinstance(k, int) or not 1 <= k <= gallery_size:
+    if not _whole(k, 1, gallery_size):
         raise ConfigError(f"k={k!r} must be a whole number from 1 to the gallery size ({gallery_size})")
-    if name == "ivf":
+    if name in ("ivf", "ivfpq"):
         nlist, nprobe = method_cfg.nlist, method_cfg.nprobe
-        if not isinstance(nlist, int) or not 1 <= nlist <= gallery_size:
+        if not _whole(nlist, 1, gallery_size):
             raise ConfigError(f"nlist={nlist!r} must be a whole number from 1 to the gallery size ({gallery_size})")
-        if not isinstance(nprobe, int) or not 1 <= nprobe <= nlist:
+        if not _whole(nprobe, 1, nlist):
             raise ConfigError(f"nprobe={nprobe!r} must be a whole number from 1 to nlist ({nlist})")
-        if gallery_size < MIN_POINTS_PER_LIST * nlist:
-            warnings.warn(
-                f"nlist={nlist} has {gallery_size / nlist:.1f} training points per list (gallery {gallery_size}); "
-                f"k-means wants at least {MIN_POINTS_PER_LIST}: consider nlist <= {gallery_size // MIN_POINTS_PER_LIST}",
-                stacklevel=2,
-            )
+        _warn_few_training_points(gallery_size, nlist, "nlist")
+    if name == "ivfpq":
+        if not _whole(method_cfg.pq_nbits, 1, 16):
+            raise ConfigError(f"method.pq_nbits={method_cfg.pq_nbits!r} must be a whole number from 1 to 16")
+        if not _whole(method_cfg.pq_m, 1):
+            raise ConfigError(f"method.pq_m={method_cfg.pq_m!r} must be a positive whole number")
+        _warn_few_training_points(gallery_size, 2 ** method_cfg.pq_nbits, "2**pq_nbits")
+    if name == "hnsw":
+        for key in ("hnsw_m", "ef_construction", "ef_search"):
+            if not _whole(method_cfg[key], 1):
+                raise ConfigError(f"method.{key}={method_cfg[key]!r} must be a positive whole number")
+    if name == "factory":
+        # The embedding dimension is unknown before extraction: check the string's grammar with one that
+        # every common sub-quantizer count divides; the real dimension is checked again at build time.
+        try:
+            faiss.index_factory(8 * 3 * 5 * 7 * 16, str(method_cfg.index_factory), faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            raise ConfigError(f"method.index_factory={method_cfg.index_factory!r} is not a faiss index_factory "
+                              f"string: {str(error).strip().splitlines()[-1]}") from error
 
 
-def build_index(method_cfg, gallery: np.ndarray) -> tuple[SearchIndex, float]:
-    """The index for `method_cfg` over `gallery`, and the seconds it took to build (train + add)."""
+def _warn_few_training_points(gallery_size: int, centroids: int, what: str) -> None:
+    if gallery_size < MIN_POINTS_PER_CENTROID * centroids:
+        warnings.warn(
+            f"{what}={centroids} centroids get {gallery_size / centroids:.1f} training points each "
+            f"(gallery {gallery_size}); k-means wants at least {MIN_POINTS_PER_CENTROID}",
+            stacklevel=3,
+        )
+
+
+def _new_faiss_index(method_cfg, dim: int) -> faiss.Index:
     name = method_cfg.name
-    dim = gallery.shape[1]
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-    start = time.perf_counter()
-    if name == "brute":
-        index: SearchIndex = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)))
-    elif name == "flat":
-        flat = faiss.IndexFlatIP(dim)
-        flat.add(gallery)
-        index = FaissIndex(flat)
-    elif name == "ivf":
-        quantizer = faiss.IndexFlatIP(dim)
-        ivf = faiss.IndexIVFFlat(quantizer, dim, int(method_cfg.nlist), faiss.METRIC_INNER_PRODUCT)
-        ivf.train(gallery)
-        ivf.add(gallery)
-        ivf.nprobe = int(method_cfg.nprobe)
-        index = FaissIndex(ivf)
-    else:
+    if name == "flat":
+        return faiss.IndexFlatIP(dim)
+    if name == "ivf":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(method_cfg.nlist), faiss.METRIC_INNER_PRODUCT)
+    if name == "ivfpq":
+        if dim % int(method_cfg.pq_m):
+            raise ConfigError(f"method.pq_m={method_cfg.pq_m} must divide the embedding dimension ({dim})")
+        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, int(method_cfg.nlist), int(method_cfg.pq_m),
+                                int(method_cfg.pq_nbits), faiss.METRIC_INNER_PRODUCT)
+    if name == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(method_cfg.hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(method_cfg.ef_construction)
+        return index
+    if name == "factory":
+        try:
+            return faiss.index_factory(dim, str(method_cfg.index_factory), faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            raise ConfigError(f"method.index_factory={method_cfg.index_factory!r} does not build for "
+                              f"dimension {dim}: {str(error).strip().splitlines()[-1]}") from error
+    raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
+
+
+def apply_query_params(index: faiss.Index, method_cfg) -> None:
+    name = method_cfg.name
+    if name in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(index).nprobe = int(method_cfg.nprobe)
+    elif name == "hnsw":
+        index.hnsw.efSearch = int(method_cfg.ef_search)
+    elif name == "factory" and method_cfg.get("search_params"):
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, str(method_cfg.search_params))
+        except RuntimeError as error:
+            raise ConfigError(f"method.search_params={method_cfg.search_params!r} does not apply to "
+                              f"{method_cfg.index_factory}: {str(error).strip().splitlines()[-1]}") from error
+
+
+def build_params(method_cfg) -> dict:
+    return {"method": method_cfg.name, **{key: method_cfg[key] for key in METHODS[method_cfg.name].build_params}}
+
+
+def index_cache_path(cache_dir: Path, gallery_id: str, method_cfg) -> Path:
+    params = build_params(method_cfg)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    readable = "-".join(f"{key}{value}" for key, value in params.items() if key != "method" and key != "index_factory")
+    return Path(cache_dir) / "indexes" / gallery_id / f"{params['method']}{'-' + readable if readable else ''}-{digest}.faiss"
+
+
+def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
+                gallery_id: str | None = None) -> BuiltIndex:
+    """The index for `method_cfg` over `gallery`, with its query parameters applied.
+
+    Indexes that train or build a graph are saved under `cache_dir`, keyed by the gallery and the build
+    parameters; a later run with the same keys loads the file (and reports the original build time).
+    """
+    name = method_cfg.name
+    if name not in METHODS:
         raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
-    return index, time.perf_counter() - start
+    if name == "brute":
+        start = time.perf_counter()
+        index = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)))
+        return BuiltIndex(index, time.perf_counter() - start, reused=False)
+
+    path = index_cache_path(cache_dir, gallery_id, method_cfg) if METHODS[name].cached and cache_dir else None
+    meta_path = path.with_suffix(".json") if path else None
+    if path is not None and meta_path.is_file() and path.is_file():
+        faiss_index = faiss.read_index(str(path))
+        apply_query_params(faiss_index, method_cfg)
+        log.info("reusing index %s", path)
+        return BuiltIndex(FaissIndex(faiss_index), json.loads(meta_path.read_text())["build_s"], True, path)
+
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    faiss_index = _new_faiss_index(method_cfg, gallery.shape[1])
+    log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
+    start = time.perf_counter()
+    if not faiss_index.is_trained:
+        faiss_index.train(gallery)
+    faiss_index.add(gallery)
+    build_s = time.perf_counter() - start
+    if path is not None:
+        _save_atomically(faiss_index, path, {"build_s": build_s, "params": build_params(method_cfg),
+                                             "count": int(faiss_index.ntotal)})
+    apply_query_params(faiss_index, method_cfg)
+    return BuiltIndex(FaissIndex(faiss_index), build_s, reused=False, path=path)
+
+
+def _save_atomically(faiss_index: faiss.Index, path: Path, meta: dict) -> None:
+    """Index first, then its meta file: only an index with a meta file counts as built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    partial_index = path.with_name(f".{path.name}.{token}")
+    faiss.write_index(faiss_index, str(partial_index))
+    os.replace(partial_index, path)
+    partial_meta = path.with_name(f".{path.stem}.{token}.json")
+    partial_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(partial_meta, path.with_suffix(".json"))

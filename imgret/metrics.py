@@ -24,3 +24,27 @@ def precision_at(found_ids: np.ndarray, gallery_labels: np.ndarray, query_labels
 def latency_percentiles(latencies_ms: np.ndarray, percentiles=(50, 95, 99)) -> dict[int, float]:
     values = np.percentile(np.asarray(latencies_ms, dtype=np.float64), percentiles)
     return {p: float(v) for p, v in zip(percentiles, values)}
+
+
+def recall_at_ties(found_similarities: np.ndarray, exact_similarities: np.ndarray, k: int,
+                   epsilon: float = 1e-6) -> float:
+    """Tie-aware recall (ann-benchmarks' definition): a result counts if its true similarity is at least
+    the k-th exact similarity minus `epsilon`, so swapping equally good neighbours is not a miss.
+
+    `found_similarities` must be the true similarities of the found ids (see `similarities_of`), not an
+    approximate index's own scores; -inf marks a missing result.
+    """
+    threshold = exact_similarities[:, k - 1:k] - epsilon
+    return float((found_similarities[:, :k] >= threshold).mean())
+
+
+def similarities_of(ids: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """The exact inner product of each query with each of its found gallery ids; -inf where id is -1."""
+    out = np.full(ids.shape, -np.inf, dtype=np.float32)
+    for start in range(0, len(ids), 1024):  # bounds the (rows, k, dim) gather's memory
+        block = ids[start:start + 1024]
+        valid = block >= 0
+        vectors = gallery[np.where(valid, block, 0)]
+        sims = np.einsum("qkd,qd->qk", vectors, queries[start:start + 1024])
+        out[start:start + 1024] = np.where(valid, sims, -np.inf)
+    return out

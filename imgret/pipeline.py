@@ -16,7 +16,7 @@ from imgret.data import load_splits
 from imgret.extract import ensure_embeddings
 from imgret.groundtruth import exact_ground_truth
 from imgret.index import build_index, validate_search
-from imgret.metrics import latency_percentiles, precision_at, recall_at
+from imgret.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
 from imgret.search import timed_search
 
 log = logging.getLogger(__name__)
@@ -53,22 +53,26 @@ def run_experiment(cfg) -> RunResult:
     depth = min(max(int(cfg.k), 10), len(gallery))
     truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
 
-    index, build_seconds = build_index(cfg.method, gallery_vectors)
-    found = timed_search(index, query_vectors, depth, int(cfg.search.latency_queries),
+    built = build_index(cfg.method, gallery_vectors, Path(cfg.paths.cache), gallery.path.name)
+    found = timed_search(built.index, query_vectors, depth, int(cfg.search.latency_queries),
                          int(cfg.search.warmup_queries), progress=bool(cfg.extract.progress))
 
     latency = latency_percentiles(found.latencies_ms)
+    found_similarities = similarities_of(found.ids, gallery_vectors, query_vectors)
+    epsilon = float(cfg.search.tie_epsilon)
     metrics = {
         "recall_at_1": recall_at(found.ids, truth.ids, 1),
         "recall_at_10": recall_at(found.ids, truth.ids, min(10, depth)),
         "recall_at_k": recall_at(found.ids, truth.ids, int(cfg.k)),
+        "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, min(10, depth), epsilon),
+        "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, int(cfg.k), epsilon),
         "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, min(10, depth)),
         "search_ms_p50": latency[50],
         "search_ms_p95": latency[95],
         "search_ms_p99": latency[99],
         "search_qps_batch": len(query_vectors) / found.batch_seconds,
-        "build_s": build_seconds,
-        "index_bytes": float(index.nbytes),
+        "build_s": built.build_s,
+        "index_bytes": float(built.index.nbytes),
         **embeddings.timings,
         "gallery_size": float(len(gallery)),
         "query_size": float(len(queries)),
@@ -78,6 +82,8 @@ def run_experiment(cfg) -> RunResult:
         "embeddings_extracted": ",".join(embeddings.extracted) or "none",
         "gallery_store": str(gallery.path),
         "query_store": str(queries.path),
+        "index_built": str(not built.reused).lower(),
+        "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),
         "latency_queries": str(len(found.latencies_ms)),
     }

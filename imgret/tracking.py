@@ -98,11 +98,15 @@ def _cpu_name() -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
+    """e.g. resnet18-ivf-nlist256-nprobe8, mobilenet-hnsw-hnsw_m32-ef_construction40-ef_search64."""
+    from imgret.index import METHODS
+
     method = cfg.method
-    name = f"{cfg.model.name}-{method.name}"
-    if method.name == "ivf":
-        name += f"-nlist{method.nlist}-nprobe{method.nprobe}"
-    return name
+    spec = METHODS.get(method.name)
+    keys = (spec.build_params + spec.query_params) if spec else ()
+    settings = [str(method[key]) if method.name == "factory" else f"{key}{method[key]}"
+                for key in keys if key != "query_chunk" and method.get(key) is not None]
+    return "-".join([cfg.model.name, method.name, *settings])
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ def exact_ids(k=10):
 
 
 def recall_of(method_cfg, k=10):
-    index, _ = build_index(method_cfg, GALLERY)
+    index = build_index(method_cfg, GALLERY).index
     return recall_at(index.search(QUERIES, k)[1], exact_ids(k), k)
 
 
@@ -53,17 +53,20 @@ def test_ivf_with_one_probe_misses_neighbours_on_clustered_data():
 
 
 def test_build_reports_time_and_size():
-    index, seconds = build_index(method("ivf", nlist=16, nprobe=4), GALLERY)
-    assert seconds > 0
-    assert index.nbytes > GALLERY.nbytes  # the vectors plus ids and centroids
-    assert index.index.nprobe == 4
+    built = build_index(method("ivf", nlist=16, nprobe=4), GALLERY)
+    assert built.build_s > 0 and not built.reused and built.path is None  # no cache folder given
+    assert built.index.nbytes > GALLERY.nbytes  # the vectors plus ids and centroids
+    assert built.index.index.nprobe == 4
 
 
 @pytest.mark.parametrize("method_cfg, k, match", [
     (method("ivf", nlist=16, nprobe=32), 10, "nprobe=32 must be a whole number from 1 to nlist \\(16\\)"),
     (method("ivf", nlist=5000, nprobe=1), 10, "nlist=5000 must be .* gallery size \\(4000\\)"),
     (method("flat"), 4001, "k=4001 must be .* gallery size \\(4000\\)"),
-    (method("annoy"), 10, "unknown method='annoy'; allowed: 'brute', 'flat', 'ivf'"),
+    (method("annoy"), 10, "unknown method='annoy'; allowed: 'brute', 'flat', 'ivf', 'ivfpq', 'hnsw', 'factory'"),
+    (method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=20), 10, "pq_nbits=20 must be .* from 1 to 16"),
+    (method("hnsw", hnsw_m=0, ef_construction=40, ef_search=16), 10, "method.hnsw_m=0 must be a positive"),
+    (method("factory", index_factory="IVF16,Flatt", search_params=""), 10, "index_factory='IVF16,Flatt' is not"),
 ])
 def test_bad_search_values_fail_early_with_what_is_allowed(method_cfg, k, match):
     with pytest.raises(ConfigError, match=match):
@@ -71,7 +74,7 @@ def test_bad_search_values_fail_early_with_what_is_allowed(method_cfg, k, match)
 
 
 def test_too_few_points_per_list_is_a_warning():
-    with pytest.warns(UserWarning, match="training points per list"):
+    with pytest.warns(UserWarning, match="200 centroids get 20.0 training points each"):
         validate_search(method("ivf", nlist=200, nprobe=1), 10, gallery_size=4000)
 
 
@@ -94,7 +97,7 @@ def test_latency_percentiles():
 
 
 def test_timed_search_takes_at_least_the_configured_number_of_single_queries():
-    index, _ = build_index(method("flat"), GALLERY)
+    index = build_index(method("flat"), GALLERY).index
     run = timed_search(index, QUERIES[:30], 5, latency_queries=100, warmup_queries=3, progress=False)
     assert run.ids.shape == (30, 5) and len(run.latencies_ms) == 100
     assert (run.latencies_ms > 0).all() and run.batch_seconds > 0

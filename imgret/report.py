@@ -1,0 +1,267 @@
+"""`python -m imgret.report`: read a multirun back from MLflow and write the accuracy-vs-speed study.
+
+Writes to a folder (default outputs/report/<parent run id>) and attaches the same files to the parent run:
+  seed_table.md/.csv       rows: extraction ms/image and each search method; columns: the models
+  operating_points.md/.csv the fastest setting of each index reaching recall@10 of 0.90, 0.95 and 0.99
+  end_to_end.md/.csv       extraction per image against search per query, per model
+  pareto_<model>.png       recall@10 against QPS and against p99 latency, the frontier joined
+  end_to_end.png           the breakdown as bars
+  runs.csv, report.md      every point, and all of the above on one page
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display here, nor on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from imgret.index import METHODS  # noqa: E402
+from imgret.study import EXACT_METHODS, RECALL_TARGETS, fastest_reaching, pareto_frontier, representative  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+METHOD_LABELS = {"brute": "brute force", "flat": "FAISS Flat", "ivf": "FAISS IVF", "ivfpq": "FAISS IVF-PQ",
+                 "hnsw": "FAISS HNSW", "factory": "faiss index_factory"}
+METHOD_MARKERS = {"brute": "*", "flat": "*", "ivf": "o", "ivfpq": "s", "hnsw": "^", "factory": "D"}
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def find_parent(client: MlflowClient, experiment_id: str, parent_id: str | None):
+    if parent_id:
+        return client.get_run(parent_id)
+    parents = client.search_runs([experiment_id], filter_string="tags.`imgret.role` = 'multirun'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise SystemExit("no multirun found in this experiment: run `python -m imgret.run -m ...` first, "
+                         "or pass --parent RUN_ID or --all-runs")
+    return parents[0]
+
+
+def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -> list[dict]:
+    """Finished runs as flat dicts: identity, the method's settings and every metric."""
+    query = "attributes.status = 'FINISHED'"
+    if parent_id:
+        query += f" and tags.mlflow.parentRunId = '{parent_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=50000)
+    rows = []
+    for run in runs:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if "method" not in tags or "recall_at_10" not in metrics:
+            continue
+        method = tags["method"]
+        keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k != "query_chunk"]
+        rows.append({
+            "run_id": run.info.run_id, "model": tags["model"], "method": method,
+            "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys),
+            "index_built": tags.get("index_built", ""),
+            "image_size": params.get("model.image_size", ""),
+            **metrics,
+        })
+    return sorted(rows, key=lambda r: (r["model"], r["method"], r["search_qps_batch"]))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def write_table(path_stem: Path, header: list[str], rows: list[list]) -> str:
+    """Write `<stem>.csv` and `<stem>.md`; return the Markdown."""
+    with open(path_stem.with_suffix(".csv"), "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    path_stem.with_suffix(".md").write_text(markdown)
+    return markdown
+
+
+def by_key(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(run[k] for k in keys)].append(run)
+    return groups
+
+
+def seed_table(runs: list[dict], out: Path) -> str:
+    models = sorted({r["model"] for r in runs})
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    cells = by_key(runs, "model", "method")
+    extraction = ["feature extraction (ms/image, batch 1)"]
+    for model in models:
+        model_runs = [r for r in runs if r["model"] == model]
+        extraction.append(f"{model_runs[0]['extract_ms_per_image']:.2f}")
+    rows = [extraction]
+    for method in methods:
+        row = [f"{METHOD_LABELS[method]} (ms/query p50, recall@10)"]
+        for model in models:
+            group = cells.get((model, method))
+            if not group:
+                row.append("")
+                continue
+            pick = representative(group)
+            cell = f"{pick['search_ms_p50']:.3f} ms, R@10 {pick['recall_at_10']:.3f}"
+            if len(group) > 1:  # several settings were run: say which one the cell shows
+                cell += f" ({pick['setting']})"
+            row.append(cell)
+        rows.append(row)
+    return write_table(out / "seed_table", ["", *models], rows)
+
+
+def operating_points(runs: list[dict], out: Path) -> str:
+    rows = []
+    for (model, method), group in sorted(by_key(runs, "model", "method").items()):
+        row = [model, METHOD_LABELS[method]]
+        for target in RECALL_TARGETS:
+            best = fastest_reaching(group, target)
+            row.append("not reached" if best is None else
+                       f"{best['setting'] or 'exact'}: {best['search_qps_batch']:,.0f} QPS, "
+                       f"p99 {best['search_ms_p99']:.3f} ms (R@10 {best['recall_at_10']:.3f})")
+        rows.append(row)
+    header = ["model", "index", *[f"recall@10 ≥ {t:.2f}" for t in RECALL_TARGETS]]
+    return write_table(out / "operating_points", header, rows)
+
+
+def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
+    """Extraction per image against search per query: does extraction dominate, and by how much?"""
+    rows, breakdown = [], {}
+    for model, group in sorted(by_key(runs, "model").items()):
+        extract_ms = group[0]["extract_ms_per_image"]
+        extract_throughput_ms = 1000.0 / group[0]["extract_images_per_s"]
+        searches = {method: representative(method_runs)["search_ms_p50"]
+                    for (method,), method_runs in sorted(by_key(group, "method").items())}
+        breakdown[model] = {"extract_ms": extract_ms, "extract_throughput_ms": extract_throughput_ms,
+                            "search_ms": searches}
+        for method, search_ms in searches.items():
+            ratio = extract_ms / search_ms
+            rows.append([model, f"{extract_ms:.2f}", f"{extract_throughput_ms:.2f}", METHOD_LABELS[method],
+                         f"{search_ms:.3f}", f"{ratio:,.1f}×", "yes" if ratio > 1 else "no"])
+    header = ["model", "extraction ms/image (batch 1)", "extraction ms/image (batched, end to end)", "search",
+              "search ms/query (p50)", "extraction ÷ search", "extraction dominates"]
+    return write_table(out / "end_to_end", header, rows), breakdown
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def gallery_words(runs: list[dict]) -> str:
+    galleries = sorted({int(r["gallery_size"]) for r in runs})
+    queries = sorted({int(r["query_size"]) for r in runs})
+    sizes = sorted({str(r["image_size"]) for r in runs})
+    size = "native size" if sizes == ["null"] else f"{'/'.join(sizes)} px"
+    return (f"gallery {'/'.join(f'{g:,}' for g in galleries)} images, "
+            f"{'/'.join(f'{q:,}' for q in queries)} queries, {size}")
+
+
+def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    panels = [("search_qps_batch", "queries per second, all queries in one call (log scale)", 1),
+              ("search_ms_p99", "p99 single-query latency, ms (log scale)", -1)]
+    for axis, (key, label, direction) in zip(axes, panels):
+        for method, group in sorted(by_key(runs, "method").items()):
+            method = method[0]
+            exact = method in EXACT_METHODS
+            axis.scatter([r[key] for r in group], [r["recall_at_10"] for r in group],
+                         marker=METHOD_MARKERS[method], s=160 if exact else 36, alpha=0.85,
+                         label=METHOD_LABELS[method] + (" (exact)" if exact else ""),
+                         edgecolors="black" if exact else "none", zorder=3)
+        frontier = pareto_frontier([r["recall_at_10"] for r in runs], [direction * r[key] for r in runs])
+        axis.plot([runs[i][key] for i in frontier], [runs[i]["recall_at_10"] for i in frontier],
+                  color="black", linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel("recall@10 (vs exact top-10)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8, loc="lower left" if direction > 0 else "lower right")
+    axes[0].set_title("recall against throughput (up and right is better)")
+    axes[1].set_title("recall against tail latency (up and left is better)")
+    figure.suptitle(f"{model}: accuracy vs speed, {gallery_words(runs)}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
+    models = list(breakdown)
+    methods = sorted({m for b in breakdown.values() for m in b["search_ms"]}, key=list(METHODS).index)
+    bars = [("extraction, batch 1", lambda b: b["extract_ms"]),
+            ("extraction, batched end to end", lambda b: b["extract_throughput_ms"])]
+    bars += [(f"search: {METHOD_LABELS[m]}", lambda b, m=m: b["search_ms"].get(m, float("nan"))) for m in methods]
+    figure, axis = plt.subplots(figsize=(max(7, 2.6 * len(models)), 4.8))
+    width = 0.8 / len(bars)
+    for i, (label, value) in enumerate(bars):
+        axis.bar([x + i * width for x in range(len(models))], [value(breakdown[m]) for m in models], width,
+                 label=label)
+    axis.set_xticks([x + width * (len(bars) - 1) / 2 for x in range(len(models))], models)
+    axis.set_yscale("log")
+    axis.set_ylabel("ms per image (extraction) or per query (search), log scale")
+    axis.set_title(f"Where the time goes: extraction vs search, {gallery_words(runs)}")
+    axis.grid(True, axis="y", which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(runs: list[dict], out: Path, title: str) -> Path:
+    if not runs:
+        raise SystemExit("no finished runs to report on")
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["model", "method", "setting", "recall_at_10", "recall_at_10_ties", "search_qps_batch",
+              "search_ms_p50", "search_ms_p99", "build_s", "index_bytes", "index_built", "run_id"]
+    write_table(out / "runs", header, [[r.get(k, "") for k in header] for r in runs])
+    parts = [f"# {title}\n", f"{gallery_words(runs)}; {len(runs)} finished runs.\n",
+             "## Seed table\n", seed_table(runs, out),
+             "\n## Operating points: the fastest setting reaching each recall\n", operating_points(runs, out)]
+    e2e_markdown, breakdown = end_to_end(runs, out)
+    parts += ["\n## End to end: extraction per image against search per query\n", e2e_markdown,
+              "\n![end to end](end_to_end.png)\n", "\n## Pareto frontiers\n"]
+    end_to_end_plot(breakdown, runs, out / "end_to_end.png")
+    for (model,), group in sorted(by_key(runs, "model").items()):
+        pareto_plot(model, group, out / f"pareto_{model}.png")
+        parts.append(f"![{model}](pareto_{model}.png)\n")
+    (out / "report.md").write_text("\n".join(parts))
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m imgret.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    parser.add_argument("--experiment", default="imgret", help="MLflow experiment name (default: imgret)")
+    parser.add_argument("--parent", help="the multirun's parent run id (default: the latest multirun)")
+    parser.add_argument("--all-runs", action="store_true", help="every finished run of the experiment instead")
+    parser.add_argument("--out", type=Path, help="output folder (default: outputs/report/<parent id>)")
+    args = parser.parse_args(argv)
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        raise SystemExit(f"no MLflow experiment {args.experiment!r} at {args.tracking_uri}")
+    parent = None if args.all_runs else find_parent(client, experiment.experiment_id, args.parent)
+    runs = load_runs(client, experiment.experiment_id, parent.info.run_id if parent else None)
+    name = parent.info.run_id if parent else f"experiment-{experiment.experiment_id}"
+    out = args.out or Path("outputs") / "report" / name
+    title = f"imgret report: {parent.info.run_name if parent else args.experiment}"
+    write_report(runs, out, title)
+    if parent is not None:
+        client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")
+    print((out / "report.md").read_text())
+    print(f"written to {out}" + (f" and attached to run {parent.info.run_id}" if parent else ""), file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()

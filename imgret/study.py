@@ -1,0 +1,39 @@
+"""Accuracy-vs-speed study: small pure functions over runs (dicts of params and metrics)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+EXACT_METHODS = ("brute", "flat")
+RECALL_TARGETS = (0.90, 0.95, 0.99)
+
+
+def pareto_frontier(recall: Sequence[float], speed: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points (no other point has both higher recall and higher speed),
+    ordered from fastest to most accurate. For a cost such as latency, pass its negative as speed."""
+    recall = np.asarray(recall, dtype=float)
+    speed = np.asarray(speed, dtype=float)
+    order = np.lexsort((-recall, -speed))  # fastest first; among equal speed, best recall first
+    frontier, best_recall = [], -np.inf
+    for i in order:
+        if recall[i] > best_recall:
+            frontier.append(int(i))
+            best_recall = recall[i]
+    return frontier
+
+
+def fastest_reaching(runs: Sequence[dict], target: float, recall_key: str = "recall_at_10",
+                     speed_key: str = "search_qps_batch") -> dict | None:
+    """The run with the highest speed among those whose recall reaches `target`, or None."""
+    reaching = [run for run in runs if run[recall_key] >= target - 1e-12]
+    return max(reaching, key=lambda run: run[speed_key]) if reaching else None
+
+
+def representative(runs: Sequence[dict], target: float = 0.95) -> dict:
+    """One run to stand for a (model, method) cell: the fastest single query reaching `target` recall@10,
+    else the most accurate."""
+    reaching = [run for run in runs if run["recall_at_10"] >= target - 1e-12]
+    if reaching:
+        return min(reaching, key=lambda run: run["search_ms_p50"])
+    return max(runs, key=lambda run: (run["recall_at_10"], -run["search_ms_p50"]))

@@ -1,0 +1,119 @@
+"""Issue 3's index types, the index cache, and both recall definitions."""
+import faiss
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import clustered_vectors
+from imgret.errors import ConfigError
+from imgret.index import build_index, index_cache_path
+from imgret.metrics import recall_at, recall_at_ties, similarities_of
+
+GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)
+QUERIES = clustered_vectors(4200, 64, clusters=32, seed=2)[4000:]
+
+
+def method(name, **params):
+    return OmegaConf.create({"name": name, **params})
+
+
+def exact(k=10):
+    flat = faiss.IndexFlatIP(64)
+    flat.add(GALLERY)
+    return flat.search(QUERIES, k)
+
+
+def test_hnsw_at_a_wide_search_finds_the_exact_neighbours():
+    index = build_index(method("hnsw", hnsw_m=16, ef_construction=64, ef_search=1024), GALLERY).index
+    assert recall_at(index.search(QUERIES, 10)[1], exact()[1], 10) >= 0.999
+    narrow = build_index(method("hnsw", hnsw_m=4, ef_construction=8, ef_search=1), GALLERY).index
+    assert recall_at(narrow.search(QUERIES, 10)[1], exact()[1], 10) < 0.999  # ef_search is really applied
+
+
+def test_ivfpq_visiting_every_list_ranks_exactly_by_its_codes():
+    """With nprobe = nlist nothing is pruned: what remains is the product quantiser's error, so the
+    results are the exact neighbours of the vectors the codes decode to."""
+    built = build_index(method("ivfpq", nlist=16, nprobe=16, pq_m=8, pq_nbits=8), GALLERY)
+    ivfpq = built.index.index
+    ivfpq.make_direct_map()
+    decoded = ivfpq.reconstruct_n(0, ivfpq.ntotal)
+    on_codes = faiss.IndexFlatIP(64)
+    on_codes.add(decoded)
+    codes_truth = on_codes.search(QUERIES, 10)[1]
+    exhaustive = recall_at(built.index.search(QUERIES, 10)[1], codes_truth, 10)
+    assert exhaustive >= 0.99
+    fewer = build_index(method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=8), GALLERY).index
+    assert recall_at(fewer.search(QUERIES, 10)[1], codes_truth, 10) < exhaustive  # nprobe is really applied
+
+
+def test_factory_string_with_its_search_parameters():
+    exhaustive = build_index(method("factory", index_factory="IVF16,Flat", search_params="nprobe=16"), GALLERY)
+    assert recall_at(exhaustive.index.search(QUERIES, 10)[1], exact()[1], 10) == 1.0
+    one = build_index(method("factory", index_factory="IVF16,Flat", search_params="nprobe=1"), GALLERY)
+    assert faiss.extract_index_ivf(one.index.index).nprobe == 1
+    with pytest.raises(ConfigError, match="search_params='nosuchparam=3'"):
+        build_index(method("factory", index_factory="IVF16,Flat", search_params="nosuchparam=3"), GALLERY)
+
+
+def test_ivfpq_sub_quantizers_must_divide_the_dimension():
+    with pytest.raises(ConfigError, match="pq_m=7 must divide the embedding dimension \\(64\\)"):
+        build_index(method("ivfpq", nlist=4, nprobe=1, pq_m=7, pq_nbits=8), GALLERY)
+
+
+@pytest.mark.parametrize("first, second", [
+    (method("ivf", nlist=16, nprobe=1), method("ivf", nlist=16, nprobe=8)),
+    (method("hnsw", hnsw_m=8, ef_construction=20, ef_search=4), method("hnsw", hnsw_m=8, ef_construction=20, ef_search=64)),
+    (method("ivfpq", nlist=8, nprobe=1, pq_m=8, pq_nbits=6), method("ivfpq", nlist=8, nprobe=8, pq_m=8, pq_nbits=6)),
+])
+def test_an_index_is_built_once_and_reused_with_new_query_settings(tmp_path, first, second):
+    built = build_index(first, GALLERY, tmp_path, "gallery-a")
+    assert not built.reused and built.path.is_file()
+    again = build_index(second, GALLERY, tmp_path, "gallery-a")
+    assert again.reused and again.path == built.path
+    assert again.build_s == built.build_s  # reports the build it came from
+    fresh = build_index(second, GALLERY)  # the same query setting on a newly built index
+    assert np.array_equal(again.index.search(QUERIES, 10)[1], fresh.index.search(QUERIES, 10)[1])
+    loaded = again.index.index
+    if second.name == "hnsw":
+        assert loaded.hnsw.efSearch == second.ef_search
+    else:
+        assert faiss.extract_index_ivf(loaded).nprobe == second.nprobe
+
+
+def test_other_build_parameters_or_gallery_mean_another_index(tmp_path):
+    a = index_cache_path(tmp_path, "gallery-a", method("ivf", nlist=16, nprobe=1))
+    assert a != index_cache_path(tmp_path, "gallery-a", method("ivf", nlist=32, nprobe=1))
+    assert a != index_cache_path(tmp_path, "gallery-b", method("ivf", nlist=16, nprobe=1))
+    assert a == index_cache_path(tmp_path, "gallery-a", method("ivf", nlist=16, nprobe=99))
+
+
+def test_an_index_file_without_its_meta_is_not_trusted(tmp_path):
+    cfg = method("ivf", nlist=16, nprobe=4)
+    built = build_index(cfg, GALLERY, tmp_path, "g")
+    built.path.with_suffix(".json").unlink()  # as if killed between the two renames
+    built.path.write_bytes(b"truncated")
+    rebuilt = build_index(cfg, GALLERY, tmp_path, "g")
+    assert not rebuilt.reused and rebuilt.path.with_suffix(".json").is_file()
+    assert not list(tmp_path.rglob(".*")), "no temporary files left"
+
+
+def test_recall_by_ids_and_tie_aware_recall_on_hand_made_ties():
+    # Query 0: gallery items 1 and 2 tie for 2nd place (0.9); the exact top-2 listed item 1.
+    exact_scores = np.array([[1.0, 0.9], [0.8, 0.7]], dtype=np.float32)
+    exact_ids = np.array([[0, 1], [5, 6]])
+    found_ids = np.array([[0, 2], [5, 7]])
+    found_sims = np.array([[1.0, 0.9], [0.8, 0.6]], dtype=np.float32)  # 7 is truly worse than 6
+    assert recall_at(found_ids, exact_ids, 2) == pytest.approx(2 / 4)
+    assert recall_at_ties(found_sims, exact_scores, 2) == pytest.approx(3 / 4)
+    # within epsilon counts; beyond it does not; a missing result (-inf) never counts
+    assert recall_at_ties(np.array([[1.0, 0.9 - 5e-7]]), np.array([[1.0, 0.9]]), 2, epsilon=1e-6) == 1.0
+    assert recall_at_ties(np.array([[1.0, 0.9 - 5e-6]]), np.array([[1.0, 0.9]]), 2, epsilon=1e-6) == 0.5
+    assert recall_at_ties(np.array([[1.0, -np.inf]]), np.array([[1.0, 0.9]]), 2) == 0.5
+
+
+def test_similarities_of_found_ids_are_the_true_inner_products():
+    ids = np.array([[3, -1], [0, 7]])
+    sims = similarities_of(ids, GALLERY, QUERIES[:2])
+    assert sims[0, 0] == pytest.approx(float(GALLERY[3] @ QUERIES[0]), abs=1e-6)
+    assert sims[1, 1] == pytest.approx(float(GALLERY[7] @ QUERIES[1]), abs=1e-6)
+    assert sims[0, 1] == -np.inf

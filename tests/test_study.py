@@ -1,0 +1,108 @@
+"""The accuracy-vs-speed study: Pareto frontiers, operating points, the experiments and the report."""
+import struct
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from conftest import CONF_DIR
+from imgret.report import main as report_main
+from imgret.report import seed_table
+from imgret.run import run_tracked
+from imgret.study import fastest_reaching, pareto_frontier, representative
+from test_run import children_of_the_parent, imgret_multirun, runs_of
+
+
+def test_pareto_frontier_keeps_only_non_dominated_points():
+    recall = [0.50, 0.80, 0.70, 0.95, 0.90, 1.00]
+    qps = [9000, 5000, 4000, 1000, 800, 50]
+    # 0.70@4000 is beaten by 0.80@5000; 0.90@800 by 0.95@1000
+    assert pareto_frontier(recall, qps) == [0, 1, 3, 5]
+    latency = [0.1, 0.2, 0.3, 1.0, 1.2, 20.0]
+    assert pareto_frontier(recall, [-x for x in latency]) == [0, 1, 3, 5]
+    assert pareto_frontier([0.9, 0.9], [10, 10]) == [0]  # a duplicate point adds nothing
+
+
+def test_operating_point_is_the_fastest_setting_reaching_the_target():
+    runs = [{"setting": "a", "recall_at_10": 0.91, "search_qps_batch": 900, "search_ms_p50": 0.5},
+            {"setting": "b", "recall_at_10": 0.96, "search_qps_batch": 500, "search_ms_p50": 0.9},
+            {"setting": "c", "recall_at_10": 0.99, "search_qps_batch": 100, "search_ms_p50": 4.0}]
+    assert fastest_reaching(runs, 0.90)["setting"] == "a"
+    assert fastest_reaching(runs, 0.95)["setting"] == "b"
+    assert fastest_reaching(runs, 0.99)["setting"] == "c"
+    assert fastest_reaching(runs, 0.995) is None
+    assert representative(runs)["setting"] == "b"
+    assert representative(runs[:1])["setting"] == "a"  # nothing reaches 0.95: the most accurate
+
+
+def test_seed_table_has_the_seed_layout(tmp_path):
+    def run(model, method, ms, recall):
+        return {"model": model, "method": method, "setting": "", "extract_ms_per_image": 10.0 if model == "a" else 20.0,
+                "search_ms_p50": ms, "recall_at_10": recall, "search_qps_batch": 1000 / ms}
+
+    runs = [run(m, meth, ms, r) for m in ("a", "b") for meth, ms, r in
+            (("brute", 2.0, 1.0), ("flat", 3.0, 1.0), ("ivf", 0.1, 0.9))]
+    table = seed_table(runs, tmp_path).splitlines()
+    assert table[0] == "|  | a | b |"
+    assert table[2] == "| feature extraction (ms/image, batch 1) | 10.00 | 20.00 |"
+    assert table[3].startswith("| brute force (ms/query p50, recall@10) | 2.000 ms, R@10 1.000 |")
+    assert [line.split("|")[1].split(" (")[0].strip() for line in table[3:]] == ["brute force", "FAISS Flat", "FAISS IVF"]
+    assert (tmp_path / "seed_table.csv").read_text().startswith(",a,b")
+
+
+def test_every_experiment_composes_into_a_sweep():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for name, swept in [("seed_table", {"model", "method"}), ("ivf_study", {"nlist", "nprobe"}),
+                            ("index_zoo", {"method", "effort"})]:
+            cfg = compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+            assert set(cfg.hydra.sweeper.params) == swept
+    assert cfg.nprobe == cfg.ef_search == cfg.effort  # index_zoo's one knob drives both
+
+
+def test_skip_invalid_skips_nprobe_above_nlist_without_a_run(make_cfg):
+    cfg = make_cfg("data=synthetic", "method=ivf", "nlist=4", "nprobe=8", "skip_invalid=true")
+    assert run_tracked(cfg) == {}
+    assert MlflowClient(cfg.tracking.uri).get_experiment_by_name("imgret") is None
+
+
+def test_ivf_study_builds_each_nlist_once_and_skips_nprobe_above_nlist(tmp_path):
+    result, uri = imgret_multirun(tmp_path, "+experiment=ivf_study", "hydra.sweeper.params.nlist='2,4'",
+                                  "hydra.sweeper.params.nprobe='1,3,4'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, children = children_of_the_parent(uri)
+    points = [(c.data.params["nlist"], c.data.params["nprobe"], c.data.tags["index_built"]) for c in children]
+    assert points == [("2", "1", "true"), ("4", "1", "true"), ("4", "3", "false"), ("4", "4", "false")]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    builds = {c.data.params["nlist"]: c.data.metrics["build_s"] for c in children}
+    assert all(c.data.metrics["build_s"] == builds[c.data.params["nlist"]] for c in children)
+
+
+def test_index_zoo_multirun_and_its_report(tmp_path):
+    result, uri = imgret_multirun(tmp_path, "+experiment=index_zoo", "nlist=4", "data.gallery_per_class=30",
+                                  "hydra.sweeper.params.effort='1,4'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = children_of_the_parent(uri)
+    assert len(children) == 6
+    built = sorted(c.data.tags["method"] for c in children if c.data.tags["index_built"] == "true")
+    assert built == ["hnsw", "ivf", "ivfpq"], "each index is built once, then reused for every effort"
+    assert all("recall_at_10_ties" in c.data.metrics for c in children)
+
+    out = report_main(["--tracking-uri", uri, "--out", str(tmp_path / "report")])
+    files = {p.name for p in out.iterdir()}
+    for stem in ("seed_table", "operating_points", "end_to_end", "runs"):
+        assert {f"{stem}.md", f"{stem}.csv"} <= files
+    assert {"pareto_resnet18.png", "end_to_end.png", "report.md"} <= files
+    for png in ("pareto_resnet18.png", "end_to_end.png"):
+        header = (out / png).read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", header[16:24])
+        assert width > 600 and height > 400
+    operating = (out / "operating_points.md").read_text()
+    assert "FAISS HNSW" in operating and "FAISS IVF-PQ" in operating and "recall@10 ≥ 0.99" in operating
+    seed = (out / "seed_table.md").read_text()
+    assert "feature extraction" in seed and "FAISS IVF (ms/query p50, recall@10)" in seed
+    assert "extraction dominates" in (out / "end_to_end.md").read_text()
+
+    client, _ = runs_of(uri)
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/pareto_resnet18.png" in attached and "report/seed_table.md" in attached
