@@ -10,6 +10,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import threadpoolctl
 import torch
 
 from imgret.data import load_splits
@@ -36,6 +37,7 @@ def configure_threads(threads: int | None) -> int:
             raise ConfigError(f"threads={threads!r} must be a positive whole number, or null for every core")
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
+        threadpoolctl.threadpool_limits(threads, user_api="blas")  # numpy's BLAS, used by brute force
     return torch.get_num_threads()
 
 

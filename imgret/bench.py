@@ -1,0 +1,508 @@
+"""`python -m imgret.bench`: imgret's speed against this machine's limits and the obvious alternatives,
+measured side by side in one process. Prints a table of figures and ratios and writes them as JSON.
+
+Parts (choose with --parts):
+  extract  per model: imgret's extraction throughput (Lightning loop, data loading included) against the
+           model's forward alone on ready tensors, the seed's one-image-at-a-time loop, and the matmul peak
+  search   exact search over a 100,000 x 512 gallery: imgret's brute force against the matmul limit and
+           faiss.IndexFlatIP; single-query latency against the memory-bandwidth limit
+  ivf      the search time imgret reports against a bare faiss call on the same index and queries
+  memory   peak RSS of extracting a small and a full gallery (streamed writes: it must not grow)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from imgret.data import ImageSet, load_splits, stratified_subset
+from imgret.extract import EmbeddingModule, extract_store
+from imgret.index import BruteForceIndex, build_index
+from imgret.models import build_encoder, describe_encoder
+from imgret.search import timed_search
+from imgret.store import EmbeddingStore, store_key
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
+PARTS = ("extract", "search", "ivf", "memory")
+TARGETS = {  # the issue's targets: (comparison, bound)
+    "extract_vs_forward": (">=", 0.9),
+    "extract_vs_seed_loop_64px": (">=", 3.0),
+    "brute_vs_matmul_peak": (">=", 0.5),
+    "brute_vs_faiss_flat": (">=", 3.0),
+    "single_query_vs_bandwidth_limit": ("<=", 1.5),
+    "ivf_harness_overhead": ("<=", 0.05),
+    "extract_peak_rss_gb": ("<=", 3.0),
+}
+
+
+def compose_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------- machine limits
+
+
+def matmul_peak_gflops(seconds: float = 4.0) -> dict[str, float]:
+    """Best fp32 GEMM rate over square products, through torch (MKL) and numpy (OpenBLAS): the machine's
+    peak is the better of the two, so a ratio against it cannot flatter whichever one imgret uses."""
+    rates = {}
+    for library, make in (("torch", torch.randn), ("numpy", lambda *shape: np.random.rand(*shape).astype(np.float32))):
+        best = 0.0
+        for n in (2048, 4096):
+            a, b = make(n, n), make(n, n)
+            a @ b
+            deadline = time.perf_counter() + seconds / 4
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                a @ b
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        rates[library] = best
+    return rates
+
+
+def memory_bandwidth_gbs(megabytes: int = 1024, repeats: int = 8) -> float:
+    """Read bandwidth: the best rate of summing a buffer far larger than every cache."""
+    buffer = torch.ones(megabytes * 1024 * 1024 // 4)
+    buffer.sum()
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = max(best, buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def real_images(archive: Path, cache: Path, count: int) -> ImageSet:
+    cfg = compose_cfg(f"data.archive={archive}", f"paths.cache={cache}")
+    gallery = load_splits(cfg.data).gallery
+    subset = stratified_subset(gallery, max(1, math.ceil(count / len(gallery.class_names))), "count")
+    return ImageSet(subset.dataset, subset.split, subset.paths[:count], subset.labels[:count],
+                    subset.class_names, subset.source_id)
+
+
+def forward_only_images_per_s(encoder, image_set: ImageSet, batch_size: int, batches: int,
+                              channels_last: bool) -> float:
+    """The model alone: the same batch size and memory format as the pipeline, tensors ready in memory."""
+    image_transform, mean, std = encoder.split_transform()
+    module = EmbeddingModule(encoder.network, mean, std, channels_last)
+    ready = torch.stack([image_transform(image_set.open(i % len(image_set))) for i in range(batch_size)])
+    with torch.inference_mode():
+        for _ in range(2):
+            module.predict_step((ready, None), 0)
+        start = time.perf_counter()
+        for _ in range(batches):
+            module.predict_step((ready, None), 0)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def seed_loop_images_per_s(encoder, image_set: ImageSet, count: int) -> float:
+    """The seed's loop: open one image, preprocess it, run the model on it alone, next image."""
+    network = encoder.network.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        network(encoder.transform(Image.open(image_set.paths[0]).convert("RGB")).unsqueeze(0))
+        start = time.perf_counter()
+        for path in image_set.paths[:count]:
+            network(encoder.transform(Image.open(path).convert("RGB")).unsqueeze(0))
+    return count / (time.perf_counter() - start)
+
+
+def flops_per_image(encoder, image_size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        encoder.network(torch.randn(1, 3, image_size, image_size))
+    return float(counter.get_total_flops())
+
+
+def bench_extract(archive: Path, work: Path, peak: float, models: list[tuple[str, int, int]],
+                  batch_size: int, num_workers: int, channels_last: bool) -> list[dict]:
+    rows = []
+    for model, image_size, count in models:
+        cfg = compose_cfg(f"model={model}", "model.pretrained=false", f"model.image_size={image_size}",
+                          f"paths.cache={work / 'cache'}", f"batch_size={batch_size}",
+                          f"num_workers={num_workers}", f"extract.channels_last={channels_last}",
+                          "extract.progress=false")
+        images = real_images(archive, work / "cache", count)
+        encoder = build_encoder(cfg.model, cfg.seed)
+        forward = forward_only_images_per_s(encoder, images, batch_size, max(4, count // batch_size // 4),
+                                            channels_last)
+        key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
+        store = extract_store(encoder, images, key, work / "cache", cfg, latency_ms=float("nan"))
+        pipeline = store.meta["extraction"]["images_per_s"]
+        seed = seed_loop_images_per_s(encoder, images, max(16, count // 16))
+        flops = flops_per_image(encoder, image_size)
+        rows.append({
+            "model": model, "image_size": image_size, "images": count, "batch_size": batch_size,
+            "num_workers": num_workers, "channels_last": channels_last,
+            "imgret_images_per_s": pipeline, "forward_only_images_per_s": forward,
+            "seed_loop_images_per_s": seed, "gflops_per_image": flops / 1e9,
+            "achieved_gflops": pipeline * flops / 1e9, "matmul_peak_gflops": peak,
+            "extract_vs_forward": pipeline / forward, "extract_vs_seed_loop": pipeline / seed,
+            "extract_vs_matmul_peak": pipeline * flops / 1e9 / peak,
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- search
+
+
+def search_data(cache: Path, gallery_size: int, query_count: int, dim: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Real cached embeddings of the right shape when present, else clustered random vectors."""
+    root = cache / "embeddings"
+    stores = [EmbeddingStore.open(p) for p in sorted(root.iterdir())] if root.is_dir() else []
+    stores = [s for s in stores if s is not None and s.dim == dim]
+    for gallery in (s for s in stores if s.meta["key"]["split"] == "gallery" and len(s) >= gallery_size):
+        for queries in (s for s in stores if s.meta["key"]["split"] == "queries" and len(s) >= query_count):
+            if queries.meta["key"]["encoder"] == gallery.meta["key"]["encoder"]:
+                return (np.ascontiguousarray(gallery.vectors[:gallery_size]),
+                        np.ascontiguousarray(queries.vectors[:query_count]), f"real embeddings ({gallery.path.name})")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(1000, dim)).astype(np.float32)
+
+    def points(n):
+        x = centres[rng.integers(0, 1000, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+        faiss.normalize_L2(x)
+        return x
+
+    return points(gallery_size), points(query_count), "clustered random vectors"
+
+
+def best_seconds(function, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def single_query_ms(index, queries: np.ndarray, count: int, k: int = 10) -> float:
+    for q in queries[:5]:
+        index.search(q[None], k)
+    times = []
+    for q in queries[:count]:
+        start = time.perf_counter()
+        index.search(q[None], k)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def bench_search(gallery: np.ndarray, queries: np.ndarray, source: str, peak: float, bandwidth: float,
+                 single_queries: int, k: int = 10) -> dict:
+    n, d = gallery.shape
+    flops = 2.0 * n * d * len(queries)
+    brute = BruteForceIndex(gallery)
+    brute.search(queries[:256], k)
+    brute_s = best_seconds(lambda: brute.search(queries, k), 2)
+    brute_ids = brute.search(queries, k)[1]
+    flat = faiss.IndexFlatIP(d)
+    flat.add(gallery)
+    flat.search(queries[:256], k)
+    flat_s = best_seconds(lambda: flat.search(queries, k), 1)
+    flat_ids = flat.search(queries, k)[1]
+    same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(brute_ids, flat_ids)]))
+    brute_single = single_query_ms(brute, queries, single_queries)
+    flat_single = single_query_ms(flat, queries, single_queries)
+    fp16 = float16_gallery_trial(gallery, queries, brute_ids, single_queries, k)
+    bandwidth_limit_ms = n * d * 4 / (bandwidth * 1e9) * 1000
+    return {
+        "source": source, "gallery": n, "queries": len(queries), "dim": d, "k": k,
+        "brute_batch_s": brute_s, "brute_gflops": flops / brute_s / 1e9, "faiss_flat_batch_s": flat_s,
+        "faiss_flat_gflops": flops / flat_s / 1e9, "matmul_peak_gflops": peak,
+        "brute_vs_matmul_peak": flops / brute_s / 1e9 / peak, "brute_vs_faiss_flat": flat_s / brute_s,
+        "brute_same_neighbours_as_faiss": same,
+        "brute_single_query_ms": brute_single, "faiss_flat_single_query_ms": flat_single,
+        "memory_bandwidth_gbs": bandwidth, "bandwidth_limit_ms": bandwidth_limit_ms,
+        "single_query_vs_bandwidth_limit": brute_single / bandwidth_limit_ms,
+        **fp16,
+    }
+
+
+class Float16Gallery:
+    """The candidate: the gallery stored in float16 (half the bytes to stream per query), torch.mv."""
+
+    def __init__(self, gallery: np.ndarray):
+        self.gallery = torch.from_numpy(gallery).half()
+
+    def search(self, queries: np.ndarray, k: int):
+        top = torch.topk(torch.mv(self.gallery, torch.from_numpy(queries[0]).half()).float(), k)
+        return top.values.numpy()[None], top.indices.numpy()[None]
+
+
+def float16_gallery_trial(gallery: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray, count: int,
+                          k: int) -> dict:
+    """Is a float16 gallery worth keeping for single queries? Only if recall@k stays 1.0."""
+    from imgret.metrics import recall_at
+
+    candidate = Float16Gallery(gallery)
+    found = np.concatenate([candidate.search(q[None], k)[1] for q in queries[:count]])
+    # the rounding of the stored vectors, over every query (computed batched in float32)
+    rounded = gallery.astype(np.float16).astype(np.float32)
+    rounded_ids = BruteForceIndex(rounded).search(queries, k)[1]
+    return {
+        "fp16_single_query_ms": single_query_ms(candidate, queries, count, k),
+        "fp16_recall_at_10_single": recall_at(found, exact_ids[:count], k),
+        "fp16_rounded_gallery_recall_at_10": recall_at(rounded_ids, exact_ids, k),
+    }
+
+
+def bench_ivf(gallery: np.ndarray, queries: np.ndarray, nlist: int, nprobe: int, single_queries: int,
+              k: int = 10) -> dict:
+    """Same index, same queries: imgret's timed search against bare faiss calls, interleaved."""
+    from omegaconf import OmegaConf
+
+    built = build_index(OmegaConf.create({"name": "ivf", "nlist": nlist, "nprobe": nprobe}), gallery)
+    bare = built.index.index
+    imgret_batch, bare_batch, imgret_p50, bare_p50 = [], [], [], []
+    for _ in range(3):
+        run = timed_search(built.index, queries, k, latency_queries=single_queries, warmup_queries=20, progress=False)
+        imgret_batch.append(run.batch_seconds)
+        imgret_p50.append(float(np.median(run.latencies_ms)))
+        bare_batch.append(best_seconds(lambda: bare.search(queries, k), 1))
+        bare_p50.append(single_query_ms(bare, queries, single_queries, k))
+    return {
+        "nlist": nlist, "nprobe": nprobe, "build_s": built.build_s,
+        "imgret_batch_s": min(imgret_batch), "bare_faiss_batch_s": min(bare_batch),
+        "imgret_single_ms_p50": min(imgret_p50), "bare_faiss_single_ms_p50": min(bare_p50),
+        "ivf_batch_overhead": min(imgret_batch) / min(bare_batch) - 1,
+        "ivf_single_overhead": min(imgret_p50) / min(bare_p50) - 1,
+        "ivf_harness_overhead": max(min(imgret_batch) / min(bare_batch), min(imgret_p50) / min(bare_p50)) - 1,
+    }
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _extract_in_child(archive: str, cache: str, count: int, num_workers: str, result_queue) -> None:
+    work = Path(cache)
+    cfg = compose_cfg("model=resnet18", "model.pretrained=false", "model.image_size=64", f"paths.cache={work}",
+                      "extract.progress=false", f"num_workers={num_workers}")
+    images = real_images(Path(archive), work, count)
+    encoder = build_encoder(cfg.model, cfg.seed)
+    key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
+    start = time.perf_counter()
+    store = extract_store(encoder, images, key, work, cfg, latency_ms=float("nan"))
+    seconds = time.perf_counter() - start
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child would
+    # report its parent's footprint (the benchmark's, holding a 100k gallery) as its own.
+    high_water = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith("VmHWM:"))
+    result_queue.put({"images": len(store), "seconds": seconds, "main_peak_rss_gb": high_water / 1024 ** 2})
+
+
+def _process_tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of a process and its descendants (data-loader workers). PSS splits shared pages
+    between their sharers, so a forked worker's copy-on-write pages are not counted twice as in RSS."""
+    rss = pss = 0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return rss, pss
+
+
+def bench_memory(archive: Path, work: Path, sizes: list[int], num_workers: str) -> list[dict]:
+    """Each size in a fresh process, so each peak is its own, sampled from outside every 0.2 s."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for count in sizes:
+        queue = context.Queue()
+        child = context.Process(target=_extract_in_child,
+                                args=(str(archive), str(work / "cache"), count, num_workers, queue))
+        child.start()
+        peak_rss = peak_pss = 0
+        while child.is_alive() and queue.empty():
+            rss, pss = _process_tree_memory(child.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.1)
+        result = queue.get()
+        child.join()
+        # the tree's sampled RSS can miss a short spike; the main process's own high-water mark cannot
+        peak = max(peak_rss / 1024 ** 3, result["main_peak_rss_gb"])
+        rows.append({**result, "peak_rss_gb": peak, "peak_pss_gb": peak_pss / 1024 ** 3})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def verdict(name: str, value: float) -> str:
+    comparison, bound = TARGETS[name]
+    met = value >= bound if comparison == ">=" else value <= bound
+    if met:
+        return f"met (target {comparison} {bound:g})"
+    gap = bound / value if comparison == ">=" else value / bound
+    return f"MISSED: target {comparison} {bound:g}, {gap:.2f}x short"
+
+
+def table(results: dict) -> str:
+    lines = []
+
+    def row(part, measure, value, ratio="", target=""):
+        lines.append(f"{part:<9} {measure:<58} {value:>18} {ratio:>9}  {target}")
+
+    row("part", "measure", "value", "ratio", "target")
+    lines.append("-" * 130)
+    machine = results["machine"]
+    row("machine", f"fp32 matmul peak ({machine['threads']} threads; torch {machine['matmul_torch_gflops']:.0f}, "
+                   f"numpy {machine['matmul_numpy_gflops']:.0f})", f"{machine['matmul_peak_gflops']:.0f} GFLOP/s")
+    row("machine", "memory read bandwidth", f"{machine['memory_bandwidth_gbs']:.1f} GB/s")
+    for r in results.get("extract", []):
+        name = f"{r['model']} {r['image_size']}px, batch {r['batch_size']}"
+        row("extract", f"{name}: imgret end to end", f"{r['imgret_images_per_s']:.0f} img/s")
+        row("extract", f"{name}: model forward only", f"{r['forward_only_images_per_s']:.0f} img/s",
+            f"{r['extract_vs_forward']:.2f}x", verdict("extract_vs_forward", r["extract_vs_forward"]))
+        seed_target = verdict("extract_vs_seed_loop_64px", r["extract_vs_seed_loop"]) if r["image_size"] == 64 else ""
+        row("extract", f"{name}: seed loop (one image at a time)", f"{r['seed_loop_images_per_s']:.0f} img/s",
+            f"{r['extract_vs_seed_loop']:.2f}x", seed_target)
+        row("extract", f"{name}: achieved ({r['gflops_per_image']:.2f} GFLOP/img) vs peak",
+            f"{r['achieved_gflops']:.0f} GFLOP/s", f"{r['extract_vs_matmul_peak']:.2f}x")
+    if "search" in results:
+        s = results["search"]
+        name = f"{s['gallery']:,}x{s['dim']}, {s['queries']:,} queries"
+        row("search", f"brute force batched ({name})", f"{s['brute_batch_s']:.2f} s")
+        row("search", "brute force vs matmul peak", f"{s['brute_gflops']:.0f} GFLOP/s",
+            f"{s['brute_vs_matmul_peak']:.2f}x", verdict("brute_vs_matmul_peak", s["brute_vs_matmul_peak"]))
+        row("search", "faiss.IndexFlatIP batched", f"{s['faiss_flat_batch_s']:.2f} s",
+            f"{s['brute_vs_faiss_flat']:.2f}x", verdict("brute_vs_faiss_flat", s["brute_vs_faiss_flat"]))
+        row("search", "same neighbours as faiss (share of top-10)", f"{s['brute_same_neighbours_as_faiss']:.5f}")
+        row("search", "brute single query vs bandwidth limit", f"{s['brute_single_query_ms']:.2f} ms",
+            f"{s['single_query_vs_bandwidth_limit']:.2f}x",
+            verdict("single_query_vs_bandwidth_limit", s["single_query_vs_bandwidth_limit"]))
+        row("search", "  (bandwidth limit: N*d*4 bytes per query)", f"{s['bandwidth_limit_ms']:.2f} ms")
+        row("search", "faiss.IndexFlatIP single query", f"{s['faiss_flat_single_query_ms']:.2f} ms")
+        keep = s["fp16_recall_at_10_single"] == 1.0 and s["fp16_rounded_gallery_recall_at_10"] == 1.0
+        row("search", "float16 gallery single query (candidate)", f"{s['fp16_single_query_ms']:.2f} ms",
+            f"{s['brute_single_query_ms'] / s['fp16_single_query_ms']:.2f}x",
+            f"{'kept' if keep else 'rejected'}: recall@10 {s['fp16_rounded_gallery_recall_at_10']:.4f} "
+            f"(all queries), {s['fp16_recall_at_10_single']:.4f} (timed ones)")
+        row("search", "  data", s["source"][:18])
+    if "ivf" in results:
+        v = results["ivf"]
+        row("ivf", f"nlist={v['nlist']} nprobe={v['nprobe']}: imgret batch vs bare faiss",
+            f"{v['imgret_batch_s'] * 1000:.1f} ms", f"{v['ivf_batch_overhead']:+.1%}")
+        row("ivf", "imgret single-query p50 vs bare faiss", f"{v['imgret_single_ms_p50']:.3f} ms",
+            f"{v['ivf_single_overhead']:+.1%}", verdict("ivf_harness_overhead", v["ivf_harness_overhead"]))
+    for m in results.get("memory", []):
+        row("memory", f"extract {m['images']:,} images: peak RSS (main + loader processes)",
+            f"{m['peak_rss_gb']:.2f} GB", "", verdict("extract_peak_rss_gb", m["peak_rss_gb"]))
+        row("memory", "  peak PSS of the process tree (shared pages counted once)", f"{m['peak_pss_gb']:.2f} GB")
+    if len(results.get("memory", [])) > 1:
+        small, large = results["memory"][0], results["memory"][-1]
+        row("memory", f"growth from {small['images']:,} to {large['images']:,} images",
+            f"{large['peak_rss_gb'] - small['peak_rss_gb']:+.2f} GB", f"{large['peak_rss_gb'] / small['peak_rss_gb']:.2f}x")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    partial.write_text(json.dumps(results, indent=1))
+    os.replace(partial, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m imgret.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="the Tiny-ImageNet zip")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("IMGRET_CACHE", ".cache/imgret")),
+                        help="imgret's cache: the extracted data and any real embeddings for the search parts")
+    parser.add_argument("--images", type=int, default=6400, help="images per 64 px model for the extract part")
+    parser.add_argument("--clip-images", type=int, default=768, help="images for clip at 224 px")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", default="auto", help="data-loader processes (default: imgret's auto)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--gallery", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--single-queries", type=int, default=200, help="single-query calls timed per method")
+    parser.add_argument("--nlist", type=int, default=1024)
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--memory-sizes", default="10000,100000", help="gallery sizes for the memory part")
+    parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all cores)")
+    parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/bench-<time>.json")
+    args = parser.parse_args(argv)
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; allowed: {', '.join(PARTS)}")
+    if ({"extract", "memory"} & set(parts)) and not args.archive.is_file():
+        parser.error(f"--archive {args.archive} does not exist: the extract and memory parts read real images")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+
+    results: dict = {"machine": {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                                 "torch": torch.__version__, "faiss": faiss.__version__},
+                     "targets": {k: f"{c} {b}" for k, (c, b) in TARGETS.items()}, "parts": parts}
+    print("measuring the machine's limits ...", flush=True)
+    rates = matmul_peak_gflops()
+    results["machine"].update({f"matmul_{lib}_gflops": rate for lib, rate in rates.items()})
+    results["machine"]["matmul_peak_gflops"] = max(rates.values())
+    results["machine"]["memory_bandwidth_gbs"] = memory_bandwidth_gbs()
+    with tempfile.TemporaryDirectory(prefix="imgret-bench-") as scratch:
+        work = Path(scratch)
+        (work / "cache").mkdir()
+        data_link = work / "cache" / "data"
+        if (args.cache / "data").is_dir():  # reuse an extraction already made instead of repeating it
+            data_link.symlink_to((args.cache / "data").resolve())
+        if "extract" in parts:
+            print("extract: resnet18, mobilenet at 64 px; clip at 224 px ...", flush=True)
+            models = [("resnet18", 64, args.images), ("mobilenet", 64, args.images), ("clip", 224, args.clip_images)]
+            results["extract"] = bench_extract(args.archive, work, results["machine"]["matmul_peak_gflops"], models,
+                                               args.batch_size, args.num_workers, not args.no_channels_last)
+        if "search" in parts or "ivf" in parts:
+            gallery, queries, source = search_data(args.cache, args.gallery, args.queries, args.dim)
+            if "search" in parts:
+                print(f"search: {len(gallery):,} x {args.dim} gallery, {len(queries):,} queries ({source}) ...",
+                      flush=True)
+                results["search"] = bench_search(gallery, queries, source, results["machine"]["matmul_peak_gflops"],
+                                                 results["machine"]["memory_bandwidth_gbs"], args.single_queries)
+            if "ivf" in parts:
+                print(f"ivf: nlist={args.nlist} nprobe={args.nprobe} ...", flush=True)
+                results["ivf"] = bench_ivf(gallery, queries, args.nlist, args.nprobe, max(1000, args.single_queries))
+        if "memory" in parts:
+            sizes = [int(s) for s in args.memory_sizes.split(",")]
+            print(f"memory: extracting {', '.join(f'{s:,}' for s in sizes)} images in fresh processes ...", flush=True)
+            results["memory"] = bench_memory(args.archive, work, sizes, args.num_workers)
+    text = table(results)
+    results["table"] = text
+    path = args.json or Path("outputs") / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(results, path)
+    print(text)
+    print(f"\nwritten to {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
