@@ -62,12 +62,16 @@ class BruteForceIndex:
     as `python -m imgret.bench` measures. torch.topk selects from the scores without copying them.
     """
 
-    def __init__(self, gallery: np.ndarray, query_chunk: int = 1024):
+    def __init__(self, gallery: np.ndarray, query_chunk: int = 1024, device: str = "cpu"):
         self.gallery = np.array(gallery, dtype=np.float32, order="C")  # in RAM, not paged in from a memmap
         self.query_chunk = query_chunk
+        # on a GPU the products and the selection run there, with torch
+        self.gallery_on_device = torch.from_numpy(self.gallery).to(device) if device != "cpu" else None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.gallery_on_device is not None:
+            return self._search_on_device(queries, k)
         if len(queries) == 1:  # matrix-vector: bandwidth-bound, one pass over the gallery
             top = torch.topk(torch.from_numpy(self.gallery @ queries[0]), k, largest=True, sorted=True)
             return top.values.numpy()[None], top.indices.numpy()[None]
@@ -80,21 +84,53 @@ class BruteForceIndex:
             ids[start:start + len(similarities)] = top.indices.numpy()
         return scores, ids
 
+    def _search_on_device(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = [], []
+        with torch.inference_mode():
+            for start in range(0, len(queries), self.query_chunk):
+                chunk = torch.from_numpy(queries[start:start + self.query_chunk]).to(self.gallery_on_device.device)
+                top = torch.topk(chunk @ self.gallery_on_device.T, k, dim=1, largest=True, sorted=True)
+                scores.append(top.values.cpu().numpy())
+                ids.append(top.indices.cpu().numpy())
+        return np.concatenate(scores), np.concatenate(ids)
+
     @property
     def nbytes(self) -> int:
         return self.gallery.nbytes
 
 
 class FaissIndex:
-    def __init__(self, index: faiss.Index):
-        self.index = index
+    def __init__(self, index: faiss.Index, cpu_index: faiss.Index | None = None):
+        self.index = index  # what searches: the CPU index, or its copy on a GPU
+        self.cpu_index = cpu_index if cpu_index is not None else index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     @property
     def nbytes(self) -> int:
-        return int(faiss.serialize_index(self.index).nbytes)
+        return int(faiss.serialize_index(self.cpu_index).nbytes)
+
+
+def faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def on_device(faiss_index: faiss.Index, method_cfg, device: str) -> FaissIndex:
+    """The index as searched on `device`: a GPU copy when faiss-gpu is installed and the index type has one
+    (HNSW does not); the CPU index otherwise. Built and cached indexes always stay on the CPU."""
+    if device != "cuda" or method_cfg.name == "hnsw":
+        return FaissIndex(faiss_index)
+    if not faiss_has_gpu():
+        warnings.warn("device='cuda' but this faiss has no GPU support (install faiss-gpu): searching on the CPU",
+                      stacklevel=2)
+        return FaissIndex(faiss_index)
+    gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, faiss_index)
+    if method_cfg.name in ("ivf", "ivfpq"):
+        faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", int(method_cfg.nprobe))
+    elif method_cfg.name == "factory" and method_cfg.get("search_params"):
+        faiss.GpuParameterSpace().set_index_parameters(gpu_index, str(method_cfg.search_params))
+    return FaissIndex(gpu_index, cpu_index=faiss_index)
 
 
 @dataclass(frozen=True)
@@ -202,7 +238,7 @@ def index_cache_path(cache_dir: Path, gallery_id: str, method_cfg) -> Path:
 
 
 def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
-                gallery_id: str | None = None) -> BuiltIndex:
+                gallery_id: str | None = None, device: str = "cpu") -> BuiltIndex:
     """The index for `method_cfg` over `gallery`, with its query parameters applied.
 
     Indexes that train or build a graph are saved under `cache_dir`, keyed by the gallery and the build
@@ -213,7 +249,7 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
         raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
     if name == "brute":
         start = time.perf_counter()
-        index = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)))
+        index = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)), device)
         return BuiltIndex(index, time.perf_counter() - start, reused=False)
 
     path = index_cache_path(cache_dir, gallery_id, method_cfg) if METHODS[name].cached and cache_dir else None
@@ -222,7 +258,8 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
         faiss_index = faiss.read_index(str(path))
         apply_query_params(faiss_index, method_cfg)
         log.info("reusing index %s", path)
-        return BuiltIndex(FaissIndex(faiss_index), json.loads(meta_path.read_text())["build_s"], True, path)
+        return BuiltIndex(on_device(faiss_index, method_cfg, device), json.loads(meta_path.read_text())["build_s"],
+                          True, path)
 
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     faiss_index = _new_faiss_index(method_cfg, gallery.shape[1])
@@ -236,7 +273,7 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
         _save_atomically(faiss_index, path, {"build_s": build_s, "params": build_params(method_cfg),
                                              "count": int(faiss_index.ntotal)})
     apply_query_params(faiss_index, method_cfg)
-    return BuiltIndex(FaissIndex(faiss_index), build_s, reused=False, path=path)
+    return BuiltIndex(on_device(faiss_index, method_cfg, device), build_s, reused=False, path=path)
 
 
 def _save_atomically(faiss_index: faiss.Index, path: Path, meta: dict) -> None:

@@ -14,7 +14,7 @@ import threadpoolctl
 import torch
 
 from imgret.data import load_splits
-from imgret.extract import ensure_embeddings
+from imgret.extract import ensure_embeddings, resolve_device
 from imgret.groundtruth import exact_ground_truth
 from imgret.index import build_index, validate_search
 from imgret.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
@@ -55,7 +55,8 @@ def run_experiment(cfg) -> RunResult:
     depth = min(max(int(cfg.k), 10), len(gallery))
     truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
 
-    built = build_index(cfg.method, gallery_vectors, Path(cfg.paths.cache), gallery.path.name)
+    built = build_index(cfg.method, gallery_vectors, Path(cfg.paths.cache), gallery.path.name,
+                        resolve_device(cfg.device))
     found = timed_search(built.index, query_vectors, depth, int(cfg.search.latency_queries),
                          int(cfg.search.warmup_queries), progress=bool(cfg.extract.progress))
 
