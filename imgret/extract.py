@@ -102,7 +102,15 @@ class EmbeddingStoreWriter(BasePredictionWriter):
         vectors_file.write(rows.tobytes())
         index_file.write(indices.cpu().numpy().astype(np.int64).tobytes())
 
+    def on_predict_end(self, trainer, pl_module):
+        # Every rank's part must be complete before rank 0 merges them: close, then wait for the others.
+        self._close()
+        trainer.strategy.barrier("imgret-embedding-store-parts")
+
     def teardown(self, trainer, pl_module, stage):
+        self._close()  # also after a failure, which skips on_predict_end
+
+    def _close(self):
         if self._files:
             for handle in self._files:
                 handle.close()
