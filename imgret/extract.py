@@ -27,6 +27,8 @@ from imgret.models import Encoder, build_encoder, describe_encoder
 from imgret.store import EmbeddingStore, StagedStore, store_dir, store_key
 
 log = logging.getLogger(__name__)
+# Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

@@ -92,29 +92,40 @@ class StagedStore:
         vectors_path, index_path = self.part_paths(rank)
         return open(vectors_path, "wb"), open(index_path, "wb")
 
-    def merge_parts(self, image_set: ImageSet, dim: int, world_size: int) -> None:
-        """Assemble the rows of every rank into vectors.npy, in image order, streaming through memmaps."""
+    def merge_parts(self, image_set: ImageSet, dim: int, world_size: int, block_rows: int = 16384) -> None:
+        """Assemble every rank's rows into vectors.npy, in image order, one block of rows at a time.
+
+        Memory stays flat however large the gallery: each block maps only the slice of each part it
+        needs and unmaps it, and the output is written with plain file I/O (a written memmap would keep
+        the whole file's pages in this process's resident set)."""
         count = len(image_set)
-        vectors = np.lib.format.open_memmap(self.staging / "vectors.npy.part", mode="w+", dtype=np.float32,
-                                            shape=(count, dim))
-        seen = np.zeros(count, dtype=bool)
+        part_indices = [np.fromfile(self.part_paths(rank)[1], dtype=np.int64) for rank in range(world_size)]
+        output = self.staging / "vectors.npy.part"
+        with open(output, "wb") as out:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (count, dim)})
+            for start in range(0, count, block_rows):
+                block = np.empty((min(block_rows, count - start), dim), dtype=np.float32)
+                filled = np.zeros(len(block), dtype=bool)
+                for rank, indices in enumerate(part_indices):
+                    # a distributed sampler pads with repeats: those rows are identical, any copy will do
+                    rows = np.flatnonzero((indices >= start) & (indices < start + len(block)))
+                    if rows.size:
+                        first, last = int(rows.min()), int(rows.max()) + 1
+                        part = np.memmap(self.part_paths(rank)[0], dtype=np.float32, mode="r",
+                                         offset=first * dim * 4, shape=(last - first, dim))
+                        block[indices[rows] - start] = part[rows - first]
+                        filled[indices[rows] - start] = True
+                        del part
+                if not filled.all():
+                    missing = start + np.flatnonzero(~filled)
+                    raise RuntimeError(f"extraction left {len(missing)} images without a vector (first: {missing[:5]})")
+                out.write(block.tobytes())
         for rank in range(world_size):
-            vectors_path, index_path = self.part_paths(rank)
-            indices = np.fromfile(index_path, dtype=np.int64)
-            part = np.memmap(vectors_path, dtype=np.float32, mode="r", shape=(len(indices), dim))
-            for start in range(0, len(indices), 65536):  # bounded memory however large the gallery
-                chunk = indices[start:start + 65536]
-                vectors[chunk] = part[start:start + 65536]
-            seen[indices] = True  # a distributed sampler pads with repeats: those rows are identical
-            del part
-            vectors_path.unlink()
-            index_path.unlink()
-        if not seen.all():
-            missing = np.flatnonzero(~seen)
-            raise RuntimeError(f"extraction left {len(missing)} images without a vector (first: {missing[:5]})")
-        vectors.flush()
-        del vectors
-        os.replace(self.staging / "vectors.npy.part", self.staging / "vectors.npy")
+            for path in self.part_paths(rank):
+                path.unlink()
+        os.replace(output, self.staging / "vectors.npy")
         np.save(self.staging / "labels.npy", image_set.labels)
         (self.staging / "paths.txt").write_text("\n".join(image_set.paths))
 

@@ -132,7 +132,8 @@ def tracked_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
         yield run
     except BaseException as error:
         mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+        mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
         raise
     else:
         mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))
