@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -64,6 +65,7 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
         rows.append({
             "run_id": run.info.run_id, "model": tags["model"], "method": method,
             "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys),
+            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params),
             "index_built": tags.get("index_built", ""),
             "image_size": params.get("model.image_size", ""),
             **metrics,
@@ -134,7 +136,7 @@ def operating_points(runs: list[dict], out: Path) -> str:
 def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
     """Extraction per image against search per query: does extraction dominate, and by how much?"""
     rows, breakdown = [], {}
-    for model, group in sorted(by_key(runs, "model").items()):
+    for (model,), group in sorted(by_key(runs, "model").items()):
         extract_ms = group[0]["extract_ms_per_image"]
         extract_throughput_ms = 1000.0 / group[0]["extract_images_per_s"]
         searches = {method: representative(method_runs)["search_ms_p50"]
@@ -162,17 +164,23 @@ def gallery_words(runs: list[dict]) -> str:
             f"{'/'.join(f'{q:,}' for q in queries)} queries, {size}")
 
 
+def _build_order(item):
+    """Methods in their table order, then build settings by their numbers (nlist=64 before nlist=512)."""
+    (method, build), _ = item
+    return list(METHODS).index(method), [int(v) if v.isdigit() else v for v in re.findall(r"\d+|\D+", build)]
+
+
 def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     panels = [("search_qps_batch", "queries per second, all queries in one call (log scale)", 1),
               ("search_ms_p99", "p99 single-query latency, ms (log scale)", -1)]
     for axis, (key, label, direction) in zip(axes, panels):
-        for method, group in sorted(by_key(runs, "method").items()):
-            method = method[0]
+        for (method, build), group in sorted(by_key(runs, "method", "build").items(), key=_build_order):
             exact = method in EXACT_METHODS
+            several_builds = len({r["build"] for r in runs if r["method"] == method}) > 1
+            series = METHOD_LABELS[method] + (f" {build}" if several_builds else "") + (" (exact)" if exact else "")
             axis.scatter([r[key] for r in group], [r["recall_at_10"] for r in group],
-                         marker=METHOD_MARKERS[method], s=160 if exact else 36, alpha=0.85,
-                         label=METHOD_LABELS[method] + (" (exact)" if exact else ""),
+                         marker=METHOD_MARKERS[method], s=160 if exact else 36, alpha=0.85, label=series,
                          edgecolors="black" if exact else "none", zorder=3)
         frontier = pareto_frontier([r["recall_at_10"] for r in runs], [direction * r[key] for r in runs])
         axis.plot([runs[i][key] for i in frontier], [runs[i]["recall_at_10"] for i in frontier],
@@ -181,7 +189,7 @@ def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
         axis.set_xlabel(label)
         axis.set_ylabel("recall@10 (vs exact top-10)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8, loc="lower left" if direction > 0 else "lower right")
+        axis.legend(fontsize=7, loc="lower left" if direction > 0 else "lower right", ncol=2)
     axes[0].set_title("recall against throughput (up and right is better)")
     axes[1].set_title("recall against tail latency (up and left is better)")
     figure.suptitle(f"{model}: accuracy vs speed, {gallery_words(runs)}")
@@ -196,15 +204,15 @@ def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
     bars = [("extraction, batch 1", lambda b: b["extract_ms"]),
             ("extraction, batched end to end", lambda b: b["extract_throughput_ms"])]
     bars += [(f"search: {METHOD_LABELS[m]}", lambda b, m=m: b["search_ms"].get(m, float("nan"))) for m in methods]
-    figure, axis = plt.subplots(figsize=(max(7, 2.6 * len(models)), 4.8))
+    figure, axis = plt.subplots(figsize=(max(9, 2.6 * len(models)), 5.2))
     width = 0.8 / len(bars)
     for i, (label, value) in enumerate(bars):
         axis.bar([x + i * width for x in range(len(models))], [value(breakdown[m]) for m in models], width,
                  label=label)
     axis.set_xticks([x + width * (len(bars) - 1) / 2 for x in range(len(models))], models)
     axis.set_yscale("log")
-    axis.set_ylabel("ms per image (extraction) or per query (search), log scale")
-    axis.set_title(f"Where the time goes: extraction vs search, {gallery_words(runs)}")
+    axis.set_ylabel("ms per image or per query (log scale)")
+    axis.set_title(f"Where the time goes: extraction per image vs search per query\n{gallery_words(runs)}")
     axis.grid(True, axis="y", which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
