@@ -1,0 +1,60 @@
+"""The benchmark's plumbing at tiny sizes (its timings are not asserted: they belong to the benchmark)."""
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from conftest import clustered_vectors, require_real_archive
+from imgret.bench import TARGETS, main, table, verdict
+from imgret.index import BruteForceIndex
+
+
+def test_brute_force_single_queries_match_faiss_flat():
+    gallery = clustered_vectors(3000, 48, clusters=16, seed=5)
+    queries = clustered_vectors(3050, 48, clusters=16, seed=5)[3000:]
+    flat = faiss.IndexFlatIP(48)
+    flat.add(gallery)
+    brute = BruteForceIndex(gallery, query_chunk=7)  # a chunk size that does not divide the queries
+    expected_scores, expected_ids = flat.search(queries, 10)
+    single = np.concatenate([brute.search(q[None], 10)[1] for q in queries])
+    assert np.array_equal(single, expected_ids)
+    scores, ids = brute.search(queries, 10)
+    assert np.array_equal(ids, expected_ids) and np.allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_verdicts_name_the_gap():
+    assert verdict("brute_vs_matmul_peak", 0.66) == "met (target >= 0.5)"
+    assert verdict("brute_vs_faiss_flat", 1.5) == "MISSED: target >= 3, 2.00x short"
+    assert verdict("single_query_vs_bandwidth_limit", 3.0) == "MISSED: target <= 1.5, 2.00x short"
+    assert set(TARGETS) >= {"extract_vs_forward", "ivf_harness_overhead", "extract_peak_rss_gb"}
+
+
+def test_unknown_part_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--parts", "search,warp"])
+    assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory" in capsys.readouterr().err
+
+
+def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
+    archive = require_real_archive()
+    out = tmp_path / "bench.json"
+    results = main(["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64",
+                    "--clip-images", "8", "--batch-size", "16", "--gallery", "2000", "--queries", "100",
+                    "--single-queries", "20", "--nlist", "16", "--nprobe", "4", "--memory-sizes", "40,80",
+                    "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["table"] == results["table"] == table(results)
+    assert [r["model"] for r in saved["extract"]] == ["resnet18", "mobilenet", "clip"]
+    for row in saved["extract"]:
+        for key in ("imgret_images_per_s", "forward_only_images_per_s", "seed_loop_images_per_s", "achieved_gflops"):
+            assert row[key] > 0
+    search = saved["search"]
+    assert search["source"] == "clustered random vectors" and search["gallery"] == 2000
+    assert search["brute_same_neighbours_as_faiss"] == 1.0
+    assert 0 < search["fp16_rounded_gallery_recall_at_10"] <= 1.0
+    assert saved["ivf"]["nlist"] == 16 and saved["ivf"]["bare_faiss_batch_s"] > 0
+    assert [m["images"] for m in saved["memory"]] == [40, 80]
+    assert all(m["peak_rss_gb"] > 0.3 for m in saved["memory"])  # a real process with torch loaded
+    for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS"):
+        assert line in saved["table"]
