@@ -405,7 +405,7 @@ def table(results: dict) -> str:
             f"{s['brute_single_query_ms'] / s['fp16_single_query_ms']:.2f}x",
             f"{'kept' if keep else 'rejected'}: recall@10 {s['fp16_rounded_gallery_recall_at_10']:.4f} "
             f"(all queries), {s['fp16_recall_at_10_single']:.4f} (timed ones)")
-        row("search", "  data", s["source"][:18])
+        row("search", f"  data: {s['source']}"[:58], "")
     if "ivf" in results:
         v = results["ivf"]
         row("ivf", f"nlist={v['nlist']} nprobe={v['nprobe']}: imgret batch vs bare faiss",
