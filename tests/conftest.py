@@ -3,7 +3,6 @@ subset of the Tiny-ImageNet archive (the real images and layout, 4 classes)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """The accuracy-vs-speed study: Pareto frontiers, operating points, the experiments and the report."""
 import struct
 
-import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
