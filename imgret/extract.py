@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from imgret.data import ImageSet, Splits
+from imgret.errors import ConfigError
 from imgret.models import Encoder, build_encoder, describe_encoder
 from imgret.store import EmbeddingStore, StagedStore, store_dir, store_key
 
@@ -141,8 +142,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from imgret.errors import ConfigError
-
         raise ConfigError("device='cuda' but torch sees no CUDA device; use device=cpu or device=auto")
     return device
 
@@ -153,8 +152,6 @@ def resolve_num_workers(num_workers, device: str) -> int:
     if num_workers == "auto":
         return min(8, os.cpu_count() or 1) if device == "cuda" else 0
     if not isinstance(num_workers, int) or num_workers < 0:
-        from imgret.errors import ConfigError
-
         raise ConfigError(f"num_workers={num_workers!r} must be 'auto' or a whole number >= 0")
     return num_workers
 
@@ -196,10 +193,11 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
         callbacks=[writer],
     )
     image_transform, mean, std = encoder.split_transform()
+    num_workers = resolve_num_workers(cfg.num_workers, device)
     loader = DataLoader(
         ImageDataset(image_set, image_transform),
         batch_size=int(cfg.batch_size),
-        num_workers=resolve_num_workers(cfg.num_workers, device),
+        num_workers=num_workers,
         shuffle=False,
         pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
         persistent_workers=False,
@@ -210,7 +208,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
         module = EmbeddingModule(encoder.network, mean, std, bool(cfg.extract.get("channels_last", True)))
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         seconds = time.perf_counter() - start
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero:  # rank 0 merges and commits; the store appears when it is done
             return EmbeddingStore(final_dir)
         writer.staged.merge_parts(image_set, writer.dim, trainer.world_size)
         meta = {
@@ -222,7 +220,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
                 "images_per_s": len(image_set) / seconds,
                 "ms_per_image_batch1": latency_ms,
                 "batch_size": int(cfg.batch_size),
-                "num_workers": resolve_num_workers(cfg.num_workers, device),
+                "num_workers": num_workers,
                 "device": device,
                 "threads": torch.get_num_threads(),
             },
@@ -230,5 +228,6 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
         }
         return writer.staged.commit(meta)
     finally:
-        if writer.staged is not None and writer.staged.staging.exists():
+        # The staging folder is shared by every rank: only rank 0, which merges it, may remove it.
+        if trainer.is_global_zero and writer.staged is not None and writer.staged.staging.exists():
             writer.staged.discard()

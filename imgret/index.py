@@ -140,6 +140,11 @@ class BuiltIndex:
     reused: bool
     path: Path | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """The serialised size: a saved index's file size, rather than serialising it again on every run."""
+        return self.path.stat().st_size if self.path is not None else self.index.nbytes
+
 
 def _whole(value, low: int, high: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)

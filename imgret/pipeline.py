@@ -14,6 +14,7 @@ import threadpoolctl
 import torch
 
 from imgret.data import load_splits
+from imgret.errors import ConfigError
 from imgret.extract import ensure_embeddings, resolve_device
 from imgret.groundtruth import exact_ground_truth
 from imgret.index import build_index, validate_search
@@ -32,8 +33,6 @@ class RunResult:
 def configure_threads(threads: int | None) -> int:
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
-            from imgret.errors import ConfigError
-
             raise ConfigError(f"threads={threads!r} must be a positive whole number, or null for every core")
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
@@ -75,7 +74,7 @@ def run_experiment(cfg) -> RunResult:
         "search_ms_p99": latency[99],
         "search_qps_batch": len(query_vectors) / found.batch_seconds,
         "build_s": built.build_s,
-        "index_bytes": float(built.index.nbytes),
+        "index_bytes": float(built.nbytes),
         **embeddings.timings,
         "gallery_size": float(len(gallery)),
         "query_size": float(len(queries)),

@@ -71,6 +71,7 @@ def test_an_index_is_built_once_and_reused_with_new_query_settings(tmp_path, fir
     again = build_index(second, GALLERY, tmp_path, "gallery-a")
     assert again.reused and again.path == built.path
     assert again.build_s == built.build_s  # reports the build it came from
+    assert again.nbytes == built.nbytes == again.index.nbytes  # the saved file is the serialised index
     fresh = build_index(second, GALLERY)  # the same query setting on a newly built index
     assert np.array_equal(again.index.search(QUERIES, 10)[1], fresh.index.search(QUERIES, 10)[1])
     loaded = again.index.index
