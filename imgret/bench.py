@@ -94,7 +94,7 @@ def memory_bandwidth_gbs(megabytes: int = 1024, repeats: int = 8) -> float:
 def real_images(archive: Path, cache: Path, count: int) -> ImageSet:
     cfg = compose_cfg(f"data.archive={archive}", f"paths.cache={cache}")
     gallery = load_splits(cfg.data).gallery
-    subset = stratified_subset(gallery, max(1, math.ceil(count / len(gallery.class_names))), "count")
+    subset = stratified_subset(gallery, max(1, math.ceil(count / len(gallery.class_names))))
     return ImageSet(subset.dataset, subset.split, subset.paths[:count], subset.labels[:count],
                     subset.class_names, subset.source_id)
 
@@ -107,10 +107,10 @@ def forward_only_images_per_s(encoder, image_set: ImageSet, batch_size: int, bat
     ready = torch.stack([image_transform(image_set.open(i % len(image_set))) for i in range(batch_size)])
     with torch.inference_mode():
         for _ in range(2):
-            module.predict_step((ready, None), 0)
+            module.predict_step((ready, torch.arange(len(ready)), []), 0)
         start = time.perf_counter()
         for _ in range(batches):
-            module.predict_step((ready, None), 0)
+            module.predict_step((ready, torch.arange(len(ready)), []), 0)
     return batches * batch_size / (time.perf_counter() - start)
 
 

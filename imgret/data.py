@@ -19,18 +19,20 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from imgret.errors import ConfigError, DataUnavailable, allowed
+from imgret.errors import BadImage, ConfigError, DataUnavailable, allowed, bad_value
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("tiny_imagenet", "folder", "synthetic")
 SPLITS = ("gallery", "queries")
+BAD_IMAGE_POLICIES = ("skip", "fail")
+# Pillow's own decompression-bomb threshold: larger images are refused unless data.max_image_pixels says otherwise.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class ImageSet:
             digest.update(f"{path}\t{label}\n".encode())
         return digest.hexdigest()[:16]
 
-    def open(self, i: int) -> Image.Image:
-        return open_image(self.paths[i])
+    def open(self, i: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+        return open_image(self.paths[i], max_pixels)
 
 
 @dataclass(frozen=True)
@@ -65,38 +67,65 @@ class Splits:
     queries: ImageSet
 
 
-def open_image(path: str) -> Image.Image:
-    """An RGB image: greyscale and palette images are converted (Tiny-ImageNet has greyscale ones)."""
+def open_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image, fully decoded, or `BadImage` saying why this file cannot be one.
+
+    Greyscale and palette images are converted (Tiny-ImageNet has greyscale ones); 16-bit and float
+    images are scaled to 8 bits rather than clipped (Pillow's own convert would turn them white)."""
     if path.startswith(SYNTHETIC_SCHEME):
         return synthetic_image(path)
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise BadImage(path, f"{image.width}x{image.height} pixels is over data.max_image_pixels={max_pixels}")
+            image.load()  # decode now: a truncated file fails here, not later inside a batch
+            return to_rgb(image)
+    except BadImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # Pillow: UnidentifiedImageError (not an image, zero bytes), OSError (truncated), SyntaxError (broken header)
+        raise BadImage(path, f"{type(error).__name__}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        # 16-bit sources use the full 0..65535 range; float images are taken as 0..1 when they fit there
+        top = 65535.0 if image.mode != "F" or pixels.max(initial=0) > 1.0 else 1.0
+        pixels = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # transparent pixels over white, as a viewer shows them, rather than over whatever colour they hold
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One kind of image source: `load` lists its splits; `check` validates its keys before any work."""
+
+    load: Callable[..., Splits]  # (data_cfg, seed) -> Splits
+    check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
 
 
 def load_splits(data_cfg, seed: int = 0) -> Splits:
+    check_data(data_cfg)
     name = data_cfg.name
-    if name == "tiny_imagenet":
-        splits = tiny_imagenet_splits(data_cfg)
-    elif name == "folder":
-        splits = folder_splits(data_cfg, seed)
-    elif name == "synthetic":
-        splits = synthetic_splits(data_cfg, seed)
-    else:
-        raise ConfigError(f"unknown dataset data.name={name!r}; allowed: {allowed(DATASETS)}")
-    gallery = stratified_subset(splits.gallery, data_cfg.get("gallery_limit"), "data.gallery_limit")
-    queries = stratified_subset(splits.queries, data_cfg.get("query_limit"), "data.query_limit")
+    splits = SOURCES[name].load(data_cfg, seed)
+    gallery = stratified_subset(splits.gallery, data_cfg.get("gallery_limit"))
+    queries = stratified_subset(splits.queries, data_cfg.get("query_limit"))
     for image_set in (gallery, queries):
         if len(image_set) == 0:
             raise DataUnavailable(f"the {name} {image_set.split} split has no images")
     return Splits(gallery, queries)
 
 
-def stratified_subset(image_set: ImageSet, per_class: int | None, key: str) -> ImageSet:
+def stratified_subset(image_set: ImageSet, per_class: int | None) -> ImageSet:
     """The first `per_class` images of every class, in the set's (deterministic) order."""
     if per_class is None:
         return image_set
-    if not isinstance(per_class, int) or per_class < 1:
-        raise ConfigError(f"{key}={per_class!r} must be a positive number of images per class, or null")
     taken: dict[int, int] = {}
     keep = []
     for i, label in enumerate(image_set.labels.tolist()):
@@ -124,7 +153,7 @@ TINY_DIRNAME = "tiny-imagenet-200"
 STAMP_NAME = ".imgret-extracted.json"
 
 
-def tiny_imagenet_splits(data_cfg) -> Splits:
+def tiny_imagenet_splits(data_cfg, seed: int = 0) -> Splits:
     root = prepare_tiny_imagenet(data_cfg)
     source_id = json.loads((root / STAMP_NAME).read_text())["digest"]
     class_names = tuple((root / "wnids.txt").read_text().split())
@@ -305,15 +334,11 @@ def _listing_id(*listings: dict[str, list[str]]) -> str:
 
 
 def folder_splits(data_cfg, seed: int) -> Splits:
-    if data_cfg.get("gallery_dir") in (None, "???"):
-        raise ConfigError("data=folder needs data.gallery_dir=/path/to/<class>/<image> tree")
     gallery_listing = list_class_folder(Path(data_cfg.gallery_dir), data_cfg.extensions)
     if data_cfg.get("query_dir"):
         query_listing = list_class_folder(Path(data_cfg.query_dir), data_cfg.extensions)
     else:
         fraction = float(data_cfg.query_fraction)
-        if not 0.0 < fraction < 1.0:
-            raise ConfigError(f"data.query_fraction={fraction} must lie strictly between 0 and 1")
         rng = np.random.default_rng(seed)
         query_listing = {}
         for name, files in gallery_listing.items():
@@ -341,8 +366,6 @@ SYNTHETIC_SCHEME = "synthetic://"
 def synthetic_splits(data_cfg, seed: int) -> Splits:
     size = int(data_cfg.image_size)
     n_classes = int(data_cfg.num_classes)
-    if size < 8 or n_classes < 1:
-        raise ConfigError(f"data.image_size={size} must be >= 8 and data.num_classes={n_classes} >= 1")
     class_names = tuple(f"class_{c:03d}" for c in range(n_classes))
 
     def make(split, per_class):
@@ -366,3 +389,78 @@ def synthetic_image(path: str) -> Image.Image:
     pattern = pattern * image_rng.uniform(0.8, 1.2) + image_rng.normal(0, 0.08, pattern.shape)
     pixels = (np.clip(pattern, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
     return Image.fromarray(pixels, "RGB")
+
+
+# --------------------------------------------------------------------------- checks and the registry
+
+
+def _is_whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_common(data_cfg) -> None:
+    """Keys every image source has: the stratified limits and what to do with a bad image."""
+    for key in ("gallery_limit", "query_limit"):
+        value = data_cfg.get(key)
+        if value is not None and not _is_whole(value, 1):
+            raise bad_value(f"data.{key}", value, "a whole number of images per class >= 1, or null for all")
+    policy = data_cfg.get("on_bad_image", "skip")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise bad_value("data.on_bad_image", policy, f"one of {allowed(BAD_IMAGE_POLICIES)}")
+    max_pixels = data_cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    if not _is_whole(max_pixels, 1):
+        raise bad_value("data.max_image_pixels", max_pixels, "a whole number of pixels >= 1")
+
+
+def check_tiny_imagenet(data_cfg) -> None:
+    archive = data_cfg.get("archive")
+    if archive is not None:
+        path = Path(str(archive)).expanduser()
+        if not path.is_file():
+            raise bad_value("data.archive", archive, f"the path of a tiny-imagenet-200.zip; {path.resolve()} does not exist")
+        if not zipfile.is_zipfile(path):
+            raise bad_value("data.archive", archive, "a zip archive (tiny-imagenet-200.zip); this file is not a zip")
+    elif not str(data_cfg.get("url") or "").startswith(("http://", "https://", "file://")):
+        raise bad_value("data.url", data_cfg.get("url"), "an http(s):// or file:// address of the zip, or set data.archive")
+    for checksum in data_cfg.get("checksums") or []:
+        algorithm, _, value = str(checksum).partition(":")
+        if algorithm not in hashlib.algorithms_available or not re.fullmatch(r"[0-9a-fA-F]+", value):
+            raise bad_value("data.checksums", checksum, "entries reading '<algorithm>:<hex>', e.g. 'sha256:...'")
+
+
+def check_folder(data_cfg) -> None:
+    if data_cfg.get("gallery_dir") in (None, "???"):
+        raise bad_value("data.gallery_dir", data_cfg.get("gallery_dir"), "a folder of <class>/<image> files (required)")
+    for key in ("gallery_dir", "query_dir"):
+        value = data_cfg.get(key)
+        if value is not None and not Path(str(value)).expanduser().is_dir():
+            raise bad_value(f"data.{key}", value, "an existing folder of <class>/<image> files")
+    if not data_cfg.get("query_dir"):
+        fraction = data_cfg.get("query_fraction")
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
+            raise bad_value("data.query_fraction", fraction, "a fraction strictly between 0 and 1")
+    extensions = data_cfg.get("extensions")
+    if not extensions or not all(isinstance(e, str) and e.startswith(".") for e in extensions):
+        raise bad_value("data.extensions", extensions, "a list of file endings such as [.jpg, .png]")
+
+
+def check_synthetic(data_cfg) -> None:
+    for key, low in (("image_size", 8), ("num_classes", 1), ("gallery_per_class", 1), ("query_per_class", 1)):
+        if not _is_whole(data_cfg.get(key), low):
+            raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
+
+
+SOURCES: dict[str, DataSource] = {
+    "tiny_imagenet": DataSource(tiny_imagenet_splits, check_tiny_imagenet),
+    "folder": DataSource(folder_splits, check_folder),
+    "synthetic": DataSource(synthetic_splits, check_synthetic),
+}
+
+
+def check_data(data_cfg) -> None:
+    """Every data key, before any download, listing or extraction."""
+    name = data_cfg.get("name")
+    if name not in SOURCES:
+        raise bad_value("data.name", name, f"one of {allowed(SOURCES)}")
+    check_common(data_cfg)
+    SOURCES[name].check(data_cfg)

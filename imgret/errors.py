@@ -6,7 +6,14 @@ class ImgretError(Exception):
 
 
 class ConfigError(ImgretError, ValueError):
-    """A configuration value is out of range or names something that does not exist."""
+    """A configuration value is out of range or names something that does not exist.
+
+    The message reads `<key>=<value>: <what is allowed>`; entry points print it as one line,
+    `config error: <message>`, and exit with code 2."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class DataUnavailable(ImgretError):
@@ -17,5 +24,31 @@ class WeightsUnavailable(ImgretError):
     """Pretrained weights could not be loaded (typically: no network)."""
 
 
+class BadImage(ImgretError):
+    """One image file cannot be used: unreadable, truncated, empty, not an image, or too large."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, " ".join(reason.split())  # one line, for bad_images.txt
+
+
+class TrackingUnavailable(ImgretError):
+    """The MLflow tracking store cannot be reached, or is damaged."""
+
+
 def allowed(values) -> str:
     return ", ".join(repr(v) for v in values)
+
+
+def bad_value(key: str, value, what_is_allowed: str) -> ConfigError:
+    """The one form of a configuration error: `key=value: what is allowed`."""
+    return ConfigError(f"{key}={shown(value)}: {what_is_allowed}", key=key)
+
+
+def shown(value) -> str:
+    """A value as it would be typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

@@ -7,6 +7,7 @@ under DDP; the store is committed only once every row is in.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -22,10 +23,11 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from imgret.data import ImageSet, Splits
-from imgret.errors import ConfigError
+from imgret.cache import file_lock
+from imgret.data import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
+from imgret.errors import BadImage, ConfigError, DataUnavailable
 from imgret.models import Encoder, build_encoder, describe_encoder
-from imgret.store import EmbeddingStore, StagedStore, store_dir, store_key
+from imgret.store import EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
 # Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
@@ -40,26 +42,53 @@ class Embeddings:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Throughput over both splits and batch-1 latency, as measured when the stores were made."""
-        metas = [self.gallery.meta, self.queries.meta]
-        images = sum(m["count"] for m in metas)
-        seconds = sum(m["extraction"]["seconds"] for m in metas)
+        """Throughput over both splits and batch-1 latency, as measured when the stores were made (for a
+        resumed extraction: over the images its last attempt extracted)."""
+        extractions = [self.gallery.meta["extraction"], self.queries.meta["extraction"]]
+        images = sum(e["images"] for e in extractions)
+        seconds = sum(e["seconds"] for e in extractions)
         return {
             "extract_ms_per_image": self.gallery.meta["extraction"]["ms_per_image_batch1"],
-            "extract_images_per_s": images / seconds,
+            "extract_images_per_s": images / seconds if seconds > 0 else float("nan"),
         }
+
+    @property
+    def bad_images(self) -> list[str]:
+        return [f"{store.meta['key']['split']}\t{line}" for store in (self.gallery, self.queries)
+                for line in store.bad_images]
 
 
 class ImageDataset(Dataset):
-    def __init__(self, image_set: ImageSet, transform):
+    """The images `indices` of a set; an unusable image yields (None, index, why) when skipping bad images."""
+
+    def __init__(self, image_set: ImageSet, transform, indices: np.ndarray | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, skip_bad: bool = True):
         self.image_set = image_set
         self.transform = transform
+        self.indices = np.arange(len(image_set)) if indices is None else np.asarray(indices)
+        self.max_pixels = max_pixels
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
-        return len(self.image_set)
+        return len(self.indices)
 
-    def __getitem__(self, index: int):
-        return self.transform(self.image_set.open(index)), index
+    def __getitem__(self, position: int):
+        index = int(self.indices[position])
+        try:
+            return self.transform(self.image_set.open(index, self.max_pixels)), index, None
+        except BadImage as error:
+            if not self.skip_bad:
+                raise BadImage(error.path, f"{error.reason} (data.on_bad_image=fail; skip leaves such images out)") \
+                    from error
+            return None, index, f"{error.path}\t{error.reason}"
+
+
+def collate_usable(items):
+    """A batch of the usable images, their indices, and (index, why) for each unusable one."""
+    usable = [(image, index) for image, index, _ in items if image is not None]
+    images = torch.stack([image for image, _ in usable]) if usable else torch.empty(0, dtype=torch.uint8)
+    indices = torch.tensor([index for _, index in usable], dtype=torch.int64)
+    return images, indices, [(index, why) for image, index, why in items if image is None]
 
 
 class EmbeddingModule(pl.LightningModule):
@@ -74,14 +103,18 @@ class EmbeddingModule(pl.LightningModule):
         self.register_buffer("std", std)
 
     def predict_step(self, batch, batch_idx):
-        images, indices = batch
+        images, indices, bad = batch
+        if len(indices) == 0:  # every image of this batch was unusable
+            return indices, None, bad
         # the same operations, in the same order, as ToTensor then Normalize on each image
         x = images.to(dtype=torch.float32, memory_format=self.memory_format).div_(255).sub_(self.mean).div_(self.std)
-        return indices, self.network(x)
+        return indices, self.network(x), bad
 
 
 class EmbeddingStoreWriter(BasePredictionWriter):
-    """Streams each batch's normalised rows to this rank's part of a staged store."""
+    """Streams each batch's normalised rows, and its unusable images, to this rank's part of a staged store.
+
+    Each batch is flushed as it is written, so a killed extraction leaves whole rows for the next attempt."""
 
     def __init__(self, final_dir: Path):
         super().__init__(write_interval="batch")
@@ -91,19 +124,27 @@ class EmbeddingStoreWriter(BasePredictionWriter):
         self._files = None
 
     def setup(self, trainer, pl_module, stage):
-        # Every rank must write into the same staging folder: rank 0 names it.
-        token = trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0)
-        self.staged = StagedStore(self.final_dir, token)
+        # Every rank writes into the store's staging folder under the same attempt name: rank 0 picks it.
+        attempt = trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0)
+        self.staged = StagedStore(self.final_dir, attempt)
         self._files = self.staged.open_part(trainer.global_rank)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        indices, features = prediction
-        rows = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
-        faiss.normalize_L2(rows)
-        self.dim = rows.shape[1]
-        vectors_file, index_file = self._files
-        vectors_file.write(rows.tobytes())
-        index_file.write(indices.cpu().numpy().astype(np.int64).tobytes())
+        indices, features, bad = prediction
+        vectors_file, index_file, bad_file = self._files
+        if features is not None:
+            rows = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
+            faiss.normalize_L2(rows)
+            if self.dim is None:
+                self.dim = rows.shape[1]
+                self.staged.record_dim(self.dim)
+            vectors_file.write(rows.tobytes())
+            index_file.write(indices.cpu().numpy().astype(np.int64).tobytes())
+        for index, why in bad:
+            log.warning("skipping a bad image: %s", why.replace("\t", ": "))
+            bad_file.write(f"{index}\t{why}\n".encode())
+        for handle in self._files:
+            handle.flush()
 
     def on_predict_end(self, trainer, pl_module):
         # Every rank's part must be complete before rank 0 merges them: close, then wait for the others.
@@ -126,16 +167,25 @@ def ensure_embeddings(splits: Splits, cfg) -> Embeddings:
     wanted = {s.split: (s, store_key(s, description)) for s in (splits.gallery, splits.queries)}
     stores = {split: EmbeddingStore.open(store_dir(cache_dir, key)) for split, (_, key) in wanted.items()}
     missing = [split for split, store in stores.items() if store is None]
+    extracted = []
     if missing:
         encoder = build_encoder(cfg.model, cfg.seed)
         device = resolve_device(cfg.device)
-        latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], int(cfg.extract.latency_images), device)
+        latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], int(cfg.extract.latency_images), device,
+                                        int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
         for split in missing:
             image_set, key = wanted[split]
-            stores[split] = extract_store(encoder, image_set, key, cache_dir, cfg, latency_ms)
+            final_dir = store_dir(cache_dir, key)
+            # One extraction per store at a time: a concurrent run waits here, then finds the store made.
+            with file_lock(final_dir, f"the {split} embedding store {final_dir.name}"):
+                stores[split] = EmbeddingStore.open(final_dir)
+                if stores[split] is None:
+                    remove_stale_staging(final_dir)
+                    stores[split] = extract_store(encoder, image_set, key, cache_dir, cfg, latency_ms)
+                    extracted.append(split)
     else:
         log.info("reusing embedding stores %s and %s", stores["gallery"].path, stores["queries"].path)
-    return Embeddings(stores["gallery"], stores["queries"], tuple(missing))
+    return Embeddings(stores["gallery"], stores["queries"], tuple(extracted))
 
 
 def resolve_device(device: str) -> str:
@@ -156,11 +206,17 @@ def resolve_num_workers(num_workers, device: str) -> int:
     return num_workers
 
 
-def forward_latency_ms(encoder: Encoder, image_set: ImageSet, sample: int, device: str) -> float:
+def forward_latency_ms(encoder: Encoder, image_set: ImageSet, sample: int, device: str,
+                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> float:
     """Median model-forward time at batch size 1 (the seed's measure): preprocessing excluded."""
     count = max(1, min(sample, len(image_set)))
-    picks = np.linspace(0, len(image_set) - 1, count).astype(int)
-    inputs = [encoder.transform(image_set.open(int(i))).unsqueeze(0).to(device) for i in picks]
+    inputs = []
+    for i in np.unique(np.linspace(0, len(image_set) - 1, count).astype(int)):
+        with contextlib.suppress(BadImage):  # extraction reports unusable images; the probe only needs good ones
+            inputs.append(encoder.transform(image_set.open(int(i), max_pixels)).unsqueeze(0).to(device))
+    if not inputs:
+        raise DataUnavailable(f"none of the {count} {image_set.split} images sampled for the latency probe could be "
+                              "read: is this the right folder?")
     network = encoder.network.to(device)
     times = []
     with torch.inference_mode():
@@ -177,57 +233,76 @@ def forward_latency_ms(encoder: Encoder, image_set: ImageSet, sample: int, devic
 
 def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: Path, cfg,
                   latency_ms: float) -> EmbeddingStore:
+    """Extract the images a killed earlier attempt did not finish, then merge and commit the store.
+    The caller holds the store's lock."""
     final_dir = store_dir(cache_dir, key)
     device = resolve_device(cfg.device)
-    writer = EmbeddingStoreWriter(final_dir)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        # mixed precision only where it pays: on a GPU (fp16 on these CPUs is emulated and slower)
-        precision="16-mixed" if device == "cuda" and cfg.extract.get("amp", True) else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=bool(cfg.extract.progress),
-        inference_mode=True,
-        callbacks=[writer],
-    )
-    image_transform, mean, std = encoder.split_transform()
+    count = len(image_set)
+    progress = StagedStore(final_dir, "resume").resume(count)
+    finished = np.union1d(progress.done, np.fromiter(progress.bad, dtype=np.int64, count=len(progress.bad)))
+    todo = np.setdiff1d(np.arange(count), finished)
+    if finished.size:
+        log.info("resuming the %s store %s: %d images done by an earlier attempt, %d to go", image_set.split,
+                 final_dir.name, finished.size, todo.size)
     num_workers = resolve_num_workers(cfg.num_workers, device)
-    loader = DataLoader(
-        ImageDataset(image_set, image_transform),
-        batch_size=int(cfg.batch_size),
-        num_workers=num_workers,
-        shuffle=False,
-        pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
-        persistent_workers=False,
-    )
-    log.info("extracting %d %s images with %s into %s", len(image_set), image_set.split, encoder.name, final_dir)
-    start = time.perf_counter()
-    try:
+    writer = EmbeddingStoreWriter(final_dir)
+    seconds, is_global_zero = 0.0, True
+    if todo.size:
+        trainer = pl.Trainer(
+            accelerator="gpu" if device == "cuda" else "cpu",
+            devices=1,
+            # mixed precision only where it pays: on a GPU (fp16 on these CPUs is emulated and slower)
+            precision="16-mixed" if device == "cuda" and cfg.extract.get("amp", True) else "32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=bool(cfg.extract.progress),
+            inference_mode=True,
+            callbacks=[writer],
+        )
+        image_transform, mean, std = encoder.split_transform()
+        dataset = ImageDataset(image_set, image_transform, todo,
+                               int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+                               cfg.data.get("on_bad_image", "skip") == "skip")
+        loader = DataLoader(
+            dataset,
+            batch_size=int(cfg.batch_size),
+            num_workers=num_workers,
+            shuffle=False,
+            collate_fn=collate_usable,
+            pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
+            persistent_workers=False,
+        )
+        log.info("extracting %d %s images with %s into %s", todo.size, image_set.split, encoder.name, final_dir)
+        start = time.perf_counter()
         module = EmbeddingModule(encoder.network, mean, std, bool(cfg.extract.get("channels_last", True)))
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         seconds = time.perf_counter() - start
-        if not trainer.is_global_zero:  # rank 0 merges and commits; the store appears when it is done
-            return EmbeddingStore(final_dir)
-        writer.staged.merge_parts(image_set, writer.dim, trainer.world_size)
-        meta = {
-            "key": key,
-            "count": len(image_set),
-            "dim": writer.dim,
-            "extraction": {
-                "seconds": seconds,
-                "images_per_s": len(image_set) / seconds,
-                "ms_per_image_batch1": latency_ms,
-                "batch_size": int(cfg.batch_size),
-                "num_workers": num_workers,
-                "device": device,
-                "threads": torch.get_num_threads(),
-            },
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        return writer.staged.commit(meta)
-    finally:
-        # The staging folder is shared by every rank: only rank 0, which merges it, may remove it.
-        if trainer.is_global_zero and writer.staged is not None and writer.staged.staging.exists():
-            writer.staged.discard()
+        is_global_zero = trainer.is_global_zero
+    if not is_global_zero:  # rank 0 merges and commits; the store appears when it is done
+        return EmbeddingStore(final_dir)
+    staged = StagedStore(final_dir, "merge")
+    dim = writer.dim or progress.dim or staged.resume(count).dim
+    if dim is None:
+        raise DataUnavailable(f"none of the {count} {image_set.split} images could be used; see the warnings above")
+    rows = staged.merge_parts(image_set, dim)
+    meta = {
+        "key": key,
+        "count": rows,
+        "dim": dim,
+        "image_count": count,
+        "bad_images": count - rows,
+        "extraction": {
+            "seconds": seconds,
+            "images": int(todo.size),
+            "resumed_rows": int(progress.done.size),
+            "images_per_s": todo.size / seconds if seconds > 0 else None,
+            "ms_per_image_batch1": latency_ms,
+            "batch_size": int(cfg.batch_size),
+            "num_workers": num_workers,
+            "device": device,
+            "threads": torch.get_num_threads(),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return staged.commit(meta)

@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 import torch
 
-from imgret.errors import ConfigError, allowed
+from imgret.cache import damage, describe_files, file_lock, move_aside
+from imgret.errors import allowed, bad_value
 
 log = logging.getLogger(__name__)
 
@@ -150,38 +151,65 @@ def _whole(value, low: int, high: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
 
 
-def validate_search(method_cfg, k: int, gallery_size: int) -> None:
-    """Fail before any extraction or build if the method cannot run on this gallery."""
+def validate_search(method_cfg, k, gallery_size: int | None = None, dim: int | None = None) -> None:
+    """Fail before any extraction or build if the method cannot run. Bounds that depend on the gallery's
+    size or the embedding dimension are checked when those are known (None: not yet)."""
     name = method_cfg.get("name")
     if name not in METHODS:
-        raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
+        raise bad_value("method", name, f"one of {allowed(METHODS)}")
+    up_to_gallery = f"a whole number from 1 to the gallery size ({gallery_size})" if gallery_size else "a whole number >= 1"
     if not _whole(k, 1, gallery_size):
-        raise ConfigError(f"k={k!r} must be a whole number from 1 to the gallery size ({gallery_size})")
+        raise bad_value("k", k, up_to_gallery)
+    if name == "brute" and not _whole(method_cfg.get("query_chunk", 1024), 1):
+        raise bad_value("method.query_chunk", method_cfg.query_chunk, "a whole number of queries per matrix product >= 1")
     if name in ("ivf", "ivfpq"):
         nlist, nprobe = method_cfg.nlist, method_cfg.nprobe
         if not _whole(nlist, 1, gallery_size):
-            raise ConfigError(f"nlist={nlist!r} must be a whole number from 1 to the gallery size ({gallery_size})")
+            raise bad_value("nlist", nlist, up_to_gallery)
         if not _whole(nprobe, 1, nlist):
-            raise ConfigError(f"nprobe={nprobe!r} must be a whole number from 1 to nlist ({nlist})")
-        _warn_few_training_points(gallery_size, nlist, "nlist")
+            raise bad_value("nprobe", nprobe, f"a whole number from 1 to nlist ({nlist})")
+        if gallery_size:
+            _warn_few_training_points(gallery_size, nlist, "nlist")
     if name == "ivfpq":
         if not _whole(method_cfg.pq_nbits, 1, 16):
-            raise ConfigError(f"method.pq_nbits={method_cfg.pq_nbits!r} must be a whole number from 1 to 16")
-        if not _whole(method_cfg.pq_m, 1):
-            raise ConfigError(f"method.pq_m={method_cfg.pq_m!r} must be a positive whole number")
-        _warn_few_training_points(gallery_size, 2 ** method_cfg.pq_nbits, "2**pq_nbits")
+            raise bad_value("method.pq_nbits", method_cfg.pq_nbits, "a whole number of bits from 1 to 16")
+        if not _whole(method_cfg.pq_m, 1) or (dim and dim % method_cfg.pq_m):
+            raise bad_value("method.pq_m", method_cfg.pq_m, "a whole number of sub-quantizers that divides the "
+                            f"embedding dimension{f' ({dim}): one of {_divisors(dim)}' if dim else ''}")
+        if gallery_size:
+            _warn_few_training_points(gallery_size, 2 ** method_cfg.pq_nbits, "2**pq_nbits")
     if name == "hnsw":
         for key in ("hnsw_m", "ef_construction", "ef_search"):
             if not _whole(method_cfg[key], 1):
-                raise ConfigError(f"method.{key}={method_cfg[key]!r} must be a positive whole number")
+                raise bad_value(f"method.{key}" if key != "ef_search" else key, method_cfg[key], "a whole number >= 1")
     if name == "factory":
-        # The embedding dimension is unknown before extraction: check the string's grammar with one that
-        # every common sub-quantizer count divides; the real dimension is checked again at build time.
-        try:
-            faiss.index_factory(8 * 3 * 5 * 7 * 16, str(method_cfg.index_factory), faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as error:
-            raise ConfigError(f"method.index_factory={method_cfg.index_factory!r} is not a faiss index_factory "
-                              f"string: {str(error).strip().splitlines()[-1]}") from error
+        # Without the dimension, check the grammar with one that every common sub-quantizer count divides.
+        index = _factory_index(method_cfg, dim or 8 * 3 * 5 * 7 * 16)
+        _apply_search_params(index, method_cfg)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 128)
+
+
+def _factory_index(method_cfg, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, str(method_cfg.index_factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise bad_value("method.index_factory", method_cfg.index_factory,
+                        f"a faiss index_factory string that builds for dimension {dim} "
+                        f"({str(error).strip().splitlines()[-1]})") from error
+
+
+def _apply_search_params(index: faiss.Index, method_cfg) -> None:
+    if not method_cfg.get("search_params"):
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, str(method_cfg.search_params))
+    except RuntimeError as error:
+        raise bad_value("method.search_params", method_cfg.search_params,
+                        f"'name=value' pairs, comma-separated, that {method_cfg.index_factory} has, such as "
+                        f"nprobe or efSearch ({str(error).strip().splitlines()[-1]})") from error
 
 
 def _warn_few_training_points(gallery_size: int, centroids: int, what: str) -> None:
@@ -201,7 +229,7 @@ def _new_faiss_index(method_cfg, dim: int) -> faiss.Index:
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(method_cfg.nlist), faiss.METRIC_INNER_PRODUCT)
     if name == "ivfpq":
         if dim % int(method_cfg.pq_m):
-            raise ConfigError(f"method.pq_m={method_cfg.pq_m} must divide the embedding dimension ({dim})")
+            validate_search(method_cfg, 1, dim=dim)  # raises, naming the divisors of dim
         return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, int(method_cfg.nlist), int(method_cfg.pq_m),
                                 int(method_cfg.pq_nbits), faiss.METRIC_INNER_PRODUCT)
     if name == "hnsw":
@@ -209,12 +237,8 @@ def _new_faiss_index(method_cfg, dim: int) -> faiss.Index:
         index.hnsw.efConstruction = int(method_cfg.ef_construction)
         return index
     if name == "factory":
-        try:
-            return faiss.index_factory(dim, str(method_cfg.index_factory), faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as error:
-            raise ConfigError(f"method.index_factory={method_cfg.index_factory!r} does not build for "
-                              f"dimension {dim}: {str(error).strip().splitlines()[-1]}") from error
-    raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
+        return _factory_index(method_cfg, dim)
+    raise bad_value("method", name, f"one of {allowed(METHODS)}")
 
 
 def apply_query_params(index: faiss.Index, method_cfg) -> None:
@@ -223,12 +247,8 @@ def apply_query_params(index: faiss.Index, method_cfg) -> None:
         faiss.extract_index_ivf(index).nprobe = int(method_cfg.nprobe)
     elif name == "hnsw":
         index.hnsw.efSearch = int(method_cfg.ef_search)
-    elif name == "factory" and method_cfg.get("search_params"):
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, str(method_cfg.search_params))
-        except RuntimeError as error:
-            raise ConfigError(f"method.search_params={method_cfg.search_params!r} does not apply to "
-                              f"{method_cfg.index_factory}: {str(error).strip().splitlines()[-1]}") from error
+    elif name == "factory":
+        _apply_search_params(index, method_cfg)
 
 
 def build_params(method_cfg) -> dict:
@@ -251,21 +271,27 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
     """
     name = method_cfg.name
     if name not in METHODS:
-        raise ConfigError(f"unknown method={name!r}; allowed: {allowed(METHODS)}")
+        raise bad_value("method", name, f"one of {allowed(METHODS)}")
     if name == "brute":
         start = time.perf_counter()
         index = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)), device)
         return BuiltIndex(index, time.perf_counter() - start, reused=False)
 
     path = index_cache_path(cache_dir, gallery_id, method_cfg) if METHODS[name].cached and cache_dir else None
-    meta_path = path.with_suffix(".json") if path else None
-    if path is not None and meta_path.is_file() and path.is_file():
-        faiss_index = faiss.read_index(str(path))
-        apply_query_params(faiss_index, method_cfg)
-        log.info("reusing index %s", path)
-        return BuiltIndex(on_device(faiss_index, method_cfg, device), json.loads(meta_path.read_text())["build_s"],
-                          True, path)
+    if path is None:
+        return _build(method_cfg, gallery, None, device)
+    # One build per index at a time: a concurrent run waits, then loads what the first one saved.
+    with file_lock(path, f"the index {path.name}"):
+        loaded = _load_verified(path)
+        if loaded is not None:
+            faiss_index, meta = loaded
+            apply_query_params(faiss_index, method_cfg)
+            log.info("reusing index %s", path)
+            return BuiltIndex(on_device(faiss_index, method_cfg, device), meta["build_s"], True, path)
+        return _build(method_cfg, gallery, path, device)
 
+
+def _build(method_cfg, gallery: np.ndarray, path: Path | None, device: str) -> BuiltIndex:
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     faiss_index = _new_faiss_index(method_cfg, gallery.shape[1])
     log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
@@ -281,12 +307,36 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
     return BuiltIndex(on_device(faiss_index, method_cfg, device), build_s, reused=False, path=path)
 
 
+def _load_verified(path: Path) -> tuple[faiss.Index, dict] | None:
+    """A saved index and its meta, if both are there and the index matches its recorded checksum; a damaged
+    one is moved aside (None: build it again)."""
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() and not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        problem = damage(path.parent, {path.name: meta["file"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        meta, problem = None, "its meta file is missing, unreadable or from an older imgret"
+    if problem is None:
+        try:
+            return faiss.read_index(str(path)), meta
+        except RuntimeError as error:
+            problem = f"faiss cannot read it: {str(error).strip().splitlines()[-1]}"
+    for damaged in (path, meta_path):
+        if damaged.exists():
+            move_aside(damaged, problem)
+    return None
+
+
 def _save_atomically(faiss_index: faiss.Index, path: Path, meta: dict) -> None:
-    """Index first, then its meta file: only an index with a meta file counts as built."""
+    """Index first, then its meta file with the index's size and checksum: only an index whose meta file
+    matches it counts as built."""
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     partial_index = path.with_name(f".{path.name}.{token}")
     faiss.write_index(faiss_index, str(partial_index))
+    meta = {**meta, "file": describe_files(path.parent, [partial_index.name])[partial_index.name]}
     os.replace(partial_index, path)
     partial_meta = path.with_name(f".{path.stem}.{token}.json")
     partial_meta.write_text(json.dumps(meta, indent=1))

@@ -6,6 +6,7 @@ without loading any weights. `build_encoder` builds the network and its transfor
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from imgret.errors import ConfigError, WeightsUnavailable, allowed
+from imgret.errors import ConfigError, WeightsUnavailable, allowed, bad_value
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ class Encoder:
 def describe_encoder(model_cfg, seed: int) -> dict:
     family = model_cfg.get("family")
     if family not in FAMILIES:
-        raise ConfigError(f"model.family={family!r} is not supported; allowed: {allowed(FAMILIES)}")
+        raise bad_value("model.family", family, f"one of {allowed(FAMILIES)}")
     image_size = model_cfg.get("image_size")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
-        raise ConfigError(f"model.image_size={image_size!r} must be a whole number of pixels >= 16, or null")
+        raise bad_value("model.image_size", image_size, "a whole number of pixels >= 16, or null for the model's own")
     preprocessing = _timm_preprocessing(model_cfg) if family == "timm" else _clip_preprocessing(model_cfg)
     return {
         "name": model_cfg.name,
@@ -61,6 +62,23 @@ def describe_encoder(model_cfg, seed: int) -> dict:
         "image_size": preprocessing["size"],
         "preprocessing": preprocessing,
     }
+
+
+@functools.lru_cache(maxsize=32)
+def _output_dim(family: str, arch: str) -> int:
+    if family == "open_clip":
+        import open_clip
+
+        return int(open_clip.get_model_config(arch)["embed_dim"])
+    import timm
+
+    with torch.device("meta"):  # the architecture only: no memory for weights, no initialisation
+        return int(timm.create_model(arch, pretrained=False, num_classes=0).num_features)
+
+
+def output_dim(model_cfg) -> int:
+    """The embedding dimension the model produces, known without building it (for checks before any work)."""
+    return _output_dim(model_cfg.family, model_cfg.arch)
 
 
 def build_encoder(model_cfg, seed: int) -> Encoder:
@@ -79,7 +97,7 @@ def _weights_id(model_cfg, seed: int) -> str:
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.checkpoint={checkpoint!r} does not exist; give a weights file (a state_dict)")
+            raise bad_value("model.checkpoint", checkpoint, "an existing weights file (a state_dict); this one does not exist")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return f"checkpoint:sha256:{digest}"
     if model_cfg.get("pretrained", True):
@@ -104,7 +122,7 @@ def _timm_pretrained_cfg(arch: str):
     import timm
 
     if not timm.is_model(arch):
-        raise ConfigError(f"model.arch={arch!r} is not a timm model (see timm.list_models())")
+        raise bad_value("model.arch", arch, "a timm model name (see timm.list_models())")
     return timm.models.get_pretrained_cfg(arch)
 
 
@@ -170,11 +188,11 @@ def _clip_pretrained_cfg(model_cfg) -> dict:
     import open_clip
 
     if open_clip.get_model_config(model_cfg.arch) is None:
-        raise ConfigError(f"model.arch={model_cfg.arch!r} is not an open_clip model (see open_clip.list_models())")
+        raise bad_value("model.arch", model_cfg.arch, "an open_clip model name (see open_clip.list_models())")
     tag = model_cfg.get("pretrained_tag")
     tags = open_clip.list_pretrained_tags_by_model(model_cfg.arch)
     if tag not in tags:
-        raise ConfigError(f"model.pretrained_tag={tag!r} is not published for {model_cfg.arch}; allowed: {allowed(tags)}")
+        raise bad_value("model.pretrained_tag", tag, f"a tag published for {model_cfg.arch}: one of {allowed(tags)}")
     return open_clip.get_pretrained_cfg(model_cfg.arch, tag)
 
 

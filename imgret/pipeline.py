@@ -13,11 +13,11 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from imgret.data import load_splits
-from imgret.errors import ConfigError
+from imgret.data import Splits
+from imgret.errors import ConfigError, DataUnavailable
 from imgret.extract import ensure_embeddings, resolve_device
 from imgret.groundtruth import exact_ground_truth
-from imgret.index import build_index, validate_search
+from imgret.index import build_index
 from imgret.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
 from imgret.search import timed_search
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class RunResult:
     metrics: dict[str, float]
     info: dict = field(default_factory=dict)  # what was reused, where stores live: logged as tags
+    texts: dict[str, str] = field(default_factory=dict)  # artifacts: name -> content
 
 
 def configure_threads(threads: int | None) -> int:
@@ -40,13 +41,14 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def run_experiment(cfg) -> RunResult:
+def run_experiment(cfg, splits: Splits) -> RunResult:
+    """Every stage after the images are listed (and the config checked against their number)."""
     threads = configure_threads(cfg.get("threads"))
-    splits = load_splits(cfg.data, cfg.seed)
-    validate_search(cfg.method, cfg.k, len(splits.gallery))
-
     embeddings = ensure_embeddings(splits, cfg)
     gallery, queries = embeddings.gallery, embeddings.queries
+    if len(gallery) < int(cfg.k) or len(queries) == 0:
+        raise DataUnavailable(f"after leaving out {len(embeddings.bad_images)} unusable images, {len(gallery)} gallery "
+                              f"and {len(queries)} query images remain: too few for k={cfg.k}")
     gallery_vectors = np.ascontiguousarray(gallery.vectors)
     query_vectors = np.ascontiguousarray(queries.vectors)
 
@@ -79,6 +81,7 @@ def run_experiment(cfg) -> RunResult:
         "gallery_size": float(len(gallery)),
         "query_size": float(len(queries)),
         "dim": float(gallery.dim),
+        "bad_images": float(len(embeddings.bad_images)),
     }
     info = {
         "embeddings_extracted": ",".join(embeddings.extracted) or "none",
@@ -90,4 +93,5 @@ def run_experiment(cfg) -> RunResult:
         "latency_queries": str(len(found.latencies_ms)),
     }
     log.info("results: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return RunResult(metrics, info)
+    texts = {"bad_images.txt": "".join(f"{line}\n" for line in embeddings.bad_images)} if embeddings.bad_images else {}
+    return RunResult(metrics, info, texts)

@@ -39,14 +39,28 @@ METHOD_MARKERS = {"brute": "*", "flat": "*", "ivf": "o", "ivfpq": "s", "hnsw": "
 
 
 def find_parent(client: MlflowClient, experiment_id: str, parent_id: str | None):
+    """The given parent run, or the newest sweep whose points all finished (status FINISHED)."""
     if parent_id:
         return client.get_run(parent_id)
-    parents = client.search_runs([experiment_id], filter_string="tags.`imgret.role` = 'multirun'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+    parents = client.search_runs([experiment_id], filter_string="tags.`imgret.role` = 'multirun' and "
+                                 "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        raise SystemExit("no multirun found in this experiment: run `python -m imgret.run -m ...` first, "
-                         "or pass --parent RUN_ID or --all-runs")
+        raise SystemExit("no finished multirun in this experiment: run `python -m imgret.run -m ...` first, "
+                         "or pass --parent RUN_ID (an unfinished sweep's report lists what is missing) or --all-runs")
     return parents[0]
+
+
+def missing_points(client: MlflowClient, parent) -> list[str]:
+    """The planned points of a sweep without a FINISHED child run (as their override strings)."""
+    try:
+        planned = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/planned_points.json")
+    except Exception:  # a sweeper other than Hydra's basic one: the plan is unknown
+        return []
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
+                                  f"'{parent.info.run_id}' and attributes.status = 'FINISHED'", max_results=50000)
+    finished = {run.data.tags.get("overrides", "") for run in children}
+    skipped = {" ".join(point) for point in planned["skipped"]}
+    return [" ".join(point) for point in planned["points"] if " ".join(point) not in finished | skipped]
 
 
 def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -> list[dict]:
@@ -67,6 +81,7 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys),
             "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params),
             "index_built": tags.get("index_built", ""),
+            "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),
             **metrics,
         })
@@ -260,9 +275,18 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"no MLflow experiment {args.experiment!r} at {args.tracking_uri}")
     parent = None if args.all_runs else find_parent(client, experiment.experiment_id, args.parent)
     runs = load_runs(client, experiment.experiment_id, parent.info.run_id if parent else None)
+    if parent is None:  # every run once: a link stands for a run that is already in the list
+        runs = [run for run in runs if not run.get("reused_run_id")]
     name = parent.info.run_id if parent else f"experiment-{experiment.experiment_id}"
     out = args.out or Path("outputs") / "report" / name
     title = f"imgret report: {parent.info.run_name if parent else args.experiment}"
+    missing = missing_points(client, parent) if parent is not None else []
+    if missing:
+        print(f"sweep {parent.info.run_id} is incomplete ({parent.info.status}): {len(missing)} planned points have "
+              "no finished run:", file=sys.stderr)
+        for point in missing:
+            print(f"  missing: {point}", file=sys.stderr)
+        title += f" (INCOMPLETE: {len(missing)} points missing)"
     write_report(runs, out, title)
     if parent is not None:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")

@@ -1,13 +1,20 @@
-"""Entry point: `python -m imgret.run [overrides]`, or `-m` for a sweep. Compose, then run and track."""
+"""Entry point: `python -m imgret.run [overrides]`, or `-m` for a sweep. Check, compose, run and track.
+
+Exit codes: 0 done; 2 a configuration error (one line, no run); 1 another error explained in one line
+(the run, if it started, is FAILED); 130/143 interrupted by Ctrl-C/SIGTERM (the run is KILLED).
+"""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from imgret.pipeline import run_experiment
-from imgret.tracking import log_results, tracked_run
+from imgret import lifecycle
+from imgret.errors import ConfigError, ImgretError
 
 log = logging.getLogger(__name__)
 
@@ -15,25 +22,75 @@ log = logging.getLogger(__name__)
 def invalid_combination(cfg: DictConfig) -> str | None:
     """Why this sweep point cannot run, for combinations a cross-product sweep produces (nprobe > nlist)."""
     method = cfg.method
-    if "nprobe" in method and "nlist" in method and method.nprobe > method.nlist:
-        return f"nprobe={method.nprobe} > nlist={method.nlist}"
+    nprobe, nlist = method.get("nprobe"), method.get("nlist")
+    if isinstance(nprobe, int) and isinstance(nlist, int) and nprobe > nlist:
+        return f"nprobe={nprobe} > nlist={nlist}"
     return None
 
 
 def run_tracked(cfg: DictConfig) -> dict[str, float]:
+    """Check everything, then run and record one point; in a sweep, a point that already finished is
+    linked rather than run again (unless force=true)."""
+    from imgret.validate import validate_config
+
     reason = invalid_combination(cfg)
     if reason and cfg.get("skip_invalid"):
         log.warning("skipping this job (skip_invalid=true): %s", reason)
         return {}
-    with tracked_run(cfg):
-        result = run_experiment(cfg)
-        log_results(result.metrics, result.info)
+    validate_config(cfg)  # before the heavy imports below, so that a bad value is answered at once
+
+    from mlflow.tracking import MlflowClient
+
+    from imgret.data import load_splits
+    from imgret.index import validate_search
+    from imgret.pipeline import run_experiment
+    from imgret.tracking import (PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, open_tracking,
+                                 tracked_run)
+
+    experiment_id = open_tracking(cfg.tracking)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent and not cfg.get("force", False):
+        done = finished_run_like(MlflowClient(), experiment_id, lifecycle.config_digest(cfg))
+        if done is not None:
+            link = link_finished_run(MlflowClient(), experiment_id, done, parent)
+            log.info("this point already finished as run %s: linked as %s, not run again (force=true reruns it)",
+                     done.info.run_id, link)
+            return dict(done.data.metrics)
+    splits = load_splits(cfg.data, cfg.seed)
+    validate_search(cfg.method, cfg.k, len(splits.gallery))
+    with tracked_run(cfg, experiment_id) as recorder:
+        result = run_experiment(cfg, splits)
+        log_results(recorder, result.metrics, result.info, result.texts)
     return result.metrics
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    run_tracked(cfg)
+def main(cfg: DictConfig) -> dict[str, float] | None:
+    lifecycle.install_signal_handlers()
+    try:
+        return run_tracked(cfg)
+    except (KeyboardInterrupt, SystemExit):
+        code = lifecycle.interruption_exit_code()
+        if code is None:
+            raise
+        print(f"interrupted by {signal.Signals(code - 128).name}: the run is marked KILLED", file=sys.stderr)
+        sys.exit(code)
+    except ImgretError as error:
+        if in_multirun():  # the job is FAILED, and the sweep goes on to the next one
+            raise
+        kind = "config error" if isinstance(error, ConfigError) else "error"
+        print(f"{kind}: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,29 @@
-"""Tracking stage: every run's parameters, tags, metrics and artifacts in MLflow.
+"""Tracking stage: every run's parameters, tags, metrics and artifacts in MLflow, and nothing lost on the way.
 
-A Hydra multirun gets one parent run (created by the `MultirunParentRun` callback); each job's run is
-its child. A job that raises is marked FAILED with the error as a tag, and the error propagates so
-Hydra reports it after running the remaining jobs.
+- Opening a store: a sqlite store is created or checked under a file lock beside the database, so any number
+  of processes may start on a new store at once; a store broken by an interrupted creation (no runs in it)
+  is moved aside and made again, one with runs is reported with what to do. A server must answer within
+  about 12 s. RUNNING runs whose process on this host is gone are marked KILLED.
+- A run (`tracked_run`) keeps what it logs in its output folder too; if the server is lost mid-run, the job
+  finishes, its results stay there, and `python -m imgret.tracking sync <folder>` logs them later.
+- A Hydra multirun gets one parent run (`MultirunParentRun`), which checks every point of the sweep before
+  the first job, and ends FINISHED, FAILED or KILLED with the job counts.
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import functools
+import json
 import logging
 import os
 import platform
+import shutil
+import sqlite3
 import subprocess
+import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -20,10 +31,15 @@ from typing import Iterator
 
 import mlflow
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from imgret import lifecycle
+from imgret.errors import ConfigError, TrackingUnavailable
+from imgret.cache import file_lock
+from imgret.validate import probe_server
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +47,100 @@ PARENT_RUN_ENV = "IMGRET_PARENT_RUN_ID"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu", "faiss-gpu", "mlflow",
              "pytorch-lightning", "hydra-core", "numpy")
+# A server lost mid-run costs one call at most (retries x timeout + backoff, about a minute); after that the
+# run is kept locally. Users' own MLFLOW_HTTP_REQUEST_* settings win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "12"}
+RECORD = "mlflow_record.json"
 
 
-def setup_tracking(tracking_cfg) -> str:
-    """Point MLflow at the configured store and return the experiment's id, creating it if needed."""
-    uri = str(tracking_cfg.uri)
-    if uri.startswith("sqlite:///"):
-        db_path = Path(uri[len("sqlite:///"):])
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+# --------------------------------------------------------------------------- opening the store
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(tracking_cfg) -> str | None:
+    """Where a new experiment keeps artifacts: `tracking.artifact_root` if set; else beside a sqlite
+    database (`artifacts/`), or the server's own (proxied) artifact store for an http(s) URI."""
+    root = tracking_cfg.get("artifact_root")
+    if root:
+        return root if "://" in str(root) else Path(str(root)).expanduser().resolve().as_uri()
+    db = sqlite_path(str(tracking_cfg.uri))
+    return (db.parent / "artifacts").resolve().as_uri() if db else None
+
+
+def _get_or_create_experiment(client: MlflowClient, tracking_cfg) -> str:
     name = str(tracking_cfg.experiment)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_root = tracking_cfg.get("artifact_root")
-    location = Path(artifact_root).resolve().as_uri() if artifact_root and "://" not in artifact_root else artifact_root
     try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created meanwhile by a concurrent job
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg))
+    except MlflowException:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+def _runs_in(db: Path) -> int | None:
+    """How many runs the database holds; None when it has no runs table (creation never got that far)."""
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            return connection.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.Error:
+        return None
+
+
+def _open_sqlite(tracking_cfg, db: Path) -> str:
+    """Create or check the store under the lock; move a broken, empty store aside and make it again."""
+    with file_lock(db, f"the tracking store {db}"):
+        try:
+            return _get_or_create_experiment(MlflowClient(), tracking_cfg)
+        except Exception as error:  # alembic, sqlalchemy and MLflow errors alike: the store is not usable
+            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            runs = _runs_in(db)
+            if runs:
+                raise TrackingUnavailable(
+                    f"tracking store {db} cannot be opened ({first_line}). It holds {runs} runs: back it up, then "
+                    f"run `mlflow db upgrade {tracking_cfg.uri}`, or move it aside to start a new store") from error
+            aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(db, aside)
+            log.warning("tracking store %s was broken by an interrupted creation (%s) and held no runs: moved it to "
+                        "%s and made a new one", db, first_line, aside)
+            return _get_or_create_experiment(MlflowClient(), tracking_cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _open(uri: str, experiment: str, artifact_root: str | None) -> str:
+    tracking_cfg = OmegaConf.create({"uri": uri, "experiment": experiment, "artifact_root": artifact_root})
+    if is_remote(uri):
+        probe_server(uri)
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        experiment_id = _open_sqlite(tracking_cfg, db)
+    else:
+        experiment_id = _get_or_create_experiment(MlflowClient(), tracking_cfg)
+    lifecycle.close_runs_of_dead_processes(MlflowClient(), [experiment_id])
+    return experiment_id
+
+
+def open_tracking(tracking_cfg) -> str:
+    """Point MLflow at the configured store, ready for use, and return the experiment's id."""
+    uri = str(tracking_cfg.uri)
+    experiment_id = _open(uri, str(tracking_cfg.experiment), tracking_cfg.get("artifact_root"))
+    mlflow.set_tracking_uri(uri)
+    return experiment_id
+
+
+# --------------------------------------------------------------------------- what a run records
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -109,40 +199,191 @@ def run_name(cfg: DictConfig) -> str:
     return "-".join([cfg.model.name, method.name, *settings])
 
 
-@contextlib.contextmanager
-def tracked_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one job: params and tags up front, FAILED with the error if the body raises."""
-    experiment_id = setup_tracking(cfg.tracking)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+def job_output_dir() -> Path:
+    """The Hydra job's output folder; outside a Hydra app, a new temporary folder."""
+    with contextlib.suppress(ValueError):
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(tempfile.mkdtemp(prefix="imgret-run-"))
+
+
+class RunRecorder:
+    """One run's MLflow logging, with everything it logs also kept in a local folder.
+
+    The first tracking call that fails (after MLflow's bounded retries) ends the remote logging: the job goes
+    on, and the folder holds what a later `python -m imgret.tracking sync <folder>` needs."""
+
+    def __init__(self, client: MlflowClient, run_id: str, folder: Path, record: dict):
+        self.client, self.run_id, self.folder = client, run_id, Path(folder)
+        self.record = {"params": {}, "tags": {}, "metrics": {}, "status": None, **record, "run_id": run_id}
+        self.lost: str | None = None
+        (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
+
+    def _remote(self, call, *args, **kwargs) -> None:
+        if self.lost or self.run_id is None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # MlflowException, requests' and urllib3's errors: the server is gone
+            self.lost = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            log.error("tracking server lost (%s): the run goes on and keeps its results in %s", self.lost, self.folder)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.record["params"].update(params)
+        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._remote(self.client.log_batch, self.run_id, params=items[start:start + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.record["tags"].update({key: str(value) for key, value in tags.items()})
+        self._remote(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self.record["metrics"].update(metrics)
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self._remote(self.client.log_batch, self.run_id, metrics=items[start:start + 1000])
+
+    def log_text(self, text: str, name: str) -> None:
+        path = self.folder / "artifacts" / name
+        path.write_text(text)
+        self._remote(self.client.log_artifact, self.run_id, str(path))
+
+    def log_file(self, source: Path, name: str | None = None) -> None:
+        path = self.folder / "artifacts" / (name or Path(source).name)
+        if Path(source).resolve() != path.resolve():
+            shutil.copyfile(source, path)
+        self._remote(self.client.log_artifact, self.run_id, str(path))
+
+    def end(self, status: str) -> None:
+        self.record["status"] = status
+        self._remote(self.client.set_terminated, self.run_id, status)
+        if self.lost:
+            self.record["lost"] = self.lost
+            (self.folder / RECORD).write_text(json.dumps(self.record, indent=1))
+            print(f"tracking server lost ({self.lost}); this run's results are kept in {self.folder}. Log them "
+                  f"later with: python -m imgret.tracking sync {self.folder}", file=sys.stderr)
+
+
+def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = None) -> RunRecorder:
     tags = {
+        "mlflow.runName": run_name(cfg),
         "model": cfg.model.name,
         "method": cfg.method.name,
         "dataset": cfg.data.name,
+        lifecycle.DIGEST_TAG: lifecycle.config_digest(cfg),
+        **lifecycle.process_tags(),
         **environment_tags(),
+        **(extra_tags or {}),
     }
     with contextlib.suppress(ValueError):  # outside a Hydra app (tests, notebooks) there are no overrides
         from hydra.core.hydra_config import HydraConfig
 
         tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(cfg),
-                           parent_run_id=os.environ.get(PARENT_RUN_ENV), tags=tags)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags)
+    record = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": experiment_id,
+              "experiment": str(cfg.tracking.experiment), "run_name": tags["mlflow.runName"]}
+    recorder = RunRecorder(client, run.info.run_id, job_output_dir(), record)
+    recorder.record["tags"].update(tags)
+    return recorder
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: DictConfig, experiment_id: str) -> Iterator[RunRecorder]:
+    """One job's MLflow run: params and tags up front; FAILED with the error if the body raises, KILLED when
+    interrupted (Ctrl-C, SIGTERM)."""
+    recorder = start_run(cfg, experiment_id)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    recorder.log_params(flatten(resolved))
+    recorder.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
     try:
-        mlflow.log_params(flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
-        yield run
+        yield recorder
     except BaseException as error:
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit)) or lifecycle.received_signal is not None
+        recorder.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        recorder.end(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
         raise
     else:
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))
+        recorder.end(RunStatus.to_string(RunStatus.FINISHED))
 
 
-def log_results(metrics: dict[str, float], info: dict[str, str]) -> None:
-    mlflow.log_metrics(metrics)
-    mlflow.set_tags(info)
-    mlflow.log_dict({"metrics": metrics, "info": info}, "results.json")
+def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str, str],
+                texts: dict[str, str] | None = None) -> None:
+    recorder.log_metrics(metrics)
+    recorder.set_tags(info)
+    recorder.log_text(json.dumps({"metrics": metrics, "info": info}, indent=1), "results.json")
+    for name, text in (texts or {}).items():
+        recorder.log_text(text, name)
+
+
+# --------------------------------------------------------------------------- finished points
+
+
+def finished_run_like(client: MlflowClient, experiment_id: str, digest: str):
+    """A FINISHED run of this experiment with the same effective configuration, preferring an original
+    over a link to one; None if there is none."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{lifecycle.DIGEST_TAG}` = '{digest}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"], max_results=50)
+    originals = [run for run in runs if "imgret.reused_run_id" not in run.data.tags]
+    return (originals or runs or [None])[0]
+
+
+def link_finished_run(client: MlflowClient, experiment_id: str, original, parent_run_id: str) -> str:
+    """A child of `parent_run_id` standing for `original`: its params, metrics and tags, and the tag
+    `imgret.reused_run_id` naming it. The report then covers the whole sweep without running the point again."""
+    skip = ("mlflow.parentRunId", lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG)
+    tags = {k: v for k, v in original.data.tags.items() if k not in skip}
+    tags.update({"mlflow.parentRunId": parent_run_id, "imgret.reused_run_id": original.info.run_id})
+    link = client.create_run(experiment_id, run_name=original.info.run_name, tags=tags)
+    now = int(time.time() * 1000)
+    params = [Param(k, v) for k, v in original.data.params.items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(link.info.run_id, params=params[start:start + 100])
+    client.log_batch(link.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in original.data.metrics.items()])
+    client.set_terminated(link.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return link.info.run_id
+
+
+# --------------------------------------------------------------------------- the sweep's parent run
+
+
+def planned_points(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, as Hydra's basic sweeper will make them; None for other sweepers."""
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return [list(point) for batch in BasicSweeper.split_arguments(overrides, None) for point in batch]
+
+
+def check_sweep(config: DictConfig, points: list[list[str]]) -> list[list[str]]:
+    """Compose and check every point before the first job runs; return the points skip_invalid skips."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from imgret.run import invalid_combination
+    from imgret.validate import validate_config
+
+    loader = GlobalHydra.instance().config_loader()
+    skipped = []
+    for point in points:
+        job_cfg = loader.load_sweep_config(config, list(point))
+        if invalid_combination(job_cfg) and job_cfg.get("skip_invalid"):
+            skipped.append(point)
+            continue
+        try:
+            validate_config(job_cfg)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in the sweep point {' '.join(point)})", key=error.key) from error
+    return skipped
 
 
 class MultirunParentRun(Callback):
@@ -155,16 +396,27 @@ class MultirunParentRun(Callback):
         self.jobs = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        experiment_id = setup_tracking(config.tracking)
+        lifecycle.install_signal_handlers()
+        points = planned_points(config)
+        try:
+            skipped = check_sweep(config, points) if points else []
+            experiment_id = open_tracking(config.tracking)
+        except (ConfigError, TrackingUnavailable) as error:  # one line, before any job or run exists
+            print(f"{'config error' if isinstance(error, ConfigError) else 'tracking error'}: {error}", file=sys.stderr)
+            sys.exit(2)
         self.client = MlflowClient()
         sweep = " ".join(config.hydra.overrides.task)
         run = self.client.create_run(
             experiment_id,
             run_name=f"multirun {time.strftime('%Y-%m-%d %H:%M:%S')}",
             tags={"imgret.role": "multirun", "sweep": sweep, "sweep_dir": str(config.hydra.sweep.dir),
-                  **environment_tags()},
+                  "planned_jobs": str(len(points)) if points is not None else "unknown",
+                  **lifecycle.process_tags(), **environment_tags()},
         )
         self.parent_run_id = run.info.run_id
+        if points is not None:
+            self.client.log_text(self.parent_run_id, json.dumps({"points": points, "skipped": skipped}, indent=1),
+                                 "planned_points.json")
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         # Hydra skips on_multirun_end when a job failed (the sweeper re-raises first): close the parent anyway.
         atexit.register(self._close, failed=True)
@@ -183,6 +435,58 @@ class MultirunParentRun(Callback):
             return
         run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_RUN_ENV, None)
-        self.client.set_tag(run_id, "jobs", str(self.jobs))
-        self.client.set_tag(run_id, "failed_jobs", str(self.failed_jobs))
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+        status = RunStatus.KILLED if lifecycle.received_signal is not None else \
+            RunStatus.FAILED if failed else RunStatus.FINISHED
+        try:
+            self.client.set_tag(run_id, "jobs", str(self.jobs))
+            self.client.set_tag(run_id, "failed_jobs", str(self.failed_jobs))
+            self.client.set_terminated(run_id, RunStatus.to_string(status))
+        except Exception as error:  # a lost server: a later start marks the parent KILLED as its process is gone
+            log.error("could not close the sweep's parent run %s: %s", run_id, error)
+
+
+# --------------------------------------------------------------------------- python -m imgret.tracking sync
+
+
+def sync(folder: Path) -> str:
+    """Log a run kept locally (the server was lost) to its tracking store: into the same run if the store
+    has it, else into a new run of the same experiment. Returns the run id."""
+    record = json.loads((Path(folder) / RECORD).read_text())
+    mlflow.set_tracking_uri(record["tracking_uri"])
+    client = MlflowClient()
+    run_id = record.get("run_id")
+    try:
+        client.get_run(run_id)
+    except Exception:
+        experiment = client.get_experiment_by_name(record["experiment"])
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(record["experiment"])
+        run_id = client.create_run(experiment_id, run_name=record.get("run_name"), tags=record["tags"]).info.run_id
+    recorder = RunRecorder(client, run_id, Path(folder), {})
+    recorder.log_params(record["params"])
+    recorder.set_tags({**record["tags"], "imgret.synced_from": str(Path(folder).resolve())})
+    recorder.log_metrics(record["metrics"])
+    for path in sorted((Path(folder) / "artifacts").iterdir()):
+        recorder.log_file(path)
+    if recorder.lost:
+        raise TrackingUnavailable(f"the tracking store is still unreachable: {recorder.lost}")
+    client.set_terminated(run_id, record.get("status") or RunStatus.to_string(RunStatus.FINISHED))
+    (Path(folder) / RECORD).rename(Path(folder) / f"{RECORD}.synced")
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m imgret.tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync_parser = commands.add_parser("sync", help="log a run kept locally while its server was unreachable")
+    sync_parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    if not (args.folder / RECORD).is_file():
+        raise SystemExit(f"error: {args.folder} holds no {RECORD}: nothing to log (already synced?)")
+    try:
+        print(f"logged {args.folder} as run {sync(args.folder)}")
+    except TrackingUnavailable as error:
+        raise SystemExit(f"tracking error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

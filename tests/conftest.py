@@ -81,3 +81,30 @@ def clustered_vectors(n: int, dim: int, clusters: int, seed: int = 0, spread: fl
     points = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim)).astype(np.float32)
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     return points.astype(np.float32)
+
+
+def write_store(folder: Path, vectors: np.ndarray, labels: np.ndarray | None = None):
+    """A committed embedding store holding `vectors` (as extraction would leave it, checksums included)."""
+    from imgret.cache import describe_files
+    from imgret.store import DATA_FILES, META, EmbeddingStore
+
+    folder.mkdir(parents=True)
+    np.save(folder / "vectors.npy", np.asarray(vectors, dtype=np.float32))
+    np.save(folder / "labels.npy", np.zeros(len(vectors), np.int64) if labels is None else labels)
+    (folder / "paths.txt").write_text("\n".join(f"image-{i}" for i in range(len(vectors))))
+    (folder / "bad_images.txt").write_text("")
+    meta = {"key": {"split": folder.name}, "count": len(vectors), "dim": vectors.shape[1],
+            "files": describe_files(folder, DATA_FILES)}
+    (folder / META).write_text(__import__("json").dumps(meta))
+    return EmbeddingStore.open(folder)
+
+
+def write_images(folder: Path, classes=("a", "b"), per_class: int = 6) -> Path:
+    """A class-per-folder tree of small PNGs, each a little different."""
+    from PIL import Image
+
+    for cls in classes:
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (i * 30 % 256, 40 * len(cls), 0)).save(folder / cls / f"{i}.png")
+    return folder

@@ -165,5 +165,5 @@ def test_synthetic_images_are_deterministic_and_class_structured(make_cfg):
 
 
 def test_bad_limit_is_rejected(make_cfg):
-    with pytest.raises(ConfigError, match="data.gallery_limit=0"):
+    with pytest.raises(ConfigError, match="^data.gallery_limit=0: a whole number of images per class >= 1"):
         load_splits(make_cfg("data=synthetic", "data.gallery_limit=0").data)

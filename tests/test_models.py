@@ -66,7 +66,7 @@ def test_checkpoint_of_another_model_is_refused(make_cfg, tmp_path):
 
 
 def test_missing_checkpoint_names_the_setting(make_cfg):
-    with pytest.raises(ConfigError, match="model.checkpoint='/no/weights.pt'"):
+    with pytest.raises(ConfigError, match="^model.checkpoint=/no/weights.pt: an existing weights file"):
         describe_encoder(make_cfg("model.checkpoint=/no/weights.pt").model, 0)
 
 

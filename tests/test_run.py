@@ -8,15 +8,15 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_ROOT, SYNTHETIC_FAST
-from imgret.errors import ConfigError
+from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
+from imgret.errors import ConfigError, DataUnavailable
 from imgret.run import run_tracked
 
 METRICS = {
     "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
     "search_ms_p50", "search_ms_p95",
     "search_ms_p99", "search_qps_batch", "build_s", "index_bytes", "extract_ms_per_image",
-    "extract_images_per_s", "gallery_size", "query_size", "dim",
+    "extract_images_per_s", "gallery_size", "query_size", "dim", "bad_images",
 }
 
 
@@ -51,19 +51,32 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert results["metrics"]["recall_at_k"] == 1.0
 
 
-def test_a_failing_run_is_marked_failed_with_its_error(make_cfg):
+def test_a_config_error_is_raised_before_any_run_exists(make_cfg, tmp_path):
     cfg = make_cfg(*SYNTHETIC_FAST, "method=ivf", "nlist=4", "nprobe=5")
-    with pytest.raises(ConfigError, match="nprobe=5"):
+    with pytest.raises(ConfigError, match="^nprobe=5: a whole number from 1 to nlist \\(4\\)$"):
+        run_tracked(cfg)
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "cache" / "embeddings").exists()
+
+
+def test_a_run_that_fails_after_it_started_is_marked_failed_with_its_error(make_cfg, tmp_path):
+    images = tmp_path / "images"
+    for cls in ("a", "b"):
+        (images / cls).mkdir(parents=True)
+        for i in range(3):
+            (images / cls / f"{i}.jpg").write_bytes(b"")  # every image unusable: found only while extracting
+    cfg = make_cfg("data=folder", f"data.gallery_dir={images}", "model.pretrained=false", "model.image_size=32",
+                   "method=flat", "k=1")
+    with pytest.raises(DataUnavailable, match="none of the .* could be read"):
         run_tracked(cfg)
     _, runs = runs_of(cfg.tracking.uri)
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert "ConfigError: nprobe=5" in runs[0].data.tags["error"]
+    assert runs[0].data.tags["error"].startswith("DataUnavailable: none of the")
 
 
-def imgret_multirun(tmp_path, *overrides, timeout=600):
+def imgret_multirun(tmp_path, *overrides, timeout=600, data=SYNTHETIC_FAST):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     command = [
-        sys.executable, "-m", "imgret.run", "-m", *SYNTHETIC_FAST,
+        sys.executable, "-m", "imgret.run", "-m", *data,
         f"paths.cache={tmp_path / 'cache'}", f"tracking.uri={uri}",
         f"tracking.artifact_root={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
         "extract.progress=false", "search.latency_queries=50", "extract.latency_images=4", "num_workers=0",
@@ -100,15 +113,30 @@ def test_hydra_multirun_groups_jobs_under_a_parent_and_extracts_once(tmp_path):
 
 
 def test_a_failed_job_is_marked_failed_and_the_multirun_goes_on(tmp_path):
-    # nprobe=64 > nlist=4 fails the second job; the third and fourth must still run.
-    result, uri = imgret_multirun(tmp_path, "method=ivf,flat", "nlist=4", "nprobe=2,64")
+    # The first folder's images are all unusable, which only extraction finds out: that job fails at run time.
+    unusable, good = tmp_path / "unusable", tmp_path / "good"
+    for cls in ("a", "b"):
+        (unusable / cls).mkdir(parents=True)
+        for i in range(4):
+            (unusable / cls / f"{i}.jpg").write_bytes(b"")
+    write_images(good, per_class=6)
+    result, uri = imgret_multirun(tmp_path, f"data.gallery_dir={unusable},{good}", "method=flat,ivf", "nlist=2", "nprobe=1", "k=2",
+                                  data=("data=folder", "model.pretrained=false", "model.image_size=32"))
     assert result.returncode != 0, "Hydra reports the failure once all jobs ran"
     parent, children = children_of_the_parent(uri)
-    statuses = [(c.data.tags["method"], c.data.params["nprobe"], c.info.status) for c in children]
-    assert statuses == [("ivf", "2", "FINISHED"), ("ivf", "64", "FAILED"), ("flat", "2", "FINISHED"),
-                        ("flat", "64", "FINISHED")]
-    assert "nprobe=64" in children[1].data.tags["error"]
-    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+    statuses = [(c.data.params["data.gallery_dir"], c.data.tags["method"], c.info.status) for c in children]
+    assert statuses == [(str(unusable), "flat", "FAILED"), (str(unusable), "ivf", "FAILED"),
+                        (str(good), "flat", "FINISHED"), (str(good), "ivf", "FINISHED")]
+    assert "none of the" in children[0].data.tags["error"]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "2" and parent.data.tags["jobs"] == "4"
+
+
+def test_a_sweep_with_a_bad_point_is_refused_before_its_first_job(tmp_path):
+    result, uri = imgret_multirun(tmp_path, "method=ivf", "nlist=4", "nprobe=2,64")
+    assert result.returncode == 2
+    assert "config error: nprobe=64: a whole number from 1 to nlist (4) (in the sweep point" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() and not (tmp_path / "cache" / "embeddings").exists()
 
 
 def test_unknown_model_is_refused_before_any_job_with_the_options(tmp_path):

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import clustered_vectors
+import imgret.groundtruth
+from conftest import clustered_vectors, write_store
 from imgret.errors import ConfigError
 from imgret.groundtruth import exact_ground_truth, ground_truth_path
 from imgret.index import BruteForceIndex, build_index, validate_search
 from imgret.metrics import latency_percentiles, precision_at, recall_at
 from imgret.search import timed_search
-from imgret.store import EmbeddingStore
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=1)
 QUERIES = clustered_vectors(4200, 64, clusters=32, seed=1)[4000:]  # same centres, unseen points
@@ -60,13 +60,13 @@ def test_build_reports_time_and_size():
 
 
 @pytest.mark.parametrize("method_cfg, k, match", [
-    (method("ivf", nlist=16, nprobe=32), 10, "nprobe=32 must be a whole number from 1 to nlist \\(16\\)"),
-    (method("ivf", nlist=5000, nprobe=1), 10, "nlist=5000 must be .* gallery size \\(4000\\)"),
-    (method("flat"), 4001, "k=4001 must be .* gallery size \\(4000\\)"),
-    (method("annoy"), 10, "unknown method='annoy'; allowed: 'brute', 'flat', 'ivf', 'ivfpq', 'hnsw', 'factory'"),
-    (method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=20), 10, "pq_nbits=20 must be .* from 1 to 16"),
-    (method("hnsw", hnsw_m=0, ef_construction=40, ef_search=16), 10, "method.hnsw_m=0 must be a positive"),
-    (method("factory", index_factory="IVF16,Flatt", search_params=""), 10, "index_factory='IVF16,Flatt' is not"),
+    (method("ivf", nlist=16, nprobe=32), 10, "^nprobe=32: a whole number from 1 to nlist \\(16\\)$"),
+    (method("ivf", nlist=5000, nprobe=1), 10, "^nlist=5000: a whole number from 1 to the gallery size \\(4000\\)$"),
+    (method("flat"), 4001, "^k=4001: a whole number from 1 to the gallery size \\(4000\\)$"),
+    (method("annoy"), 10, "^method=annoy: one of 'brute', 'flat', 'ivf', 'ivfpq', 'hnsw', 'factory'$"),
+    (method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=20), 10, "^method.pq_nbits=20: a whole number of bits from 1 to 16$"),
+    (method("hnsw", hnsw_m=0, ef_construction=40, ef_search=16), 10, "^method.hnsw_m=0: a whole number >= 1$"),
+    (method("factory", index_factory="IVF16,Flatt", search_params=""), 10, "^method.index_factory=IVF16,Flatt: a faiss"),
 ])
 def test_bad_search_values_fail_early_with_what_is_allowed(method_cfg, k, match):
     with pytest.raises(ConfigError, match=match):
@@ -103,16 +103,25 @@ def test_timed_search_takes_at_least_the_configured_number_of_single_queries():
     assert (run.latencies_ms > 0).all() and run.batch_seconds > 0
 
 
-def test_ground_truth_is_computed_once_and_cached(tmp_path):
-    stores = []
-    for name, vectors in [("gallery", GALLERY), ("queries", QUERIES)]:
-        (tmp_path / name).mkdir()
-        np.save(tmp_path / name / "vectors.npy", vectors)
-        (tmp_path / name / "meta.json").write_text('{"count": %d, "dim": 64}' % len(vectors))
-        stores.append(EmbeddingStore.open(tmp_path / name))
+def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch):
+    stores = [write_store(tmp_path / name, vectors) for name, vectors in [("gallery", GALLERY), ("queries", QUERIES)]]
     truth = exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache")
     assert np.array_equal(truth.ids, exact_ids(10))
     cached = ground_truth_path(tmp_path / "cache", *stores, k=10)
-    assert cached.is_file()
-    np.savez(cached, ids=truth.ids * 0, scores=truth.scores)  # prove the second call reads the cache
-    assert not exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids.any()
+    assert cached.is_file() and cached.with_suffix(".json").is_file()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cached ground truth must not be computed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(imgret.groundtruth.BruteForceIndex, "search", no_search)
+        assert np.array_equal(exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids, truth.ids)
+
+    # altered after it was written (same size, other bytes): detected, moved aside, computed again
+    np.savez(cached, ids=truth.ids * 0, scores=truth.scores)
+    again = exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache")
+    assert np.array_equal(again.ids, exact_ids(10))
+    assert len(list((cached.parent / ".damaged").iterdir())) >= 1
+    # truncated: the same
+    cached.write_bytes(cached.read_bytes()[:100])
+    assert np.array_equal(exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids, exact_ids(10))

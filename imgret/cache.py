@@ -1,0 +1,80 @@
+"""Cache files that can be trusted: one writer at a time, checksums recorded at commit and verified on open,
+damaged entries moved aside (never silently used, never left to fail every later run).
+
+Locks are `fcntl` locks (through `filelock`): the kernel releases them when their process dies, so a kill -9
+never leaves a lock that blocks the next run. The lock file stays beside what it guards.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
+
+DAMAGED_DIR = ".damaged"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold `<path>.lock`; say once what is being waited for when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.with_name(path.name + ".lock")))
+    try:
+        lock.acquire(timeout=0.1)
+    except Timeout:
+        log.info("waiting for %s: another process holds it", what)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (about 0.13 s per 200 MB on this project's machines)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict]:
+    """What commit records of each file: its size and content checksum."""
+    return {name: {"bytes": (Path(folder) / name).stat().st_size, "digest": file_digest(Path(folder) / name)}
+            for name in names}
+
+
+def damage(folder: Path, recorded: dict[str, dict] | None) -> str | None:
+    """Why the files in `folder` do not match what was recorded at commit, or None when they all do."""
+    if not recorded:
+        return "no checksums were recorded (written by an older imgret, or not committed)"
+    for name, expected in recorded.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} were written"
+        if file_digest(path) != expected["digest"]:
+            return f"{name} does not match its checksum (altered after it was written)"
+    return None
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Move a damaged cache entry into `.damaged/` beside it, for a person to inspect, and say so."""
+    path = Path(path)
+    target_dir = path.parent / DAMAGED_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.replace(path, target)
+    log.warning("damaged cache entry %s (%s): moved to %s; it will be made again", path, why, target)
+    return target

@@ -1,0 +1,125 @@
+"""The whole configuration, checked before any work: no MLflow run, download or extraction happens first.
+
+Each check raises `ConfigError` reading `<key>=<value>: <what is allowed>`; the entry points print it as
+one line and exit with code 2. Bounds that need the data (k or nlist against the gallery's size) are checked
+again once the images are listed, still before the MLflow run starts.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from imgret.errors import bad_value
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_whole(key: str, value, low: int, what: str = "") -> None:
+    if not whole(value, low):
+        raise bad_value(key, value, f"a whole number{what} >= {low}")
+
+
+def check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise bad_value(key, value, "true or false")
+
+
+def check_run_settings(cfg) -> None:
+    """The keys of config.yaml itself: devices, sizes, seeds, and the extract and search groups."""
+    if cfg.device not in DEVICES:
+        raise bad_value("device", cfg.device, f"one of {', '.join(DEVICES)}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise bad_value("device", "cuda", "a device torch can see: torch sees no CUDA device here; use cpu or auto")
+    if cfg.threads is not None:
+        check_whole("threads", cfg.threads, 1, " of threads, or null for every core,")
+    check_whole("batch_size", cfg.batch_size, 1, " of images per batch")
+    if cfg.num_workers != "auto" and not whole(cfg.num_workers, 0):
+        raise bad_value("num_workers", cfg.num_workers, "'auto' or a whole number of loader processes >= 0")
+    check_whole("seed", cfg.seed, 0)
+    for key in ("skip_invalid", "force"):
+        check_bool(key, cfg.get(key, False))
+
+    extract = cfg.extract
+    check_whole("extract.latency_images", extract.latency_images, 1, " of images timed at batch 1")
+    for key in ("channels_last", "amp", "progress"):
+        check_bool(f"extract.{key}", extract.get(key, True))
+
+    search = cfg.search
+    if not number(search.tie_epsilon) or search.tie_epsilon < 0:
+        raise bad_value("search.tie_epsilon", search.tie_epsilon, "a similarity tolerance >= 0, such as 1e-6")
+    check_whole("search.latency_queries", search.latency_queries, 1, " of single-query calls")
+    check_whole("search.warmup_queries", search.warmup_queries, 0, " of untimed calls")
+
+
+def check_tracking(tracking) -> None:
+    uri = tracking.get("uri")
+    if not isinstance(uri, str) or not uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
+        raise bad_value("tracking.uri", uri, "sqlite:///<path>.db, http(s)://<host>:<port> of an MLflow server, "
+                                             "or file:<folder>")
+    if not isinstance(tracking.get("experiment"), str) or not tracking.experiment.strip():
+        raise bad_value("tracking.experiment", tracking.get("experiment"), "a non-empty experiment name")
+    if uri.startswith("sqlite:///"):
+        check_writable("tracking.uri", Path(uri[len("sqlite:///"):]).parent, uri)
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+
+
+def probe_server(uri: str, seconds: float = 12.0) -> None:
+    """Fail within `seconds` if no MLflow server answers at `uri`; a refused connection fails in about 2 s."""
+    deadline = time.monotonic() + seconds
+    reason, refused = "no answer", 0
+    while time.monotonic() < deadline and refused < 3:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=min(5.0, seconds)) as response:
+                if response.status == 200:
+                    return
+                reason = f"HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as error:
+            reason = str(getattr(error, "reason", error))
+            refused += isinstance(getattr(error, "reason", error), ConnectionRefusedError)
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise bad_value("tracking.uri", uri, f"an MLflow server that answers; none did ({reason}). Start one "
+                    "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlruns/mlflow.db")
+
+
+def check_writable(key: str, folder: Path, value=None) -> None:
+    """A file can be written in the folder, or the folder can be made (nothing is made here)."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".imgret-write-test-"):
+            pass
+    except OSError as error:
+        raise bad_value(key, value if value is not None else folder,
+                        f"a folder this process can write to ({getattr(error, 'strerror', None) or error})") from error
+
+
+def validate_config(cfg) -> None:
+    """Every group and key of one run's composed config. Cheap: nothing is built, listed or downloaded.
+    The light checks come first, so that they answer before torch, faiss and timm are imported."""
+    check_run_settings(cfg)
+    check_tracking(cfg.tracking)
+    from imgret.data import check_data
+    from imgret.index import validate_search
+    from imgret.models import describe_encoder, output_dim
+
+    check_data(cfg.data)
+    describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
+    validate_search(cfg.method, cfg.k, dim=output_dim(cfg.model))
+    check_writable("paths.cache", Path(str(cfg.paths.cache)))
