@@ -33,6 +33,9 @@ SPLITS = ("gallery", "queries")
 BAD_IMAGE_POLICIES = ("skip", "fail")
 # Pillow's own decompression-bomb threshold: larger images are refused unless data.max_image_pixels says otherwise.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# `open_image` checks data.max_image_pixels itself, from the header, before decoding: Pillow's own check would
+# refuse images a user allowed, and name a limit the user never set.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def open_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.I
             return to_rgb(image)
     except BadImage:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError, SyntaxError) as error:
         # Pillow: UnidentifiedImageError (not an image, zero bytes), OSError (truncated), SyntaxError (broken header)
         raise BadImage(path, f"{type(error).__name__}: {error}") from error
 

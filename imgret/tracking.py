@@ -108,10 +108,19 @@ def _open_sqlite(tracking_cfg, db: Path) -> str:
                     f"tracking store {db} cannot be opened ({first_line}). It holds {runs} runs: back it up, then "
                     f"run `mlflow db upgrade {tracking_cfg.uri}`, or move it aside to start a new store") from error
             aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            _forget_engine(str(tracking_cfg.uri))  # its pooled connections still point at the broken file
             os.replace(db, aside)
             log.warning("tracking store %s was broken by an interrupted creation (%s) and held no runs: moved it to "
                         "%s and made a new one", db, first_line, aside)
             return _get_or_create_experiment(MlflowClient(), tracking_cfg)
+
+
+def _forget_engine(uri: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    if engine is not None:
+        engine.dispose()
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,0 +1,472 @@
+"""Nothing lost, nothing silent: bad configuration, bad images, damaged caches and tracking stores, killed and
+concurrent processes, and a tracking server that goes away. Real processes, files, sqlite stores and an
+`mlflow server` on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import imgret.tracking
+from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
+from imgret.data import open_image
+from imgret.errors import BadImage, ConfigError, TrackingUnavailable
+from imgret.run import run_tracked
+
+PYTHON = sys.executable
+
+
+def imgret_command(tmp_path: Path, *overrides: str, multirun: bool = False, uri: str | None = None) -> list[str]:
+    uri = uri or f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    return [PYTHON, "-m", "imgret.run", *(["-m"] if multirun else []), f"paths.cache={tmp_path / 'cache'}",
+            f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"hydra.run.dir={tmp_path / 'run'}",
+            "extract.progress=false", "search.latency_queries=50", "extract.latency_images=4", "num_workers=0",
+            *overrides]
+
+
+def run_imgret(tmp_path, *overrides, multirun=False, uri=None, timeout=600, env=None):
+    return subprocess.run(imgret_command(tmp_path, *overrides, multirun=multirun, uri=uri), cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def all_runs(uri: str) -> list:
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("imgret")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+
+
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- bad configuration
+
+
+def not_a_zip(tmp_path):
+    path = tmp_path / "tiny-imagenet-200.zip"
+    path.write_bytes(b"this is not a zip archive")
+    return path
+
+
+BAD_VALUES = [  # (overrides, the key the one line must name)
+    (["k=0"], "k=0"),
+    (["batch_size=0"], "batch_size=0"),
+    (["method=ivfpq", "method.pq_m=7"], "method.pq_m=7"),
+    (["method=factory", "method.index_factory='IVF16,PQ7'"], "method.index_factory=IVF16,PQ7"),
+    (["method=factory", "method.index_factory='IVF16,Flat'", "method.search_params='nonsense=3'"],
+     "method.search_params=nonsense=3"),
+    (["method=brute", "method.query_chunk=0"], "method.query_chunk=0"),
+    (["search.latency_queries=abc"], "search.latency_queries=abc"),
+    (["search.latency_queries=0"], "search.latency_queries=0"),
+    (["search.warmup_queries=-1"], "search.warmup_queries=-1"),
+    (["search.tie_epsilon=-1"], "search.tie_epsilon=-1"),
+    (["extract.latency_images=0"], "extract.latency_images=0"),
+    (["device=tpu"], "device=tpu"),
+    (["nprobe=abc"], "nprobe=abc"),
+    (["seed=abc"], "seed=abc"),
+    (["threads=0"], "threads=0"),
+    (["num_workers=-1"], "num_workers=-1"),
+    (["data.on_bad_image=maybe"], "data.on_bad_image=maybe"),
+    (["data.max_image_pixels=0"], "data.max_image_pixels=0"),
+    (["model.image_size=8"], "model.image_size=8"),
+    (["model=resnet18", "model.arch=resnet999"], "model.arch=resnet999"),
+    (["tracking.uri=mysql://nowhere"], "tracking.uri=mysql://nowhere"),
+    (["paths.cache={file}/cache"], "paths.cache="),
+    (["data=tiny_imagenet", "data.archive={not_a_zip}", "data.checksums=[sha256:{digest}]"], "data.archive="),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_every_bad_value_is_refused_before_any_work_naming_the_key(make_cfg, tmp_path, overrides, key):
+    import hashlib
+
+    archive = not_a_zip(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    values = {"file": tmp_path / "a-file", "not_a_zip": archive,
+              "digest": hashlib.sha256(archive.read_bytes()).hexdigest()}
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic"]
+    cfg = make_cfg(*data, "model.pretrained=false", "model.image_size=32", "nlist=4", "nprobe=2",
+                   *[o.format(**values) for o in overrides])
+    with pytest.raises(ConfigError) as error:
+        run_tracked(cfg)
+    assert str(error.value).startswith(key) and ": " in str(error.value)
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists(), "no run, not even a tracking store"
+    assert not (tmp_path / "cache" / "embeddings").exists() and not (tmp_path / "cache" / "data").exists()
+
+
+@pytest.mark.parametrize("overrides, key", [(["k=0"], "k=0"), (["batch_size=0"], "batch_size=0"),
+                                            (["method=ivfpq", "method.pq_m=7"], "method.pq_m=7")])
+def test_a_bad_value_exits_2_with_one_line_and_no_run(tmp_path, overrides, key):
+    result = run_imgret(tmp_path, *SYNTHETIC_FAST, "nlist=4", "nprobe=2", *overrides)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"config error: {key}: ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_a_dead_tracking_server_is_reported_within_15_s(tmp_path):
+    start = time.monotonic()
+    result = run_imgret(tmp_path, *SYNTHETIC_FAST, uri="http://127.0.0.1:9")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2 and elapsed < 15, (elapsed, result.stderr[-500:])
+    assert result.stderr.strip().splitlines()[-1].startswith("config error: tracking.uri=http://127.0.0.1:9: ")
+    assert not (tmp_path / "cache" / "embeddings").exists()
+
+
+# --------------------------------------------------------------------------- bad images
+
+
+def test_unusual_and_broken_image_files(tmp_path):
+    sixteen = tmp_path / "grey16.png"
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(sixteen)  # mid-grey at 16 bits
+    assert Image.open(sixteen).mode.startswith("I")
+    assert np.asarray(open_image(str(sixteen))).mean() == pytest.approx(128, abs=1), "scaled, not clipped to white"
+    rgba = tmp_path / "transparent.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(rgba)
+    assert np.asarray(open_image(str(rgba))).min() == 255, "transparent pixels over white"
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 million pixels in a small file
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(BadImage, match="20000x20000 pixels is over data.max_image_pixels=89478485"):
+        open_image(str(bomb))
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(BadImage, match="empty.jpg: UnidentifiedImageError"):
+        open_image(str(empty))
+    text = tmp_path / "text.jpg"
+    text.write_text("hello")
+    with pytest.raises(BadImage, match="text.jpg: UnidentifiedImageError"):
+        open_image(str(text))
+
+
+def test_a_folder_with_a_truncated_and_an_empty_jpeg_finishes_with_bad_images_2(make_cfg, tmp_path):
+    images = write_images(tmp_path / "images", per_class=8)
+    jpeg = tmp_path / "real.jpg"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, quality=90)
+    (images / "a" / "truncated.jpg").write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (images / "b" / "empty.jpg").write_bytes(b"")
+    cfg = make_cfg("data=folder", f"data.gallery_dir={images}", "data.query_fraction=0.2", "model.pretrained=false",
+                   "model.image_size=32", "method=flat", "k=3")
+    metrics = run_tracked(cfg)
+    assert metrics["bad_images"] == 2
+    run = all_runs(cfg.tracking.uri)[0]
+    assert run.info.status == "FINISHED" and run.data.metrics["bad_images"] == 2
+    listed = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/bad_images.txt").splitlines()
+    assert sorted(line.split("\t")[2] for line in listed) == sorted(
+        [str(images / "a" / "truncated.jpg"), str(images / "b" / "empty.jpg")])
+    assert metrics["gallery_size"] + metrics["query_size"] == 2 * 8  # 18 files, 2 unusable
+
+
+# --------------------------------------------------------------------------- damaged caches
+
+
+@pytest.mark.parametrize("damage", ["truncate vectors", "random bytes in vectors", "delete meta.json"])
+def test_a_damaged_embedding_store_is_moved_aside_and_extracted_again(make_cfg, tmp_path, damage):
+    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=6", "data.query_per_class=2", "method=flat", "k=5")
+    first = run_tracked(cfg)
+    store = next(p for p in (tmp_path / "cache" / "embeddings").iterdir() if "-gallery-" in p.name and
+                 not p.name.startswith("."))
+    vectors = store / "vectors.npy"
+    if damage == "truncate vectors":
+        vectors.write_bytes(vectors.read_bytes()[:-1000])
+    elif damage == "random bytes in vectors":
+        data = bytearray(vectors.read_bytes())
+        data[500:532] = np.random.default_rng(0).bytes(32)
+        vectors.write_bytes(data)
+    else:
+        (store / "meta.json").unlink()
+    second = run_tracked(cfg)
+    runs = all_runs(cfg.tracking.uri)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert runs[1].data.tags["embeddings_extracted"] == "gallery"
+    assert second["recall_at_10"] == first["recall_at_10"] and second["precision_at_10"] == first["precision_at_10"]
+    assert [p.name.split(".")[0] for p in (store.parent / ".damaged").iterdir()] == [store.name]
+
+
+# --------------------------------------------------------------------------- the tracking store
+
+
+def test_a_store_broken_by_an_interrupted_creation_is_made_again(make_cfg, tmp_path):
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as connection:  # what a kill during table creation leaves: some tables, no runs
+        connection.execute("create table experiments (experiment_id integer primary key, name varchar(256))")
+        connection.execute("create table _alembic_tmp_params (key varchar(250))")
+    imgret.tracking._open.cache_clear()
+    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
+    run_tracked(cfg)
+    assert [r.info.status for r in all_runs(cfg.tracking.uri)] == ["FINISHED"]
+    assert len(list(db.parent.glob("mlflow.db.broken-*"))) == 1
+
+
+def test_a_damaged_store_with_runs_is_reported_with_its_path_and_what_to_do(make_cfg, tmp_path):
+    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
+    run_tracked(cfg)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    with sqlite3.connect(db) as connection:  # an interrupted upgrade: the schema and its version disagree
+        connection.execute("update alembic_version set version_num = '0000000000'")
+    imgret.tracking._open.cache_clear()
+    mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    with pytest.raises(TrackingUnavailable, match=rf"{db} cannot be opened .* holds 1 runs: back it up, then run "
+                                                  r"`mlflow db upgrade sqlite:///"):
+        run_tracked(cfg)
+
+
+@pytest.mark.slow
+def test_three_sweeps_started_at_once_on_a_new_store_keep_every_run(tmp_path):
+    sweeps = [("model=resnet18", "k=5"), ("model=mobilenet", "k=5"), ("model=resnet18", "k=4")]
+    processes = [subprocess.Popen(
+        imgret_command(tmp_path, *SYNTHETIC_FAST, *sweep, "method=flat,ivf", "nlist=4", "nprobe=1,4",
+                       f"hydra.sweep.dir={tmp_path / f'multirun-{i}'}", multirun=True),
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i, sweep in enumerate(sweeps)]
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], [e[-2000:] for e in errors]
+    runs = all_runs(sqlite_uri(tmp_path))
+    parents = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"]
+    children = [r for r in runs if r.data.tags.get("imgret.role") != "multirun"]
+    assert len(parents) == 3 and len(children) == 12
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {p.data.tags["jobs"] for p in parents} == {"4"}
+    # resnet18's store was extracted once although two sweeps needed it at the same moment
+    extracted = [c.data.tags["embeddings_extracted"] for c in children if c.data.tags["model"] == "resnet18"]
+    assert extracted.count("gallery,queries") == 1 and extracted.count("none") == 7
+    assert not list((tmp_path / "mlruns").glob("*.broken-*"))
+
+
+# --------------------------------------------------------------------------- kill, interrupt, resume
+
+
+def wait_for_rows(cache: Path, rows: int, timeout: float = 120) -> None:
+    """Until a running extraction has written `rows` rows of the gallery to its staging folder."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = list((cache / "embeddings").glob(".*-gallery-*.staging/part-*.idx")) if (cache / "embeddings").is_dir() else []
+        if sum(p.stat().st_size for p in parts) // 8 >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the extraction did not reach {rows} rows in {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_then_kill_9_mid_extraction_then_the_same_command_resumes(tmp_path):
+    overrides = ("data=synthetic", "model.pretrained=false", "model.image_size=64", "batch_size=16",
+                 "data.num_classes=10", "data.gallery_per_class=150", "data.query_per_class=2", "method=flat")
+    command = imgret_command(tmp_path, *overrides)
+    uri = sqlite_uri(tmp_path)
+
+    first = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "cache", 160)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted by SIGTERM: the run is marked KILLED"
+    assert "Traceback" not in stderr
+    assert [r.info.status for r in all_runs(uri)] == ["KILLED"]
+
+    second = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows(tmp_path / "cache", 600)
+    os.kill(second.pid, signal.SIGKILL)
+    second.wait(timeout=60)
+    assert [r.info.status for r in all_runs(uri)] == ["KILLED", "RUNNING"], "kill -9 leaves its run RUNNING"
+
+    third = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    runs = all_runs(uri)
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED", "FINISHED"], "nothing is left RUNNING"
+    assert "ended without closing the run" in runs[1].data.tags["killed_reason"]
+    store = Path(runs[2].data.tags["gallery_store"])
+    extraction = json.loads((store / "meta.json").read_text())["extraction"]
+    assert 600 <= extraction["resumed_rows"] < 1500 and extraction["images"] == 1500 - extraction["resumed_rows"]
+    assert not list(store.parent.glob(".*.staging")), "the staging folder goes once the store is committed"
+
+    # the resumed store holds what one uninterrupted extraction gives
+    clean = subprocess.run(imgret_command(tmp_path / "clean", *overrides), cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    clean_store = tmp_path / "clean" / "cache" / "embeddings" / store.name
+    assert np.allclose(np.load(store / "vectors.npy"), np.load(clean_store / "vectors.npy"), atol=1e-5)
+    assert (store / "paths.txt").read_text() == (clean_store / "paths.txt").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_sweep_killed_and_a_rerun_runs_only_what_did_not_finish(tmp_path):
+    # flat finishes quickly on a cached store; the sweep is interrupted while the second point extracts
+    base = ("data=synthetic", "model.pretrained=false", "model.image_size=64", "batch_size=16", "data.num_classes=10",
+            "data.query_per_class=2", "method=flat", "k=5")
+    sweep = imgret_command(tmp_path, *base, "data.gallery_per_class=10,150", multirun=True)
+    first = subprocess.Popen(sweep, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "cache", 300)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130, stderr[-2000:]
+    runs = all_runs(sqlite_uri(tmp_path))
+    parent = next(r for r in runs if r.data.tags.get("imgret.role") == "multirun")
+    assert parent.info.status == "KILLED" and parent.data.tags["jobs"] == "1" and parent.data.tags["failed_jobs"] == "0"
+    assert sorted(r.info.status for r in runs if r is not parent) == ["FINISHED", "KILLED"]
+
+    again = subprocess.run(sweep, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs = all_runs(sqlite_uri(tmp_path))
+    second_parent = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"][-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
+    assert second_parent.info.status == "FINISHED" and len(children) == 2
+    linked = [c for c in children if "imgret.reused_run_id" in c.data.tags]
+    assert len(linked) == 1 and linked[0].data.params["data.gallery_per_class"] == "10", "the finished point is linked"
+    rerun = next(c for c in children if c not in linked)
+    assert json.loads((Path(rerun.data.tags["gallery_store"]) / "meta.json").read_text())["extraction"][
+        "resumed_rows"] >= 300
+
+
+def test_rerunning_a_finished_sweep_runs_no_point_again_and_force_does(tmp_path):
+    sweep = ("method=flat,ivf", "nlist=4", "nprobe=1,4")
+    for attempt in range(2):
+        result = run_imgret(tmp_path, *SYNTHETIC_FAST, *sweep, multirun=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs = all_runs(sqlite_uri(tmp_path))
+    parents = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"]
+    second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    first = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert len(second) == 4 and all(r.data.tags["imgret.reused_run_id"] in first for r in second)
+    for link in second:  # a link carries the original's numbers, so the report covers the whole sweep
+        assert link.data.metrics == first[link.data.tags["imgret.reused_run_id"]].data.metrics
+
+    from imgret.report import main as report
+    out = report(["--tracking-uri", sqlite_uri(tmp_path), "--out", str(tmp_path / "report")])
+    assert len((out / "runs.csv").read_text().strip().splitlines()) == 1 + 4
+
+    forced = run_imgret(tmp_path, *SYNTHETIC_FAST, "method=flat", "nlist=4", "nprobe=1", "force=true", multirun=True)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    newest = [r for r in all_runs(sqlite_uri(tmp_path)) if r.data.tags.get("imgret.role") != "multirun"][-1]
+    assert "imgret.reused_run_id" not in newest.data.tags and newest.data.tags["method"] == "flat"
+
+
+def test_the_report_skips_an_incomplete_sweep_and_lists_what_it_misses(tmp_path, capsys):
+    unusable = tmp_path / "unusable" / "a"
+    unusable.mkdir(parents=True)
+    for i in range(3):
+        (unusable / f"{i}.jpg").write_bytes(b"")
+    good = write_images(tmp_path / "good", per_class=5)
+    data = ("data=folder", "model.pretrained=false", "model.image_size=32", "method=flat", "k=2")
+    complete = run_imgret(tmp_path, *data, f"data.gallery_dir={good}", "k=1,2", multirun=True)
+    assert complete.returncode == 0, complete.stderr[-2000:]
+    incomplete = run_imgret(tmp_path, *data, f"data.gallery_dir={good},{unusable.parent}", multirun=True)
+    assert incomplete.returncode != 0
+
+    from imgret.report import main as report
+    runs = all_runs(sqlite_uri(tmp_path))
+    parents = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"]
+    assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
+    out = report(["--tracking-uri", sqlite_uri(tmp_path), "--out", str(tmp_path / "latest")])
+    reported = {line.split(",")[-1] for line in (out / "runs.csv").read_text().strip().splitlines()[1:]}
+    of_the_complete_sweep = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert reported == of_the_complete_sweep and len(reported) == 2, "the newest sweep whose points all finished"
+    capsys.readouterr()
+    report(["--tracking-uri", sqlite_uri(tmp_path), "--parent", parents[1].info.run_id, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "is incomplete (FAILED): 1 planned points have no finished run" in err
+    assert f"missing: " in err and f"data.gallery_dir={unusable.parent}" in err
+
+
+# --------------------------------------------------------------------------- a real MLflow server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1, its own process group, stopped by its process id."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port = folder, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.process = None
+
+    def start(self) -> "MlflowServer":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [str(Path(PYTHON).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=open(self.folder / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        import urllib.request
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path / "server", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_with_a_remote_server_artifacts_go_to_the_server_and_a_lost_server_loses_nothing(tmp_path, mlflow_server):
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    quick = subprocess.run(imgret_command(client_dir, *SYNTHETIC_FAST, "method=flat", "k=5", uri=mlflow_server.uri),
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert quick.returncode == 0, quick.stderr[-2000:]
+    run = all_runs(mlflow_server.uri)[0]
+    artifacts = mlflow_server.folder / "artifacts"
+    assert (artifacts / run.info.experiment_id / run.info.run_id / "artifacts" / "results.json").is_file()
+    assert not list(PROJECT_ROOT.glob("mlruns/artifacts/*/" + run.info.run_id)) and not (client_dir / "mlruns").exists()
+
+    # the server goes away while a job extracts: the job finishes and keeps its results for later
+    slow = subprocess.Popen(
+        imgret_command(client_dir, "data=synthetic", "model.pretrained=false", "model.image_size=64",
+                       "data.num_classes=10", "data.gallery_per_class=100", "batch_size=16", "method=flat",
+                       uri=mlflow_server.uri),
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    wait_for_rows(client_dir / "cache", 100)
+    mlflow_server.stop()
+    started = time.monotonic()
+    _, stderr = slow.communicate(timeout=300)
+    assert slow.returncode == 0, stderr[-2000:]
+    assert time.monotonic() - started < 90, "a lost server costs a job about a minute at most"
+    line = next(l for l in stderr.splitlines() if l.startswith("tracking server lost"))
+    folder = Path(line.split("python -m imgret.tracking sync ")[1])
+    record = json.loads((folder / "mlflow_record.json").read_text())
+    assert record["metrics"]["recall_at_10"] == 1.0 and record["status"] == "FINISHED"
+    assert (folder / "artifacts" / "results.json").is_file()
+
+    mlflow_server.start()
+    synced = subprocess.run([PYTHON, "-m", "imgret.tracking", "sync", str(folder)], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    runs = all_runs(mlflow_server.uri)
+    assert len(runs) == 2 and [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert runs[1].info.run_id == record["run_id"], "logged into the run the job had started"
+    assert runs[1].data.metrics["recall_at_10"] == 1.0
+    assert {a.path for a in MlflowClient().list_artifacts(runs[1].info.run_id)} >= {"config.yaml", "results.json"}
