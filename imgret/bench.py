@@ -8,6 +8,8 @@ Parts (choose with --parts):
            faiss.IndexFlatIP; single-query latency against the memory-bandwidth limit
   ivf      the search time imgret reports against a bare faiss call on the same index and queries
   memory   peak RSS of extracting a small and a full gallery (streamed writes: it must not grow)
+  verify   what trusting the cache costs: opening (checksum-verifying) a committed store of the search part's
+           gallery size, against reading its bytes once
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ from imgret.extract import EmbeddingModule, extract_store
 from imgret.index import BruteForceIndex, build_index
 from imgret.models import build_encoder, describe_encoder
 from imgret.search import timed_search
-from imgret.store import EmbeddingStore, store_key
+from imgret.store import EmbeddingStore, StagedStore, store_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
-PARTS = ("extract", "search", "ivf", "memory")
+PARTS = ("extract", "search", "ivf", "memory", "verify")
 TARGETS = {  # the issue's targets: (comparison, bound)
     "extract_vs_forward": (">=", 0.9),
     "extract_vs_seed_loop_64px": (">=", 3.0),
@@ -355,6 +357,29 @@ def bench_memory(archive: Path, work: Path, sizes: list[int], num_workers: str) 
 # --------------------------------------------------------------------------- report
 
 
+def bench_verify(gallery: np.ndarray, work: Path, repeats: int = 3) -> dict:
+    """Commit a store of `gallery` (its checksums are computed then), then time opening it, which verifies every
+    file, against a plain read of the same bytes (both from the page cache: the best of `repeats`)."""
+    folder = work / "verify" / "store"
+    staged = StagedStore(folder, "bench")
+    staged.staging.mkdir(parents=True)
+    np.save(staged.staging / "vectors.npy", gallery)
+    np.save(staged.staging / "labels.npy", np.zeros(len(gallery), np.int64))
+    (staged.staging / "paths.txt").write_text("\n".join(f"image-{i}" for i in range(len(gallery))))
+    (staged.staging / "bad_images.txt").write_text("")
+    start = time.perf_counter()
+    staged.commit({"count": len(gallery), "dim": gallery.shape[1]})
+    commit_s = time.perf_counter() - start
+
+    def verified_open():
+        assert EmbeddingStore.open(folder) is not None
+
+    files = [folder / name for name in ("vectors.npy", "labels.npy", "paths.txt")]
+    return {"gallery": len(gallery), "dim": gallery.shape[1], "store_bytes": sum(f.stat().st_size for f in files),
+            "commit_s": commit_s, "verified_open_s": best_seconds(verified_open, repeats),
+            "plain_read_s": best_seconds(lambda: [f.read_bytes() for f in files], repeats)}
+
+
 def verdict(name: str, value: float) -> str:
     comparison, bound = TARGETS[name]
     met = value >= bound if comparison == ">=" else value <= bound
@@ -420,6 +445,13 @@ def table(results: dict) -> str:
         small, large = results["memory"][0], results["memory"][-1]
         row("memory", f"growth from {small['images']:,} to {large['images']:,} images",
             f"{large['peak_rss_gb'] - small['peak_rss_gb']:+.2f} GB", f"{large['peak_rss_gb'] / small['peak_rss_gb']:.2f}x")
+    if "verify" in results:
+        v = results["verify"]
+        name = f"{v['gallery']:,}x{v['dim']} store, {v['store_bytes'] / 1e6:.0f} MB"
+        row("verify", f"open a {name} (sha256 of every file)", f"{v['verified_open_s'] * 1000:.0f} ms",
+            f"{v['verified_open_s'] / v['plain_read_s']:.2f}x")
+        row("verify", "  the same bytes read once, no checksum", f"{v['plain_read_s'] * 1000:.0f} ms")
+        row("verify", "  commit (checksums computed)", f"{v['commit_s'] * 1000:.0f} ms")
     return "\n".join(lines)
 
 
@@ -481,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
             models = [("resnet18", 64, args.images), ("mobilenet", 64, args.images), ("clip", 224, args.clip_images)]
             results["extract"] = bench_extract(args.archive, work, results["machine"]["matmul_peak_gflops"], models,
                                                args.batch_size, args.num_workers, not args.no_channels_last)
-        if "search" in parts or "ivf" in parts:
+        if {"search", "ivf", "verify"} & set(parts):
             gallery, queries, source = search_data(args.cache, args.gallery, args.queries, args.dim)
             if "search" in parts:
                 print(f"search: {len(gallery):,} x {args.dim} gallery, {len(queries):,} queries ({source}) ...",
@@ -491,6 +523,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "ivf" in parts:
                 print(f"ivf: nlist={args.nlist} nprobe={args.nprobe} ...", flush=True)
                 results["ivf"] = bench_ivf(gallery, queries, args.nlist, args.nprobe, max(1000, args.single_queries))
+        if "verify" in parts:
+            print(f"verify: opening a checksummed {len(gallery):,} x {args.dim} store ...", flush=True)
+            results["verify"] = bench_verify(gallery, work)
         if "memory" in parts:
             sizes = [int(s) for s in args.memory_sizes.split(",")]
             print(f"memory: extracting {', '.join(f'{s:,}' for s in sizes)} images in fresh processes ...", flush=True)

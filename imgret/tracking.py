@@ -295,10 +295,15 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     if parent:
         tags["mlflow.parentRunId"] = parent
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags)
     record = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": experiment_id,
               "experiment": str(cfg.tracking.experiment), "run_name": tags["mlflow.runName"]}
-    recorder = RunRecorder(client, run.info.run_id, job_output_dir(), record)
+    try:
+        run_id, lost = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id, None
+    except Exception as error:  # the server went away before this job (in a sweep): run it, keep it locally
+        run_id, lost = None, f"{type(error).__name__}: {str(error).strip()[:300]}"
+        log.error("tracking server lost (%s): this run keeps its results locally", lost)
+    recorder = RunRecorder(client, run_id, job_output_dir(), record)
+    recorder.lost = lost
     recorder.record["tags"].update(tags)
     return recorder
 
@@ -336,9 +341,14 @@ def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str
 
 def finished_run_like(client: MlflowClient, experiment_id: str, digest: str):
     """A FINISHED run of this experiment with the same effective configuration, preferring an original
-    over a link to one; None if there is none."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{lifecycle.DIGEST_TAG}` = '{digest}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"], max_results=50)
+    over a link to one; None if there is none (or the store cannot be asked)."""
+    try:
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{lifecycle.DIGEST_TAG}` = '{digest}' and "
+                                  "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"],
+                                  max_results=50)
+    except Exception as error:
+        log.error("could not look for a finished run of this point (%s): running it", error)
+        return None
     originals = [run for run in runs if "imgret.reused_run_id" not in run.data.tags]
     return (originals or runs or [None])[0]
 

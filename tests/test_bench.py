@@ -33,7 +33,7 @@ def test_verdicts_name_the_gap():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory" in capsys.readouterr().err
+    assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory, verify" in capsys.readouterr().err
 
 
 def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
@@ -56,5 +56,8 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
     assert saved["ivf"]["nlist"] == 16 and saved["ivf"]["bare_faiss_batch_s"] > 0
     assert [m["images"] for m in saved["memory"]] == [40, 80]
     assert all(m["peak_rss_gb"] > 0.3 for m in saved["memory"])  # a real process with torch loaded
-    for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS"):
+    verify = saved["verify"]
+    assert verify["gallery"] == 2000 and verify["store_bytes"] > 2000 * 512 * 4 and verify["verified_open_s"] > 0
+    for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS",
+                 "(sha256 of every file)"):
         assert line in saved["table"]
