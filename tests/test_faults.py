@@ -332,6 +332,7 @@ def test_ctrl_c_ends_a_sweep_killed_and_a_rerun_runs_only_what_did_not_finish(tm
         "resumed_rows"] >= 300
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_sweep_runs_no_point_again_and_force_does(tmp_path):
     sweep = ("method=flat,ivf", "nlist=4", "nprobe=1,4")
     for attempt in range(2):
@@ -355,6 +356,7 @@ def test_rerunning_a_finished_sweep_runs_no_point_again_and_force_does(tmp_path)
     assert "imgret.reused_run_id" not in newest.data.tags and newest.data.tags["method"] == "flat"
 
 
+@pytest.mark.slow
 def test_the_report_skips_an_incomplete_sweep_and_lists_what_it_misses(tmp_path, capsys):
     unusable = tmp_path / "unusable" / "a"
     unusable.mkdir(parents=True)
