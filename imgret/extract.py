@@ -8,9 +8,15 @@ under DDP; the store is committed only once every row is in.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,8 +27,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from imgret import lifecycle
 from imgret.cache import file_lock
 from imgret.data import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
 from imgret.errors import BadImage, ConfigError, DataUnavailable
@@ -116,15 +124,18 @@ class EmbeddingStoreWriter(BasePredictionWriter):
 
     Each batch is flushed as it is written, so a killed extraction leaves whole rows for the next attempt."""
 
-    def __init__(self, final_dir: Path):
+    def __init__(self, final_dir: Path, dataset: "ImageDataset"):
         super().__init__(write_interval="batch")
         self.final_dir = final_dir
+        self.dataset = dataset
         self.staged: StagedStore | None = None
         self.dim: int | None = None
         self._files = None
 
     def setup(self, trainer, pl_module, stage):
-        # Every rank writes into the store's staging folder under the same attempt name: rank 0 picks it.
+        # Rank 0 says which images are left (the distributed sampler is made after this hook, from the dataset)
+        # and names the attempt: every rank writes into the store's staging folder under that name.
+        self.dataset.indices = trainer.strategy.broadcast(self.dataset.indices, src=0)
         attempt = trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0)
         self.staged = StagedStore(self.final_dir, attempt)
         self._files = self.staged.open_part(trainer.global_rank)
@@ -162,7 +173,7 @@ class EmbeddingStoreWriter(BasePredictionWriter):
 
 
 def ensure_embeddings(splits: Splits, cfg) -> Embeddings:
-    description = describe_encoder(cfg.model, cfg.seed)
+    description = store_encoder_description(cfg)
     cache_dir = Path(cfg.paths.cache)
     wanted = {s.split: (s, store_key(s, description)) for s in (splits.gallery, splits.queries)}
     stores = {split: EmbeddingStore.open(store_dir(cache_dir, key)) for split, (_, key) in wanted.items()}
@@ -171,14 +182,18 @@ def ensure_embeddings(splits: Splits, cfg) -> Embeddings:
     if missing:
         encoder = build_encoder(cfg.model, cfg.seed)
         device = resolve_device(cfg.device)
+        rank = lifecycle.process_rank()
         latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], int(cfg.extract.latency_images), device,
-                                        int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
+                                        int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))) \
+            if rank == 0 else float("nan")
         for split in missing:
             image_set, key = wanted[split]
             final_dir = store_dir(cache_dir, key)
-            # One extraction per store at a time: a concurrent run waits here, then finds the store made.
-            with file_lock(final_dir, f"the {split} embedding store {final_dir.name}"):
-                stores[split] = EmbeddingStore.open(final_dir)
+            # One extraction per store at a time: a concurrent run waits here, then finds the store made. Under a
+            # launcher only rank 0 takes the lock (the others must join its prediction loop, not wait for it).
+            with file_lock(final_dir, f"the {split} embedding store {final_dir.name}") if rank == 0 \
+                    else contextlib.nullcontext():
+                stores[split] = EmbeddingStore.open(final_dir) if rank == 0 else None
                 if stores[split] is None:
                     remove_stale_staging(final_dir)
                     stores[split] = extract_store(encoder, image_set, key, cache_dir, cfg, latency_ms)
@@ -231,61 +246,151 @@ def forward_latency_ms(encoder: Encoder, image_set: ImageSet, sample: int, devic
     return statistics.median(times)
 
 
+def resolve_devices(devices, device: str) -> int:
+    if devices == "auto":
+        return torch.cuda.device_count() if device == "cuda" else 1
+    return int(devices)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: fp16 mixed precision on a GPU, fp32 on the CPU."""
+    if precision == "auto":
+        return "16-mixed" if device == "cuda" else "32-true"
+    return str(precision)
+
+
+def store_encoder_description(cfg) -> dict:
+    """The encoder's description, plus the extraction precision whenever it changes the vectors."""
+    description = describe_encoder(cfg.model, cfg.seed)
+    precision = resolve_precision(cfg.extract.get("precision", "auto"), resolve_device(cfg.device))
+    return description if precision == "32-true" else {**description, "precision": precision}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_ranks(cfg, split: str, final_dir: Path, devices: int):
+    """Ranks 1..devices-1 of a one-machine extraction, each a process running only the extraction
+    (`python -m imgret.extract SPEC`), and this process as rank 0 among them.
+
+    Lightning's own launcher would start the whole command again in every rank (a second MLflow run, a
+    second sweep under `-m`); these ranks get the resolved config and nothing else."""
+    spec = Path(tempfile.mkdtemp(prefix="imgret-ranks-")) / "spec.json"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    spec.write_text(json.dumps({"config": config, "split": split, "final_dir": str(final_dir)}))
+    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices), "NODE_RANK": "0"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "imgret.extract", str(spec)],
+                              env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in range(1, devices)]
+    saved = {key: os.environ.get(key) for key in (*shared, "RANK", "LOCAL_RANK")}
+    os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})  # Lightning: the ranks exist, join them
+    try:
+        yield
+    except BaseException:
+        for rank in ranks:
+            rank.kill()
+        raise
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next extraction starts ranks of its own
+        codes = [rank.wait(timeout=600) for rank in ranks]
+        shutil.rmtree(spec.parent, ignore_errors=True)
+        if any(codes):
+            raise RuntimeError(f"extraction ranks 1..{devices - 1} exited with {codes}; see their output above")
+
+
+def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, cfg) -> tuple:
+    """Run Lightning's prediction loop over the images `todo` (rank 0's choice, broadcast to every rank),
+    streaming rows into the store's staging folder. Returns (writer, seconds, is_global_zero)."""
+    device = resolve_device(cfg.device)
+    devices = resolve_devices(cfg.extract.get("devices", 1), device)
+    num_nodes = int(cfg.extract.get("num_nodes", 1))
+    start_ranks = devices * num_nodes > 1 and not lifecycle.launched_externally()
+    threads = torch.get_num_threads()
+    if device == "cpu" and devices > 1:  # processes share the cores rather than each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
+    image_transform, mean, std = encoder.split_transform()
+    dataset = ImageDataset(image_set, image_transform, todo, int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+                           cfg.data.get("on_bad_image", "skip") == "skip")
+    writer = EmbeddingStoreWriter(final_dir, dataset)
+    num_workers = resolve_num_workers(cfg.num_workers, device)
+    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=num_workers, shuffle=False,
+                        collate_fn=collate_usable,
+                        pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
+                        persistent_workers=False)
+    try:
+        with local_ranks(cfg, image_set.split, final_dir, devices) if start_ranks else contextlib.nullcontext():
+            trainer = pl.Trainer(
+                accelerator="gpu" if device == "cuda" else "cpu",
+                devices=devices,
+                num_nodes=num_nodes,
+                strategy=str(cfg.extract.get("strategy", "auto")),
+                precision=resolve_precision(cfg.extract.get("precision", "auto"), device),
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=bool(cfg.extract.progress),
+                inference_mode=True,
+                callbacks=[writer],
+            )
+            if trainer.is_global_zero:
+                log.info("extracting %d %s images with %s into %s (%d process%s)", len(todo), image_set.split,
+                         encoder.name, final_dir, devices * num_nodes, "es" if devices * num_nodes > 1 else "")
+            start = time.perf_counter()
+            module = EmbeddingModule(encoder.network, mean, std, bool(cfg.extract.get("channels_last", True)))
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+            return writer, time.perf_counter() - start, trainer.is_global_zero
+    finally:
+        torch.set_num_threads(threads)
+
+
+def wait_for_commit(final_dir: Path, timeout_s: float = 3600) -> EmbeddingStore:
+    """Ranks other than 0: the store exists once rank 0 has merged and committed it."""
+    deadline = time.monotonic() + timeout_s
+    while not (final_dir / "meta.json").is_file():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 did not commit {final_dir} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return EmbeddingStore(final_dir)
+
+
 def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: Path, cfg,
                   latency_ms: float) -> EmbeddingStore:
     """Extract the images a killed earlier attempt did not finish, then merge and commit the store.
-    The caller holds the store's lock."""
+    Rank 0 holds the store's lock, decides what is left to do, merges and commits; other ranks (started by
+    a launcher) extract their share and wait for the commit."""
     final_dir = store_dir(cache_dir, key)
     device = resolve_device(cfg.device)
     count = len(image_set)
+    rank = lifecycle.process_rank()
+    if rank != 0:  # never touch the staging folder: rank 0 validates it, and broadcasts what is left to do
+        predict_rows(encoder, image_set, np.empty(0, dtype=np.int64), final_dir, cfg)
+        return wait_for_commit(final_dir)
     progress = StagedStore(final_dir, "resume").resume(count)
     finished = np.union1d(progress.done, np.fromiter(progress.bad, dtype=np.int64, count=len(progress.bad)))
     todo = np.setdiff1d(np.arange(count), finished)
     if finished.size:
         log.info("resuming the %s store %s: %d images done by an earlier attempt, %d to go", image_set.split,
                  final_dir.name, finished.size, todo.size)
-    num_workers = resolve_num_workers(cfg.num_workers, device)
-    writer = EmbeddingStoreWriter(final_dir)
-    seconds, is_global_zero = 0.0, True
-    if todo.size:
-        trainer = pl.Trainer(
-            accelerator="gpu" if device == "cuda" else "cpu",
-            devices=1,
-            # mixed precision only where it pays: on a GPU (fp16 on these CPUs is emulated and slower)
-            precision="16-mixed" if device == "cuda" and cfg.extract.get("amp", True) else "32-true",
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=bool(cfg.extract.progress),
-            inference_mode=True,
-            callbacks=[writer],
-        )
-        image_transform, mean, std = encoder.split_transform()
-        dataset = ImageDataset(image_set, image_transform, todo,
-                               int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
-                               cfg.data.get("on_bad_image", "skip") == "skip")
-        loader = DataLoader(
-            dataset,
-            batch_size=int(cfg.batch_size),
-            num_workers=num_workers,
-            shuffle=False,
-            collate_fn=collate_usable,
-            pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
-            persistent_workers=False,
-        )
-        log.info("extracting %d %s images with %s into %s", todo.size, image_set.split, encoder.name, final_dir)
-        start = time.perf_counter()
-        module = EmbeddingModule(encoder.network, mean, std, bool(cfg.extract.get("channels_last", True)))
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
-        seconds = time.perf_counter() - start
-        is_global_zero = trainer.is_global_zero
-    if not is_global_zero:  # rank 0 merges and commits; the store appears when it is done
-        return EmbeddingStore(final_dir)
+    writer, seconds = None, 0.0
+    if todo.size or lifecycle.launched_externally():  # under a launcher every rank must join the loop
+        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, cfg)
     staged = StagedStore(final_dir, "merge")
-    dim = writer.dim or progress.dim or staged.resume(count).dim
+    dim = (writer.dim if writer else None) or progress.dim or staged.resume(count).dim
     if dim is None:
         raise DataUnavailable(f"none of the {count} {image_set.split} images could be used; see the warnings above")
     rows = staged.merge_parts(image_set, dim)
+    devices = resolve_devices(cfg.extract.get("devices", 1), device) * int(cfg.extract.get("num_nodes", 1))
     meta = {
         "key": key,
         "count": rows,
@@ -299,10 +404,27 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
             "images_per_s": todo.size / seconds if seconds > 0 else None,
             "ms_per_image_batch1": latency_ms,
             "batch_size": int(cfg.batch_size),
-            "num_workers": num_workers,
+            "num_workers": resolve_num_workers(cfg.num_workers, device),
             "device": device,
+            "processes": devices,
+            "precision": resolve_precision(cfg.extract.get("precision", "auto"), device),
             "threads": torch.get_num_threads(),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return staged.commit(meta)
+
+
+def worker_main(spec_path: str) -> None:
+    """`python -m imgret.extract SPEC`: one rank of an extraction that rank 0 started (see `local_ranks`)."""
+    from imgret.data import load_splits
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = OmegaConf.create(spec["config"])
+    splits = load_splits(cfg.data, cfg.seed)
+    image_set = splits.gallery if spec["split"] == "gallery" else splits.queries
+    predict_rows(build_encoder(cfg.model, cfg.seed), image_set, np.empty(0, dtype=np.int64), Path(spec["final_dir"]), cfg)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+# Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
+RUN_METRICS = (
+    "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
+    "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
+    "extract_ms_per_image", "extract_images_per_s", "gallery_size", "query_size", "dim", "bad_images",
+)
+
 
 def recall_at(found_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     """|found top-k ∩ exact top-k| / k, averaged over queries (ids of -1, 'no result', never match)."""

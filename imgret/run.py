@@ -64,6 +64,21 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     return result.metrics
 
 
+def extract_only(cfg: DictConfig) -> None:
+    """A rank other than 0 under a launcher (torchrun, srun): extract with rank 0; it runs and tracks the rest."""
+    from imgret.data import load_splits
+    from imgret.extract import ensure_embeddings
+
+    ensure_embeddings(load_splits(cfg.data, cfg.seed), cfg)
+
+
+def objective_values(metrics: dict[str, float], objectives) -> float | tuple[float, ...] | None:
+    """What a sweeper optimises: one value, or a tuple for several objectives (NaN for a skipped point)."""
+    names = [objectives] if isinstance(objectives, str) else list(objectives or [])
+    values = tuple(float(metrics.get(name, float("nan"))) for name in names)
+    return values[0] if len(values) == 1 else (values or None)
+
+
 def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -75,10 +90,12 @@ def in_multirun() -> bool:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> dict[str, float] | None:
+def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     lifecycle.install_signal_handlers()
+    if lifecycle.process_rank() != 0:
+        return extract_only(cfg)
     try:
-        return run_tracked(cfg)
+        return objective_values(run_tracked(cfg), cfg.get("objectives"))
     except (KeyboardInterrupt, SystemExit):
         code = lifecycle.interruption_exit_code()
         if code is None:

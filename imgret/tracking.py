@@ -413,6 +413,8 @@ class MultirunParentRun(Callback):
         self.parent_run_id: str | None = None
         self.failed_jobs = 0
         self.jobs = 0
+        self.skipped_jobs = 0
+        self.experiment_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         lifecycle.install_signal_handlers()
@@ -424,6 +426,7 @@ class MultirunParentRun(Callback):
             print(f"{'config error' if isinstance(error, ConfigError) else 'tracking error'}: {error}", file=sys.stderr)
             sys.exit(2)
         self.client = MlflowClient()
+        self.experiment_id, self.skipped_jobs = experiment_id, len(skipped)
         sweep = " ".join(config.hydra.overrides.task)
         run = self.client.create_run(
             experiment_id,
@@ -454,11 +457,17 @@ class MultirunParentRun(Callback):
             return
         run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_RUN_ENV, None)
-        status = RunStatus.KILLED if lifecycle.received_signal is not None else \
-            RunStatus.FAILED if failed else RunStatus.FINISHED
         try:
-            self.client.set_tag(run_id, "jobs", str(self.jobs))
-            self.client.set_tag(run_id, "failed_jobs", str(self.failed_jobs))
+            # Launchers that run jobs in other processes (joblib, submitit) call on_job_end there, not here:
+            # the children in MLflow count those jobs.
+            children = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
+                                               f"'{run_id}'", max_results=50000)
+            jobs = max(self.jobs, len(children) + self.skipped_jobs)
+            failed_jobs = max(self.failed_jobs, sum(child.info.status == "FAILED" for child in children))
+            status = RunStatus.KILLED if lifecycle.received_signal is not None else \
+                RunStatus.FAILED if failed or failed_jobs else RunStatus.FINISHED
+            self.client.set_tag(run_id, "jobs", str(jobs))
+            self.client.set_tag(run_id, "failed_jobs", str(failed_jobs))
             self.client.set_terminated(run_id, RunStatus.to_string(status))
         except Exception as error:  # a lost server: a later start marks the parent KILLED as its process is gone
             log.error("could not close the sweep's parent run %s: %s", run_id, error)

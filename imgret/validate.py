@@ -15,6 +15,7 @@ from pathlib import Path
 from imgret.errors import bad_value
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 
 
 def whole(value, low: int) -> bool:
@@ -55,8 +56,30 @@ def check_run_settings(cfg) -> None:
 
     extract = cfg.extract
     check_whole("extract.latency_images", extract.latency_images, 1, " of images timed at batch 1")
-    for key in ("channels_last", "amp", "progress"):
+    for key in ("channels_last", "progress"):
         check_bool(f"extract.{key}", extract.get(key, True))
+    devices = extract.get("devices", 1)
+    if devices != "auto" and not whole(devices, 1):
+        raise bad_value("extract.devices", devices, "a whole number of processes or GPUs >= 1, or auto")
+    check_whole("extract.num_nodes", extract.get("num_nodes", 1), 1, " of machines")
+    if extract.get("precision", "auto") not in PRECISIONS:
+        raise bad_value("extract.precision", extract.get("precision"), f"one of {', '.join(PRECISIONS)}")
+    if extract.get("precision") == "16-mixed" and cfg.device != "cuda":
+        raise bad_value("extract.precision", "16-mixed", "a precision this device runs: 16-mixed needs device=cuda; "
+                        "on the CPU use bf16-mixed or 32-true")
+    strategy = extract.get("strategy", "auto")
+    if strategy not in ("auto", "ddp"):
+        from pytorch_lightning.strategies import StrategyRegistry
+
+        if strategy not in StrategyRegistry.available_strategies():
+            raise bad_value("extract.strategy", strategy, "auto, ddp, or another of Lightning's registered strategies")
+    objectives = cfg.get("objectives", [])
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    from imgret.metrics import RUN_METRICS
+
+    if not objectives or not all(name in RUN_METRICS for name in objectives):
+        raise bad_value("objectives", list(objectives), f"a list of metric names from {', '.join(RUN_METRICS)}")
 
     search = cfg.search
     if not number(search.tie_epsilon) or search.tie_epsilon < 0:

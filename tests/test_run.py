@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from imgret.errors import ConfigError, DataUnavailable
+from imgret.metrics import RUN_METRICS
 from imgret.run import run_tracked
 
 METRICS = {
@@ -34,7 +35,7 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert set(run.data.metrics) == METRICS
+    assert set(run.data.metrics) == METRICS == set(RUN_METRICS)
     assert run.data.metrics == pytest.approx(metrics)
     assert run.data.metrics["recall_at_k"] == 1.0  # nprobe = nlist visits every list
     assert run.data.metrics["gallery_size"] == 200 and run.data.metrics["query_size"] == 40
