@@ -8,6 +8,8 @@ Parts (choose with --parts):
            faiss.IndexFlatIP; single-query latency against the memory-bandwidth limit
   ivf      the search time imgret reports against a bare faiss call on the same index and queries
   memory   peak RSS of extracting a small and a full gallery (streamed writes: it must not grow)
+  ddp      extraction throughput with 1 and with 2 processes (DDP, gloo on the CPU), interleaved and repeated:
+           the same real images, model and batch size; each process gets its share of the cores
   verify   what trusting the cache costs: opening (checksum-verifying) a committed store of the search part's
            gallery size, against reading its bytes once
 """
@@ -38,7 +40,7 @@ from imgret.store import EmbeddingStore, StagedStore, store_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
-PARTS = ("extract", "search", "ivf", "memory", "verify")
+PARTS = ("extract", "search", "ivf", "memory", "ddp", "verify")
 TARGETS = {  # the issue's targets: (comparison, bound)
     "extract_vs_forward": (">=", 0.9),
     "extract_vs_seed_loop_64px": (">=", 3.0),
@@ -357,6 +359,29 @@ def bench_memory(archive: Path, work: Path, sizes: list[int], num_workers: str) 
 # --------------------------------------------------------------------------- report
 
 
+def bench_ddp(archive: Path, work: Path, count: int, batch_size: int, rounds: int = 2) -> dict:
+    """1-process against 2-process extraction of the same `count` real images (resnet18, 64 px), in the order
+    1, 2, 1, 2, ... so that a change in the machine's load falls on both. Throughput is the store's own
+    figure: images over the seconds of Lightning's prediction loop (for 2 processes this includes waiting for
+    rank 1 to start, as a run pays it)."""
+    images = real_images(archive, work / "cache", count)
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for attempt in range(rounds):
+        for devices in (1, 2):
+            cfg = compose_cfg("model.pretrained=false", "model.image_size=64", f"paths.cache={work / 'cache'}",
+                              f"batch_size={batch_size}", "extract.progress=false", f"extract.devices={devices}",
+                              f"extract.strategy={'ddp' if devices > 1 else 'auto'}")
+            encoder = build_encoder(cfg.model, cfg.seed)
+            key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
+            store = extract_store(encoder, images, key, work / "cache", cfg, latency_ms=float("nan"))
+            rates[devices].append(store.meta["extraction"]["images_per_s"])
+            print(f"  ddp round {attempt + 1}: {devices} process(es): {rates[devices][-1]:.0f} img/s", flush=True)
+    ratios = [two / one for one, two in zip(rates[1], rates[2])]
+    return {"images": count, "batch_size": batch_size, "rounds": rounds, "one_process_images_per_s": rates[1],
+            "two_processes_images_per_s": rates[2], "ratios": ratios,
+            "load_average": os.getloadavg()}
+
+
 def bench_verify(gallery: np.ndarray, work: Path, repeats: int = 3) -> dict:
     """Commit a store of `gallery` (its checksums are computed then), then time opening it, which verifies every
     file, against a plain read of the same bytes (both from the page cache: the best of `repeats`)."""
@@ -445,6 +470,16 @@ def table(results: dict) -> str:
         small, large = results["memory"][0], results["memory"][-1]
         row("memory", f"growth from {small['images']:,} to {large['images']:,} images",
             f"{large['peak_rss_gb'] - small['peak_rss_gb']:+.2f} GB", f"{large['peak_rss_gb'] / small['peak_rss_gb']:.2f}x")
+    if "ddp" in results:
+        d = results["ddp"]
+        one, two, ratios = d["one_process_images_per_s"], d["two_processes_images_per_s"], d["ratios"]
+        name = f"resnet18 64px, {d['images']:,} images, {d['rounds']} rounds interleaved"
+        row("ddp", f"{name}: 1 process",
+            f"{statistics.median(one):.0f} img/s ({min(one):.0f}-{max(one):.0f})")
+        row("ddp", "  2 processes, DDP on gloo (median, min-max)",
+            f"{statistics.median(two):.0f} img/s ({min(two):.0f}-{max(two):.0f})",
+            f"{statistics.median(ratios):.2f}x", f"ratios {min(ratios):.2f}-{max(ratios):.2f}; "
+            f"load {d['load_average'][0]:.2f}")
     if "verify" in results:
         v = results["verify"]
         name = f"{v['gallery']:,}x{v['dim']} store, {v['store_bytes'] / 1e6:.0f} MB"
@@ -479,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--single-queries", type=int, default=200, help="single-query calls timed per method")
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--ddp-images", type=int, default=6400, help="images extracted per round of the ddp part")
     parser.add_argument("--memory-sizes", default="10000,100000", help="gallery sizes for the memory part")
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/bench-<time>.json")
@@ -488,8 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; allowed: {', '.join(PARTS)}")
-    if ({"extract", "memory"} & set(parts)) and not args.archive.is_file():
-        parser.error(f"--archive {args.archive} does not exist: the extract and memory parts read real images")
+    if ({"extract", "memory", "ddp"} & set(parts)) and not args.archive.is_file():
+        parser.error(f"--archive {args.archive} does not exist: the extract, memory and ddp parts read real images")
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
@@ -523,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "ivf" in parts:
                 print(f"ivf: nlist={args.nlist} nprobe={args.nprobe} ...", flush=True)
                 results["ivf"] = bench_ivf(gallery, queries, args.nlist, args.nprobe, max(1000, args.single_queries))
+        if "ddp" in parts:
+            print(f"ddp: extracting {args.ddp_images:,} images with 1 and 2 processes ...", flush=True)
+            results["ddp"] = bench_ddp(args.archive, work, args.ddp_images, args.batch_size)
         if "verify" in parts:
             print(f"verify: opening a checksummed {len(gallery):,} x {args.dim} store ...", flush=True)
             results["verify"] = bench_verify(gallery, work)

@@ -273,16 +273,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_ranks(cfg, split: str, final_dir: Path, devices: int):
+def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
     """Ranks 1..devices-1 of a one-machine extraction, each a process running only the extraction
     (`python -m imgret.extract SPEC`), and this process as rank 0 among them.
 
     Lightning's own launcher would start the whole command again in every rank (a second MLflow run, a
-    second sweep under `-m`); these ranks get the resolved config and nothing else."""
+    second sweep under `-m`); these ranks get the resolved config and the image set, nothing else."""
     spec = Path(tempfile.mkdtemp(prefix="imgret-ranks-")) / "spec.json"
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
-    spec.write_text(json.dumps({"config": config, "split": split, "final_dir": str(final_dir)}))
+    (spec.parent / "paths.txt").write_text("\n".join(image_set.paths))
+    np.save(spec.parent / "labels.npy", image_set.labels)
+    spec.write_text(json.dumps({"config": config, "final_dir": str(final_dir), "dataset": image_set.dataset,
+                                "split": image_set.split, "class_names": list(image_set.class_names),
+                                "source_id": image_set.source_id}))
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices), "NODE_RANK": "0"}
     ranks = [subprocess.Popen([sys.executable, "-m", "imgret.extract", str(spec)],
                               env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -329,7 +333,7 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
                         pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
                         persistent_workers=False)
     try:
-        with local_ranks(cfg, image_set.split, final_dir, devices) if start_ranks else contextlib.nullcontext():
+        with local_ranks(cfg, image_set, final_dir, devices) if start_ranks else contextlib.nullcontext():
             trainer = pl.Trainer(
                 accelerator="gpu" if device == "cuda" else "cpu",
                 devices=devices,
@@ -417,12 +421,12 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
 
 def worker_main(spec_path: str) -> None:
     """`python -m imgret.extract SPEC`: one rank of an extraction that rank 0 started (see `local_ranks`)."""
-    from imgret.data import load_splits
-
     spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec_path).parent
+    paths = (folder / "paths.txt").read_text().split("\n")
+    image_set = ImageSet(spec["dataset"], spec["split"], tuple(paths), np.load(folder / "labels.npy"),
+                         tuple(spec["class_names"]), spec["source_id"])
     cfg = OmegaConf.create(spec["config"])
-    splits = load_splits(cfg.data, cfg.seed)
-    image_set = splits.gallery if spec["split"] == "gallery" else splits.queries
     predict_rows(build_encoder(cfg.model, cfg.seed), image_set, np.empty(0, dtype=np.int64), Path(spec["final_dir"]), cfg)
 
 

@@ -33,7 +33,7 @@ def test_verdicts_name_the_gap():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory, verify" in capsys.readouterr().err
+    assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory, ddp, verify" in capsys.readouterr().err
 
 
 def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
@@ -42,6 +42,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
     results = main(["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64",
                     "--clip-images", "8", "--batch-size", "16", "--gallery", "2000", "--queries", "100",
                     "--single-queries", "20", "--nlist", "16", "--nprobe", "4", "--memory-sizes", "40,80",
+                    "--ddp-images", "48",
                     "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["table"] == results["table"] == table(results)
@@ -56,6 +57,9 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
     assert saved["ivf"]["nlist"] == 16 and saved["ivf"]["bare_faiss_batch_s"] > 0
     assert [m["images"] for m in saved["memory"]] == [40, 80]
     assert all(m["peak_rss_gb"] > 0.3 for m in saved["memory"])  # a real process with torch loaded
+    ddp = saved["ddp"]
+    assert len(ddp["one_process_images_per_s"]) == len(ddp["two_processes_images_per_s"]) == 2
+    assert all(rate > 0 for rate in ddp["one_process_images_per_s"] + ddp["two_processes_images_per_s"])
     verify = saved["verify"]
     assert verify["gallery"] == 2000 and verify["store_bytes"] > 2000 * 512 * 4 and verify["verified_open_s"] > 0
     for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS",
