@@ -468,6 +468,7 @@ class MultirunParentRun(Callback):
                 RunStatus.FAILED if failed or failed_jobs else RunStatus.FINISHED
             self.client.set_tag(run_id, "jobs", str(jobs))
             self.client.set_tag(run_id, "failed_jobs", str(failed_jobs))
+            self.client.set_tag(run_id, "finished_jobs", str(sum(child.info.status == "FINISHED" for child in children)))
             self.client.set_terminated(run_id, RunStatus.to_string(status))
         except Exception as error:  # a lost server: a later start marks the parent KILLED as its process is gone
             log.error("could not close the sweep's parent run %s: %s", run_id, error)
