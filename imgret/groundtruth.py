@@ -1,7 +1,9 @@
 """The exact top-k of every query: computed once per (gallery store, query store, k), cached, shared.
 
-The cache file's size and checksum are recorded beside it (`.json`) and verified on every load; a damaged
-file is moved aside and computed again."""
+Computed independently of every search method, in bounded memory however large the gallery: the gallery is
+streamed in blocks from its memory map, float32 products pick each query's best k + margin candidates, and
+the candidates are re-ranked in float64, so the order is exact. The cache file's size and checksum are
+recorded beside it (`.json`) and verified on every load; a damaged file is moved aside and computed again."""
 from __future__ import annotations
 
 import json
@@ -13,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+from tqdm.auto import tqdm
+
 from imgret.cache import damage, describe_files, file_lock, move_aside
-from imgret.index import BruteForceIndex
 from imgret.store import EmbeddingStore
+
+# The cache file's name carries this: files computed another way (v1: by the brute-force method) are not reused.
+VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,36 @@ class GroundTruth:
 
 
 def ground_truth_path(cache_dir: Path, gallery: EmbeddingStore, queries: EmbeddingStore, k: int) -> Path:
-    return Path(cache_dir) / "groundtruth" / f"{gallery.path.name}__{queries.path.name}__k{k}.npz"
+    return Path(cache_dir) / "groundtruth" / f"{gallery.path.name}__{queries.path.name}__k{k}__v{VERSION}.npz"
+
+
+def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, block_rows: int = 65536,
+                query_chunk: int = 2048, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of each query's k most similar gallery rows, best first, exact in float64.
+
+    Memory is bounded by the blocks (query_chunk x block_rows float32 products), not by the gallery."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    candidates = min(len(gallery), k + max(10, k))  # the margin covers float32 near-ties at the k-th place
+    best_scores = np.full((len(queries), candidates), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((len(queries), candidates), dtype=np.int64)
+    blocks = range(0, len(gallery), block_rows)
+    for start in tqdm(blocks, desc=f"ground truth: top-{k} of {len(queries):,} queries", unit="block",
+                      disable=not progress, mininterval=2):
+        block = np.ascontiguousarray(gallery[start:start + block_rows], dtype=np.float32)
+        for q in range(0, len(queries), query_chunk):
+            scores = torch.from_numpy(queries[q:q + query_chunk] @ block.T)
+            top = torch.topk(scores, min(candidates, len(block)), dim=1)
+            merged_scores = np.concatenate([best_scores[q:q + query_chunk], top.values.numpy()], axis=1)
+            merged_ids = np.concatenate([best_ids[q:q + query_chunk], top.indices.numpy() + start], axis=1)
+            keep = np.argpartition(-merged_scores, candidates - 1, axis=1)[:, :candidates]
+            best_scores[q:q + query_chunk] = np.take_along_axis(merged_scores, keep, axis=1)
+            best_ids[q:q + query_chunk] = np.take_along_axis(merged_ids, keep, axis=1)
+    exact = np.empty((len(queries), candidates), dtype=np.float64)
+    for q in range(len(queries)):  # the re-rank: each candidate's similarity, accumulated in float64
+        best_ids[q] = np.sort(best_ids[q])  # increasing ids: a sequential read of the memory map, and ties broken by id
+        exact[q] = np.asarray(gallery[best_ids[q]], dtype=np.float64) @ queries[q].astype(np.float64)
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, axis=1).astype(np.float32), np.take_along_axis(best_ids, order, axis=1)
 
 
 def _load_verified(path: Path, shape: tuple[int, int]) -> GroundTruth | None:
@@ -60,7 +96,7 @@ def exact_ground_truth(gallery: EmbeddingStore, queries: EmbeddingStore, k: int,
         if truth is not None:
             return truth
         log.info("computing exact top-%d for %d queries over %d gallery vectors", k, len(queries), len(gallery))
-        scores, ids = BruteForceIndex(gallery.vectors).search(queries.vectors, k)
+        scores, ids = exact_top_k(gallery.vectors, queries.vectors, k)
         token = uuid.uuid4().hex[:8]
         partial = path.with_name(f".{path.stem}.{token}.npz")
         np.savez(partial, ids=ids, scores=scores)

@@ -21,6 +21,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from imgret.cache import damage, describe_files, file_lock, move_aside
 from imgret.errors import allowed, bad_value
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # faiss's k-means wants at least this many training points per centroid, and warns below it.
 MIN_POINTS_PER_CENTROID = 39
+ADD_CHUNK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,10 @@ class Method:
 METHODS = {
     "brute": Method((), ("query_chunk",), cached=False),
     "flat": Method((), (), cached=False),
-    "ivf": Method(("nlist",), ("nprobe",), cached=True),
-    "ivfpq": Method(("nlist", "pq_m", "pq_nbits"), ("nprobe",), cached=True),
+    "ivf": Method(("nlist", "train_size"), ("nprobe",), cached=True),
+    "ivfpq": Method(("nlist", "pq_m", "pq_nbits", "train_size"), ("nprobe",), cached=True),
     "hnsw": Method(("hnsw_m", "ef_construction"), ("ef_search",), cached=True),
-    "factory": Method(("index_factory",), ("search_params",), cached=True),
+    "factory": Method(("index_factory", "train_size"), ("search_params",), cached=True),
 }
 
 
@@ -252,13 +254,14 @@ def apply_query_params(index: faiss.Index, method_cfg) -> None:
 
 
 def build_params(method_cfg) -> dict:
-    return {"method": method_cfg.name, **{key: method_cfg[key] for key in METHODS[method_cfg.name].build_params}}
+    return {"method": method_cfg.name, **{key: method_cfg.get(key) for key in METHODS[method_cfg.name].build_params}}
 
 
 def index_cache_path(cache_dir: Path, gallery_id: str, method_cfg) -> Path:
     params = build_params(method_cfg)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    readable = "-".join(f"{key}{value}" for key, value in params.items() if key != "method" and key != "index_factory")
+    readable = "-".join(f"{key}{value}" for key, value in params.items()
+                        if key not in ("method", "index_factory") and value is not None)
     return Path(cache_dir) / "indexes" / gallery_id / f"{params['method']}{'-' + readable if readable else ''}-{digest}.faiss"
 
 
@@ -291,14 +294,33 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
         return _build(method_cfg, gallery, path, device)
 
 
+def training_sample(gallery: np.ndarray, method_cfg) -> np.ndarray:
+    """A deterministic sample of the gallery for k-means and PQ training: `method.train_size` rows, by default
+    64 per IVF list and at least 100,000 (faiss itself uses at most 256 per centroid)."""
+    size = method_cfg.get("train_size")
+    if size is None:
+        size = max(100_000, 64 * int(method_cfg.get("nlist") or 0))
+    size = min(int(size), len(gallery))
+    if size == len(gallery):
+        return np.ascontiguousarray(gallery, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(0).choice(len(gallery), size, replace=False))
+    return np.ascontiguousarray(gallery[rows], dtype=np.float32)
+
+
 def _build(method_cfg, gallery: np.ndarray, path: Path | None, device: str) -> BuiltIndex:
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
+    one chunk and the sample, never a second copy of the whole gallery."""
     faiss_index = _new_faiss_index(method_cfg, gallery.shape[1])
     log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
     start = time.perf_counter()
     if not faiss_index.is_trained:
-        faiss_index.train(gallery)
-    faiss_index.add(gallery)
+        sample = training_sample(gallery, method_cfg)
+        log.info("training on %d sampled vectors", len(sample))
+        faiss_index.train(sample)
+        del sample
+    for chunk_start in tqdm(range(0, len(gallery), ADD_CHUNK_ROWS), desc=f"adding to {method_cfg.name}", unit="chunk",
+                            disable=len(gallery) <= ADD_CHUNK_ROWS, mininterval=2):
+        faiss_index.add(np.ascontiguousarray(gallery[chunk_start:chunk_start + ADD_CHUNK_ROWS], dtype=np.float32))
     build_s = time.perf_counter() - start
     if path is not None:
         _save_atomically(faiss_index, path, {"build_s": build_s, "params": build_params(method_cfg),

@@ -78,8 +78,10 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
         keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k != "query_chunk"]
         rows.append({
             "run_id": run.info.run_id, "model": tags["model"], "method": method,
-            "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys),
-            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params),
+            "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys
+                                if params.get(f"method.{k}", "null") != "null"),
+            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params
+                              if params.get(f"method.{k}", "null") != "null"),
             "index_built": tags.get("index_built", ""),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),

@@ -114,7 +114,7 @@ def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch
         raise AssertionError("a cached ground truth must not be computed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(imgret.groundtruth.BruteForceIndex, "search", no_search)
+        patch.setattr(imgret.groundtruth, "exact_top_k", no_search)
         assert np.array_equal(exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids, truth.ids)
 
     # altered after it was written (same size, other bytes): detected, moved aside, computed again
@@ -125,3 +125,20 @@ def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch
     # truncated: the same
     cached.write_bytes(cached.read_bytes()[:100])
     assert np.array_equal(exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids, exact_ids(10))
+
+
+def test_the_ground_truth_is_exact_in_float64_streamed_in_blocks_and_versioned(tmp_path):
+    from imgret.groundtruth import VERSION, exact_top_k
+
+    rng = np.random.default_rng(7)
+    gallery = clustered_vectors(5000, 32, clusters=8, seed=7)
+    gallery[100] = gallery[99]  # an exact tie: broken by the lower id
+    gallery[4000] = gallery[99] + np.float32(1e-7) * rng.normal(size=32).astype(np.float32)  # a float32 near-tie
+    queries = np.concatenate([gallery[99:100] + 1e-3, clustered_vectors(5100, 32, clusters=8, seed=7)[5000:]])
+    scores, ids = exact_top_k(gallery, queries, 10, block_rows=700, query_chunk=33, progress=False)
+    exact = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    expected = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(ids, expected), "the same ids, in float64's order, whatever the block sizes"
+    assert np.allclose(scores, np.take_along_axis(exact, expected, axis=1), atol=1e-7)
+    store = write_store(tmp_path / "g", gallery)
+    assert ground_truth_path(tmp_path, store, store, 10).name.endswith(f"__k10__v{VERSION}.npz")
