@@ -107,10 +107,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class DataSource:
-    """One kind of image source: `load` lists its splits; `check` validates its keys before any work."""
+    """One kind of data: `check` validates its keys before any work; `load` lists an image source's splits.
+    A vector source (no `load`) writes embedding stores itself (imgret.vectors): no images, no model."""
 
-    load: Callable[..., Splits]  # (data_cfg, seed) -> Splits
     check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
+    load: Callable[..., Splits] | None = None  # (data_cfg, seed) -> Splits
+
+
+def is_vector_source(data_cfg) -> bool:
+    return data_cfg.get("name") in SOURCES and SOURCES[data_cfg.name].load is None
 
 
 def load_splits(data_cfg, seed: int = 0) -> Splits:
@@ -453,10 +458,20 @@ def check_synthetic(data_cfg) -> None:
             raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
 
 
+def check_synthetic_vectors(data_cfg) -> None:
+    for key, low in (("gallery_size", 1), ("query_size", 1), ("dim", 2), ("clusters", 1)):
+        if not _is_whole(data_cfg.get(key), low):
+            raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
+    spread = data_cfg.get("spread")
+    if not isinstance(spread, (int, float)) or isinstance(spread, bool) or spread < 0:
+        raise bad_value("data.spread", spread, "a noise level >= 0 (0.5: clusters that overlap a little)")
+
+
 SOURCES: dict[str, DataSource] = {
-    "tiny_imagenet": DataSource(tiny_imagenet_splits, check_tiny_imagenet),
-    "folder": DataSource(folder_splits, check_folder),
-    "synthetic": DataSource(synthetic_splits, check_synthetic),
+    "tiny_imagenet": DataSource(check_tiny_imagenet, tiny_imagenet_splits),
+    "folder": DataSource(check_folder, folder_splits),
+    "synthetic": DataSource(check_synthetic, synthetic_splits),
+    "synthetic_vectors": DataSource(check_synthetic_vectors),
 }
 
 

@@ -55,9 +55,9 @@ class Embeddings:
         extractions = [self.gallery.meta["extraction"], self.queries.meta["extraction"]]
         images = sum(e["images"] for e in extractions)
         seconds = sum(e["seconds"] for e in extractions)
-        return {
+        return {  # NaN when nothing was extracted (generated vectors)
             "extract_ms_per_image": self.gallery.meta["extraction"]["ms_per_image_batch1"],
-            "extract_images_per_s": images / seconds if seconds > 0 else float("nan"),
+            "extract_images_per_s": images / seconds if seconds > 0 and images else float("nan"),
         }
 
     @property

@@ -41,10 +41,16 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def run_experiment(cfg, splits: Splits) -> RunResult:
-    """Every stage after the images are listed (and the config checked against their number)."""
+def run_experiment(cfg, splits: Splits | None) -> RunResult:
+    """Every stage after the images are listed (and the config checked against their number); `splits` is
+    None for a vector source, whose stores are generated rather than extracted."""
     threads = configure_threads(cfg.get("threads"))
-    embeddings = ensure_embeddings(splits, cfg)
+    if splits is None:
+        from imgret.vectors import ensure_vector_stores
+
+        embeddings = ensure_vector_stores(cfg)
+    else:
+        embeddings = ensure_embeddings(splits, cfg)
     gallery, queries = embeddings.gallery, embeddings.queries
     if len(gallery) < int(cfg.k) or len(queries) == 0:
         raise DataUnavailable(f"after leaving out {len(embeddings.bad_images)} unusable images, {len(gallery)} gallery "

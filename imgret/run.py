@@ -41,7 +41,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
 
     from mlflow.tracking import MlflowClient
 
-    from imgret.data import load_splits
+    from imgret.data import is_vector_source, load_splits
     from imgret.index import validate_search
     from imgret.pipeline import run_experiment
     from imgret.tracking import (PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, open_tracking,
@@ -56,8 +56,12 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
             log.info("this point already finished as run %s: linked as %s, not run again (force=true reruns it)",
                      done.info.run_id, link)
             return dict(done.data.metrics)
-    splits = load_splits(cfg.data, cfg.seed)
-    validate_search(cfg.method, cfg.k, len(splits.gallery))
+    if is_vector_source(cfg.data):
+        splits, gallery_size = None, int(cfg.data.gallery_size)
+    else:
+        splits = load_splits(cfg.data, cfg.seed)
+        gallery_size = len(splits.gallery)
+    validate_search(cfg.method, cfg.k, gallery_size)
     with tracked_run(cfg, experiment_id) as recorder:
         result = run_experiment(cfg, splits)
         log_results(recorder, result.metrics, result.info, result.texts)

@@ -205,7 +205,14 @@ def run_name(cfg: DictConfig) -> str:
     keys = (spec.build_params + spec.query_params) if spec else ()
     settings = [str(method[key]) if method.name == "factory" else f"{key}{method[key]}"
                 for key in keys if key != "query_chunk" and method.get(key) is not None]
-    return "-".join([cfg.model.name, method.name, *settings])
+    return "-".join([model_label(cfg), method.name, *settings])
+
+
+def model_label(cfg: DictConfig) -> str:
+    """The model's name, or `vectors` for a source that has no model."""
+    from imgret.data import is_vector_source
+
+    return "vectors" if is_vector_source(cfg.data) else cfg.model.name
 
 
 def job_output_dir() -> Path:
@@ -279,7 +286,7 @@ class RunRecorder:
 def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = None) -> RunRecorder:
     tags = {
         "mlflow.runName": run_name(cfg),
-        "model": cfg.model.name,
+        "model": model_label(cfg),
         "method": cfg.method.name,
         "dataset": cfg.data.name,
         lifecycle.DIGEST_TAG: lifecycle.config_digest(cfg),

@@ -138,11 +138,14 @@ def validate_config(cfg) -> None:
     The light checks come first, so that they answer before torch, faiss and timm are imported."""
     check_run_settings(cfg)
     check_tracking(cfg.tracking)
-    from imgret.data import check_data
+    from imgret.data import check_data, is_vector_source
     from imgret.index import validate_search
     from imgret.models import describe_encoder, output_dim
 
     check_data(cfg.data)
-    describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
-    validate_search(cfg.method, cfg.k, dim=output_dim(cfg.model))
+    if is_vector_source(cfg.data):  # no model: the vectors' own dimension and count
+        validate_search(cfg.method, cfg.k, gallery_size=int(cfg.data.gallery_size), dim=int(cfg.data.dim))
+    else:
+        describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
+        validate_search(cfg.method, cfg.k, dim=output_dim(cfg.model))
     check_writable("paths.cache", Path(str(cfg.paths.cache)))
