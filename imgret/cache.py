@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
@@ -78,3 +80,26 @@ def move_aside(path: Path, why: str) -> Path:
     os.replace(path, target)
     log.warning("damaged cache entry %s (%s): moved to %s; it will be made again", path, why, target)
     return target
+
+
+def release_pages(array: np.ndarray, start_row: int = 0, stop_row: int | None = None) -> None:
+    """Drop rows [start_row, stop_row) of a memory-mapped store from this process's resident set.
+
+    Pages of a read-only file map that were read stay in the page cache, so reading them again costs no disk
+    I/O; dropping them keeps the resident set bounded while a whole gallery streams past. A no-op for arrays
+    that are not memory maps."""
+    base = array
+    while base is not None and getattr(base, "_mmap", None) is None:
+        base = getattr(base, "base", None)
+    mapping = getattr(base, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    row_bytes = array.strides[0]
+    # where `array` starts inside the mapping: numpy maps from an allocation-granularity boundary
+    within = (array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+              + base.offset % mmap.ALLOCATIONGRANULARITY)
+    page = mmap.PAGESIZE
+    first = (within + start_row * row_bytes) // page * page
+    last = within + (len(array) if stop_row is None else stop_row) * row_bytes
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, min(last, len(mapping)) - first)

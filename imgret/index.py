@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imgret.cache import damage, describe_files, file_lock, move_aside
+from imgret.cache import damage, describe_files, file_lock, move_aside, release_pages
 from imgret.errors import allowed, bad_value
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,11 @@ def training_sample(gallery: np.ndarray, method_cfg) -> np.ndarray:
     if size == len(gallery):
         return np.ascontiguousarray(gallery, dtype=np.float32)
     rows = np.sort(np.random.default_rng(0).choice(len(gallery), size, replace=False))
-    return np.ascontiguousarray(gallery[rows], dtype=np.float32)
+    sample = np.empty((size, gallery.shape[1]), dtype=np.float32)
+    for start in range(0, size, 16384):  # gathered in pieces, each piece's pages released after it
+        sample[start:start + 16384] = gallery[rows[start:start + 16384]]
+        release_pages(gallery)
+    return sample
 
 
 def _build(method_cfg, gallery: np.ndarray, path: Path | None, device: str) -> BuiltIndex:
@@ -321,6 +325,7 @@ def _build(method_cfg, gallery: np.ndarray, path: Path | None, device: str) -> B
     for chunk_start in tqdm(range(0, len(gallery), ADD_CHUNK_ROWS), desc=f"adding to {method_cfg.name}", unit="chunk",
                             disable=len(gallery) <= ADD_CHUNK_ROWS, mininterval=2):
         faiss_index.add(np.ascontiguousarray(gallery[chunk_start:chunk_start + ADD_CHUNK_ROWS], dtype=np.float32))
+        release_pages(gallery, chunk_start, chunk_start + ADD_CHUNK_ROWS)
     build_s = time.perf_counter() - start
     if path is not None:
         _save_atomically(faiss_index, path, {"build_s": build_s, "params": build_params(method_cfg),

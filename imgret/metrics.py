@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgret.cache import release_pages
+
 # Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
 RUN_METRICS = (
     "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
@@ -48,10 +50,11 @@ def recall_at_ties(found_similarities: np.ndarray, exact_similarities: np.ndarra
 def similarities_of(ids: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """The exact inner product of each query with each of its found gallery ids; -inf where id is -1."""
     out = np.full(ids.shape, -np.inf, dtype=np.float32)
-    for start in range(0, len(ids), 1024):  # bounds the (rows, k, dim) gather's memory
-        block = ids[start:start + 1024]
+    for start in range(0, len(ids), 256):  # bounds the (rows, k, dim) gather's memory, and the pages it maps
+        block = ids[start:start + 256]
         valid = block >= 0
         vectors = gallery[np.where(valid, block, 0)]
-        sims = np.einsum("qkd,qd->qk", vectors, queries[start:start + 1024])
-        out[start:start + 1024] = np.where(valid, sims, -np.inf)
+        sims = np.einsum("qkd,qd->qk", vectors, queries[start:start + 256])
+        out[start:start + 256] = np.where(valid, sims, -np.inf)
+        release_pages(gallery)  # a memory-mapped gallery: the gathered rows' pages need not stay resident
     return out
