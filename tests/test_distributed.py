@@ -2,7 +2,6 @@
 launch, parallel sweeps through Hydra's joblib launcher, an Optuna search, and the Slurm preset."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import imgret.extract
 from conftest import SYNTHETIC_FAST, write_images

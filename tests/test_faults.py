@@ -382,7 +382,7 @@ def test_the_report_skips_an_incomplete_sweep_and_lists_what_it_misses(tmp_path,
     report(["--tracking-uri", sqlite_uri(tmp_path), "--parent", parents[1].info.run_id, "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert "is incomplete (FAILED): 1 planned points have no finished run" in err
-    assert f"missing: " in err and f"data.gallery_dir={unusable.parent}" in err
+    assert "missing: " in err and f"data.gallery_dir={unusable.parent}" in err
 
 
 # --------------------------------------------------------------------------- a real MLflow server
