@@ -293,8 +293,10 @@ def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
              for rank in range(1, devices)]
     saved = {key: os.environ.get(key) for key in (*shared, "RANK", "LOCAL_RANK")}
     os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})  # Lightning: the ranks exist, join them
+    failed = True
     try:
         yield
+        failed = False
     except BaseException:
         for rank in ranks:
             rank.kill()
@@ -309,7 +311,7 @@ def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
             torch.distributed.destroy_process_group()  # the next extraction starts ranks of its own
         codes = [rank.wait(timeout=600) for rank in ranks]
         shutil.rmtree(spec.parent, ignore_errors=True)
-        if any(codes):
+        if any(codes) and not failed:  # after a failure here, the ranks were killed: report that failure instead
             raise RuntimeError(f"extraction ranks 1..{devices - 1} exited with {codes}; see their output above")
 
 

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 HOST_TAG, PID_TAG, STARTED_TAG = "imgret.host", "imgret.pid", "imgret.process_started"
 DIGEST_TAG = "imgret.config_digest"
 # Keys that cannot change a run's result: where files go, what is printed, how runs are grouped and
-# tracked, whether to rerun. Everything else is part of a point's identity.
-NOT_RESULT_KEYS = ("paths", "tracking", "extract.progress", "skip_invalid", "force", "hydra", "data.root")
+# tracked, whether to rerun, what a sweeper reads from it. Everything else is part of a point's identity.
+NOT_RESULT_KEYS = ("paths", "tracking", "extract.progress", "skip_invalid", "force", "hydra", "data.root",
+                   "objectives")
 
 
 class Interrupted(KeyboardInterrupt):

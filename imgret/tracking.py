@@ -101,7 +101,7 @@ def _open_sqlite(tracking_cfg, db: Path) -> str:
         try:
             return _get_or_create_experiment(MlflowClient(), tracking_cfg)
         except Exception as error:  # alembic, sqlalchemy and MLflow errors alike: the store is not usable
-            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            first_line = one_line(error)
             runs = _runs_in(db)
             if runs:
                 raise TrackingUnavailable(
@@ -215,13 +215,20 @@ def model_label(cfg: DictConfig) -> str:
     return "vectors" if is_vector_source(cfg.data) else cfg.model.name
 
 
-def job_output_dir() -> Path:
-    """The Hydra job's output folder; outside a Hydra app, a new temporary folder."""
+def one_line(error: BaseException) -> str:
+    """An error as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def job_output_dir() -> tuple[Path, bool]:
+    """The Hydra job's output folder; outside a Hydra app, a new temporary folder (True: remove it unless
+    it must keep a run whose server was lost)."""
     with contextlib.suppress(ValueError):
         from hydra.core.hydra_config import HydraConfig
 
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(tempfile.mkdtemp(prefix="imgret-run-"))
+        return Path(HydraConfig.get().runtime.output_dir), False
+    return Path(tempfile.mkdtemp(prefix="imgret-run-")), True
 
 
 class RunRecorder:
@@ -234,6 +241,7 @@ class RunRecorder:
         self.client, self.run_id, self.folder = client, run_id, Path(folder)
         self.record = {"params": {}, "tags": {}, "metrics": {}, "status": None, **record, "run_id": run_id}
         self.lost: str | None = None
+        self.temporary = False  # a folder made for this run alone, removed once the server has everything
         (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
 
     def _remote(self, call, *args, **kwargs) -> None:
@@ -242,7 +250,7 @@ class RunRecorder:
         try:
             call(*args, **kwargs)
         except Exception as error:  # MlflowException, requests' and urllib3's errors: the server is gone
-            self.lost = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            self.lost = one_line(error)
             log.error("tracking server lost (%s): the run goes on and keeps its results in %s", self.lost, self.folder)
 
     def log_params(self, params: dict[str, str]) -> None:
@@ -276,6 +284,8 @@ class RunRecorder:
     def end(self, status: str) -> None:
         self.record["status"] = status
         self._remote(self.client.set_terminated, self.run_id, status)
+        if not self.lost and self.temporary:
+            shutil.rmtree(self.folder, ignore_errors=True)
         if self.lost:
             self.record["lost"] = self.lost
             (self.folder / RECORD).write_text(json.dumps(self.record, indent=1))
@@ -307,9 +317,11 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     try:
         run_id, lost = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id, None
     except Exception as error:  # the server went away before this job (in a sweep): run it, keep it locally
-        run_id, lost = None, f"{type(error).__name__}: {str(error).strip()[:300]}"
+        run_id, lost = None, one_line(error)
         log.error("tracking server lost (%s): this run keeps its results locally", lost)
-    recorder = RunRecorder(client, run_id, job_output_dir(), record)
+    folder, temporary = job_output_dir()
+    recorder = RunRecorder(client, run_id, folder, record)
+    recorder.temporary = temporary
     recorder.lost = lost
     recorder.record["tags"].update(tags)
     return recorder
