@@ -12,6 +12,9 @@ Parts (choose with --parts):
            the same real images, model and batch size; each process gets its share of the cores
   verify   what trusting the cache costs: opening (checksum-verifying) a committed store of the search part's
            gallery size, against reading its bytes once
+  scale    a 1.28M x 512 synthetic gallery (imgret's store, memory-mapped): time and peak resident set of the exact
+           ground truth, the IVF build, IVF search and streamed brute force, each in a fresh process, against
+           the gallery's own bytes
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -40,7 +44,7 @@ from imgret.store import EmbeddingStore, StagedStore, store_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
-PARTS = ("extract", "search", "ivf", "memory", "ddp", "verify")
+PARTS = ("extract", "search", "ivf", "memory", "ddp", "verify", "scale")
 TARGETS = {  # the issue's targets: (comparison, bound)
     "extract_vs_forward": (">=", 0.9),
     "extract_vs_seed_loop_64px": (">=", 3.0),
@@ -405,6 +409,60 @@ def bench_verify(gallery: np.ndarray, work: Path, repeats: int = 3) -> dict:
             "plain_read_s": best_seconds(lambda: [f.read_bytes() for f in files], repeats)}
 
 
+def _scale_stage_in_child(stage: str, gallery_dir: str, queries_dir: str, nlist: int, nprobe: int, result_queue) -> None:
+    """One stage of the scale part, alone in this process, so its peak resident set is its own."""
+    from imgret.groundtruth import exact_top_k
+    from imgret.timing import PeakResidentSet
+
+    gallery, queries = EmbeddingStore(Path(gallery_dir)).vectors, np.asarray(EmbeddingStore(Path(queries_dir)).vectors)
+    result = {"stage": stage, "baseline_rss_bytes": psutil.Process().memory_info().rss}
+    with PeakResidentSet() as memory:
+        start = time.perf_counter()
+        if stage == "groundtruth":
+            exact_top_k(gallery, queries, 10, progress=False)
+            result["queries"] = len(queries)
+        elif stage == "ivf":
+            from omegaconf import OmegaConf
+
+            method = OmegaConf.create({"name": "ivf", "nlist": nlist, "nprobe": nprobe, "train_size": None})
+            built = build_index(method, gallery)
+            result["build_s"] = time.perf_counter() - start
+            search_start = time.perf_counter()
+            built.index.search(queries, 10)
+            result["search_s"] = time.perf_counter() - search_start
+            result["queries"] = len(queries)
+            result["setting"] = f"nlist={nlist} nprobe={nprobe}"
+        elif stage == "brute_streamed":
+            some = queries[:1000]
+            BruteForceIndex(gallery, resident_bytes=0).search(some, 10)
+            result["queries"] = len(some)
+        result["seconds"] = time.perf_counter() - start
+    result["peak_rss_bytes"] = memory.peak_bytes
+    result_queue.put(result)
+
+
+def bench_scale(cache: Path, gallery_size: int, query_count: int, dim: int, nlist: int, nprobe: int) -> dict:
+    """imgret's own synthetic store (made once, then reused from the cache), then each stage in a fresh process."""
+    from imgret.vectors import ensure_vector_stores
+
+    cfg = compose_cfg("data=synthetic_vectors", f"data.gallery_size={gallery_size}", f"data.query_size={query_count}",
+                      f"data.dim={dim}", f"paths.cache={cache}")
+    stores = ensure_vector_stores(cfg)
+    gallery_bytes = (stores.gallery.path / "vectors.npy").stat().st_size
+    context = multiprocessing.get_context("spawn")
+    stages = []
+    for stage in ("groundtruth", "ivf", "brute_streamed"):
+        print(f"scale: {stage} ...", flush=True)
+        queue = context.Queue()
+        child = context.Process(target=_scale_stage_in_child, args=(stage, str(stores.gallery.path),
+                                                                    str(stores.queries.path), nlist, nprobe, queue))
+        child.start()
+        stages.append(queue.get())
+        child.join()
+    return {"gallery": len(stores.gallery), "dim": stores.gallery.dim, "gallery_bytes": gallery_bytes,
+            "load_average": list(os.getloadavg()), "stages": stages}
+
+
 def verdict(name: str, value: float) -> str:
     comparison, bound = TARGETS[name]
     met = value >= bound if comparison == ">=" else value <= bound
@@ -487,6 +545,19 @@ def table(results: dict) -> str:
             f"{v['verified_open_s'] / v['plain_read_s']:.2f}x")
         row("verify", "  the same bytes read once, no checksum", f"{v['plain_read_s'] * 1000:.0f} ms")
         row("verify", "  commit (checksums computed)", f"{v['commit_s'] * 1000:.0f} ms")
+    if "scale" in results:
+        sc = results["scale"]
+        gallery_gb = sc["gallery_bytes"] / 1e9
+        row("scale", f"{sc['gallery']:,}x{sc['dim']} gallery, memory-mapped ({gallery_gb:.2f} GB of vectors)", "",
+            "", f"load {sc['load_average'][0]:.2f}; peak RSS / gallery bytes in the ratio column")
+        for st in sc["stages"]:
+            what = {"groundtruth": f"exact ground truth, top-10 of {st['queries']:,} queries",
+                    "ivf": f"IVF {st.get('setting', '')}: build, then {st['queries']:,} queries",
+                    "brute_streamed": f"brute force streamed, {st['queries']:,} queries"}[st["stage"]]
+            row("scale", what, f"{st['seconds']:.1f} s", f"{st['peak_rss_bytes'] / sc['gallery_bytes']:.2f}x",
+                f"peak RSS {st['peak_rss_bytes'] / 1e9:.2f} GB (process at start {st['baseline_rss_bytes'] / 1e9:.2f} GB)")
+            if st["stage"] == "ivf":
+                row("scale", "  of which build / batch search", f"{st['build_s']:.1f} s / {st['search_s']:.2f} s")
     return "\n".join(lines)
 
 
@@ -516,6 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--ddp-images", type=int, default=6400, help="images extracted per round of the ddp part")
     parser.add_argument("--memory-sizes", default="10000,100000", help="gallery sizes for the memory part")
+    parser.add_argument("--scale-gallery", type=int, default=1_280_000, help="gallery size for the scale part")
+    parser.add_argument("--scale-nlist", type=int, default=4096, help="IVF lists for the scale part")
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/bench-<time>.json")
     args = parser.parse_args(argv)
@@ -565,6 +638,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "verify" in parts:
             print(f"verify: opening a checksummed {len(gallery):,} x {args.dim} store ...", flush=True)
             results["verify"] = bench_verify(gallery, work)
+        if "scale" in parts:
+            print(f"scale: {args.scale_gallery:,} x {args.dim} synthetic vectors ...", flush=True)
+            results["scale"] = bench_scale(args.cache, args.scale_gallery, args.queries, args.dim, args.scale_nlist,
+                                           args.nprobe)
         if "memory" in parts:
             sizes = [int(s) for s in args.memory_sizes.split(",")]
             print(f"memory: extracting {', '.join(f'{s:,}' for s in sizes)} images in fresh processes ...", flush=True)

@@ -366,6 +366,85 @@ def folder_splits(data_cfg, seed: int) -> Splits:
     return Splits(make("gallery", gallery_listing), make("queries", query_listing))
 
 
+# --------------------------------------------------------------------------- ImageNet (ILSVRC2012)
+
+IMAGENET_EXTENSIONS = (".jpeg", ".jpg", ".png")
+VAL_SOLUTION = "LOC_val_solution.csv"  # Kaggle's ImageNet localisation challenge
+DEVKIT = "ILSVRC2012_devkit_t12"
+DEVKIT_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+
+
+def imagenet_dirs(root: Path) -> tuple[Path, Path]:
+    """train/ and val/ of the official extraction (root/train, root/val) or of Kaggle's (root/ILSVRC/Data/CLS-LOC)."""
+    for base in (root, root / "ILSVRC" / "Data" / "CLS-LOC"):
+        if (base / "train").is_dir() and (base / "val").is_dir():
+            return base / "train", base / "val"
+    raise DataUnavailable(f"{root} has no train/ and val/ folders (nor ILSVRC/Data/CLS-LOC/train and val/): "
+                          "extract ILSVRC2012_img_train.tar (and each class's tar inside it) into train/<wnid>/ "
+                          "and ILSVRC2012_img_val.tar into val/")
+
+
+def _val_labels_file(root: Path, setting: str) -> Path:
+    """Where the val images' classes are: the given file or devkit folder, or (auto) one found under the root."""
+    if setting != "auto":
+        return Path(setting).expanduser()
+    for candidate in (root / VAL_SOLUTION, root.parent / VAL_SOLUTION, root / DEVKIT, root.parent / DEVKIT):
+        if candidate.exists():
+            return candidate
+    raise DataUnavailable(f"the ImageNet val images in {root} are not in class folders, and neither {VAL_SOLUTION} "
+                          f"nor the devkit folder {DEVKIT} is in {root} or its parent: set data.val_labels to one")
+
+
+def imagenet_val_labels(labels_path: Path) -> dict[str, str]:
+    """Val image name (without ending) -> wnid, from Kaggle's LOC_val_solution.csv or the ILSVRC2012 devkit
+    (its validation ground truth holds devkit class ids, which meta.mat maps to wnids; needs scipy)."""
+    if labels_path.is_file():
+        rows = labels_path.read_text().splitlines()[1:]  # ImageId,PredictionString
+        return {image_id: prediction.split()[0] for image_id, prediction in
+                (row.split(",", 1) for row in rows if row.strip())}
+    try:
+        from scipy.io import loadmat
+    except ImportError as error:
+        raise DataUnavailable(f"reading the devkit's meta.mat needs scipy (pip install scipy), or give "
+                              f"data.val_labels={VAL_SOLUTION}") from error
+    synsets = loadmat(str(labels_path / "data" / "meta.mat"), squeeze_me=True)["synsets"]
+    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    ids = (labels_path / DEVKIT_TRUTH).read_text().split()
+    return {f"ILSVRC2012_val_{i + 1:08d}": wnid_of[int(class_id)] for i, class_id in enumerate(ids)}
+
+
+def imagenet_splits(data_cfg, seed: int = 0) -> Splits:
+    root = Path(str(data_cfg.root)).expanduser()
+    train_dir, val_dir = imagenet_dirs(root)
+    gallery_listing = list_class_folder(train_dir, IMAGENET_EXTENSIONS)
+    if any(entry.is_dir() for entry in os.scandir(val_dir)):  # val already sorted into class folders
+        query_listing = list_class_folder(val_dir, IMAGENET_EXTENSIONS)
+    else:
+        wnid_of = imagenet_val_labels(_val_labels_file(root, str(data_cfg.val_labels)))
+        query_listing: dict[str, list[str]] = {}
+        files = sorted((e.name for e in os.scandir(val_dir) if Path(e.name).suffix.lower() in IMAGENET_EXTENSIONS),
+                       key=natural_key)
+        unlabelled = [name for name in files if Path(name).stem not in wnid_of]
+        if unlabelled:
+            raise DataUnavailable(f"{len(unlabelled)} val images have no class in data.val_labels "
+                                  f"(first: {unlabelled[0]}): is it the ILSVRC2012 one?")
+        for name in files:
+            query_listing.setdefault(wnid_of[Path(name).stem], []).append(str(val_dir / name))
+    unknown = sorted(set(query_listing) - set(gallery_listing))
+    if unknown:
+        raise DataUnavailable(f"val classes {', '.join(unknown[:3])}... have no train/ folder")
+    class_names = tuple(sorted(gallery_listing))
+    class_index = {wnid: i for i, wnid in enumerate(class_names)}
+    source_id = _listing_id(gallery_listing, query_listing)
+
+    def make(split, listing):
+        paths = [path for wnid in class_names for path in listing.get(wnid, [])]
+        labels = [class_index[wnid] for wnid in class_names for _ in listing.get(wnid, [])]
+        return ImageSet("imagenet", split, tuple(paths), np.asarray(labels, dtype=np.int64), class_names, source_id)
+
+    return Splits(make("gallery", gallery_listing), make("queries", query_listing))
+
+
 # --------------------------------------------------------------------------- synthetic images
 
 SYNTHETIC_SCHEME = "synthetic://"
@@ -452,6 +531,16 @@ def check_folder(data_cfg) -> None:
         raise bad_value("data.extensions", extensions, "a list of file endings such as [.jpg, .png]")
 
 
+def check_imagenet(data_cfg) -> None:
+    root = data_cfg.get("root")
+    if root in (None, "???") or not Path(str(root)).expanduser().is_dir():
+        raise bad_value("data.root", root, "the folder ILSVRC2012 was extracted into, holding train/<wnid>/ and val/ "
+                        "(or Kaggle's ILSVRC/Data/CLS-LOC/); it is not downloaded for you")
+    setting = data_cfg.get("val_labels", "auto")
+    if setting != "auto" and not Path(str(setting)).expanduser().exists():
+        raise bad_value("data.val_labels", setting, f"auto, the path of {VAL_SOLUTION}, or the devkit folder {DEVKIT}")
+
+
 def check_synthetic(data_cfg) -> None:
     for key, low in (("image_size", 8), ("num_classes", 1), ("gallery_per_class", 1), ("query_per_class", 1)):
         if not _is_whole(data_cfg.get(key), low):
@@ -462,16 +551,56 @@ def check_synthetic_vectors(data_cfg) -> None:
     for key, low in (("gallery_size", 1), ("query_size", 1), ("dim", 2), ("clusters", 1)):
         if not _is_whole(data_cfg.get(key), low):
             raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
-    spread = data_cfg.get("spread")
-    if not isinstance(spread, (int, float)) or isinstance(spread, bool) or spread < 0:
-        raise bad_value("data.spread", spread, "a noise level >= 0 (0.5: clusters that overlap a little)")
+    for key, meaning in (("spread", "how far points lie from their centre, along the cluster's subspace"),
+                         ("noise", "noise in every dimension")):
+        value = data_cfg.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise bad_value(f"data.{key}", value, f"a number >= 0: {meaning}")
+    intrinsic = data_cfg.get("intrinsic_dim")
+    if not _is_whole(intrinsic, 1) or intrinsic > data_cfg.get("dim"):
+        raise bad_value("data.intrinsic_dim", intrinsic, f"a whole number from 1 to data.dim ({data_cfg.get('dim')})")
+
+
+def check_vectors(data_cfg) -> None:
+    """The files exist and are what their endings say (headers only), and the split fits in them."""
+    from imgret.vector_files import FILE_FORMATS, VectorFileError, open_vectors
+
+    files = {"gallery": data_cfg.get("gallery"), "queries": data_cfg.get("queries")}
+    if files["gallery"] in (None, "???"):
+        raise bad_value("data.gallery", files["gallery"], f"a file of vectors ({', '.join(FILE_FORMATS)}) or a "
+                        "clip-retrieval output folder (required)")
+    shapes = {}
+    for split, value in files.items():
+        if value is None:
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.exists():
+            raise bad_value(f"data.{split}", value, "an existing file of vectors or clip-retrieval folder")
+        try:
+            shapes[split] = open_vectors(path)
+        except (VectorFileError, OSError) as error:
+            raise bad_value(f"data.{split}", value, f"a readable file of vectors ({error})") from error
+    gallery = shapes["gallery"]
+    if "queries" in shapes and shapes["queries"].dim != gallery.dim:
+        raise bad_value("data.queries", files["queries"], f"vectors of the gallery's dimension {gallery.dim} "
+                        f"(it holds dimension {shapes['queries'].dim})")
+    for key in ("gallery_labels", "query_labels"):
+        value = data_cfg.get(key)
+        if value is not None and not Path(str(value)).expanduser().is_file():
+            raise bad_value(f"data.{key}", value, "an existing .npy file of labels, or null")
+    if "queries" not in shapes and "queries" not in gallery.extras:
+        if not _is_whole(data_cfg.get("query_size"), 1) or data_cfg.query_size >= gallery.count:
+            raise bad_value("data.query_size", data_cfg.get("query_size"), "a whole number of vectors to hold out "
+                            f"of the gallery as queries, from 1 to {gallery.count - 1}")
 
 
 SOURCES: dict[str, DataSource] = {
     "tiny_imagenet": DataSource(check_tiny_imagenet, tiny_imagenet_splits),
     "folder": DataSource(check_folder, folder_splits),
+    "imagenet": DataSource(check_imagenet, imagenet_splits),
     "synthetic": DataSource(check_synthetic, synthetic_splits),
     "synthetic_vectors": DataSource(check_synthetic_vectors),
+    "vectors": DataSource(check_vectors),
 }
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -47,6 +47,7 @@ class Embeddings:
     gallery: EmbeddingStore
     queries: EmbeddingStore
     extracted: tuple[str, ...]  # the splits this call extracted; the others came from the cache
+    checks: dict = field(default_factory=dict)  # what was checked about the source (logged as tags)
 
     @property
     def timings(self) -> dict[str, float]:

@@ -7,10 +7,13 @@ to a built or loaded index before searching), so a sweep over nprobe or ef_searc
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -24,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from imgret.cache import damage, describe_files, file_lock, move_aside, release_pages
-from imgret.errors import allowed, bad_value
+from imgret.errors import ConfigError, allowed, bad_value
 
 log = logging.getLogger(__name__)
 
 # faiss's k-means wants at least this many training points per centroid, and warns below it.
 MIN_POINTS_PER_CENTROID = 39
 ADD_CHUNK_ROWS = 65536
+ON_DISK_SHARD_ROWS = 8 * ADD_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,17 @@ class Method:
 
 
 METHODS = {
-    "brute": Method((), ("query_chunk",), cached=False),
+    "brute": Method((), ("query_chunk", "resident_mb"), cached=False),
     "flat": Method((), (), cached=False),
-    "ivf": Method(("nlist", "train_size"), ("nprobe",), cached=True),
-    "ivfpq": Method(("nlist", "pq_m", "pq_nbits", "train_size"), ("nprobe",), cached=True),
+    "ivf": Method(("nlist", "train_size", "on_disk"), ("nprobe",), cached=True),
+    "ivfpq": Method(("nlist", "pq_m", "pq_nbits", "train_size", "on_disk"), ("nprobe",), cached=True),
     "hnsw": Method(("hnsw_m", "ef_construction"), ("ef_search",), cached=True),
-    "factory": Method(("index_factory", "train_size"), ("search_params",), cached=True),
+    "factory": Method(("index_factory", "train_size", "on_disk"), ("search_params",), cached=True),
 }
+
+
+# Settings that change how a method computes, never what it returns: not part of a run's name or the study's keys.
+EXECUTION_PARAMS = ("query_chunk", "resident_mb", "on_disk")
 
 
 class SearchIndex(Protocol):
@@ -60,14 +68,19 @@ class SearchIndex(Protocol):
 class BruteForceIndex:
     """Exact cosine: chunked matrix products and a partial top-k (torch.topk, no full sort).
 
+    A gallery up to `resident_bytes` is copied into RAM; a larger one stays memory-mapped and is streamed in
+    blocks of `block_rows`, each block's pages released after it, so memory does not grow with the gallery.
     The products go through numpy's BLAS (OpenBLAS): on this project's machines it beat torch's MKL both
     batched (141 vs 133 GFLOP/s) and, by far, for single queries (GEMV: 9.8 vs 17.7 ms over 100k x 512),
     as `python -m imgret.bench` measures. torch.topk selects from the scores without copying them.
     """
 
-    def __init__(self, gallery: np.ndarray, query_chunk: int = 1024, device: str = "cpu"):
-        self.gallery = np.array(gallery, dtype=np.float32, order="C")  # in RAM, not paged in from a memmap
+    def __init__(self, gallery: np.ndarray, query_chunk: int = 1024, device: str = "cpu",
+                 resident_bytes: int = 1 << 30, block_rows: int = ADD_CHUNK_ROWS):
+        self.streamed = device == "cpu" and gallery.nbytes > resident_bytes
+        self.gallery = gallery if self.streamed else np.array(gallery, dtype=np.float32, order="C")
         self.query_chunk = query_chunk
+        self.block_rows = block_rows
         # on a GPU the products and the selection run there, with torch
         self.gallery_on_device = torch.from_numpy(self.gallery).to(device) if device != "cpu" else None
 
@@ -75,6 +88,8 @@ class BruteForceIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.gallery_on_device is not None:
             return self._search_on_device(queries, k)
+        if self.streamed:
+            return self._search_streamed(queries, k)
         if len(queries) == 1:  # matrix-vector: bandwidth-bound, one pass over the gallery
             top = torch.topk(torch.from_numpy(self.gallery @ queries[0]), k, largest=True, sorted=True)
             return top.values.numpy()[None], top.indices.numpy()[None]
@@ -86,6 +101,22 @@ class BruteForceIndex:
             scores[start:start + len(similarities)] = top.values.numpy()
             ids[start:start + len(similarities)] = top.indices.numpy()
         return scores, ids
+
+    def _search_streamed(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over the gallery, block by block: each block's top-k merged into every query's best k."""
+        best_scores = torch.full((len(queries), k), -torch.inf)
+        best_ids = torch.zeros((len(queries), k), dtype=torch.int64)
+        for start in range(0, len(self.gallery), self.block_rows):
+            block = np.ascontiguousarray(self.gallery[start:start + self.block_rows])
+            for q in range(0, len(queries), self.query_chunk):
+                top = torch.topk(torch.from_numpy(queries[q:q + self.query_chunk] @ block.T), min(k, len(block)), dim=1)
+                scores = torch.cat([best_scores[q:q + self.query_chunk], top.values], dim=1)
+                ids = torch.cat([best_ids[q:q + self.query_chunk], top.indices + start], dim=1)
+                merged = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+                best_scores[q:q + self.query_chunk] = merged.values
+                best_ids[q:q + self.query_chunk] = torch.gather(ids, 1, merged.indices)
+            release_pages(self.gallery, start, start + len(block))
+        return best_scores.numpy(), best_ids.numpy()
 
     def _search_on_device(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = [], []
@@ -146,7 +177,10 @@ class BuiltIndex:
     @property
     def nbytes(self) -> int:
         """The serialised size: a saved index's file size, rather than serialising it again on every run."""
-        return self.path.stat().st_size if self.path is not None else self.index.nbytes
+        if self.path is None:
+            return self.index.nbytes
+        on_disk_lists = self.path.with_suffix(".ivfdata")
+        return self.path.stat().st_size + (on_disk_lists.stat().st_size if on_disk_lists.exists() else 0)
 
 
 def _whole(value, low: int, high: int | None = None) -> bool:
@@ -164,6 +198,8 @@ def validate_search(method_cfg, k, gallery_size: int | None = None, dim: int | N
         raise bad_value("k", k, up_to_gallery)
     if name == "brute" and not _whole(method_cfg.get("query_chunk", 1024), 1):
         raise bad_value("method.query_chunk", method_cfg.query_chunk, "a whole number of queries per matrix product >= 1")
+    if name == "brute" and not _whole(method_cfg.get("resident_mb", 1024), 0):
+        raise bad_value("method.resident_mb", method_cfg.resident_mb, "a whole number of megabytes >= 0 (0: always stream)")
     if name in ("ivf", "ivfpq"):
         nlist, nprobe = method_cfg.nlist, method_cfg.nprobe
         if not _whole(nlist, 1, gallery_size):
@@ -184,10 +220,16 @@ def validate_search(method_cfg, k, gallery_size: int | None = None, dim: int | N
         for key in ("hnsw_m", "ef_construction", "ef_search"):
             if not _whole(method_cfg[key], 1):
                 raise bad_value(f"method.{key}" if key != "ef_search" else key, method_cfg[key], "a whole number >= 1")
+    if "on_disk" in METHODS[name].build_params and not isinstance(method_cfg.get("on_disk", False), bool):
+        raise bad_value("method.on_disk", method_cfg.on_disk, "true (inverted lists in a file beside the index, "
+                        "memory-mapped) or false")
     if name == "factory":
         # Without the dimension, check the grammar with one that every common sub-quantizer count divides.
         index = _factory_index(method_cfg, dim or 8 * 3 * 5 * 7 * 16)
         _apply_search_params(index, method_cfg)
+        if method_cfg.get("on_disk") and faiss.try_extract_index_ivf(index) is None:
+            raise bad_value("method.on_disk", True, f"false for {method_cfg.index_factory}, which has no inverted "
+                            "lists (only IVF indexes keep them on disk)")
 
 
 def _divisors(n: int) -> str:
@@ -261,7 +303,7 @@ def index_cache_path(cache_dir: Path, gallery_id: str, method_cfg) -> Path:
     params = build_params(method_cfg)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     readable = "-".join(f"{key}{value}" for key, value in params.items()
-                        if key not in ("method", "index_factory") and value is not None)
+                        if key not in ("method", "index_factory") and value not in (None, False))
     return Path(cache_dir) / "indexes" / gallery_id / f"{params['method']}{'-' + readable if readable else ''}-{digest}.faiss"
 
 
@@ -277,7 +319,8 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
         raise bad_value("method", name, f"one of {allowed(METHODS)}")
     if name == "brute":
         start = time.perf_counter()
-        index = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)), device)
+        resident_mb = method_cfg.get("resident_mb", 1024)
+        index = BruteForceIndex(gallery, int(method_cfg.get("query_chunk", 1024)), device, int(resident_mb) << 20)
         return BuiltIndex(index, time.perf_counter() - start, reused=False)
 
     path = index_cache_path(cache_dir, gallery_id, method_cfg) if METHODS[name].cached and cache_dir else None
@@ -311,21 +354,58 @@ def training_sample(gallery: np.ndarray, method_cfg) -> np.ndarray:
     return sample
 
 
+@contextlib.contextmanager
+def _working(desc: str, enabled: bool = True):
+    """A bar that counts seconds while a faiss call that reports nothing (k-means) runs."""
+    bar = tqdm(desc=desc, unit="s", disable=not enabled, bar_format="{desc}: {elapsed}")
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.update(1)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
+
+
+def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, stop: int, desc: str,
+                   with_ids: bool = False) -> None:
+    """Rows [start, stop) of the memory-mapped gallery, a chunk at a time, each chunk's pages released after it."""
+    chunks = range(start, stop, ADD_CHUNK_ROWS)
+    for chunk_start in tqdm(chunks, desc=desc, unit="chunk", disable=len(chunks) <= 1, mininterval=2):
+        chunk_stop = min(stop, chunk_start + ADD_CHUNK_ROWS)
+        rows = np.ascontiguousarray(gallery[chunk_start:chunk_stop], dtype=np.float32)
+        if with_ids:
+            faiss_index.add_with_ids(rows, np.arange(chunk_start, chunk_stop, dtype=np.int64))
+        else:
+            faiss_index.add(rows)
+        release_pages(gallery, chunk_start, chunk_stop)
+
+
 def _build(method_cfg, gallery: np.ndarray, path: Path | None, device: str) -> BuiltIndex:
     """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
-    one chunk and the sample, never a second copy of the whole gallery."""
+    one chunk and the sample, never a second copy of the whole gallery. With `on_disk`, not even the index:
+    its inverted lists are filled shard by shard and merged into a memory-mapped file beside it."""
     faiss_index = _new_faiss_index(method_cfg, gallery.shape[1])
     log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
     start = time.perf_counter()
     if not faiss_index.is_trained:
         sample = training_sample(gallery, method_cfg)
-        log.info("training on %d sampled vectors", len(sample))
-        faiss_index.train(sample)
+        with _working(f"training {method_cfg.name} on {len(sample):,} sampled vectors", len(gallery) > ADD_CHUNK_ROWS):
+            faiss_index.train(sample)
         del sample
-    for chunk_start in tqdm(range(0, len(gallery), ADD_CHUNK_ROWS), desc=f"adding to {method_cfg.name}", unit="chunk",
-                            disable=len(gallery) <= ADD_CHUNK_ROWS, mininterval=2):
-        faiss_index.add(np.ascontiguousarray(gallery[chunk_start:chunk_start + ADD_CHUNK_ROWS], dtype=np.float32))
-        release_pages(gallery, chunk_start, chunk_start + ADD_CHUNK_ROWS)
+    if method_cfg.get("on_disk"):
+        if path is None:
+            raise ConfigError("method.on_disk=true needs the index cache (paths.cache) to hold its inverted lists")
+        _fill_on_disk(faiss_index, gallery, path, method_cfg.name)
+    else:
+        _add_in_chunks(faiss_index, gallery, 0, len(gallery), f"adding to {method_cfg.name}")
     build_s = time.perf_counter() - start
     if path is not None:
         _save_atomically(faiss_index, path, {"build_s": build_s, "params": build_params(method_cfg),
@@ -334,23 +414,49 @@ def _build(method_cfg, gallery: np.ndarray, path: Path | None, device: str) -> B
     return BuiltIndex(on_device(faiss_index, method_cfg, device), build_s, reused=False, path=path)
 
 
+def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, name: str) -> None:
+    """faiss's recipe for indexes larger than memory (contrib/ondisk.py): copies of the trained, empty index
+    each take a shard of the gallery and are written out; their inverted lists are merged into one
+    `.ivfdata` file that the index memory-maps. Memory holds one shard's lists."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lists_path = path.with_suffix(".ivfdata")
+    lists_path.unlink(missing_ok=True)  # left by a build that was interrupted: never counted as built
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.shards.") as shards_dir:
+        shard_paths = []
+        for shard_start in range(0, len(gallery), ON_DISK_SHARD_ROWS):
+            shard = faiss.clone_index(trained)
+            shard_stop = min(len(gallery), shard_start + ON_DISK_SHARD_ROWS)
+            _add_in_chunks(shard, gallery, shard_start, shard_stop,
+                           f"adding to {name}, shard {len(shard_paths) + 1}", with_ids=True)
+            shard_paths.append(str(Path(shards_dir) / f"shard-{len(shard_paths)}.faiss"))
+            faiss.write_index(shard, shard_paths[-1])
+            del shard
+        with _working(f"merging {len(shard_paths)} shards into {lists_path.name}"):
+            merge_ondisk(trained, shard_paths, str(lists_path))
+
+
 def _load_verified(path: Path) -> tuple[faiss.Index, dict] | None:
     """A saved index and its meta, if both are there and the index matches its recorded checksum; a damaged
     one is moved aside (None: build it again)."""
     meta_path = path.with_suffix(".json")
     if not path.is_file() and not meta_path.is_file():
         return None
+    lists_path = path.with_suffix(".ivfdata")
     try:
         meta = json.loads(meta_path.read_text())
-        problem = damage(path.parent, {path.name: meta["file"]})
+        expected = {path.name: meta["file"], **({lists_path.name: meta["lists_file"]} if "lists_file" in meta else {})}
+        problem = damage(path.parent, expected)
     except (OSError, ValueError, KeyError, TypeError):
         meta, problem = None, "its meta file is missing, unreadable or from an older imgret"
     if problem is None:
         try:
-            return faiss.read_index(str(path)), meta
+            # on-disk inverted lists are found beside the index, wherever the cache has moved
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if "lists_file" in meta else 0), meta
         except RuntimeError as error:
             problem = f"faiss cannot read it: {str(error).strip().splitlines()[-1]}"
-    for damaged in (path, meta_path):
+    for damaged in (path, meta_path, lists_path):
         if damaged.exists():
             move_aside(damaged, problem)
     return None
@@ -364,6 +470,9 @@ def _save_atomically(faiss_index: faiss.Index, path: Path, meta: dict) -> None:
     partial_index = path.with_name(f".{path.name}.{token}")
     faiss.write_index(faiss_index, str(partial_index))
     meta = {**meta, "file": describe_files(path.parent, [partial_index.name])[partial_index.name]}
+    lists_path = path.with_suffix(".ivfdata")
+    if faiss.try_extract_index_ivf(faiss_index) is not None and lists_path.exists():
+        meta["lists_file"] = describe_files(path.parent, [lists_path.name])[lists_path.name]
     os.replace(partial_index, path)
     partial_meta = path.with_name(f".{path.stem}.{token}.json")
     partial_meta.write_text(json.dumps(meta, indent=1))

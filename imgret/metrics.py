@@ -10,6 +10,9 @@ RUN_METRICS = (
     "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
     "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
     "extract_ms_per_image", "extract_images_per_s", "gallery_size", "query_size", "dim", "bad_images",
+    # where the run's time went (seconds: stores extracted, generated or opened; exact ground truth computed or
+    # loaded; index built or loaded; timed search) and its largest resident set while it worked
+    "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
 )
 
 
@@ -24,7 +27,9 @@ def recall_at(found_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
 
 
 def precision_at(found_ids: np.ndarray, gallery_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
-    """Share of the top-k results whose class is the query's class."""
+    """Share of the top-k results whose class is the query's class; NaN when the queries have no labels (-1)."""
+    if np.all(query_labels < 0):
+        return float("nan")
     found = found_ids[:, :k]
     labels = np.where(found >= 0, gallery_labels[np.clip(found, 0, None)], -1)
     return float((labels == query_labels[:, None]).mean())

@@ -20,6 +20,7 @@ from imgret.groundtruth import exact_ground_truth
 from imgret.index import build_index
 from imgret.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
 from imgret.search import timed_search
+from imgret.timing import PeakResidentSet, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,23 @@ def configure_threads(threads: int | None) -> int:
 def run_experiment(cfg, splits: Splits | None) -> RunResult:
     """Every stage after the images are listed (and the config checked against their number); `splits` is
     None for a vector source, whose stores are generated rather than extracted."""
-    threads = configure_threads(cfg.get("threads"))
-    if splits is None:
-        from imgret.vectors import ensure_vector_stores
+    with PeakResidentSet() as memory:
+        result = _run_stages(cfg, splits)
+    result.metrics["peak_rss_bytes"] = float(memory.peak_bytes)
+    log.info("results: %s", {k: round(v, 4) for k, v in result.metrics.items()})
+    return result
 
-        embeddings = ensure_vector_stores(cfg)
-    else:
-        embeddings = ensure_embeddings(splits, cfg)
+
+def _run_stages(cfg, splits: Splits | None) -> RunResult:
+    threads = configure_threads(cfg.get("threads"))
+    stages = StageTimes()
+    with stages.measure("stores_s"):
+        if splits is None:
+            from imgret.vectors import ensure_vector_stores
+
+            embeddings = ensure_vector_stores(cfg)
+        else:
+            embeddings = ensure_embeddings(splits, cfg)
     gallery, queries = embeddings.gallery, embeddings.queries
     if len(gallery) < int(cfg.k) or len(queries) == 0:
         raise DataUnavailable(f"after leaving out {len(embeddings.bad_images)} unusable images, {len(gallery)} gallery "
@@ -60,12 +71,14 @@ def run_experiment(cfg, splits: Splits | None) -> RunResult:
 
     # Search deep enough for recall@10 and precision@10 even when k < 10.
     depth = min(max(int(cfg.k), 10), len(gallery))
-    truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
-
-    built = build_index(cfg.method, gallery_vectors, Path(cfg.paths.cache), gallery.path.name,
-                        resolve_device(cfg.device))
-    found = timed_search(built.index, query_vectors, depth, int(cfg.search.latency_queries),
-                         int(cfg.search.warmup_queries), progress=bool(cfg.extract.progress))
+    with stages.measure("groundtruth_s"):
+        truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
+    with stages.measure("index_s"):
+        built = build_index(cfg.method, gallery_vectors, Path(cfg.paths.cache), gallery.path.name,
+                            resolve_device(cfg.device))
+    with stages.measure("search_s"):
+        found = timed_search(built.index, query_vectors, depth, int(cfg.search.latency_queries),
+                             int(cfg.search.warmup_queries), progress=bool(cfg.extract.progress))
 
     latency = latency_percentiles(found.latencies_ms)
     found_similarities = similarities_of(found.ids, gallery_vectors, query_vectors)
@@ -88,6 +101,7 @@ def run_experiment(cfg, splits: Splits | None) -> RunResult:
         "query_size": float(len(queries)),
         "dim": float(gallery.dim),
         "bad_images": float(len(embeddings.bad_images)),
+        **stages,
     }
     info = {
         "embeddings_extracted": ",".join(embeddings.extracted) or "none",
@@ -97,7 +111,7 @@ def run_experiment(cfg, splits: Splits | None) -> RunResult:
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),
         "latency_queries": str(len(found.latencies_ms)),
+        **embeddings.checks,
     }
-    log.info("results: %s", {k: round(v, 4) for k, v in metrics.items()})
     texts = {"bad_images.txt": "".join(f"{line}\n" for line in embeddings.bad_images)} if embeddings.bad_images else {}
     return RunResult(metrics, info, texts)

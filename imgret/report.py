@@ -6,6 +6,9 @@ Writes to a folder (default outputs/report/<parent run id>) and attaches the sam
   end_to_end.md/.csv       extraction per image against search per query, per model
   pareto_<model>.png       recall@10 against QPS and against p99 latency, the frontier joined
   end_to_end.png           the breakdown as bars
+  scaling.md/.csv, scaling_<model>.png
+                           when the runs cover several gallery sizes: build time, QPS, p99 latency, peak
+                           memory and recall@10 against gallery size (log-log), with fitted growth exponents
   runs.csv, report.md      every point, and all of the above on one page
 """
 from __future__ import annotations
@@ -25,8 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from imgret.index import METHODS  # noqa: E402
-from imgret.study import EXACT_METHODS, RECALL_TARGETS, fastest_reaching, pareto_frontier, representative  # noqa: E402
+from imgret.index import EXECUTION_PARAMS, METHODS  # noqa: E402
+from imgret.study import (EXACT_METHODS, RECALL_TARGETS, SCALING_METRICS, fastest_reaching, growth_exponent,  # noqa: E402
+                          pareto_frontier, representative)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
         if "method" not in tags or "recall_at_10" not in metrics:
             continue
         method = tags["method"]
-        keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k != "query_chunk"]
+        keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k not in EXECUTION_PARAMS]
         rows.append({
             "run_id": run.info.run_id, "model": tags["model"], "method": method,
             "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys
@@ -237,6 +241,59 @@ def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def _series_label(method: str, build: str, setting: str) -> str:
+    return f"{METHOD_LABELS[method]} {setting}".strip()
+
+
+def scaling_table(runs: list[dict], out: Path) -> str:
+    """Per model and method setting: each metric at every gallery size, and its growth exponent."""
+    sizes = sorted({int(r["gallery_size"]) for r in runs})
+    rows = []
+    for (model, method, setting), group in sorted(by_key(runs, "model", "method", "setting").items(),
+                                                  key=lambda item: (item[0][0], list(METHODS).index(item[0][1]))):
+        at_size = {int(r["gallery_size"]): r for r in group}
+        for key, label in SCALING_METRICS:
+            scale = 1e-9 if key == "peak_rss_bytes" else 1.0
+            cells = [f"{at_size[n].get(key, float('nan')) * scale:.4g}" if n in at_size else "" for n in sizes]
+            exponent = growth_exponent(list(at_size), [r.get(key, float("nan")) for r in at_size.values()])
+            rows.append([model, _series_label(method, "", setting), label, *cells,
+                         "" if exponent != exponent else f"{exponent:+.2f}"])
+    header = ["model", "index", "metric", *[f"{n:,}" for n in sizes], "exponent b (∝ size^b)"]
+    return write_table(out / "scaling", header, rows)
+
+
+def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
+    """One log-log panel per metric, each series one index setting; the last panel names the settings."""
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8.6))
+    series = sorted(by_key(runs, "method", "setting").items(), key=lambda item: list(METHODS).index(item[0][0]))
+    for axis, (key, label) in zip(axes.flat, SCALING_METRICS):
+        scale = 1e-9 if key == "peak_rss_bytes" else 1.0
+        for (method, setting), group in series:
+            group = sorted(group, key=lambda r: r["gallery_size"])
+            sizes, values = [r["gallery_size"] for r in group], [r.get(key, float("nan")) * scale for r in group]
+            exponent = growth_exponent(sizes, values)
+            axis.plot(sizes, values, marker=METHOD_MARKERS[method],
+                      label=METHOD_LABELS[method] + ("" if exponent != exponent else f": b = {exponent:+.2f}"))
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("gallery size, vectors (log scale)")
+        axis.set_title(label + " (log scale)", fontsize=10)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    legend_axis = axes.flat[len(SCALING_METRICS)]
+    legend_axis.axis("off")
+    for (method, setting), _ in series:
+        legend_axis.plot([], [], marker=METHOD_MARKERS[method], label=_series_label(method, "", setting))
+    legend_axis.legend(loc="center", fontsize=9, title="each point is one run of", title_fontsize=9)
+    dims = sorted({int(r["dim"]) for r in runs})
+    queries = sorted({int(r["query_size"]) for r in runs})
+    figure.suptitle(f"{model}: cost and accuracy against gallery size ({'/'.join(map(str, dims))}-d, "
+                    f"{'/'.join(f'{q:,}' for q in queries)} queries); b is the fitted exponent (metric ∝ size^b)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -247,8 +304,17 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
     header = ["model", "method", "setting", "recall_at_10", "recall_at_10_ties", "search_qps_batch",
               "search_ms_p50", "search_ms_p99", "build_s", "index_bytes", "index_built", "run_id"]
     write_table(out / "runs", header, [[r.get(k, "") for k in header] for r in runs])
-    parts = [f"# {title}\n", f"{gallery_words(runs)}; {len(runs)} finished runs.\n",
-             "## Seed table\n", seed_table(runs, out),
+    parts = [f"# {title}\n", f"{gallery_words(runs)}; {len(runs)} finished runs.\n"]
+    gallery_sizes = sorted({int(r["gallery_size"]) for r in runs})
+    if len(gallery_sizes) > 1:
+        parts += ["## Scaling with the gallery\n", "Each metric at every gallery size, and b from a least-squares "
+                  "fit of log(metric) on log(gallery size): the metric grows as size^b.\n", scaling_table(runs, out)]
+        for (model,), group in sorted(by_key(runs, "model").items()):
+            scaling_plot(model, group, out / f"scaling_{model}.png")
+            parts.append(f"![scaling {model}](scaling_{model}.png)\n")
+        runs = [r for r in runs if int(r["gallery_size"]) == gallery_sizes[-1]]
+        parts.append(f"\nThe sections below are the largest gallery's runs ({gallery_sizes[-1]:,} vectors).\n")
+    parts += ["## Seed table\n", seed_table(runs, out),
              "\n## Operating points: the fastest setting reaching each recall\n", operating_points(runs, out)]
     e2e_markdown, breakdown = end_to_end(runs, out)
     parts += ["\n## End to end: extraction per image against search per query\n", e2e_markdown,

@@ -57,7 +57,9 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
                      done.info.run_id, link)
             return dict(done.data.metrics)
     if is_vector_source(cfg.data):
-        splits, gallery_size = None, int(cfg.data.gallery_size)
+        from imgret.vectors import vector_shape
+
+        splits, gallery_size = None, vector_shape(cfg.data)[0]
     else:
         splits = load_splits(cfg.data, cfg.seed)
         gallery_size = len(splits.gallery)

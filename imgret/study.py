@@ -37,3 +37,22 @@ def representative(runs: Sequence[dict], target: float = 0.95) -> dict:
     if reaching:
         return min(reaching, key=lambda run: run["search_ms_p50"])
     return max(runs, key=lambda run: (run["recall_at_10"], -run["search_ms_p50"]))
+
+
+# What the scaling study follows against gallery size: (metric, axis label).
+SCALING_METRICS = (
+    ("build_s", "index build, s"),
+    ("search_qps_batch", "queries per second (batch)"),
+    ("search_ms_p99", "p99 single-query latency, ms"),
+    ("peak_rss_bytes", "peak resident set, GB"),
+    ("recall_at_10", "recall@10"),
+)
+
+
+def growth_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
+    """b in value ≈ a · size^b: the least-squares slope of log(value) on log(size). NaN with fewer than two
+    distinct sizes or any value that is not positive (a log-log fit needs both)."""
+    sizes, values = np.asarray(sizes, dtype=float), np.asarray(values, dtype=float)
+    if len(np.unique(sizes)) < 2 or not np.all(values > 0) or not np.all(np.isfinite(values)):
+        return float("nan")
+    return float(np.polyfit(np.log(sizes), np.log(values), 1)[0])

@@ -144,7 +144,10 @@ def validate_config(cfg) -> None:
 
     check_data(cfg.data)
     if is_vector_source(cfg.data):  # no model: the vectors' own dimension and count
-        validate_search(cfg.method, cfg.k, gallery_size=int(cfg.data.gallery_size), dim=int(cfg.data.dim))
+        from imgret.vectors import vector_shape
+
+        gallery_size, dim = vector_shape(cfg.data)
+        validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)
     else:
         describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
         validate_search(cfg.method, cfg.k, dim=output_dim(cfg.model))

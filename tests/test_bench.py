@@ -42,7 +42,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
     results = main(["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64",
                     "--clip-images", "8", "--batch-size", "16", "--gallery", "2000", "--queries", "100",
                     "--single-queries", "20", "--nlist", "16", "--nprobe", "4", "--memory-sizes", "40,80",
-                    "--ddp-images", "48",
+                    "--ddp-images", "48", "--scale-gallery", "3000", "--scale-nlist", "16",
                     "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["table"] == results["table"] == table(results)
@@ -62,6 +62,10 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
     assert all(rate > 0 for rate in ddp["one_process_images_per_s"] + ddp["two_processes_images_per_s"])
     verify = saved["verify"]
     assert verify["gallery"] == 2000 and verify["store_bytes"] > 2000 * 512 * 4 and verify["verified_open_s"] > 0
+    scale = saved["scale"]
+    assert scale["gallery"] == 3000 and scale["gallery_bytes"] > 3000 * 512 * 4
+    assert [s["stage"] for s in scale["stages"]] == ["groundtruth", "ivf", "brute_streamed"]
+    assert all(s["peak_rss_bytes"] >= s["baseline_rss_bytes"] > 0 and s["seconds"] > 0 for s in scale["stages"])
     for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS",
-                 "(sha256 of every file)"):
+                 "(sha256 of every file)", "exact ground truth, top-10 of 100 queries"):
         assert line in saved["table"]

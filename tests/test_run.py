@@ -18,6 +18,7 @@ METRICS = {
     "search_ms_p50", "search_ms_p95",
     "search_ms_p99", "search_qps_batch", "build_s", "index_bytes", "extract_ms_per_image",
     "extract_images_per_s", "gallery_size", "query_size", "dim", "bad_images",
+    "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
 }
 
 
@@ -38,6 +39,8 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert set(run.data.metrics) == METRICS == set(RUN_METRICS)
     assert run.data.metrics == pytest.approx(metrics)
     assert run.data.metrics["recall_at_k"] == 1.0  # nprobe = nlist visits every list
+    assert all(run.data.metrics[stage] > 0 for stage in ("stores_s", "groundtruth_s", "index_s", "search_s"))
+    assert 50e6 < run.data.metrics["peak_rss_bytes"] < 20e9  # torch alone is resident
     assert run.data.metrics["gallery_size"] == 200 and run.data.metrics["query_size"] == 40
     params = run.data.params
     assert params["method.nprobe"] == "4" and params["nlist"] == "4" and params["model.arch"] == "resnet18"

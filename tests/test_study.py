@@ -8,7 +8,7 @@ from conftest import CONF_DIR
 from imgret.report import main as report_main
 from imgret.report import seed_table
 from imgret.run import run_tracked
-from imgret.study import fastest_reaching, pareto_frontier, representative
+from imgret.study import fastest_reaching, growth_exponent, pareto_frontier, representative
 from test_run import children_of_the_parent, imgret_multirun, runs_of
 
 
@@ -51,8 +51,8 @@ def test_seed_table_has_the_seed_layout(tmp_path):
 
 def test_every_experiment_composes_into_a_sweep():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for name, swept in [("seed_table", {"model", "method"}), ("ivf_study", {"nlist", "nprobe"}),
-                            ("index_zoo", {"method", "effort"})]:
+        for name, swept in [("scale_study", {"data.gallery_size", "method"}), ("seed_table", {"model", "method"}),
+                            ("ivf_study", {"nlist", "nprobe"}), ("index_zoo", {"method", "effort"})]:
             cfg = compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
             assert set(cfg.hydra.sweeper.params) == swept
     assert cfg.nprobe == cfg.ef_search == cfg.effort  # index_zoo's one knob drives both
@@ -105,3 +105,33 @@ def test_index_zoo_multirun_and_its_report(tmp_path):
     client, _ = runs_of(uri)
     attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/pareto_resnet18.png" in attached and "report/seed_table.md" in attached
+
+
+def test_growth_exponent_recovers_a_power_law():
+    sizes = [1e4, 1e5, 1e6, 1.28e6]
+    assert abs(growth_exponent(sizes, [3e-5 * n ** 1.5 for n in sizes]) - 1.5) < 1e-9
+    assert abs(growth_exponent(sizes, [7.0] * 4)) < 1e-9
+    assert growth_exponent([1e4, 1e4], [1.0, 2.0]) != growth_exponent([1e4, 1e4], [1.0, 2.0])  # one size: NaN
+    assert growth_exponent(sizes, [1.0, 0.0, 1.0, 1.0]) != growth_exponent(sizes, [1.0, 0.0, 1.0, 1.0])
+
+
+def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path):
+    result, uri = imgret_multirun(tmp_path, "+experiment=scale_study", "nlist=8", "nprobe=2",
+                                  "data.gallery_size=500,1500,4500", "method=flat,ivf", "data.query_size=40",
+                                  "data.dim=32",
+                                  data=())
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, children = children_of_the_parent(uri)
+    sizes = sorted((c.data.tags["method"], c.data.metrics["gallery_size"]) for c in children)
+    assert sizes == [(m, n) for m in ("flat", "ivf") for n in (500.0, 1500.0, 4500.0)]
+    assert all(c.data.metrics["peak_rss_bytes"] > 0 and c.data.metrics["index_s"] > 0 for c in children)
+
+    out = report_main(["--tracking-uri", uri, "--out", str(tmp_path / "report")])
+    scaling = (out / "scaling.md").read_text()
+    assert "| 500 | 1,500 | 4,500 |" in scaling and "exponent b" in scaling
+    flat_qps = next(line for line in scaling.splitlines() if "FAISS Flat" in line and "queries per second" in line)
+    assert float(flat_qps.split("|")[-2]) < -0.3, "exact search slows as the gallery grows"
+    header = (out / "scaling_vectors.png").read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 1000
+    report = (out / "report.md").read_text()
+    assert "![scaling vectors](scaling_vectors.png)" in report and "largest gallery's runs (4,500 vectors)" in report

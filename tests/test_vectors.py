@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index import build_index, training_sample
+from imgret.index import BruteForceIndex, build_index, training_sample
 from imgret.metrics import recall_at
 from imgret.run import run_tracked
 from imgret.vectors import ensure_vector_stores, synthetic_chunk
@@ -50,6 +50,8 @@ def test_generated_stores_are_unit_vectors_labelled_by_cluster_and_deterministic
 
 @pytest.mark.parametrize("override, key", [("data.gallery_size=0", "data.gallery_size=0"),
                                            ("data.spread=-1", "data.spread=-1"),
+                                           ("data.intrinsic_dim=64", "data.intrinsic_dim=64"),
+                                           ("data.noise=-0.1", "data.noise=-0.1"),
                                            ("nlist=4000", "nlist=4000"),
                                            ("method.pq_m=7", "method.pq_m=7")])
 def test_bad_vector_settings_are_refused_before_any_work(make_cfg, tmp_path, override, key):
@@ -73,3 +75,55 @@ def test_the_training_sample_is_deterministic_and_sized_by_the_lists():
     assert built.index.index.ntotal == 5000
     exact = np.argsort(-(vectors[:40] @ vectors.T), axis=1)[:, :10]
     assert recall_at(built.index.search(vectors[:40], 10)[1], exact, 10) == 1.0
+
+
+def test_approximate_indexes_miss_some_neighbours_of_the_default_synthetic_vectors(make_cfg):
+    """The default clusters are not trivially separable: IVF at one probe misses neighbours, all probes none."""
+    one = run_tracked(make_cfg("data=synthetic_vectors", "data.gallery_size=20000", "data.query_size=200",
+                               "data.dim=64", "method=ivf", "nlist=128", "nprobe=1"))
+    every = run_tracked(make_cfg("data=synthetic_vectors", "data.gallery_size=20000", "data.query_size=200",
+                                 "data.dim=64", "method=ivf", "nlist=128", "nprobe=128"))
+    assert 0.2 < one["recall_at_10"] < 0.95 and every["recall_at_10"] == 1.0
+    assert one["precision_at_10"] > 0.9, "near neighbours share the cluster"
+
+
+def test_brute_force_streams_a_gallery_larger_than_its_resident_limit(tmp_path):
+    vectors = clustered_vectors(5000, 16, clusters=8, seed=4)
+    np.save(tmp_path / "g.npy", vectors)
+    mapped = np.load(tmp_path / "g.npy", mmap_mode="r")
+    streamed = BruteForceIndex(mapped, query_chunk=7, resident_bytes=0, block_rows=999)
+    resident = BruteForceIndex(mapped, query_chunk=7)
+    assert streamed.streamed and not resident.streamed and streamed.gallery is mapped, "no copy of the gallery"
+    for queries in (vectors[:1] + 0.01, vectors[100:160] + 0.01):
+        scores, ids = streamed.search(queries, 10)
+        exact_scores, exact_ids = resident.search(queries, 10)
+        assert np.array_equal(ids, exact_ids) and np.allclose(scores, exact_scores, atol=1e-6)
+
+
+def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tmp_path, monkeypatch):
+    import imgret.index as index_module
+
+    monkeypatch.setattr(index_module, "ON_DISK_SHARD_ROWS", 1500)  # several shards to merge
+    vectors = clustered_vectors(5000, 16, clusters=8, seed=5)
+    np.save(tmp_path / "g.npy", vectors)
+    mapped = np.load(tmp_path / "g.npy", mmap_mode="r")
+    settings = {"name": "ivf", "nlist": 16, "nprobe": 4, "train_size": None}
+    in_memory = build_index(OmegaConf.create({**settings, "on_disk": False}), mapped, tmp_path / "cache", "g")
+    on_disk = build_index(OmegaConf.create({**settings, "on_disk": True}), mapped, tmp_path / "cache", "g")
+    queries = vectors[:50] + 0.01
+    assert np.array_equal(in_memory.index.search(queries, 10)[1], on_disk.index.search(queries, 10)[1])
+    lists = on_disk.path.with_suffix(".ivfdata")
+    assert lists.stat().st_size > 5000 * 16 * 4 and on_disk.path.stat().st_size < lists.stat().st_size / 4
+    assert on_disk.nbytes == on_disk.path.stat().st_size + lists.stat().st_size
+    assert not list(on_disk.path.parent.glob(".*shards*")), "shards are removed after the merge"
+
+    (tmp_path / "cache").rename(tmp_path / "moved")  # the lists are found beside the index, not at the old path
+    again = build_index(OmegaConf.create({**settings, "on_disk": True}), mapped, tmp_path / "moved", "g")
+    assert again.reused and np.array_equal(again.index.search(queries, 10)[1], in_memory.index.search(queries, 10)[1])
+
+    moved_lists = again.path.with_suffix(".ivfdata")
+    with open(moved_lists, "r+b") as handle:  # damage the lists: checked, moved aside, built again
+        handle.seek(100)
+        handle.write(b"\xff" * 8)
+    rebuilt = build_index(OmegaConf.create({**settings, "on_disk": True}), mapped, tmp_path / "moved", "g")
+    assert not rebuilt.reused and (tmp_path / "moved" / "indexes" / "g" / ".damaged").is_dir()
