@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imgret.cache import damage, describe_files, file_lock, move_aside, release_pages
+from imgret.cache import damage, describe_files, file_lock, gather_rows, move_aside, release_pages
 from imgret.store import EmbeddingStore
 
 # The cache file's name carries this: files computed another way (v1: by the brute-force method) are not reused.
@@ -60,12 +60,11 @@ def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, block_rows: in
             best_ids[q:q + query_chunk] = np.take_along_axis(merged_ids, keep, axis=1)
         release_pages(gallery, start, start + len(block))
     exact = np.empty((len(queries), candidates), dtype=np.float64)
-    for q in range(len(queries)):  # the re-rank: each candidate's similarity, accumulated in float64
-        best_ids[q] = np.sort(best_ids[q])  # increasing ids: a sequential read of the memory map, and ties broken by id
-        exact[q] = np.asarray(gallery[best_ids[q]], dtype=np.float64) @ queries[q].astype(np.float64)
-        if q % 128 == 127:  # the candidates lie all over the gallery: do not let their pages pile up
-            release_pages(gallery)
-    release_pages(gallery)
+    best_ids.sort(axis=1)  # increasing ids: ties are broken by id
+    for q in range(0, len(queries), 256):  # the re-rank: each candidate's similarity, accumulated in float64
+        ids = best_ids[q:q + 256]
+        rows = gather_rows(gallery, ids.ravel()).reshape(*ids.shape, -1).astype(np.float64)
+        exact[q:q + 256] = np.einsum("qcd,qd->qc", rows, queries[q:q + 256].astype(np.float64))
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(exact, order, axis=1).astype(np.float32), np.take_along_axis(best_ids, order, axis=1)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgret.cache import release_pages
+from imgret.cache import gather_rows
 
 # Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
 RUN_METRICS = (
@@ -55,11 +55,10 @@ def recall_at_ties(found_similarities: np.ndarray, exact_similarities: np.ndarra
 def similarities_of(ids: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """The exact inner product of each query with each of its found gallery ids; -inf where id is -1."""
     out = np.full(ids.shape, -np.inf, dtype=np.float32)
-    for start in range(0, len(ids), 256):  # bounds the (rows, k, dim) gather's memory, and the pages it maps
+    for start in range(0, len(ids), 256):  # bounds the (rows, k, dim) gather's memory
         block = ids[start:start + 256]
         valid = block >= 0
-        vectors = gallery[np.where(valid, block, 0)]
+        vectors = gather_rows(gallery, np.where(valid, block, 0).ravel()).reshape(*block.shape, -1)
         sims = np.einsum("qkd,qd->qk", vectors, queries[start:start + 256])
         out[start:start + 256] = np.where(valid, sims, -np.inf)
-        release_pages(gallery)  # a memory-mapped gallery: the gathered rows' pages need not stay resident
     return out

@@ -46,15 +46,16 @@ def run_experiment(cfg, splits: Splits | None) -> RunResult:
     """Every stage after the images are listed (and the config checked against their number); `splits` is
     None for a vector source, whose stores are generated rather than extracted."""
     with PeakResidentSet() as memory:
-        result = _run_stages(cfg, splits)
+        result = _run_stages(cfg, splits, memory)
     result.metrics["peak_rss_bytes"] = float(memory.peak_bytes)
     log.info("results: %s", {k: round(v, 4) for k, v in result.metrics.items()})
+    log.info("peak resident set by stage: %s", result.info["peak_rss_by_stage"])
     return result
 
 
-def _run_stages(cfg, splits: Splits | None) -> RunResult:
+def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet) -> RunResult:
     threads = configure_threads(cfg.get("threads"))
-    stages = StageTimes()
+    stages = StageTimes(memory)
     with stages.measure("stores_s"):
         if splits is None:
             from imgret.vectors import ensure_vector_stores
@@ -111,6 +112,7 @@ def _run_stages(cfg, splits: Splits | None) -> RunResult:
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),
         "latency_queries": str(len(found.latencies_ms)),
+        "peak_rss_by_stage": stages.describe_peaks(),
         **embeddings.checks,
     }
     texts = {"bad_images.txt": "".join(f"{line}\n" for line in embeddings.bad_images)} if embeddings.bad_images else {}
