@@ -85,7 +85,7 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys
                                 if params.get(f"method.{k}", "null") != "null"),
             "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params
-                              if params.get(f"method.{k}", "null") != "null"),
+                              if k not in EXECUTION_PARAMS and params.get(f"method.{k}", "null") != "null"),
             "index_built": tags.get("index_built", ""),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),
@@ -122,7 +122,8 @@ def seed_table(runs: list[dict], out: Path) -> str:
     extraction = ["feature extraction (ms/image, batch 1)"]
     for model in models:
         model_runs = [r for r in runs if r["model"] == model]
-        extraction.append(f"{model_runs[0]['extract_ms_per_image']:.2f}")
+        value = model_runs[0]["extract_ms_per_image"]
+        extraction.append(f"{value:.2f}" if value == value else "none (vectors, no images)")
     rows = [extraction]
     for method in methods:
         row = [f"{METHOD_LABELS[method]} (ms/query p50, recall@10)"]
@@ -316,10 +317,13 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         parts.append(f"\nThe sections below are the largest gallery's runs ({gallery_sizes[-1]:,} vectors).\n")
     parts += ["## Seed table\n", seed_table(runs, out),
              "\n## Operating points: the fastest setting reaching each recall\n", operating_points(runs, out)]
-    e2e_markdown, breakdown = end_to_end(runs, out)
-    parts += ["\n## End to end: extraction per image against search per query\n", e2e_markdown,
-              "\n![end to end](end_to_end.png)\n", "\n## Pareto frontiers\n"]
-    end_to_end_plot(breakdown, runs, out / "end_to_end.png")
+    extracted = [r for r in runs if r["extract_ms_per_image"] == r["extract_ms_per_image"]]  # not NaN: images
+    if extracted:  # vector sources extract nothing: no breakdown to draw
+        e2e_markdown, breakdown = end_to_end(extracted, out)
+        parts += ["\n## End to end: extraction per image against search per query\n", e2e_markdown,
+                  "\n![end to end](end_to_end.png)\n"]
+        end_to_end_plot(breakdown, extracted, out / "end_to_end.png")
+    parts.append("\n## Pareto frontiers\n")
     for (model,), group in sorted(by_key(runs, "model").items()):
         pareto_plot(model, group, out / f"pareto_{model}.png")
         parts.append(f"![{model}](pareto_{model}.png)\n")

@@ -134,6 +134,10 @@ def file_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
     set, else `data.query_size` rows held out of the gallery (seeded)."""
     gallery_path = Path(str(data_cfg.gallery)).expanduser()
     gallery = open_vectors(gallery_path)
+    if gallery.kind.startswith(("TEXMEX", "big-ann")):
+        log.info("%s: %s sets (SIFT, GIST, DEEP, ...) are usually searched by L2 distance on the raw vectors; "
+                 "imgret L2-normalises them and searches by cosine similarity, so its neighbours and ground truth "
+                 "are those of the normalised vectors", gallery_path.name, gallery.kind)
     source_name = gallery_path.name
     base = {"dataset": data_cfg.name, "source": _identity(gallery_path), "encoder": {"name": "vectors"},
             "format": 2, "version": 1}

@@ -1,6 +1,8 @@
 """The accuracy-vs-speed study: Pareto frontiers, operating points, the experiments and the report."""
 import struct
 
+import pytest
+
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
@@ -115,6 +117,7 @@ def test_growth_exponent_recovers_a_power_law():
     assert growth_exponent(sizes, [1.0, 0.0, 1.0, 1.0]) != growth_exponent(sizes, [1.0, 0.0, 1.0, 1.0])
 
 
+@pytest.mark.slow
 def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path):
     result, uri = imgret_multirun(tmp_path, "+experiment=scale_study", "nlist=8", "nprobe=2",
                                   "data.gallery_size=500,1500,4500", "method=flat,ivf", "data.query_size=40",
@@ -135,3 +138,4 @@ def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 1000
     report = (out / "report.md").read_text()
     assert "![scaling vectors](scaling_vectors.png)" in report and "largest gallery's runs (4,500 vectors)" in report
+    assert "End to end" not in report and "none (vectors, no images)" in report, "vectors have no extraction"
