@@ -2,7 +2,6 @@
 import struct
 
 import pytest
-
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
