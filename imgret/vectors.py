@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imgret.cache import file_lock
+from imgret.errors import bad_value
 from imgret.extract import Embeddings
 from imgret.store import EmbeddingStore, StagedStore, store_dir
 from imgret.vector_files import VectorFile, clip_retrieval_names, open_vectors
@@ -102,8 +103,6 @@ def _identity(path: Path) -> dict:
 def _labels_file(path, expected: int, key: str) -> np.ndarray:
     labels = np.load(Path(path).expanduser())
     if labels.shape != (expected,) or labels.dtype.kind not in "iu":
-        from imgret.errors import bad_value
-
         raise bad_value(key, path, f"a .npy of {expected} whole-number labels, one per vector "
                         f"(it holds a {labels.shape} {labels.dtype} array)")
     return labels.astype(np.int64)
