@@ -457,8 +457,10 @@ def bench_scale(cache: Path, gallery_size: int, query_count: int, dim: int, nlis
         child = context.Process(target=_scale_stage_in_child, args=(stage, str(stores.gallery.path),
                                                                     str(stores.queries.path), nlist, nprobe, queue))
         child.start()
-        stages.append(queue.get())
-        child.join()
+        child.join()  # the result is a small dict: the queue's pipe holds it until it is read
+        if child.exitcode != 0:
+            raise RuntimeError(f"the scale part's {stage} stage failed in its process (exit code {child.exitcode})")
+        stages.append(queue.get(timeout=30))
     return {"gallery": len(stores.gallery), "dim": stores.gallery.dim, "gallery_bytes": gallery_bytes,
             "load_average": list(os.getloadavg()), "stages": stages}
 

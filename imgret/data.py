@@ -584,10 +584,19 @@ def check_vectors(data_cfg) -> None:
     if "queries" in shapes and shapes["queries"].dim != gallery.dim:
         raise bad_value("data.queries", files["queries"], f"vectors of the gallery's dimension {gallery.dim} "
                         f"(it holds dimension {shapes['queries'].dim})")
-    for key in ("gallery_labels", "query_labels"):
+    for key, split in (("gallery_labels", "gallery"), ("query_labels", "queries")):
         value = data_cfg.get(key)
-        if value is not None and not Path(str(value)).expanduser().is_file():
-            raise bad_value(f"data.{key}", value, "an existing .npy file of labels, or null")
+        if value is None:
+            continue
+        expected = shapes[split].count if split in shapes else None
+        try:
+            labels = np.load(Path(str(value)).expanduser(), mmap_mode="r")  # the header only
+            fits = labels.ndim == 1 and labels.dtype.kind in "iu" and expected in (None, len(labels))
+        except (OSError, ValueError):
+            fits = False
+        if not fits:
+            raise bad_value(f"data.{key}", value, "a .npy of whole-number labels, one per vector"
+                            + (f" ({expected})" if expected is not None else "") + ", or null")
     if "queries" not in shapes and "queries" not in gallery.extras:
         if not _is_whole(data_cfg.get("query_size"), 1) or data_cfg.query_size >= gallery.count:
             raise bad_value("data.query_size", data_cfg.get("query_size"), "a whole number of vectors to hold out "

@@ -18,7 +18,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imgret.cache import file_lock
-from imgret.errors import bad_value
 from imgret.extract import Embeddings
 from imgret.store import EmbeddingStore, StagedStore, store_dir
 from imgret.vector_files import VectorFile, clip_retrieval_names, open_vectors
@@ -100,12 +99,8 @@ def _identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def _labels_file(path, expected: int, key: str) -> np.ndarray:
-    labels = np.load(Path(path).expanduser())
-    if labels.shape != (expected,) or labels.dtype.kind not in "iu":
-        raise bad_value(key, path, f"a .npy of {expected} whole-number labels, one per vector "
-                        f"(it holds a {labels.shape} {labels.dtype} array)")
-    return labels.astype(np.int64)
+def _labels_file(path) -> np.ndarray:
+    return np.load(Path(path).expanduser()).astype(np.int64)  # shape and type checked by data.check_vectors
 
 
 def _rows_plan(name: str, source: VectorFile, rows: np.ndarray | None, labels: np.ndarray | None,
@@ -140,13 +135,13 @@ def file_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
     source_name = gallery_path.name
     base = {"dataset": data_cfg.name, "source": _identity(gallery_path), "encoder": {"name": "vectors"},
             "format": 2, "version": 1}
-    gallery_labels = (_labels_file(data_cfg.gallery_labels, gallery.count, "data.gallery_labels")
+    gallery_labels = (_labels_file(data_cfg.gallery_labels)
                       if data_cfg.get("gallery_labels") else None)
     names = clip_retrieval_names(gallery)
     if data_cfg.get("queries"):
         query_path = Path(str(data_cfg.queries)).expanduser()
         queries = open_vectors(query_path)
-        query_labels = (_labels_file(data_cfg.query_labels, queries.count, "data.query_labels")
+        query_labels = (_labels_file(data_cfg.query_labels)
                         if data_cfg.get("query_labels") else None)
         query_key = {"queries": _identity(query_path)}
         return {"gallery": _rows_plan(source_name, gallery, None, gallery_labels, names,
@@ -256,5 +251,6 @@ def vector_shape(data_cfg) -> tuple[int, int]:
     """(gallery size, dimension) of a vector source, from its settings or its files' headers: nothing is read."""
     if data_cfg.name == "synthetic_vectors":
         return int(data_cfg.gallery_size), int(data_cfg.dim)
-    plans = file_plans(data_cfg, 0)
-    return plans["gallery"].count, plans["gallery"].dim
+    gallery = open_vectors(Path(str(data_cfg.gallery)).expanduser())  # headers: no labels, names or sampling
+    held_out = 0 if data_cfg.get("queries") or "queries" in gallery.extras else int(data_cfg.query_size)
+    return gallery.count - held_out, gallery.dim
