@@ -35,12 +35,12 @@ import psutil
 import torch
 from PIL import Image
 
-from imgret.data import ImageSet, load_splits, stratified_subset
-from imgret.extract import EmbeddingModule, extract_store
-from imgret.index import BruteForceIndex, build_index
-from imgret.models import build_encoder, describe_encoder
-from imgret.search import timed_search
-from imgret.store import EmbeddingStore, StagedStore, store_key
+from imgret.sources.images import ImageSet, load_splits, stratified_subset
+from imgret.embed.extract import EmbeddingModule, extract_store
+from imgret.index.methods import BruteForceIndex, build_index
+from imgret.embed.models import build_encoder, describe_encoder
+from imgret.measure.search import timed_search
+from imgret.embed.store import EmbeddingStore, StagedStore, store_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
@@ -260,7 +260,7 @@ class Float16Gallery:
 def float16_gallery_trial(gallery: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray, count: int,
                           k: int) -> dict:
     """Is a float16 gallery worth keeping for single queries? Only if recall@k stays 1.0."""
-    from imgret.metrics import recall_at
+    from imgret.measure.metrics import recall_at
 
     candidate = Float16Gallery(gallery)
     found = np.concatenate([candidate.search(q[None], k)[1] for q in queries[:count]])
@@ -411,8 +411,8 @@ def bench_verify(gallery: np.ndarray, work: Path, repeats: int = 3) -> dict:
 
 def _scale_stage_in_child(stage: str, gallery_dir: str, queries_dir: str, nlist: int, nprobe: int, result_queue) -> None:
     """One stage of the scale part, alone in this process, so its peak resident set is its own."""
-    from imgret.groundtruth import exact_top_k
-    from imgret.timing import PeakResidentSet
+    from imgret.index.groundtruth import exact_top_k
+    from imgret.measure.timing import PeakResidentSet
 
     gallery, queries = EmbeddingStore(Path(gallery_dir)).vectors, np.asarray(EmbeddingStore(Path(queries_dir)).vectors)
     result = {"stage": stage, "baseline_rss_bytes": psutil.Process().memory_info().rss}
@@ -443,7 +443,7 @@ def _scale_stage_in_child(stage: str, gallery_dir: str, queries_dir: str, nlist:
 
 def bench_scale(cache: Path, gallery_size: int, query_count: int, dim: int, nlist: int, nprobe: int) -> dict:
     """imgret's own synthetic store (made once, then reused from the cache), then each stage in a fresh process."""
-    from imgret.vectors import ensure_vector_stores
+    from imgret.sources.vectors import ensure_vector_stores
 
     cfg = compose_cfg("data=synthetic_vectors", f"data.gallery_size={gallery_size}", f"data.query_size={query_count}",
                       f"data.dim={dim}", f"paths.cache={cache}")

@@ -13,14 +13,14 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from imgret.data import Splits
+from imgret.sources.images import Splits
 from imgret.errors import ConfigError, DataUnavailable
-from imgret.extract import ensure_embeddings, resolve_device
-from imgret.groundtruth import exact_ground_truth
-from imgret.index import build_index
-from imgret.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
-from imgret.search import timed_search
-from imgret.timing import PeakResidentSet, StageTimes
+from imgret.embed.extract import ensure_embeddings, resolve_device
+from imgret.index.groundtruth import exact_ground_truth
+from imgret.index.methods import build_index
+from imgret.measure.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
+from imgret.measure.search import timed_search
+from imgret.measure.timing import PeakResidentSet, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet) -> RunResul
     stages = StageTimes(memory)
     with stages.measure("stores_s"):
         if splits is None:
-            from imgret.vectors import ensure_vector_stores
+            from imgret.sources.vectors import ensure_vector_stores
 
             embeddings = ensure_vector_stores(cfg)
         else:

@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from imgret.index import EXECUTION_PARAMS, METHODS  # noqa: E402
-from imgret.study import (EXACT_METHODS, RECALL_TARGETS, SCALING_METRICS, fastest_reaching, growth_exponent,  # noqa: E402
+from imgret.index.methods import EXECUTION_PARAMS, METHODS  # noqa: E402
+from imgret.measure.study import (EXACT_METHODS, RECALL_TARGETS, SCALING_METRICS, fastest_reaching, growth_exponent,  # noqa: E402
                           pareto_frontier, representative)
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from imgret import lifecycle
+from imgret.track import lifecycle
 from imgret.errors import ConfigError, ImgretError
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
 
     from mlflow.tracking import MlflowClient
 
-    from imgret.data import is_vector_source, load_splits
-    from imgret.index import validate_search
+    from imgret.sources.images import is_vector_source, load_splits
+    from imgret.index.methods import validate_search
     from imgret.pipeline import run_experiment
-    from imgret.tracking import (PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, open_tracking,
+    from imgret.track.runs import (PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, open_tracking,
                                  tracked_run)
 
     experiment_id = open_tracking(cfg.tracking)
@@ -57,7 +57,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
                      done.info.run_id, link)
             return dict(done.data.metrics)
     if is_vector_source(cfg.data):
-        from imgret.vectors import vector_shape
+        from imgret.sources.vectors import vector_shape
 
         splits, gallery_size = None, vector_shape(cfg.data)[0]
     else:
@@ -72,8 +72,8 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
 
 def extract_only(cfg: DictConfig) -> None:
     """A rank other than 0 under a launcher (torchrun, srun): extract with rank 0; it runs and tracks the rest."""
-    from imgret.data import load_splits
-    from imgret.extract import ensure_embeddings
+    from imgret.sources.images import load_splits
+    from imgret.embed.extract import ensure_embeddings
 
     ensure_embeddings(load_splits(cfg.data, cfg.seed), cfg)
 

@@ -76,7 +76,7 @@ def check_run_settings(cfg) -> None:
     objectives = cfg.get("objectives", [])
     if isinstance(objectives, str):
         objectives = [objectives]
-    from imgret.metrics import RUN_METRICS
+    from imgret.measure.metrics import RUN_METRICS
 
     if not objectives or not all(name in RUN_METRICS for name in objectives):
         raise bad_value("objectives", list(objectives), f"a list of metric names from {', '.join(RUN_METRICS)}")
@@ -138,13 +138,13 @@ def validate_config(cfg) -> None:
     The light checks come first, so that they answer before torch, faiss and timm are imported."""
     check_run_settings(cfg)
     check_tracking(cfg.tracking)
-    from imgret.data import check_data, is_vector_source
-    from imgret.index import validate_search
-    from imgret.models import describe_encoder, output_dim
+    from imgret.sources.images import check_data, is_vector_source
+    from imgret.index.methods import validate_search
+    from imgret.embed.models import describe_encoder, output_dim
 
     check_data(cfg.data)
     if is_vector_source(cfg.data):  # no model: the vectors' own dimension and count
-        from imgret.vectors import vector_shape
+        from imgret.sources.vectors import vector_shape
 
         gallery_size, dim = vector_shape(cfg.data)
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)

@@ -86,7 +86,7 @@ def clustered_vectors(n: int, dim: int, clusters: int, seed: int = 0, spread: fl
 def write_store(folder: Path, vectors: np.ndarray, labels: np.ndarray | None = None):
     """A committed embedding store holding `vectors` (as extraction would leave it, checksums included)."""
     from imgret.cache import describe_files
-    from imgret.store import DATA_FILES, META, EmbeddingStore
+    from imgret.embed.store import DATA_FILES, META, EmbeddingStore
 
     folder.mkdir(parents=True)
     np.save(folder / "vectors.npy", np.asarray(vectors, dtype=np.float32))

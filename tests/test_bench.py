@@ -7,7 +7,7 @@ import pytest
 
 from conftest import clustered_vectors, require_real_archive
 from imgret.bench import TARGETS, main, table, verdict
-from imgret.index import BruteForceIndex
+from imgret.index.methods import BruteForceIndex
 
 
 def test_brute_force_single_queries_match_faiss_flat():

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SUBSET_CLASSES, SUBSET_TRAIN_PER_CLASS, SUBSET_VAL_PER_CLASS, require_real_archive
-from imgret.data import STAMP_NAME, load_splits, open_image, prepare_tiny_imagenet, verify_checksum
+from imgret.sources.images import STAMP_NAME, load_splits, open_image, prepare_tiny_imagenet, verify_checksum
 from imgret.errors import ConfigError, DataUnavailable
 
 

@@ -12,9 +12,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, PROJECT_ROOT
-from imgret.data import load_splits
-from imgret.extract import ensure_embeddings
-from imgret.store import EmbeddingStore
+from imgret.sources.images import load_splits
+from imgret.embed.extract import ensure_embeddings
+from imgret.embed.store import EmbeddingStore
 from test_faults import all_runs, imgret_command, sqlite_uri
 
 SMALL = ("data=synthetic", "model.pretrained=false", "model.image_size=32", "data.num_classes=5",
@@ -51,7 +51,7 @@ def test_two_process_ddp_extraction_gives_the_store_one_process_gives(make_cfg, 
 @pytest.mark.slow
 def test_torchrun_starts_every_rank_and_only_rank_0_tracks(make_cfg, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
-    from imgret.extract import free_port
+    from imgret.embed.extract import free_port
 
     command = imgret_command(tmp_path, *SMALL, "method=flat", "extract.devices=2", "extract.strategy=ddp")
     command = [str(torchrun), "--nproc-per-node=2", f"--master-port={free_port()}", *command[1:]]

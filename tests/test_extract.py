@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-import imgret.extract
+import imgret.embed.extract
 from conftest import SYNTHETIC_FAST, write_images
-from imgret.data import load_splits
+from imgret.sources.images import load_splits
 from imgret.errors import BadImage
-from imgret.extract import ensure_embeddings
-from imgret.models import build_encoder
-from imgret.store import EmbeddingStore, StagedStore
+from imgret.embed.extract import ensure_embeddings
+from imgret.embed.models import build_encoder
+from imgret.embed.store import EmbeddingStore, StagedStore
 
 
 def test_lightning_extraction_writes_a_normalised_store_that_matches_the_model(make_cfg):
@@ -42,7 +42,7 @@ def test_a_matching_store_is_reused_without_building_a_model(make_cfg, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("a cached store must not need the model")
 
-    monkeypatch.setattr(imgret.extract, "build_encoder", no_model)
+    monkeypatch.setattr(imgret.embed.extract, "build_encoder", no_model)
     second = ensure_embeddings(splits, cfg)
     assert second.extracted == ()
     assert second.gallery.path == first.gallery.path

@@ -19,9 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-import imgret.tracking
+import imgret.track.runs
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
-from imgret.data import open_image
+from imgret.sources.images import open_image
 from imgret.errors import BadImage, ConfigError, TrackingUnavailable
 from imgret.run import run_tracked
 
@@ -207,7 +207,7 @@ def test_a_store_broken_by_an_interrupted_creation_is_made_again(make_cfg, tmp_p
     with sqlite3.connect(db) as connection:  # what a kill during table creation leaves: some tables, no runs
         connection.execute("create table experiments (experiment_id integer primary key, name varchar(256))")
         connection.execute("create table _alembic_tmp_params (key varchar(250))")
-    imgret.tracking._open.cache_clear()
+    imgret.track.runs._open.cache_clear()
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
     run_tracked(cfg)
     assert [r.info.status for r in all_runs(cfg.tracking.uri)] == ["FINISHED"]
@@ -220,7 +220,7 @@ def test_a_damaged_store_with_runs_is_reported_with_its_path_and_what_to_do(make
     db = tmp_path / "mlruns" / "mlflow.db"
     with sqlite3.connect(db) as connection:  # an interrupted upgrade: the schema and its version disagree
         connection.execute("update alembic_version set version_num = '0000000000'")
-    imgret.tracking._open.cache_clear()
+    imgret.track.runs._open.cache_clear()
     mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
     with pytest.raises(TrackingUnavailable, match=rf"{db} cannot be opened .* holds 1 runs: back it up, then run "
                                                   r"`mlflow db upgrade sqlite:///"):
@@ -459,13 +459,13 @@ def test_with_a_remote_server_artifacts_go_to_the_server_and_a_lost_server_loses
     assert slow.returncode == 0, stderr[-2000:]
     assert time.monotonic() - started < 90, "a lost server costs a job about a minute at most"
     line = next(l for l in stderr.splitlines() if l.startswith("tracking server lost"))
-    folder = Path(line.split("python -m imgret.tracking sync ")[1])
+    folder = Path(line.split("python -m imgret.track.runs sync ")[1])
     record = json.loads((folder / "mlflow_record.json").read_text())
     assert record["metrics"]["recall_at_10"] == 1.0 and record["status"] == "FINISHED"
     assert (folder / "artifacts" / "results.json").is_file()
 
     mlflow_server.start()
-    synced = subprocess.run([PYTHON, "-m", "imgret.tracking", "sync", str(folder)], cwd=PROJECT_ROOT,
+    synced = subprocess.run([PYTHON, "-m", "imgret.track.runs", "sync", str(folder)], cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert synced.returncode == 0, synced.stderr[-2000:]
     runs = all_runs(mlflow_server.uri)

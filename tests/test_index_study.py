@@ -6,8 +6,8 @@ from omegaconf import OmegaConf
 
 from conftest import clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index import build_index, index_cache_path
-from imgret.metrics import recall_at, recall_at_ties, similarities_of
+from imgret.index.methods import build_index, index_cache_path
+from imgret.measure.metrics import recall_at, recall_at_ties, similarities_of
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)
 QUERIES = clustered_vectors(4200, 64, clusters=32, seed=2)[4000:]

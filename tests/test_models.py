@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import PROJECT_ROOT
 from imgret.errors import ConfigError
-from imgret.models import build_encoder, describe_encoder
+from imgret.embed.models import build_encoder, describe_encoder
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -74,7 +74,7 @@ def test_missing_checkpoint_names_the_setting(make_cfg):
 def test_offline_pretrained_weights_fail_with_what_to_do(model):
     code = (
         "from omegaconf import OmegaConf; from hydra import compose, initialize_config_dir\n"
-        "from imgret.models import build_encoder\n"
+        "from imgret.embed.models import build_encoder\n"
         f"with initialize_config_dir(config_dir='{PROJECT_ROOT / 'conf'}', version_base='1.3'):\n"
         f"    cfg = compose('config', overrides=['model={model}'])\n"
         "build_encoder(cfg.model, 0)\n"

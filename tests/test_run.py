@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from imgret.errors import ConfigError, DataUnavailable
-from imgret.metrics import RUN_METRICS
+from imgret.measure.metrics import RUN_METRICS
 from imgret.run import run_tracked
 
 METRICS = {

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-import imgret.groundtruth
+import imgret.index.groundtruth
 from conftest import clustered_vectors, write_store
 from imgret.errors import ConfigError
-from imgret.groundtruth import exact_ground_truth, ground_truth_path
-from imgret.index import BruteForceIndex, build_index, validate_search
-from imgret.metrics import latency_percentiles, precision_at, recall_at
-from imgret.search import timed_search
+from imgret.index.groundtruth import exact_ground_truth, ground_truth_path
+from imgret.index.methods import BruteForceIndex, build_index, validate_search
+from imgret.measure.metrics import latency_percentiles, precision_at, recall_at
+from imgret.measure.search import timed_search
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=1)
 QUERIES = clustered_vectors(4200, 64, clusters=32, seed=1)[4000:]  # same centres, unseen points
@@ -114,7 +114,7 @@ def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch
         raise AssertionError("a cached ground truth must not be computed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(imgret.groundtruth, "exact_top_k", no_search)
+        patch.setattr(imgret.index.groundtruth, "exact_top_k", no_search)
         assert np.array_equal(exact_ground_truth(*stores, k=10, cache_dir=tmp_path / "cache").ids, truth.ids)
 
     # altered after it was written (same size, other bytes): detected, moved aside, computed again
@@ -128,7 +128,7 @@ def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch
 
 
 def test_the_ground_truth_is_exact_in_float64_streamed_in_blocks_and_versioned(tmp_path):
-    from imgret.groundtruth import VERSION, exact_top_k
+    from imgret.index.groundtruth import VERSION, exact_top_k
 
     rng = np.random.default_rng(7)
     gallery = clustered_vectors(5000, 32, clusters=8, seed=7)

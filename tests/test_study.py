@@ -9,7 +9,7 @@ from conftest import CONF_DIR
 from imgret.report import main as report_main
 from imgret.report import seed_table
 from imgret.run import run_tracked
-from imgret.study import fastest_reaching, growth_exponent, pareto_frontier, representative
+from imgret.measure.study import fastest_reaching, growth_exponent, pareto_frontier, representative
 from test_run import children_of_the_parent, imgret_multirun, runs_of
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from imgret.errors import ConfigError
 from imgret.run import run_tracked
-from imgret.vector_files import VectorFileError, open_vectors
-from imgret.vectors import ensure_vector_stores
+from imgret.sources.vector_files import VectorFileError, open_vectors
+from imgret.sources.vectors import ensure_vector_stores
 from test_faults import all_runs
 
 RNG = np.random.default_rng(3)

@@ -30,12 +30,12 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from imgret import lifecycle
+from imgret.track import lifecycle
 from imgret.cache import file_lock
-from imgret.data import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
+from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
 from imgret.errors import BadImage, ConfigError, DataUnavailable
-from imgret.models import Encoder, build_encoder, describe_encoder
-from imgret.store import EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
+from imgret.embed.models import Encoder, build_encoder, describe_encoder
+from imgret.embed.store import EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
 # Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
@@ -276,7 +276,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
     """Ranks 1..devices-1 of a one-machine extraction, each a process running only the extraction
-    (`python -m imgret.extract SPEC`), and this process as rank 0 among them.
+    (`python -m imgret.embed.extract SPEC`), and this process as rank 0 among them.
 
     Lightning's own launcher would start the whole command again in every rank (a second MLflow run, a
     second sweep under `-m`); these ranks get the resolved config and the image set, nothing else."""
@@ -289,7 +289,7 @@ def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
                                 "split": image_set.split, "class_names": list(image_set.class_names),
                                 "source_id": image_set.source_id}))
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices), "NODE_RANK": "0"}
-    ranks = [subprocess.Popen([sys.executable, "-m", "imgret.extract", str(spec)],
+    ranks = [subprocess.Popen([sys.executable, "-m", "imgret.embed.extract", str(spec)],
                               env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
              for rank in range(1, devices)]
     saved = {key: os.environ.get(key) for key in (*shared, "RANK", "LOCAL_RANK")}
@@ -423,7 +423,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
 
 
 def worker_main(spec_path: str) -> None:
-    """`python -m imgret.extract SPEC`: one rank of an extraction that rank 0 started (see `local_ranks`)."""
+    """`python -m imgret.embed.extract SPEC`: one rank of an extraction that rank 0 started (see `local_ranks`)."""
     spec = json.loads(Path(spec_path).read_text())
     folder = Path(spec_path).parent
     paths = (folder / "paths.txt").read_text().split("\n")

@@ -1,7 +1,7 @@
 """Galleries that are vectors already: no images, no model. Each split's rows are written in chunks straight
 into an embedding store (memory holds one chunk), L2-normalised, under the same key rules as extracted stores:
   data=synthetic_vectors  clustered unit vectors of any size, seeded
-  data=vectors            embeddings researchers bring (imgret.vector_files reads them)
+  data=vectors            embeddings researchers bring (imgret.sources.vector_files reads them)
 
 A vector source's stores have the same layout and checks as extracted ones, so every later stage (ground
 truth, indexes, search, tracking) treats them alike.
@@ -18,9 +18,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imgret.cache import file_lock
-from imgret.extract import Embeddings
-from imgret.store import EmbeddingStore, StagedStore, store_dir
-from imgret.vector_files import VectorFile, clip_retrieval_names, open_vectors
+from imgret.embed.extract import Embeddings
+from imgret.embed.store import EmbeddingStore, StagedStore, store_dir
+from imgret.sources.vector_files import VectorFile, clip_retrieval_names, open_vectors
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ def reference_check(data_cfg, gallery: EmbeddingStore, queries: EmbeddingStore) 
                     "of L2-normalised vectors, so its exact ground truth differs from the file's and the file's "
                     "neighbors are not checked", source.path.name, distance)
         return {"distance": distance, "checked": False}
-    from imgret.groundtruth import exact_top_k
-    from imgret.metrics import recall_at
+    from imgret.index.groundtruth import exact_top_k
+    from imgret.measure.metrics import recall_at
 
     count = min(REFERENCE_CHECK_QUERIES, len(queries))
     depth = min(10, len(gallery), source.extras["neighbors"].shape[1])

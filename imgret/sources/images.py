@@ -108,7 +108,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class DataSource:
     """One kind of data: `check` validates its keys before any work; `load` lists an image source's splits.
-    A vector source (no `load`) writes embedding stores itself (imgret.vectors): no images, no model."""
+    A vector source (no `load`) writes embedding stores itself (imgret.sources.vectors): no images, no model."""
 
     check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
     load: Callable[..., Splits] | None = None  # (data_cfg, seed) -> Splits
@@ -563,7 +563,7 @@ def check_synthetic_vectors(data_cfg) -> None:
 
 def check_vectors(data_cfg) -> None:
     """The files exist and are what their endings say (headers only), and the split fits in them."""
-    from imgret.vector_files import FILE_FORMATS, VectorFileError, open_vectors
+    from imgret.sources.vector_files import FILE_FORMATS, VectorFileError, open_vectors
 
     files = {"gallery": data_cfg.get("gallery"), "queries": data_cfg.get("queries")}
     if files["gallery"] in (None, "???"):

@@ -5,7 +5,7 @@
   is moved aside and made again, one with runs is reported with what to do. A server must answer within
   about 12 s. RUNNING runs whose process on this host is gone are marked KILLED.
 - A run (`tracked_run`) keeps what it logs in its output folder too; if the server is lost mid-run, the job
-  finishes, its results stay there, and `python -m imgret.tracking sync <folder>` logs them later.
+  finishes, its results stay there, and `python -m imgret.track.runs sync <folder>` logs them later.
 - A Hydra multirun gets one parent run (`MultirunParentRun`), which checks every point of the sweep before
   the first job, and ends FINISHED, FAILED or KILLED with the job counts.
 """
@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from imgret import lifecycle
+from imgret.track import lifecycle
 from imgret.errors import ConfigError, TrackingUnavailable
 from imgret.cache import file_lock
 from imgret.validate import probe_server
@@ -44,7 +44,7 @@ from imgret.validate import probe_server
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "IMGRET_PARENT_RUN_ID"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu", "faiss-gpu", "mlflow",
              "pytorch-lightning", "hydra-core", "numpy")
 # A server lost mid-run costs one call at most (retries x timeout + backoff, about a minute); after that the
@@ -198,7 +198,7 @@ def _cpu_name() -> str:
 
 def run_name(cfg: DictConfig) -> str:
     """e.g. resnet18-ivf-nlist256-nprobe8, mobilenet-hnsw-hnsw_m32-ef_construction40-ef_search64."""
-    from imgret.index import EXECUTION_PARAMS, METHODS
+    from imgret.index.methods import EXECUTION_PARAMS, METHODS
 
     method = cfg.method
     spec = METHODS.get(method.name)
@@ -210,7 +210,7 @@ def run_name(cfg: DictConfig) -> str:
 
 def model_label(cfg: DictConfig) -> str:
     """The model's name, or `vectors` for a source that has no model."""
-    from imgret.data import is_vector_source
+    from imgret.sources.images import is_vector_source
 
     return "vectors" if is_vector_source(cfg.data) else cfg.model.name
 
@@ -235,7 +235,7 @@ class RunRecorder:
     """One run's MLflow logging, with everything it logs also kept in a local folder.
 
     The first tracking call that fails (after MLflow's bounded retries) ends the remote logging: the job goes
-    on, and the folder holds what a later `python -m imgret.tracking sync <folder>` needs."""
+    on, and the folder holds what a later `python -m imgret.track.runs sync <folder>` needs."""
 
     def __init__(self, client: MlflowClient, run_id: str, folder: Path, record: dict):
         self.client, self.run_id, self.folder = client, run_id, Path(folder)
@@ -290,7 +290,7 @@ class RunRecorder:
             self.record["lost"] = self.lost
             (self.folder / RECORD).write_text(json.dumps(self.record, indent=1))
             print(f"tracking server lost ({self.lost}); this run's results are kept in {self.folder}. Log them "
-                  f"later with: python -m imgret.tracking sync {self.folder}", file=sys.stderr)
+                  f"later with: python -m imgret.track.runs sync {self.folder}", file=sys.stderr)
 
 
 def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = None) -> RunRecorder:
@@ -493,7 +493,7 @@ class MultirunParentRun(Callback):
             log.error("could not close the sweep's parent run %s: %s", run_id, error)
 
 
-# --------------------------------------------------------------------------- python -m imgret.tracking sync
+# --------------------------------------------------------------------------- python -m imgret.track.runs sync
 
 
 def sync(folder: Path) -> str:
@@ -523,7 +523,7 @@ def sync(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m imgret.tracking")
+    parser = argparse.ArgumentParser(prog="python -m imgret.track.runs")
     commands = parser.add_subparsers(dest="command", required=True)
     sync_parser = commands.add_parser("sync", help="log a run kept locally while its server was unreachable")
     sync_parser.add_argument("folder", type=Path)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imgret.cache import damage, describe_files, file_lock, gather_rows, move_aside, release_pages
-from imgret.store import EmbeddingStore
+from imgret.embed.store import EmbeddingStore
 
 # The cache file's name carries this: files computed another way (v1: by the brute-force method) are not reused.
 VERSION = 2

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from imgret.index import SearchIndex
+from imgret.index.methods import SearchIndex
 
 
 @dataclass(frozen=True)

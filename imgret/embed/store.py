@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imgret.cache import damage, describe_files, move_aside
-from imgret.data import ImageSet
+from imgret.sources.images import ImageSet
 
 log = logging.getLogger(__name__)
 
