@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 
 from imgret.sources.images import ImageSet, load_splits, stratified_subset
-from imgret.embed.extract import EmbeddingModule, extract_store
+from imgret.api import Embedder
+from imgret.embed.extract import extract_store
 from imgret.index.methods import BruteForceIndex, build_index
 from imgret.embed.models import build_encoder, describe_encoder
 from imgret.measure.search import timed_search
@@ -110,15 +111,13 @@ def real_images(archive: Path, cache: Path, count: int) -> ImageSet:
 def forward_only_images_per_s(encoder, image_set: ImageSet, batch_size: int, batches: int,
                               channels_last: bool) -> float:
     """The model alone: the same batch size and memory format as the pipeline, tensors ready in memory."""
-    image_transform, mean, std = encoder.split_transform()
-    module = EmbeddingModule(encoder.network, mean, std, channels_last)
-    ready = torch.stack([image_transform(image_set.open(i % len(image_set))) for i in range(batch_size)])
-    with torch.inference_mode():
-        for _ in range(2):
-            module.predict_step((ready, torch.arange(len(ready)), []), 0)
-        start = time.perf_counter()
-        for _ in range(batches):
-            module.predict_step((ready, torch.arange(len(ready)), []), 0)
+    embedder = Embedder(encoder, channels_last=channels_last)  # extraction's module, transform and normalisation
+    ready = embedder.prepare([image_set.open(i % len(image_set)) for i in range(batch_size)])
+    for _ in range(2):
+        embedder.embed_prepared(ready)
+    start = time.perf_counter()
+    for _ in range(batches):
+        embedder.embed_prepared(ready)
     return batches * batch_size / (time.perf_counter() - start)
 
 

@@ -27,9 +27,10 @@ class WeightsUnavailable(ImgretError):
 class BadImage(ImgretError):
     """One image file cannot be used: unreadable, truncated, empty, not an image, or too large."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, kind: str = "damaged"):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, " ".join(reason.split())  # one line, for bad_images.txt
+        self.kind = kind  # not_an_image | too_many_pixels | damaged: the web server answers 415, 413 or 400
 
 
 class TrackingUnavailable(ImgretError):

@@ -15,9 +15,9 @@ import torch
 
 from imgret.sources.images import Splits
 from imgret.errors import ConfigError, DataUnavailable
-from imgret.embed.extract import ensure_embeddings, resolve_device
+from imgret.api import open_index, open_stores
+from imgret.embed.extract import resolve_device
 from imgret.index.groundtruth import exact_ground_truth
-from imgret.index.methods import build_index
 from imgret.measure.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
 from imgret.measure.search import timed_search
 from imgret.measure.timing import PeakResidentSet, StageTimes
@@ -57,12 +57,7 @@ def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet) -> RunResul
     threads = configure_threads(cfg.get("threads"))
     stages = StageTimes(memory)
     with stages.measure("stores_s"):
-        if splits is None:
-            from imgret.sources.vectors import ensure_vector_stores
-
-            embeddings = ensure_vector_stores(cfg)
-        else:
-            embeddings = ensure_embeddings(splits, cfg)
+        embeddings = open_stores(cfg, splits)
     gallery, queries = embeddings.gallery, embeddings.queries
     if len(gallery) < int(cfg.k) or len(queries) == 0:
         raise DataUnavailable(f"after leaving out {len(embeddings.bad_images)} unusable images, {len(gallery)} gallery "
@@ -75,8 +70,7 @@ def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet) -> RunResul
     with stages.measure("groundtruth_s"):
         truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
     with stages.measure("index_s"):
-        built = build_index(cfg.method, gallery_vectors, Path(cfg.paths.cache), gallery.path.name,
-                            resolve_device(cfg.device))
+        built = open_index(cfg.method, gallery, Path(cfg.paths.cache), resolve_device(cfg.device))
     with stages.measure("search_s"):
         found = timed_search(built.index, query_vectors, depth, int(cfg.search.latency_queries),
                              int(cfg.search.warmup_queries), progress=bool(cfg.extract.progress))

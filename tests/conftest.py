@@ -34,6 +34,8 @@ def tiny_subset_zip(tmp_path_factory) -> tuple[Path, str]:
     with zipfile.ZipFile(source) as real, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as subset:
         wnids = real.read(prefix + "wnids.txt").decode().split()[:SUBSET_CLASSES]
         subset.writestr(prefix + "wnids.txt", "\n".join(wnids) + "\n")
+        words = [line for line in real.read(prefix + "words.txt").decode().splitlines() if line.split("\t")[0] in wnids]
+        subset.writestr(prefix + "words.txt", "\n".join(words) + "\n")
         for wnid in wnids:
             for n in range(SUBSET_TRAIN_PER_CLASS):
                 name = f"{prefix}train/{wnid}/images/{wnid}_{n}.JPEG"

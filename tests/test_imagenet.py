@@ -68,7 +68,11 @@ def test_the_official_layout_with_the_devkits_ground_truth(make_cfg, tmp_path):
 def test_kaggles_layout_with_loc_val_solution(make_cfg, tmp_path):
     make_tree(tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC")
     write_solution(tmp_path / "kaggle" / "LOC_val_solution.csv")
-    assert_official_splits(load_splits(make_cfg("data=imagenet", f"data.root={tmp_path / 'kaggle'}").data))
+    (tmp_path / "kaggle" / "LOC_synset_mapping.txt").write_text(  # Kaggle's class names, one per line
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn02119789 kit fox, Vulpes macrotis\n")
+    splits = load_splits(make_cfg("data=imagenet", f"data.root={tmp_path / 'kaggle'}").data)
+    assert_official_splits(splits)
+    assert splits.titles == {"n01440764": "tench", "n01443537": "goldfish", "n02119789": "kit fox"}
 
 
 def test_val_sorted_into_class_folders_needs_no_labels_file(make_cfg, tmp_path):

@@ -111,13 +111,24 @@ class EmbeddingModule(pl.LightningModule):
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) in, features out (not yet normalised): every use of the model goes through here."""
+        # the same operations, in the same order, as ToTensor then Normalize on each image
+        x = images.to(dtype=torch.float32, memory_format=self.memory_format).div_(255).sub_(self.mean).div_(self.std)
+        return self.network(x)
+
     def predict_step(self, batch, batch_idx):
         images, indices, bad = batch
         if len(indices) == 0:  # every image of this batch was unusable
             return indices, None, bad
-        # the same operations, in the same order, as ToTensor then Normalize on each image
-        x = images.to(dtype=torch.float32, memory_format=self.memory_format).div_(255).sub_(self.mean).div_(self.std)
-        return indices, self.network(x), bad
+        return indices, self.embed(images), bad
+
+
+def normalised_rows(features: torch.Tensor) -> np.ndarray:
+    """Features as the store holds them: float32 rows of unit length, so inner product is cosine."""
+    rows = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
+    faiss.normalize_L2(rows)
+    return rows
 
 
 class EmbeddingStoreWriter(BasePredictionWriter):
@@ -145,8 +156,7 @@ class EmbeddingStoreWriter(BasePredictionWriter):
         indices, features, bad = prediction
         vectors_file, index_file, bad_file = self._files
         if features is not None:
-            rows = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
-            faiss.normalize_L2(rows)
+            rows = normalised_rows(features)
             if self.dim is None:
                 self.dim = rows.shape[1]
                 self.staged.record_dim(self.dim)
@@ -174,9 +184,15 @@ class EmbeddingStoreWriter(BasePredictionWriter):
 
 
 def ensure_embeddings(splits: Splits, cfg) -> Embeddings:
+    stores, extracted = ensure_stores((splits.gallery, splits.queries), cfg)
+    return Embeddings(stores["gallery"], stores["queries"], extracted)
+
+
+def ensure_stores(image_sets, cfg) -> tuple[dict[str, EmbeddingStore], tuple[str, ...]]:
+    """The store of each image set (by split), reused from the cache or extracted; and the splits extracted."""
     description = store_encoder_description(cfg)
     cache_dir = Path(cfg.paths.cache)
-    wanted = {s.split: (s, store_key(s, description)) for s in (splits.gallery, splits.queries)}
+    wanted = {s.split: (s, store_key(s, description)) for s in image_sets}
     stores = {split: EmbeddingStore.open(store_dir(cache_dir, key)) for split, (_, key) in wanted.items()}
     missing = [split for split, store in stores.items() if store is None]
     extracted = []
@@ -200,8 +216,8 @@ def ensure_embeddings(splits: Splits, cfg) -> Embeddings:
                     stores[split] = extract_store(encoder, image_set, key, cache_dir, cfg, latency_ms)
                     extracted.append(split)
     else:
-        log.info("reusing embedding stores %s and %s", stores["gallery"].path, stores["queries"].path)
-    return Embeddings(stores["gallery"], stores["queries"], tuple(extracted))
+        log.info("reusing embedding stores %s", ", ".join(str(store.path) for store in stores.values()))
+    return stores, tuple(extracted)
 
 
 def resolve_device(device: str) -> str:

@@ -139,8 +139,11 @@ class FaissIndex:
         self.index = index  # what searches: the CPU index, or its copy on a GPU
         self.cpu_index = cpu_index if cpu_index is not None else index
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    def search(self, queries: np.ndarray, k: int,
+               params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`params` (faiss.SearchParametersIVF(nprobe=...), SearchParametersHNSW(efSearch=...)) override the
+        index's query parameters for this call only: threads can search one index at different settings."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
 
     @property
     def nbytes(self) -> int:
@@ -296,6 +299,15 @@ def _new_faiss_index(method_cfg, dim: int) -> faiss.Index:
     if name == "factory":
         return _factory_index(method_cfg, dim)
     raise bad_value("method", name, f"one of {allowed(METHODS)}")
+
+
+def search_parameters(method: str, setting: dict) -> faiss.SearchParameters | None:
+    """One call's query parameters (see FaissIndex.search), for the methods whose query parameter has them."""
+    if method in ("ivf", "ivfpq") and "nprobe" in setting:
+        return faiss.SearchParametersIVF(nprobe=int(setting["nprobe"]))
+    if method == "hnsw" and "ef_search" in setting:
+        return faiss.SearchParametersHNSW(efSearch=int(setting["ef_search"]))
+    return None
 
 
 def apply_query_params(index: faiss.Index, method_cfg) -> None:

@@ -17,12 +17,12 @@ import urllib.error
 import urllib.request
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from imgret.errors import BadImage, ConfigError, DataUnavailable, allowed, bad_value
@@ -68,6 +68,7 @@ class ImageSet:
 class Splits:
     gallery: ImageSet
     queries: ImageSet
+    titles: dict[str, str] = field(default_factory=dict)  # class name -> what a person calls it ("n01443537": "goldfish")
 
 
 def open_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -77,17 +78,27 @@ def open_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.I
     images are scaled to 8 bits rather than clipped (Pillow's own convert would turn them white)."""
     if path.startswith(SYNTHETIC_SCHEME):
         return synthetic_image(path)
+    return decode_image(path, path, max_pixels)
+
+
+def decode_image(source: str | BinaryIO, name: str, max_pixels: int,
+                 limit_key: str = "data.max_image_pixels") -> Image.Image:
+    """`open_image` for a path or an open file (an upload): the pixel count is checked from the header,
+    before decoding, so a decompression bomb is refused without allocating its pixels."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if image.width * image.height > max_pixels:
-                raise BadImage(path, f"{image.width}x{image.height} pixels is over data.max_image_pixels={max_pixels}")
+                raise BadImage(name, f"{image.width}x{image.height} pixels is over {limit_key}={max_pixels}",
+                               "too_many_pixels")
             image.load()  # decode now: a truncated file fails here, not later inside a batch
             return to_rgb(image)
     except BadImage:
         raise
+    except UnidentifiedImageError as error:  # not an image, or zero bytes
+        raise BadImage(name, f"{type(error).__name__}: {error}", "not_an_image") from error
     except (OSError, ValueError, SyntaxError) as error:
-        # Pillow: UnidentifiedImageError (not an image, zero bytes), OSError (truncated), SyntaxError (broken header)
-        raise BadImage(path, f"{type(error).__name__}: {error}") from error
+        # Pillow: OSError (truncated), SyntaxError (broken header)
+        raise BadImage(name, f"{type(error).__name__}: {error}") from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -127,7 +138,7 @@ def load_splits(data_cfg, seed: int = 0) -> Splits:
     for image_set in (gallery, queries):
         if len(image_set) == 0:
             raise DataUnavailable(f"the {name} {image_set.split} split has no images")
-    return Splits(gallery, queries)
+    return Splits(gallery, queries, splits.titles)
 
 
 def stratified_subset(image_set: ImageSet, per_class: int | None) -> ImageSet:
@@ -187,7 +198,21 @@ def tiny_imagenet_splits(data_cfg, seed: int = 0) -> Splits:
         return ImageSet("tiny_imagenet", split, tuple(paths), np.asarray(labels, dtype=np.int64),
                         class_names, source_id)
 
-    return Splits(make("gallery", gallery_paths, gallery_labels), make("queries", query_paths, query_labels))
+    return Splits(make("gallery", gallery_paths, gallery_labels), make("queries", query_paths, query_labels),
+                  synset_titles(root / "words.txt", class_names))
+
+
+def synset_titles(mapping: Path, wnids: Sequence[str]) -> dict[str, str]:
+    """wnid -> its first WordNet lemma ("n01443537\tgoldfish, Carassius auratus" -> "goldfish"), from
+    Tiny-ImageNet's words.txt or Kaggle's LOC_synset_mapping.txt (tab or space separated); {} without the file."""
+    if not mapping.is_file():
+        return {}
+    wanted, titles = set(wnids), {}
+    for line in mapping.read_text(errors="replace").splitlines():
+        wnid, _, words = line.strip().replace("\t", " ", 1).partition(" ")
+        if wnid in wanted:
+            titles[wnid] = words.split(",")[0].strip() or wnid
+    return titles
 
 
 def prepare_tiny_imagenet(data_cfg) -> Path:
@@ -442,7 +467,9 @@ def imagenet_splits(data_cfg, seed: int = 0) -> Splits:
         labels = [class_index[wnid] for wnid in class_names for _ in listing.get(wnid, [])]
         return ImageSet("imagenet", split, tuple(paths), np.asarray(labels, dtype=np.int64), class_names, source_id)
 
-    return Splits(make("gallery", gallery_listing), make("queries", query_listing))
+    mapping = next((p for p in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt") if p.is_file()),
+                   root / "LOC_synset_mapping.txt")
+    return Splits(make("gallery", gallery_listing), make("queries", query_listing), synset_titles(mapping, class_names))
 
 
 # --------------------------------------------------------------------------- synthetic images

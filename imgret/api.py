@@ -1,0 +1,250 @@
+"""The public library API: open a store and its indexes, embed images, search.
+
+The pipeline (`imgret.run`), the benchmark and the web server (`imgret.serve`) all go through here, so
+preprocessing, index loading and search are each written once:
+
+    from imgret import api
+    retriever = api.open_retriever(cfg, [cfg.method])  # a composed config: stores and indexes reused or built
+    rows = retriever.embedder.embed([api.load_image("cat.jpg")])
+    found = retriever.search(rows, k=10, index=retriever.default_index)
+    exact = retriever.exact(rows, k=10)
+    [retriever.describe(i) for i in found.ids[0]]      # id, path, label, class_name
+
+Below `open_*`, everything takes plain values (an Encoder, an EmbeddingStore, a method's settings), not the
+whole configuration.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from imgret.embed.extract import (EmbeddingModule, Embeddings, ensure_embeddings, ensure_stores, normalised_rows,
+                                  resolve_device, resolve_precision)
+from imgret.embed.models import Encoder, build_encoder
+from imgret.embed.store import EmbeddingStore
+from imgret.errors import ConfigError, allowed, bad_value
+from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, build_index, search_parameters,
+                                  validate_search)
+from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits, open_image
+
+log = logging.getLogger(__name__)
+
+EXACT_METHODS = ("brute", "flat")
+# Query parameters that a call can set on a shared index (faiss SearchParameters), and so can be offered as variants.
+VARIANT_PARAMS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
+
+
+# --------------------------------------------------------------------------- stores and indexes
+
+def open_stores(cfg, splits: Splits | None) -> Embeddings:
+    """The gallery and query stores of a run, reused from the cache or made: extracted from images
+    (`splits`), or written from vectors (`splits` None: a vector source)."""
+    if splits is None:
+        from imgret.sources.vectors import ensure_vector_stores
+
+        return ensure_vector_stores(cfg)
+    return ensure_embeddings(splits, cfg)
+
+
+def open_gallery(cfg, gallery: ImageSet) -> EmbeddingStore:
+    """The gallery's store alone, reused or extracted (a server embeds its queries as they come)."""
+    stores, _ = ensure_stores((gallery,), cfg)
+    return stores[gallery.split]
+
+
+def open_index(method_cfg, gallery: EmbeddingStore, cache_dir: Path | None, device: str = "cpu") -> BuiltIndex:
+    """The index of `method_cfg` over a store: loaded from the index cache (keyed by the store), or built and saved."""
+    return build_index(method_cfg, np.ascontiguousarray(gallery.vectors), cache_dir, gallery.path.name, device)
+
+
+# --------------------------------------------------------------------------- embedding
+
+def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image as extraction reads it (`BadImage` says why a file cannot be one)."""
+    return open_image(str(path), max_pixels)
+
+
+def precision_context(precision: str, device: str):
+    """What Lightning's `precision` does around a forward pass, for forwards outside its Trainer."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+class Embedder:
+    """Images in, L2-normalised rows out: the same transform, module, precision and normalisation as
+    extraction (`EmbeddingModule`), without Lightning. A row embedded here matches the store's row of that image."""
+
+    def __init__(self, encoder: Encoder, device: str = "cpu", precision: str = "32-true", channels_last: bool = True):
+        self.name = encoder.name
+        self.description = encoder.description
+        self.image_transform, mean, std = encoder.split_transform()
+        self.module = EmbeddingModule(encoder.network, mean, std, channels_last).to(device).eval()
+        self.device = device
+        self.precision = precision
+
+    @classmethod
+    def from_config(cls, cfg) -> "Embedder":
+        device = resolve_device(cfg.device)
+        return cls(build_encoder(cfg.model, cfg.seed), device,
+                   resolve_precision(cfg.extract.get("precision", "auto"), device),
+                   bool(cfg.extract.get("channels_last", True)))
+
+    def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The per-image half of the preprocessing (resize, crop) as one uint8 batch."""
+        return torch.stack([self.image_transform(image) for image in images])
+
+    def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), precision_context(self.precision, self.device):
+            return normalised_rows(self.module.embed(batch.to(self.device)))
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_prepared(self.prepare(images))
+
+
+# --------------------------------------------------------------------------- search
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """One searchable setting: a built index and, for a variant, the query parameters each call sets."""
+
+    name: str  # what the page and the API call it: "flat", "ivf nprobe=16"
+    method: str
+    setting: dict  # the method's parameters that matter, build and query
+    built: BuiltIndex
+    params: faiss.SearchParameters | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.method in EXACT_METHODS
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(self.built.index, FaissIndex):
+            return self.built.index.search(vectors, k, self.params)
+        return self.built.index.search(vectors, k)
+
+
+def _setting(method_cfg) -> dict:
+    spec = METHODS[method_cfg.name]
+    return {key: method_cfg.get(key) for key in (*spec.build_params, *spec.query_params)
+            if method_cfg.get(key) is not None and key not in ("train_size", "on_disk", "query_chunk", "resident_mb")}
+
+
+def index_choices(method_cfg, built: BuiltIndex, variants: dict[str, Sequence[int]] | None = None) -> list[IndexChoice]:
+    """The settings offered for one built index: one per value of its query parameter in `variants`
+    (values above nlist left out), or the method's own setting."""
+    method = method_cfg.name
+    setting = _setting(method_cfg)
+    param = VARIANT_PARAMS.get(method)
+    values = list((variants or {}).get(param) or []) if param else []
+    if param == "nprobe":
+        values = [v for v in values if v <= int(method_cfg.nlist)]
+    if not values:
+        label = " ".join([method, *(f"{k}={v}" for k, v in setting.items() if k != "index_factory")])
+        return [IndexChoice(label if method != "factory" else f"factory {method_cfg.index_factory}", method, setting,
+                            built)]
+    return [IndexChoice(" ".join([method, *(f"{k}={v}" for k, v in {**setting, param: value}.items())]), method,
+                        {**setting, param: int(value)}, built, search_parameters(method, {param: value}))
+            for value in values]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    ids: np.ndarray  # (queries, k) gallery rows, best first; -1 where an approximate index found fewer than k
+    scores: np.ndarray  # cosine similarity of each
+    seconds: float
+
+
+@dataclass
+class Retriever:
+    """One gallery store, the indexes built over it, the encoder that made it, and the exact reference."""
+
+    gallery: EmbeddingStore
+    choices: Sequence[IndexChoice]
+    embedder: Embedder | None = None
+    class_names: Sequence[str] = ()  # label -> class name, as the source lists them (wnids)
+    titles: dict = field(default_factory=dict)  # class name -> what a person calls it
+    queries: ImageSet | None = None  # images to pick a query from
+    reference: BruteForceIndex = field(init=False)
+
+    def __post_init__(self):
+        self.indexes = {choice.name: choice for choice in self.choices}
+        if len(self.indexes) != len(self.choices):
+            raise ConfigError(f"two indexes have the same name: {[c.name for c in self.choices]}")
+        self.reference = BruteForceIndex(self.gallery.vectors)  # exact cosine, for the recall of every answer
+
+    @property
+    def default_index(self) -> str:
+        return self.choices[0].name
+
+    def check(self, k, index: str) -> IndexChoice:
+        if index not in self.indexes:
+            raise bad_value("index", index, f"one of {allowed(self.indexes)}")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self.gallery):
+            raise bad_value("k", k, f"a whole number from 1 to the gallery size ({len(self.gallery)})")
+        return self.indexes[index]
+
+    def search(self, vectors: np.ndarray, k: int, index: str) -> Neighbours:
+        choice = self.check(k, index)
+        start = time.perf_counter()
+        scores, ids = choice.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return Neighbours(ids, scores, time.perf_counter() - start)
+
+    def exact(self, vectors: np.ndarray, k: int) -> Neighbours:
+        start = time.perf_counter()
+        scores, ids = self.reference.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return Neighbours(ids, scores, time.perf_counter() - start)
+
+    def warm_up(self, k: int = 10) -> None:
+        """One embedding and one search per index: first calls allocate, pick kernels and start threads
+        (tens of milliseconds), which would otherwise land on the first person's request."""
+        k = min(k, len(self.gallery))
+        vector = self.embedder.embed([Image.new("RGB", (64, 64), (128, 128, 128))]) if self.embedder \
+            else np.asarray(self.gallery.vectors[:1])
+        for name in self.indexes:
+            self.search(vector, k, name)
+        self.exact(vector, k)
+
+    def class_name(self, label: int) -> str:
+        if 0 <= label < len(self.class_names):
+            name = self.class_names[label]
+            return self.titles.get(name, name)
+        return str(label)
+
+    def describe(self, row: int) -> dict:
+        """A gallery row as people see it."""
+        label = int(self.gallery.labels[row])
+        return {"id": int(row), "path": self.gallery.paths[row], "label": label, "class_name": self.class_name(label)}
+
+
+def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | None = None,
+                   splits: Splits | None = None) -> Retriever:
+    """A Retriever over the run's gallery (images only: an upload must be embedded by the same model), with
+    an index per method config, each reused from the index cache or built, and its query variants."""
+    from imgret.sources.images import is_vector_source, load_splits
+
+    if is_vector_source(cfg.data):
+        raise bad_value("data", cfg.data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "
+                        "queries are images, embedded by the model that made the gallery")
+    splits = splits or load_splits(cfg.data, cfg.seed)
+    for method_cfg in methods:
+        validate_search(method_cfg, 1, len(splits.gallery))
+    gallery = open_gallery(cfg, splits.gallery)
+    device = resolve_device(cfg.device)
+    choices = []
+    for method_cfg in methods:
+        built = open_index(method_cfg, gallery, Path(cfg.paths.cache), device)
+        choices += index_choices(method_cfg, built, variants)
+    embedder = Embedder.from_config(cfg)
+    return Retriever(gallery, choices, embedder, splits.gallery.class_names, dict(splits.titles), splits.queries)

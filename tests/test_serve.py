@@ -1,0 +1,358 @@
+"""The web demo: the library API it stands on, its JSON API on a small real store (real Tiny-ImageNet images,
+random weights), every bad input, concurrent requests, and a real server process driven by a load test and
+by headless Chromium."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import CONF_DIR, PROJECT_ROOT
+from imgret.api import Embedder, open_retriever
+from imgret.errors import ConfigError
+from imgret.serve.app import ServeSettings, create_app
+from imgret.serve.load import run_load
+
+PYTHON = sys.executable
+K = 5
+SERVE_OVERRIDES = ("model.pretrained=false", "model.image_size=32", "batch_size=16", "nlist=4", "nprobe=2",
+                   "serve.nprobe=[1,4]", "serve.ef_search=[1,64]", "serve.indexes.hnsw.hnsw_m=4", f"k={K}",
+                   "extract.progress=false", "extract.latency_images=2", "num_workers=0")
+
+
+def serve_config(tmp: Path, archive: Path, digest: str, *overrides: str):
+    base = [f"paths.cache={tmp / 'cache'}", f"data.root={tmp / 'data'}", f"data.archive={archive}",
+            f"data.checksums=[{digest}]", f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="serve", overrides=[*base, *SERVE_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_subset_zip):
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = serve_config(tmp, *tiny_subset_zip)
+    retriever = open_retriever(cfg, list(cfg.serve.indexes.values()), {"nprobe": [1, 4], "ef_search": [1, 64]})
+    settings = ServeSettings(max_upload_bytes=1 << 20, max_image_pixels=1_000_000, default_k=K)
+    return retriever, TestClient(create_app(retriever, settings)), cfg
+
+
+def jpeg_bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def search(client, *, image: bytes | None = None, name: str = "q.jpg", **form):
+    files = {"image": (name, image, "application/octet-stream")} if image is not None else None
+    return client.post("/api/search", files=files, data={k: str(v) for k, v in form.items()})
+
+
+# --------------------------------------------------------------------------- the library API
+
+def test_embedder_reproduces_the_stores_rows(served):
+    retriever, _, cfg = served
+    rows = retriever.embedder.embed([Image.open(p).convert("RGB") for p in retriever.gallery.paths[:6]])
+    stored = np.asarray(retriever.gallery.vectors[:6])
+    assert rows.shape == stored.shape
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(rows * stored, axis=1)) > 0.9999  # the same preprocessing, module and normalisation
+    other = Embedder.from_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["model.image_size=48"])))
+    moved = other.embed([Image.open(retriever.gallery.paths[0]).convert("RGB")])
+    assert float(moved[0] @ stored[0]) < 0.9999  # and the check can fail: another input size gives other rows
+
+
+def test_index_choices_share_one_built_index_and_differ_in_recall(served):
+    retriever, _, _ = served
+    names = list(retriever.indexes)
+    assert names[0] == "flat" and retriever.default_index == "flat"
+    ivf = [n for n in names if n.startswith("ivf")]
+    assert ivf == ["ivf nlist=4 nprobe=1", "ivf nlist=4 nprobe=4"]
+    assert retriever.indexes[ivf[0]].built is retriever.indexes[ivf[1]].built
+    queries = np.asarray(retriever.gallery.vectors[::3])
+    exact = retriever.exact(queries, K).ids
+    assert np.array_equal(retriever.search(queries, K, "flat").ids, exact)
+    assert np.array_equal(retriever.search(queries, K, ivf[1]).ids, exact)  # nprobe = nlist: every list
+    one = retriever.search(queries, K, ivf[0]).ids
+    assert not np.array_equal(one, exact)  # one list of four misses neighbours
+    with pytest.raises(ConfigError, match="index=nope: one of 'flat'"):
+        retriever.search(queries, K, "nope")
+
+
+def test_vector_sources_cannot_be_served(tmp_path, make_cfg):
+    cfg = make_cfg("data=synthetic_vectors", "data.gallery_size=500", "data.query_size=10", "data.dim=16")
+    with pytest.raises(ConfigError, match="data=synthetic_vectors: an image source"):
+        open_retriever(cfg, [cfg.method])
+    assert not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------- the JSON API
+
+def test_health_and_indexes(served):
+    retriever, client, _ = served
+    health = client.get("/api/health").json()
+    assert health == {"status": "ok", "gallery_size": len(retriever.gallery), "dim": 512, "model": "resnet18",
+                      "weights": retriever.embedder.description["weights"], "indexes": len(retriever.indexes)}
+    assert health["weights"].startswith("random:")  # model.pretrained=false
+    listed = client.get("/api/indexes").json()
+    assert listed["default"] == "flat" and listed["default_k"] == K and listed["max_k"] == 48
+    assert [i["name"] for i in listed["indexes"]] == list(retriever.indexes)
+    flat, hnsw = listed["indexes"][0], listed["indexes"][-1]
+    assert flat["exact"] and not hnsw["exact"] and hnsw["setting"]["ef_search"] == 64 and hnsw["bytes"] > 0
+    assert client.get("/docs").status_code == 200
+    assert "/api/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_an_uploaded_gallery_image_finds_itself_with_every_field(served):
+    retriever, client, _ = served
+    row = 7
+    response = search(client, image=jpeg_bytes(retriever.gallery.paths[row]), k=K)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) >= {"results", "exact", "missed", "recall", "timings_ms", "index", "k", "precision_at_k"}
+    first = body["results"][0]
+    assert set(first) >= {"id", "path", "label", "class_name", "score"}
+    assert first["id"] == row and first["score"] == pytest.approx(1.0, abs=1e-4)
+    assert first["path"] == retriever.gallery.paths[row] and first["label"] == int(retriever.gallery.labels[row])
+    # words.txt's name, not the WordNet id
+    assert not first["class_name"].startswith("n0") and first["class_name"] == retriever.class_name(first["label"])
+    assert len(body["results"]) == K and body["recall"] == 1.0 and body["missed"] == []
+    assert [r["id"] for r in body["exact"]] == [r["id"] for r in body["results"]]
+    assert set(body["timings_ms"]) >= {"decode", "embed", "search"}
+    assert all(value >= 0 for value in body["timings_ms"].values()) and body["timings_ms"]["embed"] > 0
+    assert body["precision_at_k"] is None  # an upload has no class
+
+
+def test_approximate_answers_show_the_misses_and_their_recall(served):
+    retriever, client, _ = served
+    checked = 0
+    for row in range(0, len(retriever.gallery), 4):
+        body = search(client, image=jpeg_bytes(retriever.gallery.paths[row]), k=K, index="ivf nlist=4 nprobe=1").json()
+        found = {r["id"] for r in body["results"]}
+        exact = [r["id"] for r in body["exact"]]
+        assert body["missed"] == [i for i in exact if i not in found]
+        assert body["recall"] == pytest.approx(len(found & set(exact)) / K)
+        assert all(r["in_exact"] == (r["id"] in exact) for r in body["results"])
+        checked += bool(body["missed"])
+    assert checked > 0  # nprobe=1 of 4 lists misses somewhere, or this test shows nothing
+
+
+def test_a_query_from_the_query_set_has_its_precision(served):
+    retriever, client, _ = served
+    picked = client.get("/api/queries/random").json()
+    assert set(picked) == {"id", "label", "class_name", "thumbnail"}
+    body = search(client, query_id=picked["id"], k=K).json()
+    assert body["query"]["id"] == picked["id"]
+    same_class = sum(r["label"] == picked["label"] for r in body["results"])
+    assert body["precision_at_k"] == pytest.approx(same_class / K)
+    thumbnail = client.get(picked["thumbnail"])
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+
+
+def test_thumbnails_by_id_only(served):
+    retriever, client, _ = served
+    response = client.get("/api/thumbnails/3")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(response.content)).size) <= 160
+    assert client.get(f"/api/thumbnails/{len(retriever.gallery)}").status_code == 404
+    assert client.get("/api/thumbnails/-1").status_code == 404
+    for path in ("/api/thumbnails/..%2F..%2Fetc%2Fpasswd", "/api/thumbnails/%2Fetc%2Fpasswd"):
+        assert client.get(path).status_code in (404, 422)
+
+
+def bomb_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(out, "PNG", optimize=True)  # 16 megapixels in a few kilobytes
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name, content, status, says", [
+    ("notes.txt", b"this is not an image", 415, "not an image"),
+    ("empty.jpg", b"", 400, "empty"),
+    ("cut.jpg", "truncated", 400, "truncated"),
+    ("bomb.png", "bomb", 413, "serve.max_image_pixels=1000000"),
+    ("big.jpg", b"\xff" * ((1 << 20) + 1), 413, "serve.max_upload_mb"),
+])
+def test_bad_uploads_get_their_4xx(served, name, content, status, says):
+    retriever, client, _ = served
+    if content == "truncated":
+        whole = jpeg_bytes(retriever.gallery.paths[0])
+        content = whole[: len(whole) // 2]
+    elif content == "bomb":
+        content = bomb_png()
+    response = search(client, image=content, name=name, k=K)
+    assert response.status_code == status, response.text
+    assert says in response.json()["detail"] and "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("form, status, says", [
+    ({"query_id": 0, "k": 0}, 400, "k=0"),
+    ({"query_id": 0, "k": 49}, 400, "k=49"),
+    ({"query_id": 0, "k": "ten"}, 422, "integer"),
+    ({"query_id": 0, "index": "nope"}, 400, "index=nope: one of 'flat'"),
+    ({"query_id": 10_000}, 404, "query_id=10000"),
+    ({"k": 3}, 400, "send an image"),
+])
+def test_bad_search_requests_say_what_is_allowed(served, form, status, says):
+    _, client, _ = served
+    response = search(client, **form)
+    assert response.status_code == status, response.text
+    assert says in response.text and "Traceback" not in response.text
+
+
+def test_concurrent_requests_get_the_answers_they_would_get_alone(served):
+    retriever, client, _ = served
+    names = [n for n in retriever.indexes if not n.startswith("flat")]
+    rows = list(range(0, 40, 5))
+    jobs = [(row, name) for row in rows for name in names]
+    alone = {(row, name): [r["id"] for r in search(client, image=jpeg_bytes(retriever.gallery.paths[row]), k=K,
+                                                    index=name).json()["results"]] for row, name in jobs}
+    assert len({tuple(v) for (row, name), v in alone.items() if row == rows[1]}) > 1  # the settings differ
+
+    def ask(job):
+        row, name = job
+        response = search(client, image=jpeg_bytes(retriever.gallery.paths[row]), k=K, index=name)
+        return job, response.status_code, [r["id"] for r in response.json()["results"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs * 3))
+    assert all(status == 200 and ids == alone[job] for job, status, ids in answers)
+
+
+# --------------------------------------------------------------------------- a real server process
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_subset_zip):
+    """`python -m imgret.serve` in its own process, on a free loopback port; stopped by its process id."""
+    archive, digest = tiny_subset_zip
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log_path = tmp / "server.log"
+    overrides = [f"paths.cache={tmp / 'cache'}", f"data.root={tmp / 'data'}", f"data.archive={archive}",
+                 f"data.checksums=[{digest}]", f"serve.port={port}", "serve.max_upload_mb=1", *SERVE_OVERRIDES,
+                 f"hydra.run.dir={tmp / 'hydra'}"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([PYTHON, "-m", "imgret.serve", *overrides], cwd=tmp, stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not listen within 240 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, process, log_path
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_the_server_binds_loopback_and_refuses_an_oversized_chunked_upload(server):
+    import httpx
+
+    url, process, log_path = server
+    listening = [c.laddr for c in psutil.Process(process.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
+    assert f"serving the demo at {url}/" in log_path.read_text()
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.jpg\"\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 65536
+
+    response = httpx.post(f"{url}/api/search", content=chunks(), timeout=30,
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and "serve.max_upload_mb" in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_load_on_loopback(server, tiny_subset_zip):
+    url, _, _ = server
+    with zipfile.ZipFile(tiny_subset_zip[0]) as archive:
+        image = next(n for n in archive.namelist() if n.endswith(".JPEG"))
+        query = Path(os.environ.get("TMPDIR", "/tmp")) / f"imgret-load-{os.getpid()}.jpg"
+        query.write_bytes(archive.read(image))
+    try:
+        uploads = run_load(url, requests=200, concurrency=8, max_seconds=30, image=query, k=K)
+    finally:
+        query.unlink()
+    by_id = run_load(url, requests=60, concurrency=4, max_seconds=15, k=K, index="ivf nlist=4 nprobe=1")
+    print(f"\nuploads: {uploads.describe()}\nquery ids: {by_id.describe()}")
+    assert uploads.requests == 200 and uploads.errors == 0, uploads.statuses
+    assert by_id.requests == 60 and by_id.errors == 0, by_id.statuses
+    assert 0 < uploads.p50_ms <= uploads.p99_ms
+
+
+@pytest.mark.slow
+def test_the_page_in_headless_chromium(server, tiny_subset_zip, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install chromium (.ci/run installs it)")
+    url, _, _ = server
+    with zipfile.ZipFile(tiny_subset_zip[0]) as archive:
+        name = next(n for n in archive.namelist() if "/train/" in n and n.endswith(".JPEG"))
+        upload = tmp_path / "query.jpg"
+        upload.write_bytes(archive.read(name))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_test_id("index")).to_contain_text("ivf nlist=4 nprobe=1")
+            expect(page.locator("#about")).to_contain_text("gallery images · resnet18 (random weights)")
+
+            page.get_by_test_id("file").set_input_files(str(upload))
+            cards = page.locator("#results .card")
+            expect(cards).to_have_count(K)
+            expect(cards.first).to_contain_text("similarity 1.000")
+            for stage in ("decode", "embed", "search"):
+                expect(page.locator(f"#timings tr[data-stage={stage}]")).to_contain_text(" ms")
+            expect(page.get_by_test_id("summary")).to_contain_text("this index is exact")
+            assert page.locator("#results .card img").first.evaluate("img => img.naturalWidth") > 0
+
+            page.get_by_test_id("index").select_option("ivf nlist=4 nprobe=1")
+            expect(page.locator("#exact .card")).to_have_count(K)
+            expect(page.get_by_test_id("summary")).to_contain_text("missed")
+
+            page.get_by_test_id("random").click()
+            expect(page.get_by_test_id("summary")).to_contain_text(f"precision@{K}")
+            expect(page.get_by_test_id("error")).to_have_text("")
+
+            page.get_by_test_id("k").fill("0")
+            page.get_by_test_id("k").dispatch_event("change")
+            expect(page.get_by_test_id("error")).to_contain_text("400: k=0")
+        finally:
+            browser.close()
