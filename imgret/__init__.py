@@ -1,2 +1,14 @@
 """imgret: an experiment-tracked research harness for image retrieval."""
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+
+def _model_name(short: str, own_arch: str, arch: str) -> str:
+    """A model config's `name`: its short name for the architecture it was written for, and the architecture
+    itself once `model.arch` changes it (so model=resnet18 model.arch=efficientnet_b0 is not called resnet18)."""
+    return short if str(arch) == str(own_arch) else str(arch)
+
+
+# Registered on import, before any config is resolved: every entry point and test imports imgret first.
+OmegaConf.register_new_resolver("imgret.model_name", _model_name, replace=True)

@@ -3,6 +3,7 @@ and real Hydra multiruns of `python -m imgret.run`, read back with MlflowClient.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -53,6 +54,26 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert artifacts == {"config.yaml", "results.json"}
     results = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/results.json")
     assert results["metrics"]["recall_at_k"] == 1.0
+
+
+def test_another_architecture_is_named_by_its_architecture(make_cfg):
+    cfg = make_cfg(*SYNTHETIC_FAST, "model.arch=efficientnet_b0", "method=flat", "k=5")
+    run_tracked(cfg)
+    _, runs = runs_of(cfg.tracking.uri)
+    run = runs[0]
+    assert run.data.tags["model"] == "efficientnet_b0" and run.info.run_name.startswith("efficientnet_b0-flat")
+    assert run.data.params["model.name"] == "efficientnet_b0"
+    assert Path(run.data.tags["gallery_store"]).name.startswith("efficientnet_b0-synthetic-gallery-")
+    assert make_cfg("model=mobilenet").model.name == "mobilenet"  # a config's own architecture keeps its short name
+    assert make_cfg("model=clip", "model.arch=ViT-B-16").model.name == "ViT-B-16"
+
+
+def test_every_data_config_runs_with_its_defaults(make_cfg):
+    """data=synthetic with nothing else: the top-level nlist follows what the data config suggests."""
+    cfg = make_cfg("data=synthetic", "model.pretrained=false", "model.image_size=32")
+    assert cfg.nlist == 16 and cfg.method.nlist == 16
+    assert run_tracked(cfg)["recall_at_10"] > 0
+    assert make_cfg("data=tiny_imagenet").nlist == 256  # the seed's value everywhere else
 
 
 def test_a_config_error_is_raised_before_any_run_exists(make_cfg, tmp_path):
