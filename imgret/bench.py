@@ -58,9 +58,9 @@ TARGETS = {  # the issue's targets: (comparison, bound)
 
 
 def compose_cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module("imgret.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 

@@ -16,6 +16,7 @@ import torch
 from imgret.sources.images import Splits
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
+from imgret.cli import results_table
 from imgret.embed.extract import resolve_device
 from imgret.index.groundtruth import exact_ground_truth
 from imgret.measure.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
@@ -48,7 +49,7 @@ def run_experiment(cfg, splits: Splits | None) -> RunResult:
     with PeakResidentSet() as memory:
         result = _run_stages(cfg, splits, memory)
     result.metrics["peak_rss_bytes"] = float(memory.peak_bytes)
-    log.info("results: %s", {k: round(v, 4) for k, v in result.metrics.items()})
+    log.info("results (all metrics are in MLflow and results.json):\n%s", results_table(result.metrics))
     log.info("peak resident set by stage: %s", result.info["peak_rss_by_stage"])
     return result
 

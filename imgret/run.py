@@ -95,9 +95,12 @@ def in_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://imgret.conf", config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     lifecycle.install_signal_handlers()
+    # On screen at once: the checks below import torch, timm and faiss (several seconds) before their first word.
+    log.info("checking the configuration (%s, %s, %s) ...", cfg.data.get("name"), cfg.model.get("name"),
+             cfg.method.get("name"))
     if lifecycle.process_rank() != 0:
         return extract_only(cfg)
     try:

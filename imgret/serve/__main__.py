@@ -66,7 +66,7 @@ def start(cfg: DictConfig) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path="pkg://imgret.conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
     try:
         start(cfg)

@@ -319,6 +319,11 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     except Exception as error:  # the server went away before this job (in a sweep): run it, keep it locally
         run_id, lost = None, one_line(error)
         log.error("tracking server lost (%s): this run keeps its results locally", lost)
+    if run_id:
+        from imgret.cli import run_link
+
+        log.info("MLflow run %s (%s); to see it: %s", run_id, tags["mlflow.runName"],
+                 run_link(mlflow.get_tracking_uri(), experiment_id, run_id))
     folder, temporary = job_output_dir()
     recorder = RunRecorder(client, run_id, folder, record)
     recorder.temporary = temporary
