@@ -656,5 +656,10 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def console() -> None:
+    """The `imgret-bench` command: exit 0 when done (main's return value is for callers in Python)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -10,11 +10,14 @@ Writes to a folder (default outputs/report/<parent run id>) and attaches the sam
                            when the runs cover several gallery sizes: build time, QPS, p99 latency, peak
                            memory and recall@10 against gallery size (log-log), with fitted growth exponents
   runs.csv, report.md      every point, and all of the above on one page
+  report.html              the same page, self-contained (images inlined): MLflow's artifact viewer shows it
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import html
 import logging
 import re
 import sys
@@ -207,6 +210,10 @@ def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
         frontier = pareto_frontier([r["recall_at_10"] for r in runs], [direction * r[key] for r in runs])
         axis.plot([runs[i][key] for i in frontier], [runs[i]["recall_at_10"] for i in frontier],
                   color="black", linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
+        for i in frontier:  # say which setting each frontier point is (its build is in the legend)
+            query_setting = " ".join(p for p in runs[i]["setting"].split() if p not in runs[i]["build"].split())
+            axis.annotate(query_setting or METHOD_LABELS[runs[i]["method"]], (runs[i][key], runs[i]["recall_at_10"]),
+                          textcoords="offset points", xytext=(4, -9), fontsize=7, color="#333333")
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("recall@10 (vs exact top-10)")
@@ -328,7 +335,46 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         pareto_plot(model, group, out / f"pareto_{model}.png")
         parts.append(f"![{model}](pareto_{model}.png)\n")
     (out / "report.md").write_text("\n".join(parts))
+    (out / "report.html").write_text(markdown_page("\n".join(parts), out, title))
     return out
+
+
+def markdown_page(markdown: str, folder: Path, title: str) -> str:
+    """report.md as one self-contained HTML page, its images inlined (data: URIs), so that MLflow's artifact
+    viewer, which shows an .html artifact but not the images beside it, renders the whole report. Covers the
+    Markdown this module writes: headings, paragraphs, pipe tables and images."""
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table
+                    if not re.fullmatch(r"\|(\s*-+\s*\|)+", line.strip())]
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rest)
+                        + "</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        image = re.fullmatch(r"!\[(.*)\]\((.+\.png)\)", line.strip())
+        if image:
+            data = base64.b64encode((folder / image.group(2)).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = ("body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d2330}table{border-collapse:collapse;"
+             "margin:8px 0 16px}td,th{border:1px solid #d8dde6;padding:3px 8px;text-align:left}th{background:#f2f4f7}"
+             "img{max-width:100%;margin:8px 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -365,6 +411,11 @@ def main(argv: list[str] | None = None) -> Path:
     print((out / "report.md").read_text())
     print(f"written to {out}" + (f" and attached to run {parent.info.run_id}" if parent else ""), file=sys.stderr)
     return out
+
+
+def console() -> None:
+    """The `imgret-report` command: exit 0 when done (main's return value is for callers in Python)."""
+    main()
 
 
 if __name__ == "__main__":

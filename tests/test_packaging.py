@@ -72,6 +72,8 @@ def test_console_commands_run_from_an_empty_folder(installed, tmp_path):
     for expected in ("data=", "synthetic          Generated images", "model=", "resnet18           ResNet-18",
                      "k: 10          # neighbours returned per query", "--multirun"):
         assert expected in shown.stdout, expected
+    reported = command(site, "imgret-report", "--all-runs", "--out", str(tmp_path / "report"), cwd=empty)
+    assert reported.returncode == 0 and (tmp_path / "report" / "report.html").is_file(), reported.stderr[-2000:]
     for name in ("imgret-report", "imgret-bench"):
         shown = command(site, name, "--help", cwd=empty)
         assert shown.returncode == 0 and "usage:" in shown.stdout, (name, shown.stderr)

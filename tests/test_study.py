@@ -1,4 +1,5 @@
 """The accuracy-vs-speed study: Pareto frontiers, operating points, the experiments and the report."""
+import shutil
 import struct
 
 import pytest
@@ -7,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR
 from imgret.report import main as report_main
-from imgret.report import seed_table
+from imgret.report import load_runs, seed_table
 from imgret.run import run_tracked
 from imgret.measure.study import fastest_reaching, growth_exponent, pareto_frontier, representative
 from test_run import children_of_the_parent, imgret_multirun, runs_of
@@ -106,6 +107,49 @@ def test_index_zoo_multirun_and_its_report(tmp_path):
     client, _ = runs_of(uri)
     attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/pareto_resnet18.png" in attached and "report/seed_table.md" in attached
+    assert "report/report.html" in attached
+
+    # The parent carries the sweep's summary, per model and over all: sortable and comparable in MLflow.
+    summary = client.get_run(parent.info.run_id).data.metrics
+    rows = load_runs(client, parent.info.experiment_id, parent.info.run_id)
+    exact_qps = max(r["search_qps_batch"] for r in rows if r["recall_at_10"] >= 0.99 - 1e-12)
+    assert summary["best_qps_recall99/resnet18"] == pytest.approx(exact_qps) == pytest.approx(summary["best_qps_recall99"])
+    assert summary["best_recall_at_10"] == pytest.approx(max(r["recall_at_10"] for r in rows))
+
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "src=\"pareto" not in page  # self-contained
+    assert "<table>" in page and "FAISS IVF-PQ" in page
+
+
+def test_report_html_renders_in_chromium(tmp_path):
+    """What MLflow's artifact viewer shows: the page alone, without the files beside it."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install chromium (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    from imgret.report import markdown_page
+
+    figure = tmp_path / "figure"
+    figure.mkdir()
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(4, 3)).gca().plot([1, 2], [3, 4])
+    plt.savefig(figure / "plot.png")
+    plt.close("all")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "report.html").write_text(markdown_page("# t\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![p](plot.png)\n",
+                                                     figure, "t"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto((alone / "report.html").as_uri())
+            assert page.locator("img").evaluate("img => img.naturalWidth") == 400
+            assert page.locator("td").all_inner_texts() == ["1", "2"]
+        finally:
+            browser.close()
 
 
 def test_growth_exponent_recovers_a_power_law():
@@ -132,7 +176,11 @@ def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path
     scaling = (out / "scaling.md").read_text()
     assert "| 500 | 1,500 | 4,500 |" in scaling and "exponent b" in scaling
     flat_qps = next(line for line in scaling.splitlines() if "FAISS Flat" in line and "queries per second" in line)
-    assert float(flat_qps.split("|")[-2]) < -0.3, "exact search slows as the gallery grows"
+    # The fitted exponent itself is timing: on a shared machine its sign at 500-4,500 vectors is noise (the
+    # benchmark and README measure it); here it only has to be the fit of the runs' own figures.
+    flat = sorted((c.data.metrics["gallery_size"], c.data.metrics["search_qps_batch"]) for c in children
+                  if c.data.tags["method"] == "flat")
+    assert float(flat_qps.split("|")[-2]) == pytest.approx(growth_exponent(*zip(*flat)), abs=0.006)
     header = (out / "scaling_vectors.png").read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 1000
     report = (out / "report.md").read_text()

@@ -56,3 +56,23 @@ def growth_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
     if len(np.unique(sizes)) < 2 or not np.all(values > 0) or not np.all(np.isfinite(values)):
         return float("nan")
     return float(np.polyfit(np.log(sizes), np.log(values), 1)[0])
+
+
+def summary_metrics(runs: Sequence[dict]) -> dict[str, float]:
+    """What a sweep's parent run carries so that parents can be sorted and compared: per model, and over all
+    models, the best batch QPS among runs reaching recall@10 of each target (absent when none reaches it).
+    Names group in MLflow's charts: `best_qps_recall90/resnet18`, `best_qps_recall90`."""
+    summary: dict[str, float] = {}
+    models = sorted({run["model"] for run in runs})
+    for target in RECALL_TARGETS:
+        name = f"best_qps_recall{round(target * 100)}"
+        for model in models:
+            best = fastest_reaching([run for run in runs if run["model"] == model], target)
+            if best is not None:
+                summary[f"{name}/{model}"] = float(best["search_qps_batch"])
+        best = fastest_reaching(runs, target)
+        if best is not None:
+            summary[name] = float(best["search_qps_batch"])
+    if runs:
+        summary["best_recall_at_10"] = float(max(run["recall_at_10"] for run in runs))
+    return summary

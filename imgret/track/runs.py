@@ -493,9 +493,21 @@ class MultirunParentRun(Callback):
             self.client.set_tag(run_id, "jobs", str(jobs))
             self.client.set_tag(run_id, "failed_jobs", str(failed_jobs))
             self.client.set_tag(run_id, "finished_jobs", str(sum(child.info.status == "FINISHED" for child in children)))
+            self._log_summary(run_id)
             self.client.set_terminated(run_id, RunStatus.to_string(status))
         except Exception as error:  # a lost server: a later start marks the parent KILLED as its process is gone
             log.error("could not close the sweep's parent run %s: %s", run_id, error)
+
+
+    def _log_summary(self, run_id: str) -> None:
+        """The sweep's summary metrics on the parent (imgret.measure.study.summary_metrics)."""
+        from imgret.measure.study import summary_metrics
+        from imgret.report import load_runs
+
+        summary = summary_metrics(load_runs(self.client, self.experiment_id, run_id))
+        if summary:
+            self.client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0)
+                                                   for key, value in summary.items()])
 
 
 # --------------------------------------------------------------------------- python -m imgret.track.runs sync
