@@ -86,6 +86,9 @@ def check_run_settings(cfg) -> None:
         raise bad_value("search.tie_epsilon", search.tie_epsilon, "a similarity tolerance >= 0, such as 1e-6")
     check_whole("search.latency_queries", search.latency_queries, 1, " of single-query calls")
     check_whole("search.warmup_queries", search.warmup_queries, 0, " of untimed calls")
+    check_whole("search.repeats", search.get("repeats", 3), 1, " of batch calls (the best is reported)")
+    if search.get("threads") is not None:
+        check_whole("search.threads", search.threads, 1, " of search threads, or null for `threads`")
 
 
 def check_tracking(tracking) -> None:

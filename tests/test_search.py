@@ -9,7 +9,7 @@ from imgret.errors import ConfigError
 from imgret.index.groundtruth import exact_ground_truth, ground_truth_path
 from imgret.index.methods import BruteForceIndex, build_index, validate_search
 from imgret.measure.metrics import latency_percentiles, precision_at, recall_at
-from imgret.measure.search import timed_search
+from imgret.measure.search import latency_sample, search_threads, timed_search
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=1)
 QUERIES = clustered_vectors(4200, 64, clusters=32, seed=1)[4000:]  # same centres, unseen points
@@ -100,7 +100,43 @@ def test_timed_search_takes_at_least_the_configured_number_of_single_queries():
     index = build_index(method("flat"), GALLERY).index
     run = timed_search(index, QUERIES[:30], 5, latency_queries=100, warmup_queries=3, progress=False)
     assert run.ids.shape == (30, 5) and len(run.latencies_ms) == 100
-    assert (run.latencies_ms > 0).all() and run.batch_seconds > 0
+    assert (run.latencies_ms > 0).all() and len(run.batch_seconds) == 3
+    assert run.best_batch_seconds == min(run.batch_seconds) > 0
+
+
+def test_the_latency_sample_is_random_and_disjoint_from_the_warm_up():
+    warmup, timed = latency_sample(1000, 200, 50, seed=0)
+    assert len(warmup) == 50 and len(timed) == 200 and len(set(timed.tolist())) == 200
+    assert not set(warmup.tolist()) & set(timed.tolist())
+    assert timed.tolist() != list(range(50, 250)) and warmup.tolist() != list(range(50))  # not the first queries
+    assert np.array_equal(latency_sample(1000, 200, 50, seed=0)[1], timed)  # the seed fixes it
+    few_warmup, few = latency_sample(5, 12, 50)  # fewer queries than the warm-up: one is still timed
+    assert len(few_warmup) == 4 and set(few.tolist()) == set(range(5)) - set(few_warmup.tolist())
+
+
+def test_search_threads_fix_and_restore_faiss_and_torch_threads():
+    import faiss
+    import torch
+
+    before = (faiss.omp_get_max_threads(), torch.get_num_threads())
+    with search_threads(1):
+        assert faiss.omp_get_max_threads() == 1 and torch.get_num_threads() == 1
+    assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == before
+
+
+def test_a_run_times_search_at_k_and_measures_recall_at_10_deeper(make_cfg):
+    from imgret.run import run_tracked
+    from test_run import runs_of
+
+    cfg = make_cfg("data=synthetic", "model.pretrained=false", "model.image_size=32", "method=hnsw", "k=1",
+                   "ef_search=1", "search.threads=1", "search.repeats=4")
+    metrics = run_tracked(cfg)
+    _, runs = runs_of(cfg.tracking.uri)
+    tags = runs[0].data.tags
+    repeats = [float(qps) for qps in tags["batch_qps_repeats"].split(", ")]
+    assert len(repeats) == 4 and metrics["search_qps_batch"] == pytest.approx(max(repeats), rel=1e-3)
+    assert tags["search_threads"] == "1"
+    assert metrics["recall_at_10"] > 0 and metrics["recall_at_k"] == metrics["recall_at_1"]
 
 
 def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch):
