@@ -52,7 +52,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     if parent and not cfg.get("force", False):
         done = finished_run_like(MlflowClient(), experiment_id, lifecycle.config_digest(cfg))
         if done is not None:
-            link = link_finished_run(MlflowClient(), experiment_id, done, parent)
+            link = link_finished_run(MlflowClient(), experiment_id, done, parent, cfg)
             log.info("this point already finished as run %s: linked as %s, not run again (force=true reruns it)",
                      done.info.run_id, link)
             return dict(done.data.metrics)

@@ -54,6 +54,10 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert artifacts == {"config.yaml", "results.json"}
     results = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/results.json")
     assert results["metrics"]["recall_at_k"] == 1.0
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"gallery", "queries"}
+    assert inputs["gallery"].name == Path(tags["gallery_store"]).name and '"num_rows": 200' in inputs["gallery"].profile
+    assert inputs["queries"].digest == Path(tags["query_store"]).name.rsplit("-", 1)[-1]
 
 
 def test_another_architecture_is_named_by_its_architecture(make_cfg):
@@ -135,6 +139,26 @@ def test_hydra_multirun_groups_jobs_under_a_parent_and_extracts_once(tmp_path):
     built = {c.data.params["nprobe"]: c.data.tags["index_built"] for c in children if c.data.tags["method"] == "ivf"}
     assert built == {"1": "true", "4": "false"}, "the IVF index is built by the first job and loaded by the next"
     assert {c.data.metrics["extract_ms_per_image"] for c in children} == {children[0].data.metrics["extract_ms_per_image"]}
+
+
+def test_a_sweep_point_whose_settings_do_not_reach_its_method_runs_once(tmp_path):
+    """nprobe means nothing to flat: flat runs once, its second point links to that run; IVF runs both."""
+    result, uri = imgret_multirun(tmp_path, "method=flat,ivf", "nlist=4", "nprobe=1,4", "k=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, children = children_of_the_parent(uri)
+    client, _ = runs_of(uri)
+    flat = [c for c in children if c.data.tags["method"] == "flat"]
+    ivf = [c for c in children if c.data.tags["method"] == "ivf"]
+    assert len(flat) == 2 and len(ivf) == 2
+    originals = [c for c in flat if "imgret.reused_run_id" not in c.data.tags]
+    assert len(originals) == 1 and [c.data.tags.get("imgret.reused_run_id") for c in flat if c not in originals] == \
+        [originals[0].info.run_id]
+    assert all("imgret.reused_run_id" not in c.data.tags for c in ivf)
+    assert sorted(c.data.params["nprobe"] for c in flat) == ["1", "4"]  # each point keeps its own settings
+    assert sorted(next(o for o in c.data.tags["overrides"].split() if o.startswith("nprobe=")) for c in flat) == \
+        ["nprobe=1", "nprobe=4"]
+    experiment = client.get_experiment(children[0].info.experiment_id)
+    assert "recall@k against the exact ground truth" in experiment.tags["mlflow.note.content"]
 
 
 def test_a_failed_job_is_marked_failed_and_the_multirun_goes_on(tmp_path):

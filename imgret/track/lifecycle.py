@@ -20,7 +20,10 @@ DIGEST_TAG = "imgret.config_digest"
 # Keys that cannot change a run's result: where files go, what is printed, how runs are grouped and
 # tracked, whether to rerun, what a sweeper reads from it. Everything else is part of a point's identity.
 NOT_RESULT_KEYS = ("paths", "tracking", "extract.progress", "skip_invalid", "force", "hydra", "data.root",
-                   "objectives")
+                   "objectives",
+                   # The top-level index knobs reach a run only through its method's own keys (method.nprobe, ...),
+                   # which stay: a sweep over nprobe runs method=flat once, and links its other points to that run.
+                   "nlist", "nprobe", "ef_search", "effort", "data.nlist")
 
 
 class Interrupted(KeyboardInterrupt):

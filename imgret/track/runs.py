@@ -31,7 +31,7 @@ from typing import Iterator
 
 import mlflow
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -52,6 +52,13 @@ LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu", "fa
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "12"}
 RECORD = "mlflow_record.json"
+EXPERIMENT_DESCRIPTION = (
+    "imgret: what image retrieval costs and how accurate approximate search is. Each run is one point: images -> "
+    "embeddings (model) -> index (method and its settings) -> search, with recall@k against the exact ground truth, "
+    "latency, throughput, build time and memory. A sweep's runs hang under a parent run, which carries the sweep's "
+    "best QPS at recall@10 >= 0.90/0.95/0.99 and, after `imgret-report`, the study as report/report.html. "
+    "Use the Model training view; sort parents by best_qps_recall95, compare children on recall_at_10 and "
+    "search_qps_batch.")
 
 
 # --------------------------------------------------------------------------- opening the store
@@ -81,7 +88,8 @@ def _get_or_create_experiment(client: MlflowClient, tracking_cfg) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg))
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg),
+                                        tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
     except MlflowException:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -281,6 +289,17 @@ class RunRecorder:
             shutil.copyfile(source, path)
         self._remote(self.client.log_artifact, self.run_id, str(path))
 
+    def log_inputs(self, stores: dict[str, tuple[str, int, int]]) -> None:
+        """The embedding stores a run searched, as MLflow dataset inputs: context (gallery, queries) ->
+        (store folder, rows, dimension). The digest is the store key's, so runs on the same vectors share it."""
+        self.record.setdefault("inputs", {}).update(stores)
+        inputs = [DatasetInput(Dataset(name=Path(path).name, digest=Path(path).name.rsplit("-", 1)[-1][:36],
+                                       source_type="local", source=json.dumps({"uri": str(Path(path).resolve())}),
+                                       profile=json.dumps({"num_rows": rows, "dim": dim})),
+                               tags=[InputTag("mlflow.data.context", context)])
+                  for context, (path, rows, dim) in stores.items()]
+        self._remote(self.client.log_inputs, self.run_id, datasets=inputs)
+
     def end(self, status: str) -> None:
         self.record["status"] = status
         self._remote(self.client.set_terminated, self.run_id, status)
@@ -355,6 +374,9 @@ def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str
                 texts: dict[str, str] | None = None) -> None:
     recorder.log_metrics(metrics)
     recorder.set_tags(info)
+    if "gallery_store" in info and "query_store" in info:
+        recorder.log_inputs({"gallery": (info["gallery_store"], int(metrics["gallery_size"]), int(metrics["dim"])),
+                             "queries": (info["query_store"], int(metrics["query_size"]), int(metrics["dim"]))})
     recorder.log_text(json.dumps({"metrics": metrics, "info": info}, indent=1), "results.json")
     for name, text in (texts or {}).items():
         recorder.log_text(text, name)
@@ -377,17 +399,27 @@ def finished_run_like(client: MlflowClient, experiment_id: str, digest: str):
     return (originals or runs or [None])[0]
 
 
-def link_finished_run(client: MlflowClient, experiment_id: str, original, parent_run_id: str) -> str:
-    """A child of `parent_run_id` standing for `original`: its params, metrics and tags, and the tag
-    `imgret.reused_run_id` naming it. The report then covers the whole sweep without running the point again."""
+def link_finished_run(client: MlflowClient, experiment_id: str, original, parent_run_id: str,
+                      cfg: DictConfig | None = None) -> str:
+    """A child of `parent_run_id` standing for `original`: its metrics and tags, and the tag
+    `imgret.reused_run_id` naming it. The report then covers the whole sweep without running the point again.
+    With `cfg` (this point's config), the link keeps this point's own params and overrides: a flat point at
+    nprobe=4 linked to the flat run made at nprobe=1 still says nprobe=4."""
     skip = ("mlflow.parentRunId", lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG)
     tags = {k: v for k, v in original.data.tags.items() if k not in skip}
     tags.update({"mlflow.parentRunId": parent_run_id, "imgret.reused_run_id": original.info.run_id})
+    params = dict(original.data.params)
+    if cfg is not None:
+        params = {k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+        with contextlib.suppress(ValueError):  # outside a Hydra app there are no overrides
+            from hydra.core.hydra_config import HydraConfig
+
+            tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
     link = client.create_run(experiment_id, run_name=original.info.run_name, tags=tags)
     now = int(time.time() * 1000)
-    params = [Param(k, v) for k, v in original.data.params.items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(link.info.run_id, params=params[start:start + 100])
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(link.info.run_id, params=items[start:start + 100])
     client.log_batch(link.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in original.data.metrics.items()])
     client.set_terminated(link.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
     return link.info.run_id
