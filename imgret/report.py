@@ -32,6 +32,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from imgret.index.methods import EXECUTION_PARAMS, METHODS  # noqa: E402
+from imgret.measure.metrics import RUN_SIZES  # noqa: E402
 from imgret.measure.study import (EXACT_METHODS, RECALL_TARGETS, SCALING_METRICS, fastest_reaching, growth_exponent,  # noqa: E402
                           pareto_frontier, representative)
 
@@ -92,7 +93,8 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "index_built": tags.get("index_built", ""),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),
-            **metrics,
+            **metrics,  # runs of earlier versions logged the sizes as metrics; now they are params
+            **{key: float(params[key]) for key in RUN_SIZES if key in params},
         })
     return sorted(rows, key=lambda r: (r["model"], r["method"], r["search_qps_batch"]))
 

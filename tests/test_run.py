@@ -11,14 +11,14 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from imgret.errors import ConfigError, DataUnavailable
-from imgret.measure.metrics import RUN_METRICS
+from imgret.measure.metrics import RUN_METRICS, RUN_SIZES
 from imgret.run import run_tracked
 
 METRICS = {
     "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
     "search_ms_p50", "search_ms_p95",
     "search_ms_p99", "search_qps_batch", "build_s", "index_bytes", "extract_ms_per_image",
-    "extract_images_per_s", "gallery_size", "query_size", "dim", "bad_images",
+    "extract_images_per_s", "bad_images",
     "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
 }
 
@@ -38,11 +38,11 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert set(run.data.metrics) == METRICS == set(RUN_METRICS)
-    assert run.data.metrics == pytest.approx(metrics)
+    assert run.data.metrics == pytest.approx({k: v for k, v in metrics.items() if k not in RUN_SIZES})
     assert run.data.metrics["recall_at_k"] == 1.0  # nprobe = nlist visits every list
     assert all(run.data.metrics[stage] > 0 for stage in ("stores_s", "groundtruth_s", "index_s", "search_s"))
     assert 50e6 < run.data.metrics["peak_rss_bytes"] < 20e9  # torch alone is resident
-    assert run.data.metrics["gallery_size"] == 200 and run.data.metrics["query_size"] == 40
+    assert (run.data.params["gallery_size"], run.data.params["query_size"], run.data.params["dim"]) == ("200", "40", "512")
     params = run.data.params
     assert params["method.nprobe"] == "4" and params["nlist"] == "4" and params["model.arch"] == "resnet18"
     assert params["k"] == "5" and params["data.name"] == "synthetic"

@@ -168,7 +168,7 @@ def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path
                                   data=())
     assert result.returncode == 0, result.stderr[-3000:]
     _, children = children_of_the_parent(uri)
-    sizes = sorted((c.data.tags["method"], c.data.metrics["gallery_size"]) for c in children)
+    sizes = sorted((c.data.tags["method"], float(c.data.params["gallery_size"])) for c in children)
     assert sizes == [(m, n) for m in ("flat", "ivf") for n in (500.0, 1500.0, 4500.0)]
     assert all(c.data.metrics["peak_rss_bytes"] > 0 and c.data.metrics["index_s"] > 0 for c in children)
 
@@ -178,7 +178,7 @@ def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path
     flat_qps = next(line for line in scaling.splitlines() if "FAISS Flat" in line and "queries per second" in line)
     # The fitted exponent itself is timing: on a shared machine its sign at 500-4,500 vectors is noise (the
     # benchmark and README measure it); here it only has to be the fit of the runs' own figures.
-    flat = sorted((c.data.metrics["gallery_size"], c.data.metrics["search_qps_batch"]) for c in children
+    flat = sorted((float(c.data.params["gallery_size"]), c.data.metrics["search_qps_batch"]) for c in children
                   if c.data.tags["method"] == "flat")
     assert float(flat_qps.split("|")[-2]) == pytest.approx(growth_exponent(*zip(*flat)), abs=0.006)
     header = (out / "scaling_vectors.png").read_bytes()[:24]

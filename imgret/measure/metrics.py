@@ -9,11 +9,15 @@ from imgret.cache import gather_rows
 RUN_METRICS = (
     "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
     "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
-    "extract_ms_per_image", "extract_images_per_s", "gallery_size", "query_size", "dim", "bad_images",
+    "extract_ms_per_image", "extract_images_per_s", "bad_images",
     # where the run's time went (seconds: stores extracted, generated or opened; exact ground truth computed or
     # loaded; index built or loaded; timed search) and its largest resident set while it worked
     "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
 )
+
+# What was searched: part of a run's result dict, but logged as MLflow params (they describe the run; as metrics
+# they crowded recall and QPS out of MLflow's charts).
+RUN_SIZES = ("gallery_size", "query_size", "dim")
 
 
 def recall_at(found_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:

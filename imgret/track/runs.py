@@ -372,7 +372,10 @@ def tracked_run(cfg: DictConfig, experiment_id: str) -> Iterator[RunRecorder]:
 
 def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str, str],
                 texts: dict[str, str] | None = None) -> None:
-    recorder.log_metrics(metrics)
+    from imgret.measure.metrics import RUN_SIZES
+
+    recorder.log_metrics({key: value for key, value in metrics.items() if key not in RUN_SIZES})
+    recorder.log_params({key: str(int(metrics[key])) for key in RUN_SIZES if key in metrics})
     recorder.set_tags(info)
     if "gallery_store" in info and "query_store" in info:
         recorder.log_inputs({"gallery": (info["gallery_store"], int(metrics["gallery_size"]), int(metrics["dim"])),
@@ -407,10 +410,13 @@ def link_finished_run(client: MlflowClient, experiment_id: str, original, parent
     nprobe=4 linked to the flat run made at nprobe=1 still says nprobe=4."""
     skip = ("mlflow.parentRunId", lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG)
     tags = {k: v for k, v in original.data.tags.items() if k not in skip}
-    tags.update({"mlflow.parentRunId": parent_run_id, "imgret.reused_run_id": original.info.run_id})
+    tags.update({"mlflow.parentRunId": parent_run_id, "imgret.reused_run_id": original.info.run_id,
+                 # what this run did itself: nothing was extracted or built for it
+                 "embeddings_extracted": "none", "index_built": "false"})
     params = dict(original.data.params)
-    if cfg is not None:
-        params = {k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+    if cfg is not None:  # this point's config; what was searched is the original's
+        params = {**{k: v for k, v in params.items() if k in ("gallery_size", "query_size", "dim")},
+                  **{k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}}
         with contextlib.suppress(ValueError):  # outside a Hydra app there are no overrides
             from hydra.core.hydra_config import HydraConfig
 
