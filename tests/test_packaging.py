@@ -52,8 +52,7 @@ def test_console_commands_run_from_an_empty_folder(installed, tmp_path):
     empty.mkdir()
     where = command(site, "imgret-run", "--info", "searchpath", cwd=empty)
     assert where.returncode == 0 and "pkg://imgret.conf" in where.stdout, where.stderr
-    done = command(site, "imgret-run", "data=synthetic", "model.pretrained=false", "model.image_size=32",
-                   "extract.progress=false", cwd=empty)
+    done = command(site, "imgret-run", "data=synthetic", "model.pretrained=false", "model.image_size=32", cwd=empty)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = all_runs(f"sqlite:///{empty / 'mlruns' / 'mlflow.db'}")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -61,6 +60,7 @@ def test_console_commands_run_from_an_empty_folder(installed, tmp_path):
     assert screen.splitlines()[0].endswith("checking the configuration (synthetic, resnet18, ivf) ...")
     assert f"MLflow run {runs[0].info.run_id} (resnet18-ivf-nlist16-nprobe8); to see it: `mlflow ui" in screen
     assert "recall@1 / @10 / @k" in screen and "peak resident set (GB)" in screen
+    assert "gallery · resnet18, batches of 64: 100%" in screen and "Predicting" not in screen  # bars say what they count
     assert "Loading faiss" not in screen and "LeafSpec" not in screen  # third-party noise filtered
     assert runs[0].data.params["nlist"] == "16"  # data=synthetic's own defaults, read from the wheel's configs
     assert (empty / ".cache" / "imgret" / "embeddings").is_dir()

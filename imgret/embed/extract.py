@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -129,6 +129,27 @@ def normalised_rows(features: torch.Tensor) -> np.ndarray:
     rows = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
     faiss.normalize_L2(rows)
     return rows
+
+
+class ExtractionProgressBar(TQDMProgressBar):
+    """Lightning's bar, saying what it counts ("gallery · resnet18, batches of 64") instead of "Predicting DataLoader 0"."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    @property
+    def predict_description(self) -> str:
+        return self.label
+
+    def init_predict_tqdm(self):
+        bar = super().init_predict_tqdm()
+        bar.unit = "batch"
+        return bar
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        self.predict_progress_bar.set_description(self.label)
 
 
 class EmbeddingStoreWriter(BasePredictionWriter):
@@ -364,7 +385,8 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
                 enable_model_summary=False,
                 enable_progress_bar=bool(cfg.extract.progress),
                 inference_mode=True,
-                callbacks=[writer],
+                callbacks=[writer, *([ExtractionProgressBar(
+                    f"{image_set.split} · {encoder.name}, batches of {int(cfg.batch_size)}")] if cfg.extract.progress else [])],
             )
             if trainer.is_global_zero:
                 log.info("extracting %d %s images with %s into %s (%d process%s)", len(todo), image_set.split,
