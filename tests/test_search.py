@@ -136,7 +136,8 @@ def test_a_run_times_search_at_k_and_measures_recall_at_10_deeper(make_cfg):
     repeats = [float(qps) for qps in tags["batch_qps_repeats"].split(", ")]
     assert len(repeats) == 4 and metrics["search_qps_batch"] == pytest.approx(max(repeats), rel=1e-3)
     assert tags["search_threads"] == "1"
-    assert metrics["recall_at_10"] > 0 and metrics["recall_at_k"] == metrics["recall_at_1"]
+    # recall@10 comes from the untimed depth-10 search: the timed k=1 ids alone would score at most 0.1
+    assert metrics["recall_at_10"] > 0.5 and metrics["recall_at_k"] == metrics["recall_at_1"]
 
 
 def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch):
