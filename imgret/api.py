@@ -32,13 +32,13 @@ from imgret.embed.extract import (EmbeddingModule, Embeddings, ensure_embeddings
 from imgret.embed.models import Encoder, build_encoder
 from imgret.embed.store import EmbeddingStore
 from imgret.errors import ConfigError, allowed, bad_value
+from imgret.measure.study import EXACT_METHODS
 from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, build_index, search_parameters,
                                   validate_search)
 from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits, open_image
 
 log = logging.getLogger(__name__)
 
-EXACT_METHODS = ("brute", "flat")
 # Query parameters that a call can set on a shared index (faiss SearchParameters), and so can be offered as variants.
 VARIANT_PARAMS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
 
