@@ -4,9 +4,11 @@ Tracking is not done here: `run_experiment` returns plain results and the caller
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import faiss
 import numpy as np
@@ -43,21 +45,23 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def run_experiment(cfg, splits: Splits | None) -> RunResult:
+def run_experiment(cfg, splits: Splits | None,
+                   watch_stores: Callable[[], ContextManager] = contextlib.nullcontext) -> RunResult:
     """Every stage after the images are listed (and the config checked against their number); `splits` is
-    None for a vector source, whose stores are generated rather than extracted."""
+    None for a vector source, whose stores are generated rather than extracted. `watch_stores` wraps the making
+    of the stores (the tracker's system metrics)."""
     with PeakResidentSet() as memory:
-        result = _run_stages(cfg, splits, memory)
+        result = _run_stages(cfg, splits, memory, watch_stores)
     result.metrics["peak_rss_bytes"] = float(memory.peak_bytes)
     log.info("results (all metrics are in MLflow and results.json):\n%s", results_table(result.metrics))
     log.info("peak resident set by stage: %s", result.info["peak_rss_by_stage"])
     return result
 
 
-def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet) -> RunResult:
+def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet, watch_stores) -> RunResult:
     threads = configure_threads(cfg.get("threads"))
     stages = StageTimes(memory)
-    with stages.measure("stores_s"):
+    with stages.measure("stores_s"), watch_stores():
         embeddings = open_stores(cfg, splits)
     gallery, queries = embeddings.gallery, embeddings.queries
     if len(gallery) < int(cfg.k) or len(queries) == 0:

@@ -65,7 +65,8 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
         gallery_size = len(splits.gallery)
     validate_search(cfg.method, cfg.k, gallery_size)
     with tracked_run(cfg, experiment_id) as recorder:
-        result = run_experiment(cfg, splits)
+        interval = cfg.tracking.get("system_metrics_s")
+        result = run_experiment(cfg, splits, lambda: recorder.system_metrics(interval))
         log_results(recorder, result.metrics, result.info, result.texts)
     return result.metrics
 

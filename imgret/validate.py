@@ -98,6 +98,10 @@ def check_tracking(tracking) -> None:
                                              "or file:<folder>")
     if not isinstance(tracking.get("experiment"), str) or not tracking.experiment.strip():
         raise bad_value("tracking.experiment", tracking.get("experiment"), "a non-empty experiment name")
+    interval = tracking.get("system_metrics_s")
+    if interval is not None and (not number(interval) or interval <= 0):
+        raise bad_value("tracking.system_metrics_s", interval, "seconds between system-metric samples (> 0), or null "
+                                                             "for none")
     if uri.startswith("sqlite:///"):
         check_writable("tracking.uri", Path(uri[len("sqlite:///"):]).parent, uri)
     if uri.startswith(("http://", "https://")):

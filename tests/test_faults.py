@@ -84,6 +84,7 @@ BAD_VALUES = [  # (overrides, the key the one line must name)
     (["model.image_size=8"], "model.image_size=8"),
     (["model=resnet18", "model.arch=resnet999"], "model.arch=resnet999"),
     (["tracking.uri=mysql://nowhere"], "tracking.uri=mysql://nowhere"),
+    (["tracking.system_metrics_s=0"], "tracking.system_metrics_s=0"),
     (["paths.cache={file}/cache"], "paths.cache="),
     (["data=tiny_imagenet", "data.archive={not_a_zip}", "data.checksums=[sha256:{digest}]"], "data.archive="),
 ]

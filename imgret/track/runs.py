@@ -300,6 +300,28 @@ class RunRecorder:
                   for context, (path, rows, dim) in stores.items()]
         self._remote(self.client.log_inputs, self.run_id, datasets=inputs)
 
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float | None) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network: psutil) every `interval_s` seconds while the body
+        runs, under system/ in the run's "System metrics" tab; one last sample when it ends, so that a short
+        stage has a point too. Not around the timed search: a sampling thread would be in its figures."""
+        if not interval_s or self.lost or self.run_id is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=float(interval_s), resume_logging=True,
+                                       tracking_uri=mlflow.get_tracking_uri())
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            with contextlib.suppress(Exception):  # the run's results matter more than its last sample
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+
     def end(self, status: str) -> None:
         self.record["status"] = status
         self._remote(self.client.set_terminated, self.run_id, status)
