@@ -1,10 +1,12 @@
 """The benchmark's plumbing at tiny sizes (its timings are not asserted: they belong to the benchmark)."""
 import json
+import shlex
 
 import faiss
 import numpy as np
 import pytest
 
+from documented import documented
 from conftest import clustered_vectors, require_real_archive
 from imgret.bench import TARGETS, main, table, verdict
 from imgret.index.methods import BruteForceIndex
@@ -36,14 +38,16 @@ def test_unknown_part_is_refused(capsys):
     assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory, ddp, verify" in capsys.readouterr().err
 
 
-def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
+def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeypatch):
     archive = require_real_archive()
-    out = tmp_path / "bench.json"
-    results = main(["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64",
-                    "--clip-images", "8", "--batch-size", "16", "--gallery", "2000", "--queries", "100",
-                    "--single-queries", "20", "--nlist", "16", "--nprobe", "4", "--memory-sizes", "40,80",
-                    "--ddp-images", "48", "--scale-gallery", "3000", "--scale-nlist", "16",
-                    "--json", str(out)])
+    monkeypatch.chdir(tmp_path)
+    command = documented("python -m imgret.bench --json outputs/bench/bench-default.json")
+    tiny = ["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64", "--clip-images", "8",
+            "--batch-size", "16", "--gallery", "2000", "--queries", "100", "--single-queries", "20", "--nlist", "16",
+            "--nprobe", "4", "--memory-sizes", "40,80", "--ddp-images", "48", "--scale-gallery", "3000",
+            "--scale-nlist", "16"]
+    results = main(shlex.split(command)[3:] + tiny)
+    out = tmp_path / "outputs" / "bench" / "bench-default.json"
     saved = json.loads(out.read_text())
     assert saved["table"] == results["table"] == table(results)
     assert [r["model"] for r in saved["extract"]] == ["resnet18", "mobilenet", "clip"]
@@ -69,3 +73,12 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path):
     for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS",
                  "(sha256 of every file)", "exact ground truth, top-10 of 100 queries"):
         assert line in saved["table"]
+
+
+def test_one_part_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = documented("python -m imgret.bench --parts verify")
+    results = main(shlex.split(command)[3:] + ["--gallery", "2000", "--cache", str(tmp_path / "cache")])
+    assert results["verify"]["gallery"] == 2000 and not {"extract", "search", "memory", "ddp", "scale"} & set(results)
+    assert "(sha256 of every file)" in capsys.readouterr().out
+    assert len(list((tmp_path / "outputs" / "bench").glob("bench-*.json"))) == 1

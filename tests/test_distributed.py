@@ -2,7 +2,6 @@
 launch, parallel sweeps through Hydra's joblib launcher, an Optuna search, and the Slurm preset."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,10 +14,18 @@ from conftest import CONF_DIR, PROJECT_ROOT
 from imgret.sources.images import load_splits
 from imgret.embed.extract import ensure_embeddings
 from imgret.embed.store import EmbeddingStore
+from documented import documented, run_command, smaller
 from test_faults import all_runs, imgret_command, sqlite_uri
 
 SMALL = ("data=synthetic", "model.pretrained=false", "model.image_size=32", "data.num_classes=5",
          "data.gallery_per_class=13", "data.query_per_class=3", "batch_size=4")
+
+
+def run_small(tmp_path: Path, command: str, replacements: dict[str, str] | None = None, *extra: str):
+    """A documented command in real processes, at SMALL's size, with its caches and runs under tmp_path."""
+    folders = imgret_command(tmp_path)[3:]
+    return run_command(smaller(command, replacements, (*folders, *SMALL, *extra)), PROJECT_ROOT, in_process=False,
+                       check=False)
 
 
 def assert_same_store(store: EmbeddingStore, reference: EmbeddingStore) -> None:
@@ -31,9 +38,8 @@ def assert_same_store(store: EmbeddingStore, reference: EmbeddingStore) -> None:
 @pytest.mark.slow
 def test_two_process_ddp_extraction_gives_the_store_one_process_gives(make_cfg, tmp_path):
     # 65 gallery images over 2 ranks with batch 4: the sampler pads one rank with a repeat, which must vanish
-    result = subprocess.run(imgret_command(tmp_path / "ddp", *SMALL, "method=flat", "extract.devices=2",
-                                           "extract.strategy=ddp"),
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    result = run_small(tmp_path / "ddp", documented("model.image_size=64 nlist=16 extract.devices=2 extract.strategy=ddp"),
+                       None, "method=flat")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
     runs = all_runs(sqlite_uri(tmp_path / "ddp"))
@@ -53,9 +59,11 @@ def test_torchrun_starts_every_rank_and_only_rank_0_tracks(make_cfg, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     from imgret.embed.extract import free_port
 
-    command = imgret_command(tmp_path, *SMALL, "method=flat", "extract.devices=2", "extract.strategy=ddp")
-    command = [str(torchrun), "--nproc-per-node=2", f"--master-port={free_port()}", *command[1:]]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    # one node of the README's two, two processes of its four; the same c10d rendezvous, on loopback
+    one_node = {"--nnodes=2": "--nnodes=1", "--nproc-per-node=4": "--nproc-per-node=2",
+                "HOST:29500": f"127.0.0.1:{free_port()}", "extract.devices=4": "extract.devices=2",
+                "extract.num_nodes=2": "extract.num_nodes=1", "torchrun ": f"{torchrun} "}
+    result = run_small(tmp_path, documented("torchrun --nnodes=2 --nproc-per-node=4"), one_node, "method=flat")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs(sqlite_uri(tmp_path))
     assert [r.info.status for r in runs] == ["FINISHED"]
@@ -66,10 +74,7 @@ def test_torchrun_starts_every_rank_and_only_rank_0_tracks(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_a_joblib_sweep_runs_jobs_in_parallel_extracts_once_and_counts_its_jobs(tmp_path):
-    result = subprocess.run(
-        imgret_command(tmp_path, *SMALL, "method=flat,ivf", "nlist=4", "nprobe=1,4", "hydra/launcher=joblib",
-                       "hydra.launcher.n_jobs=2", multirun=True),
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    result = run_small(tmp_path, documented("method=flat,ivf nlist=16 nprobe=1,4 hydra/launcher=joblib"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     runs = all_runs(sqlite_uri(tmp_path))
@@ -86,11 +91,7 @@ def test_a_joblib_sweep_runs_jobs_in_parallel_extracts_once_and_counts_its_jobs(
 
 @pytest.mark.slow
 def test_an_optuna_search_over_nlist_and_nprobe_optimises_what_main_returns(tmp_path):
-    result = subprocess.run(
-        imgret_command(tmp_path, *SMALL, "+experiment=optuna_ivf", "hydra.sweeper.n_trials=4",
-                       "nlist=choice(2,4)", "nprobe=choice(1,2)",
-                       multirun=True),
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    result = run_small(tmp_path, documented("+experiment=optuna_ivf"), {"n_trials=6": "n_trials=4"})
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs(sqlite_uri(tmp_path))
     parent = next(r for r in runs if r.data.tags.get("imgret.role") == "multirun")
@@ -106,9 +107,11 @@ def test_an_optuna_search_over_nlist_and_nprobe_optimises_what_main_returns(tmp_
 
 
 def test_the_slurm_preset_composes_onto_submitit(tmp_path):
+    command = documented("python -m imgret.run -m hydra/launcher=slurm hydra.launcher.partition=gpu")
+    sweep = command.split("imgret.run -m ", 1)[1].split()
+    assert sweep[:2] == ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]  # the rest is the sweep's axes
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=sweep[:2], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == ("gpu", 1, 1, 240)

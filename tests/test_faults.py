@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import imgret.track.runs
+from documented import documented, run_command, smaller
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from imgret.sources.images import open_image
 from imgret.errors import BadImage, ConfigError, TrackingUnavailable
@@ -469,9 +470,9 @@ def test_with_a_remote_server_artifacts_go_to_the_server_and_a_lost_server_loses
     assert (folder / "artifacts" / "results.json").is_file()
 
     mlflow_server.start()
-    synced = subprocess.run([PYTHON, "-m", "imgret.track.runs", "sync", str(folder)], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert f"python -m imgret.track.runs sync {folder}" == \
+        smaller(documented("python -m imgret.track.runs sync <that folder>"), {"<that folder>": str(folder)})
+    synced = run_command(f"python -m imgret.track.runs sync {folder}", PROJECT_ROOT)
     runs = all_runs(mlflow_server.uri)
     assert len(runs) == 2 and [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
     assert runs[1].info.run_id == record["run_id"], "logged into the run the job had started"

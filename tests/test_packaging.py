@@ -3,6 +3,7 @@ the checkout."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -10,9 +11,12 @@ import zipfile
 import pytest
 
 from conftest import PROJECT_ROOT
+from documented import documented
 from test_faults import all_runs
 
 PYTHON = sys.executable
+# build the wheel, install it, go to an empty folder, run: the README's one line
+README_STEPS = documented("python -m pip wheel --no-deps . -w dist").split(" && ")
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +24,14 @@ def installed(tmp_path_factory):
     """The wheel built from this checkout, installed (without its dependencies, which this venv has) into a
     folder of its own."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([PYTHON, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(PROJECT_ROOT),
-                    "-w", str(tmp / "dist")], check=True, cwd=tmp)
+    build, install, _, _ = README_STEPS
+    assert build == "python -m pip wheel --no-deps . -w dist"
+    # the checkout as `.`, the wheel written here rather than into the checkout's dist/
+    subprocess.run([PYTHON, *shlex.split(build.replace(" . -w dist", f" {PROJECT_ROOT} -w {tmp / 'dist'}"))[1:], "-q",
+                    "--no-build-isolation"], check=True, cwd=tmp)
     wheel = next((tmp / "dist").glob("imgret-*.whl"))
+    assert install == f"python -m pip install dist/{wheel.name}", "the README names the wheel that is built"
+    # into a folder of its own rather than this environment, which the other tests use
     subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp / "site"), str(wheel)],
                    check=True, cwd=tmp)
     return wheel, tmp / "site"
@@ -52,7 +61,8 @@ def test_console_commands_run_from_an_empty_folder(installed, tmp_path):
     empty.mkdir()
     where = command(site, "imgret-run", "--info", "searchpath", cwd=empty)
     assert where.returncode == 0 and "pkg://imgret.conf" in where.stdout, where.stderr
-    done = command(site, "imgret-run", "data=synthetic", "model.pretrained=false", "model.image_size=32", cwd=empty)
+    assert README_STEPS[2] == 'cd "$(mktemp -d)"'
+    done = command(site, *shlex.split(README_STEPS[3]), cwd=empty)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = all_runs(f"sqlite:///{empty / 'mlruns' / 'mlflow.db'}")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

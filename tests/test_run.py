@@ -1,6 +1,7 @@
 """End to end: a composed config run through the pipeline and recorded in a real MLflow sqlite store,
 and real Hydra multiruns of `python -m imgret.run`, read back with MlflowClient."""
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
+from documented import run_command, run_imgret_here
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.measure.metrics import RUN_METRICS, RUN_SIZES
 from imgret.run import run_tracked
@@ -108,18 +110,21 @@ def test_a_run_that_fails_after_it_started_is_marked_failed_with_its_error(make_
     assert runs[0].data.tags["error"].startswith("DataUnavailable: none of the")
 
 
-def imgret_multirun(tmp_path, *overrides, timeout=600, data=SYNTHETIC_FAST):
+def imgret_multirun(tmp_path, *overrides, data=SYNTHETIC_FAST, in_process=True):
+    """`python -m imgret.run -m ...` through its entry point in this process (tests/documented.py says why), or
+    in a process of its own where the process's end matters (a failed sweep's parent is closed at exit)."""
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    command = [
-        sys.executable, "-m", "imgret.run", "-m", *data,
+    words = [
+        "-m", *data,
         f"paths.cache={tmp_path / 'cache'}", f"tracking.uri={uri}",
         f"tracking.artifact_root={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
         "extract.progress=false", "search.latency_queries=50", "extract.latency_images=4", "num_workers=0",
         *overrides,
     ]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    return result, uri
+    command = "python -m imgret.run " + " ".join(shlex.quote(w) for w in words)
+    if not in_process:
+        return run_command(command, PROJECT_ROOT, in_process=False, check=False), uri
+    return run_imgret_here(command, PROJECT_ROOT), uri
 
 
 def children_of_the_parent(uri):
@@ -176,7 +181,7 @@ def test_a_failed_job_is_marked_failed_and_the_multirun_goes_on(tmp_path):
             (unusable / cls / f"{i}.jpg").write_bytes(b"")
     write_images(good, per_class=6)
     result, uri = imgret_multirun(tmp_path, f"data.gallery_dir={unusable},{good}", "method=flat,ivf", "nlist=2", "nprobe=1", "k=2",
-                                  data=("data=folder", "model.pretrained=false", "model.image_size=32"))
+                                  data=("data=folder", "model.pretrained=false", "model.image_size=32"), in_process=False)
     assert result.returncode != 0, "Hydra reports the failure once all jobs ran"
     parent, children = children_of_the_parent(uri)
     statuses = [(c.data.params["data.gallery_dir"], c.data.tags["method"], c.info.status) for c in children]

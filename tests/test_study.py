@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR
+from documented import documented
 from imgret.report import main as report_main
 from imgret.report import load_runs, seed_table
 from imgret.run import run_tracked
@@ -162,6 +163,8 @@ def test_growth_exponent_recovers_a_power_law():
 
 @pytest.mark.slow
 def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path):
+    command = documented("python -m imgret.run -m +experiment=scale_study")
+    assert command.split("imgret.run -m ", 1)[1] == "+experiment=scale_study"
     result, uri = imgret_multirun(tmp_path, "+experiment=scale_study", "nlist=8", "nprobe=2",
                                   "data.gallery_size=500,1500,4500", "method=flat,ivf", "data.query_size=40",
                                   "data.dim=32",
