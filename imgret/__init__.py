@@ -23,6 +23,8 @@ def _help(command: str = "imgret-run", primary: str = "config.yaml") -> str:
 # announcing which SIMD build it loaded.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+# "Skip logging GPU metrics" and "Started monitoring" on every run with system metrics on a CPU machine
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 # Registered on import, before any config is resolved: every entry point and test imports imgret first.
 OmegaConf.register_new_resolver("imgret.model_name", _model_name, replace=True)
