@@ -82,7 +82,7 @@ def test_every_documented_command_is_run_by_a_test():
 
 def test_the_readme_test_command_is_what_ci_runs():
     readme_test = documented("pip install -e '.[test]' && .venv/bin/python -m pytest")
-    browser = "(command -v chromium || (apt-get update && apt-get install -y chromium)) && "
+    browser = "(command -v chromium && test -x /usr/bin/time || (apt-get update && apt-get install -y chromium time)) && "
     assert readme_test.startswith(browser)  # .ci/run does the same in its own lines
     assert readme_test[len(browser):] in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()
 
