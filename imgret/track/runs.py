@@ -6,8 +6,8 @@
   about 12 s. RUNNING runs whose process on this host is gone are marked KILLED.
 - A run (`tracked_run`) keeps what it logs in its output folder too; if the server is lost mid-run, the job
   finishes, its results stay there, and `python -m imgret.track.runs sync <folder>` logs them later.
-- A Hydra multirun gets one parent run (`MultirunParentRun`), which checks every point of the sweep before
-  the first job, and ends FINISHED, FAILED or KILLED with the job counts.
+- A Hydra multirun gets one parent run (`SweepParent`, through imgret.track.sweep's callback), which checks
+  every point of the sweep before the first job, and ends FINISHED, FAILED or KILLED with the job counts.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
-from hydra.experimental.callback import Callback
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -489,8 +488,8 @@ def check_sweep(config: DictConfig, points: list[list[str]]) -> list[list[str]]:
     return skipped
 
 
-class MultirunParentRun(Callback):
-    """Groups a Hydra multirun's jobs under one MLflow parent run."""
+class SweepParent:
+    """A Hydra multirun's MLflow parent run: its jobs hang under it (the callback is imgret.track.sweep's)."""
 
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
