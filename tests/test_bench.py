@@ -32,6 +32,21 @@ def test_verdicts_name_the_gap():
     assert set(TARGETS) >= {"extract_vs_forward", "ivf_harness_overhead", "extract_peak_rss_gb"}
 
 
+def test_a_ratio_above_one_that_cannot_be_is_flagged_not_met():
+    assert verdict("extract_vs_forward", 1.66).startswith("IMPOSSIBLE (1.66x > 1: end to end cannot be faster")
+    assert "not met" in verdict("extract_vs_forward", 1.66) and "met (" not in verdict("extract_vs_forward", 1.66)
+    assert verdict("extract_vs_forward", 0.97) == "met (target >= 0.95)"
+
+
+def test_alternatives_are_measured_in_turn():
+    from imgret.measure.timing import interleaved, spread
+
+    order = []
+    figures = interleaved({"a": lambda: order.append("a") or 1.0, "b": lambda: order.append("b") or 2.0}, 3)
+    assert order == ["a", "b", "a", "b", "a", "b"] and figures == {"a": [1.0] * 3, "b": [2.0] * 3}
+    assert spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0) and spread([4.0, 1.0]) == (2.5, 1.0, 4.0)
+
+
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
@@ -45,7 +60,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     tiny = ["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64", "--clip-images", "8",
             "--batch-size", "16", "--gallery", "2000", "--queries", "100", "--single-queries", "20", "--nlist", "16",
             "--nprobe", "4", "--memory-sizes", "40,80", "--ddp-images", "48", "--scale-gallery", "3000",
-            "--scale-nlist", "16"]
+            "--scale-nlist", "16", "--rounds", "2"]
     results = main(shlex.split(command)[3:] + tiny)
     out = tmp_path / "outputs" / "bench" / "bench-default.json"
     saved = json.loads(out.read_text())
@@ -54,6 +69,13 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     for row in saved["extract"]:
         for key in ("imgret_images_per_s", "forward_only_images_per_s", "seed_loop_images_per_s", "achieved_gflops"):
             assert row[key] > 0
+        # interleaved rounds: a ratio per round, the median of them reported
+        assert row["rounds"] == 2 and len(row["forward_only_images_per_s_rounds"]) == 2
+        assert row["extract_vs_forward_rounds"] == pytest.approx(
+            [e2e / forward for e2e, forward in zip(row["imgret_images_per_s_rounds"], row["forward_only_images_per_s_rounds"])])
+        assert row["extract_vs_forward"] == pytest.approx(sum(row["extract_vs_forward_rounds"]) / 2)
+        assert row["precision"] == "32-true"
+    assert "end to end, median of 2 (min-max)" in saved["table"] and "; ratios " in saved["table"]
     search = saved["search"]
     assert search["source"] == "clustered random vectors" and search["gallery"] == 2000
     assert search["brute_same_neighbours_as_faiss"] == 1.0

@@ -73,3 +73,21 @@ class PeakResidentSet:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def interleaved(alternatives: dict, rounds: int) -> dict[str, list[float]]:
+    """Each alternative's figure (a callable's return), measured A, B, A, B, ... for `rounds` rounds, so that a
+    change in the machine's load during the measurement falls on every alternative alike."""
+    figures: dict[str, list[float]] = {name: [] for name in alternatives}
+    for _ in range(rounds):
+        for name, measure in alternatives.items():
+            figures[name].append(float(measure()))
+    return figures
+
+
+def spread(values) -> tuple[float, float, float]:
+    """(median, min, max) of a list of figures."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median, ordered[0], ordered[-1]
