@@ -53,7 +53,7 @@ TARGETS = {  # the issue's targets: (comparison, bound)
     "extract_vs_seed_loop_64px": (">=", 3.0),
     "brute_vs_matmul_peak": (">=", 0.5),
     "brute_vs_faiss_flat": (">=", 3.0),
-    "single_query_vs_bandwidth_limit": ("<=", 1.5),
+    "single_query_vs_bandwidth_limit": ("<=", 1.3),
     "ivf_harness_overhead": ("<=", 0.05),
     "extract_peak_rss_gb": ("<=", 3.0),
 }
@@ -233,7 +233,7 @@ def single_query_ms(index, queries: np.ndarray, count: int, k: int = 10) -> floa
 
 
 def bench_search(gallery: np.ndarray, queries: np.ndarray, source: str, peak: float, bandwidth: float,
-                 single_queries: int, k: int = 10) -> dict:
+                 single_queries: int, k: int = 10, rounds: int = 3) -> dict:
     n, d = gallery.shape
     flops = 2.0 * n * d * len(queries)
     brute = BruteForceIndex(gallery)
@@ -246,10 +246,14 @@ def bench_search(gallery: np.ndarray, queries: np.ndarray, source: str, peak: fl
     flat_s = best_seconds(lambda: flat.search(queries, k), 1)
     flat_ids = flat.search(queries, k)[1]
     same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(brute_ids, flat_ids)]))
-    brute_single = single_query_ms(brute, queries, single_queries)
+    # single queries against the bandwidth limit (reading N*d*4 bytes at the machine's read rate), interleaved
+    figures = interleaved({"bandwidth_gbs": lambda: memory_bandwidth_gbs(repeats=3),
+                           "brute_ms": lambda: single_query_ms(brute, queries, single_queries)}, rounds)
+    limits = [n * d * 4 / (rate * 1e9) * 1000 for rate in figures["bandwidth_gbs"]]
+    ratios = [ms / limit for ms, limit in zip(figures["brute_ms"], limits)]
+    brute_single, bandwidth_limit_ms = spread(figures["brute_ms"])[0], spread(limits)[0]
     flat_single = single_query_ms(flat, queries, single_queries)
     fp16 = float16_gallery_trial(gallery, queries, brute_ids, single_queries, k)
-    bandwidth_limit_ms = n * d * 4 / (bandwidth * 1e9) * 1000
     return {
         "source": source, "gallery": n, "queries": len(queries), "dim": d, "k": k,
         "brute_batch_s": brute_s, "brute_gflops": flops / brute_s / 1e9, "faiss_flat_batch_s": flat_s,
@@ -258,7 +262,9 @@ def bench_search(gallery: np.ndarray, queries: np.ndarray, source: str, peak: fl
         "brute_same_neighbours_as_faiss": same,
         "brute_single_query_ms": brute_single, "faiss_flat_single_query_ms": flat_single,
         "memory_bandwidth_gbs": bandwidth, "bandwidth_limit_ms": bandwidth_limit_ms,
-        "single_query_vs_bandwidth_limit": brute_single / bandwidth_limit_ms,
+        "single_query_vs_bandwidth_limit": spread(ratios)[0], "rounds": rounds,
+        "brute_single_query_ms_rounds": figures["brute_ms"], "memory_bandwidth_gbs_rounds": figures["bandwidth_gbs"],
+        "single_query_vs_bandwidth_limit_rounds": ratios, "load_average": os.getloadavg(),
         **fp16,
     }
 
@@ -487,10 +493,17 @@ def bench_scale(cache: Path, gallery_size: int, query_count: int, dim: int, nlis
 AT_MOST_ONE = {"extract_vs_forward": "end to end cannot be faster than its own forward pass"}
 
 
+# Ratios to a physical limit that cannot go below 1 unless the limit does not apply.
+AT_LEAST_ONE = {"single_query_vs_bandwidth_limit": "faster than reading the gallery from memory: it came from the "
+                                                    "CPU caches, so this gallery is too small for the bound"}
+
+
 def verdict(name: str, value: float) -> str:
     comparison, bound = TARGETS[name]
     if name in AT_MOST_ONE and value > 1.0:
         return f"IMPOSSIBLE ({value:.2f}x > 1: {AT_MOST_ONE[name]}): a measurement error, not met"
+    if name in AT_LEAST_ONE and value < 1.0:
+        return f"NOT A MEASURE OF THE BOUND ({value:.2f}x < 1: {AT_LEAST_ONE[name]})"
     met = value >= bound if comparison == ">=" else value <= bound
     if met:
         return f"met (target {comparison} {bound:g})"
@@ -535,10 +548,13 @@ def table(results: dict) -> str:
         row("search", "faiss.IndexFlatIP batched", f"{s['faiss_flat_batch_s']:.2f} s",
             f"{s['brute_vs_faiss_flat']:.2f}x", verdict("brute_vs_faiss_flat", s["brute_vs_faiss_flat"]))
         row("search", "same neighbours as faiss (share of top-10)", f"{s['brute_same_neighbours_as_faiss']:.5f}")
-        row("search", "brute single query vs bandwidth limit", f"{s['brute_single_query_ms']:.2f} ms",
-            f"{s['single_query_vs_bandwidth_limit']:.2f}x",
-            verdict("single_query_vs_bandwidth_limit", s["single_query_vs_bandwidth_limit"]))
-        row("search", "  (bandwidth limit: N*d*4 bytes per query)", f"{s['bandwidth_limit_ms']:.2f} ms")
+        single = spread(s.get("brute_single_query_ms_rounds", [s["brute_single_query_ms"]]))
+        ratios = spread(s.get("single_query_vs_bandwidth_limit_rounds", [s["single_query_vs_bandwidth_limit"]]))
+        row("search", f"brute single query vs bandwidth limit, median of {s.get('rounds', 1)}",
+            f"{single[0]:.2f} ({single[1]:.2f}-{single[2]:.2f}) ms", f"{s['single_query_vs_bandwidth_limit']:.2f}x",
+            verdict("single_query_vs_bandwidth_limit", s["single_query_vs_bandwidth_limit"]) +
+            f"; ratios {ratios[1]:.2f}-{ratios[2]:.2f}, load {s.get('load_average', [float('nan')])[0]:.2f}")
+        row("search", "  (bandwidth limit: N*d*4 bytes per query, interleaved)", f"{s['bandwidth_limit_ms']:.2f} ms")
         row("search", "faiss.IndexFlatIP single query", f"{s['faiss_flat_single_query_ms']:.2f} ms")
         keep = s["fp16_recall_at_10_single"] == 1.0 and s["fp16_rounded_gallery_recall_at_10"] == 1.0
         row("search", "float16 gallery single query (candidate)", f"{s['fp16_single_query_ms']:.2f} ms",
@@ -610,7 +626,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clip-images", type=int, default=768, help="images for clip at 224 px")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the extract part's interleaved measurements (forward only, end to end, ...)")
+                        help="rounds of interleaved measurements (extract: forward only, end to end, ...; search: "
+                             "memory bandwidth, single queries, ...)")
     parser.add_argument("--num-workers", default="auto", help="data-loader processes (default: imgret's auto)")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--gallery", type=int, default=100_000)
@@ -663,7 +680,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"search: {len(gallery):,} x {args.dim} gallery, {len(queries):,} queries ({source}) ...",
                       flush=True)
                 results["search"] = bench_search(gallery, queries, source, results["machine"]["matmul_peak_gflops"],
-                                                 results["machine"]["memory_bandwidth_gbs"], args.single_queries)
+                                                 results["machine"]["memory_bandwidth_gbs"], args.single_queries,
+                                                 rounds=args.rounds)
             if "ivf" in parts:
                 print(f"ivf: nlist={args.nlist} nprobe={args.nprobe} ...", flush=True)
                 results["ivf"] = bench_ivf(gallery, queries, args.nlist, args.nprobe, max(1000, args.single_queries))
