@@ -6,8 +6,12 @@ first line on screen does not wait for it.
 """
 from __future__ import annotations
 
+import logging
+
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 class MultirunParentRun(Callback):
@@ -17,6 +21,8 @@ class MultirunParentRun(Callback):
         self.parent = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # on screen at once: checking every point imports torch, timm and faiss, opening the store MLflow
+        log.info("checking every point of the sweep, then opening the parent run in %s ...", config.tracking.uri)
         from imgret.track.runs import SweepParent
 
         self.parent = SweepParent()
