@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,8 +25,8 @@ import numpy as np
 import pytest
 
 from conftest import write_images
-from documented import (NAMES, PROJECT_ROOT, QUICK, documented, documented_commands, run_command, run_python,
-                        sandbox, smaller)
+from documented import (NAMES, PROJECT_ROOT, QUICK, documented, documented_commands, environment, run_command,
+                        run_python, sandbox, smaller)
 
 OFFLINE_ARCHIVE = "data.archive=../shared/data/tiny-imagenet-200.zip"
 MILLION = {"data.gallery_size=1280000": "data.gallery_size=5000", "data.query_size=10000": "data.query_size=100",
@@ -91,8 +93,6 @@ def test_names_in_the_prose_are_real_commands():
     """Code spans that name a command (`imgret-run`, `python -m imgret.X`) rather than show one to run."""
     import shutil
 
-    from documented import environment
-
     path = environment()["PATH"]
     for name in ("imgret-run", "imgret-report", "imgret-bench", "imgret-serve", "mlflow", "torchrun"):
         assert shutil.which(name, path=path), name
@@ -123,7 +123,7 @@ def test_the_quick_subset_selects_by_marker(work):
 
 def test_the_shell_commands(work):
     activate = documented("source .venv/bin/activate")
-    venv = Path(__import__("sys").prefix)
+    venv = Path(sys.prefix)
     if (venv / "bin" / "activate").is_file():
         result = run_command(smaller(activate, {".venv": str(venv)}, ()) + " && command -v python", work)
         assert result.stdout.strip() == str(venv / "bin" / "python")
@@ -285,7 +285,7 @@ def test_the_demo_curl_load_and_the_python_api(work, subset, tiny_subset_zip):
     server = subprocess.Popen(["bash", "-c", "exec " + offline(serve, subset, f"serve.port={port}",
                                                                "serve.indexes.ivf.nlist=8")],
                               cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=__import__("documented").environment())
+                              env=environment())
     try:
         deadline, url = time.monotonic() + 240, f"http://127.0.0.1:{port}"
         while time.monotonic() < deadline:
@@ -337,7 +337,7 @@ def test_mlflow_ui_and_the_runs_table(work):
     port = free_port()
     ui = documented("mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
     server = subprocess.Popen(["bash", "-c", f"exec {ui} --port {port}"], cwd=work, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=__import__("documented").environment(),
+                              stderr=subprocess.DEVNULL, env=environment(),
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -350,8 +350,6 @@ def test_mlflow_ui_and_the_runs_table(work):
                 assert server.poll() is None and time.monotonic() < deadline
                 time.sleep(0.5)
     finally:
-        import os
-
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     table = run_python(documented("mlflow.search_runs(experiment_names=[\"imgret\"]"), work).stdout

@@ -1,9 +1,6 @@
 """End to end: a composed config run through the pipeline and recorded in a real MLflow sqlite store,
 and real Hydra multiruns of `python -m imgret.run`, read back with MlflowClient."""
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
