@@ -4,6 +4,9 @@ measured side by side in one process. Prints a table of figures and ratios and w
 Parts (choose with --parts):
   extract  per model: imgret's extraction throughput (Lightning loop, data loading included) against the
            model's forward alone on ready tensors, the seed's one-image-at-a-time loop, and the matmul peak
+  precision  per model: the forward in bf16-mixed (autocast; AVX512-BF16 where the CPU has it) against fp32,
+           interleaved, and what it changes: cosine of each image's two rows, recall@10 of bf16 rows against the
+           fp32 rows' exact neighbours
   search   exact search over a 100,000 x 512 gallery: imgret's brute force against the matmul limit and
            faiss.IndexFlatIP; single-query latency against the memory-bandwidth limit
   ivf      the search time imgret reports against a bare faiss call on the same index and queries
@@ -28,6 +31,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -41,13 +45,14 @@ from imgret.api import Embedder
 from imgret.embed.extract import extract_store
 from imgret.index.methods import BruteForceIndex, build_index
 from imgret.embed.models import build_encoder, describe_encoder
+from imgret.measure.metrics import recall_at
 from imgret.measure.search import timed_search
 from imgret.measure.timing import interleaved, spread
 from imgret.embed.store import EmbeddingStore, StagedStore, store_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
-PARTS = ("extract", "search", "ivf", "memory", "ddp", "verify", "scale")
+PARTS = ("extract", "precision", "search", "ivf", "memory", "ddp", "verify", "scale")
 TARGETS = {  # the issue's targets: (comparison, bound)
     "extract_vs_forward": (">=", 0.95),
     "extract_vs_seed_loop_64px": (">=", 3.0),
@@ -102,8 +107,16 @@ def memory_bandwidth_gbs(megabytes: int = 1024, repeats: int = 8) -> float:
 # --------------------------------------------------------------------------- extraction
 
 
-def real_images(archive: Path, cache: Path, count: int) -> ImageSet:
-    cfg = compose_cfg(f"data.archive={archive}", f"paths.cache={cache}")
+@dataclass(frozen=True)
+class Archive:
+    """The Tiny-ImageNet zip the image parts read, and its sha256 when it is not the official one (a subset)."""
+    path: Path
+    checksum: str | None = None
+
+
+def real_images(archive: Archive, cache: Path, count: int) -> ImageSet:
+    checksums = [f"data.checksums=[{archive.checksum}]"] if archive.checksum else []
+    cfg = compose_cfg(f"data.archive={archive.path}", f"paths.cache={cache}", *checksums)
     gallery = load_splits(cfg.data).gallery
     subset = stratified_subset(gallery, max(1, math.ceil(count / len(gallery.class_names))))
     return ImageSet(subset.dataset, subset.split, subset.paths[:count], subset.labels[:count],
@@ -142,7 +155,7 @@ def flops_per_image(encoder, image_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_extract(archive: Path, work: Path, peak: float, models: list[tuple[str, int, int]],
+def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[str, int, int]],
                   batch_size: int, num_workers: int, channels_last: bool, rounds: int = 3) -> list[dict]:
     """Per model: imgret's extraction end to end against the model's forward pass alone over as many images in
     batches of the same size, interleaved (forward, end to end, forward, ...) for `rounds` rounds; the ratio of
@@ -184,6 +197,52 @@ def bench_extract(archive: Path, work: Path, peak: float, models: list[tuple[str
             "achieved_gflops": pipeline * flops / 1e9, "matmul_peak_gflops": peak,
             "extract_vs_forward": ratio, "extract_vs_seed_loop": pipeline / seed,
             "extract_vs_matmul_peak": pipeline * flops / 1e9 / peak, "load_average": os.getloadavg(),
+        })
+    return rows
+
+
+def cpu_flag(flag: str) -> bool | None:
+    """Whether /proc/cpuinfo lists `flag` (None where there is no /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return flag in cpuinfo.read_text().split() if cpuinfo.is_file() else None
+
+
+def bench_precision(archive: Archive, work: Path, models: list[tuple[str, int, int]], batch_size: int,
+                    rounds: int = 3) -> list[dict]:
+    """bf16-mixed against fp32 for each model: forward-only throughput interleaved over `rounds`, then the rows
+    each precision gives for the same images: their cosine, and recall@10 of bf16 search (the last tenth of the
+    images as queries, the rest as gallery) against the fp32 rows' exact top 10."""
+    rows = []
+    for model, image_size, count in models:
+        cfg = compose_cfg(f"model={model}", "model.pretrained=false", f"model.image_size={image_size}",
+                          f"paths.cache={work / 'cache'}")
+        images = real_images(archive, work / "cache", count)
+        fp32 = Embedder(build_encoder(cfg.model, cfg.seed), "cpu", "32-true")
+        bf16 = Embedder(build_encoder(cfg.model, cfg.seed), "cpu", "bf16-mixed")
+        batch_size = min(batch_size, count)
+        batches = math.ceil(count / batch_size)
+        print(f"  precision {model} {image_size}px: {rounds} rounds of fp32 / bf16-mixed forwards, {count} images each",
+              flush=True)
+        figures = interleaved({"fp32": lambda: forward_only_images_per_s(fp32, images, batch_size, batches),
+                               "bf16": lambda: forward_only_images_per_s(bf16, images, batch_size, batches)}, rounds)
+        ratios = [b / f for f, b in zip(figures["fp32"], figures["bf16"])]
+        prepared = [fp32.prepare([images.open(i) for i in range(start, min(start + batch_size, count))])
+                    for start in range(0, count, batch_size)]
+        exact = np.concatenate([fp32.embed_prepared(batch) for batch in prepared])
+        rounded = np.concatenate([bf16.embed_prepared(batch) for batch in prepared])
+        cosines = np.sum(exact * rounded, axis=1)
+        queries = max(1, count // 10)
+        depth = min(10, count - queries)
+        truth = np.argsort(-(exact[-queries:] @ exact[:-queries].T), axis=1)[:, :depth]
+        found = np.argsort(-(rounded[-queries:] @ rounded[:-queries].T), axis=1)[:, :depth]
+        rows.append({
+            "model": model, "image_size": image_size, "images": count, "batch_size": batch_size, "rounds": rounds,
+            "fp32_images_per_s_rounds": figures["fp32"], "bf16_images_per_s_rounds": figures["bf16"],
+            "bf16_vs_fp32_rounds": ratios, "bf16_vs_fp32": spread(ratios)[0],
+            "cosine_min": float(cosines.min()), "cosine_mean": float(cosines.mean()),
+            "recall_at_10_vs_fp32": recall_at(found, truth, depth), "queries": queries,
+            "cpu_has_avx512_bf16": cpu_flag("avx512_bf16"),
+            "load_average": os.getloadavg(),
         })
     return rows
 
@@ -283,7 +342,6 @@ class Float16Gallery:
 def float16_gallery_trial(gallery: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray, count: int,
                           k: int) -> dict:
     """Is a float16 gallery worth keeping for single queries? Only if recall@k stays 1.0."""
-    from imgret.measure.metrics import recall_at
 
     candidate = Float16Gallery(gallery)
     found = np.concatenate([candidate.search(q[None], k)[1] for q in queries[:count]])
@@ -325,11 +383,11 @@ def bench_ivf(gallery: np.ndarray, queries: np.ndarray, nlist: int, nprobe: int,
 # --------------------------------------------------------------------------- memory
 
 
-def _extract_in_child(archive: str, cache: str, count: int, num_workers: str, result_queue) -> None:
+def _extract_in_child(archive: Archive, cache: str, count: int, num_workers: str, result_queue) -> None:
     work = Path(cache)
     cfg = compose_cfg("model=resnet18", "model.pretrained=false", "model.image_size=64", f"paths.cache={work}",
                       "extract.progress=false", f"num_workers={num_workers}")
-    images = real_images(Path(archive), work, count)
+    images = real_images(archive, work, count)
     encoder = build_encoder(cfg.model, cfg.seed)
     key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
     start = time.perf_counter()
@@ -362,14 +420,14 @@ def _process_tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def bench_memory(archive: Path, work: Path, sizes: list[int], num_workers: str) -> list[dict]:
+def bench_memory(archive: Archive, work: Path, sizes: list[int], num_workers: str) -> list[dict]:
     """Each size in a fresh process, so each peak is its own, sampled from outside every 0.2 s."""
     context = multiprocessing.get_context("spawn")
     rows = []
     for count in sizes:
         queue = context.Queue()
         child = context.Process(target=_extract_in_child,
-                                args=(str(archive), str(work / "cache"), count, num_workers, queue))
+                                args=(archive, str(work / "cache"), count, num_workers, queue))
         child.start()
         peak_rss = peak_pss = 0
         while child.is_alive() and queue.empty():
@@ -387,7 +445,7 @@ def bench_memory(archive: Path, work: Path, sizes: list[int], num_workers: str) 
 # --------------------------------------------------------------------------- report
 
 
-def bench_ddp(archive: Path, work: Path, count: int, batch_size: int, rounds: int = 2) -> dict:
+def bench_ddp(archive: Archive, work: Path, count: int, batch_size: int, rounds: int = 2) -> dict:
     """1-process against 2-process extraction of the same `count` real images (resnet18, 64 px), in the order
     1, 2, 1, 2, ... so that a change in the machine's load falls on both. Throughput is the store's own
     figure: images over the seconds of Lightning's prediction loop (for 2 processes this includes waiting for
@@ -539,6 +597,18 @@ def table(results: dict) -> str:
             f"{r['extract_vs_seed_loop']:.2f}x", seed_target)
         row("extract", f"{name}: achieved ({r['gflops_per_image']:.2f} GFLOP/img) vs peak",
             f"{r['achieved_gflops']:.0f} GFLOP/s", f"{r['extract_vs_matmul_peak']:.2f}x")
+    for r in results.get("precision", []):
+        name = f"{r['model']} {r['image_size']}px, batch {r['batch_size']}"
+        fp32, bf16, ratios = (spread(r[key]) for key in ("fp32_images_per_s_rounds", "bf16_images_per_s_rounds",
+                                                          "bf16_vs_fp32_rounds"))
+        row("precision", f"{name}: forward fp32, median of {r['rounds']} (min-max)",
+            f"{fp32[0]:.0f} ({fp32[1]:.0f}-{fp32[2]:.0f}) img/s")
+        row("precision", f"{name}: forward bf16-mixed, interleaved", f"{bf16[0]:.0f} ({bf16[1]:.0f}-{bf16[2]:.0f}) img/s",
+            f"{r['bf16_vs_fp32']:.2f}x", f"ratios {ratios[1]:.2f}-{ratios[2]:.2f}, load {r['load_average'][0]:.2f}")
+        row("precision", f"{name}: bf16 rows vs fp32: cosine min / mean",
+            f"{r['cosine_min']:.4f} / {r['cosine_mean']:.4f}")
+        row("precision", f"{name}: bf16 recall@10 vs fp32 neighbours ({r['queries']} queries)",
+            f"{r['recall_at_10_vs_fp32']:.4f}")
     if "search" in results:
         s = results["search"]
         name = f"{s['gallery']:,}x{s['dim']}, {s['queries']:,} queries"
@@ -620,10 +690,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m imgret.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="the Tiny-ImageNet zip")
+    parser.add_argument("--archive-checksum", default=None,
+                        help="sha256:<hex> of --archive when it is not the official zip (a subset of it, for tests)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("IMGRET_CACHE", ".cache/imgret")),
                         help="imgret's cache: the extracted data and any real embeddings for the search parts")
     parser.add_argument("--images", type=int, default=6400, help="images per 64 px model for the extract part")
     parser.add_argument("--clip-images", type=int, default=768, help="images for clip at 224 px")
+    parser.add_argument("--precision-images", type=int, default=640,
+                        help="images per 64 px model for the precision part (clip: a tenth, at least 8)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of interleaved measurements (extract: forward only, end to end, ...; search: "
@@ -648,8 +722,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; allowed: {', '.join(PARTS)}")
-    if ({"extract", "memory", "ddp"} & set(parts)) and not args.archive.is_file():
-        parser.error(f"--archive {args.archive} does not exist: the extract, memory and ddp parts read real images")
+    archive = Archive(args.archive, args.archive_checksum)
+    if ({"extract", "precision", "memory", "ddp"} & set(parts)) and not args.archive.is_file():
+        parser.error(f"--archive {args.archive} does not exist: the extract, precision, memory and ddp parts read "
+                     "real images")
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
@@ -671,9 +747,15 @@ def main(argv: list[str] | None = None) -> dict:
         if "extract" in parts:
             print("extract: resnet18, mobilenet at 64 px; clip at 224 px ...", flush=True)
             models = [("resnet18", 64, args.images), ("mobilenet", 64, args.images), ("clip", 224, args.clip_images)]
-            results["extract"] = bench_extract(args.archive, work, results["machine"]["matmul_peak_gflops"], models,
+            results["extract"] = bench_extract(archive, work, results["machine"]["matmul_peak_gflops"], models,
                                                args.batch_size, args.num_workers, not args.no_channels_last,
                                                args.rounds)
+        if "precision" in parts:
+            print("precision: bf16-mixed against fp32 forwards ...", flush=True)
+            # bf16 without the CPU's BF16 instructions is emulated and several times slower: fewer images
+            count = args.precision_images
+            models = [("resnet18", 64, count), ("mobilenet", 64, count), ("clip", 224, max(8, count // 10))]
+            results["precision"] = bench_precision(archive, work, models, args.batch_size, args.rounds)
         if {"search", "ivf", "verify"} & set(parts):
             gallery, queries, source = search_data(args.cache, args.gallery, args.queries, args.dim)
             if "search" in parts:
@@ -687,7 +769,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results["ivf"] = bench_ivf(gallery, queries, args.nlist, args.nprobe, max(1000, args.single_queries))
         if "ddp" in parts:
             print(f"ddp: extracting {args.ddp_images:,} images with 1 and 2 processes ...", flush=True)
-            results["ddp"] = bench_ddp(args.archive, work, args.ddp_images, args.batch_size)
+            results["ddp"] = bench_ddp(archive, work, args.ddp_images, args.batch_size)
         if "verify" in parts:
             print(f"verify: opening a checksummed {len(gallery):,} x {args.dim} store ...", flush=True)
             results["verify"] = bench_verify(gallery, work)
@@ -698,7 +780,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "memory" in parts:
             sizes = [int(s) for s in args.memory_sizes.split(",")]
             print(f"memory: extracting {', '.join(f'{s:,}' for s in sizes)} images in fresh processes ...", flush=True)
-            results["memory"] = bench_memory(args.archive, work, sizes, args.num_workers)
+            results["memory"] = bench_memory(archive, work, sizes, args.num_workers)
     text = table(results)
     results["table"] = text
     path = args.json or Path("outputs") / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -25,31 +25,36 @@ def require_real_archive() -> Path:
     return REAL_ARCHIVE
 
 
-@pytest.fixture(scope="session")
-def tiny_subset_zip(tmp_path_factory) -> tuple[Path, str]:
-    """A zip in the official layout holding real images of the first 4 classes, and its sha256 checksum."""
+def subset_zip(out: Path, classes: int, train_per_class: int, val_per_class: int) -> tuple[Path, str]:
+    """A zip in the official layout holding real images of the first `classes` classes, and its sha256."""
     source = require_real_archive()
     prefix = "tiny-imagenet-200/"
-    out = tmp_path_factory.mktemp("archive") / "tiny-subset.zip"
     with zipfile.ZipFile(source) as real, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as subset:
-        wnids = real.read(prefix + "wnids.txt").decode().split()[:SUBSET_CLASSES]
+        wnids = real.read(prefix + "wnids.txt").decode().split()[:classes]
         subset.writestr(prefix + "wnids.txt", "\n".join(wnids) + "\n")
         words = [line for line in real.read(prefix + "words.txt").decode().splitlines() if line.split("\t")[0] in wnids]
         subset.writestr(prefix + "words.txt", "\n".join(words) + "\n")
         for wnid in wnids:
-            for n in range(SUBSET_TRAIN_PER_CLASS):
+            for n in range(train_per_class):
                 name = f"{prefix}train/{wnid}/images/{wnid}_{n}.JPEG"
                 subset.writestr(name, real.read(name))
         kept, taken = [], {w: 0 for w in wnids}
         for line in real.read(prefix + "val/val_annotations.txt").decode().splitlines():
             filename, wnid = line.split("\t")[:2]
-            if wnid in taken and taken[wnid] < SUBSET_VAL_PER_CLASS:
+            if wnid in taken and taken[wnid] < val_per_class:
                 taken[wnid] += 1
                 kept.append(line)
                 subset.writestr(f"{prefix}val/images/{filename}", real.read(f"{prefix}val/images/{filename}"))
         subset.writestr(prefix + "val/val_annotations.txt", "\n".join(kept) + "\n")
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     return out, f"sha256:{digest}"
+
+
+@pytest.fixture(scope="session")
+def tiny_subset_zip(tmp_path_factory) -> tuple[Path, str]:
+    """A zip in the official layout holding real images of the first 4 classes, and its sha256 checksum."""
+    return subset_zip(tmp_path_factory.mktemp("archive") / "tiny-subset.zip", SUBSET_CLASSES, SUBSET_TRAIN_PER_CLASS,
+                      SUBSET_VAL_PER_CLASS)
 
 
 @pytest.fixture

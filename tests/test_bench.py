@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from documented import documented
-from conftest import clustered_vectors, require_real_archive
+from conftest import clustered_vectors, subset_zip
 from imgret.bench import TARGETS, main, table, verdict
 from imgret.index.methods import BruteForceIndex
 
@@ -51,17 +51,19 @@ def test_alternatives_are_measured_in_turn():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, search, ivf, memory, ddp, verify" in capsys.readouterr().err
+    assert "unknown part(s) ['warp']; allowed: extract, precision, search, ivf, memory, ddp, verify" in \
+        capsys.readouterr().err
 
 
 def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeypatch):
-    archive = require_real_archive()
+    # 10 classes x 10 real images in the official layout: the parts read real JPEGs without unpacking 110,000
+    archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)
     monkeypatch.chdir(tmp_path)
     command = documented("python -m imgret.bench --json outputs/bench/bench-default.json")
-    tiny = ["--archive", str(archive), "--cache", str(tmp_path / "cache"), "--images", "64", "--clip-images", "8",
+    tiny = ["--archive", str(archive), "--archive-checksum", checksum, "--cache", str(tmp_path / "cache"), "--images", "64", "--clip-images", "8",
             "--batch-size", "16", "--gallery", "2000", "--queries", "100", "--single-queries", "20", "--nlist", "16",
             "--nprobe", "4", "--memory-sizes", "40,80", "--ddp-images", "48", "--scale-gallery", "3000",
-            "--scale-nlist", "16", "--rounds", "2"]
+            "--scale-nlist", "16", "--rounds", "2", "--precision-images", "16"]
     results = main(shlex.split(command)[3:] + tiny)
     out = tmp_path / "outputs" / "bench" / "bench-default.json"
     saved = json.loads(out.read_text())
@@ -77,6 +79,12 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
         assert row["extract_vs_forward"] == pytest.approx(sum(row["extract_vs_forward_rounds"]) / 2)
         assert row["precision"] == "32-true"
     assert "end to end, median of 2 (min-max)" in saved["table"] and "; ratios " in saved["table"]
+    assert [r["model"] for r in saved["precision"]] == ["resnet18", "mobilenet", "clip"]
+    for row in saved["precision"]:
+        assert len(row["bf16_images_per_s_rounds"]) == len(row["fp32_images_per_s_rounds"]) == 2
+        assert 0.9 < row["cosine_mean"] <= 1.0001 and row["cosine_min"] <= row["cosine_mean"]
+        assert 0 < row["recall_at_10_vs_fp32"] <= 1.0 and row["queries"] >= 1
+    assert "bf16 recall@10 vs fp32 neighbours" in saved["table"]
     search = saved["search"]
     assert search["source"] == "clustered random vectors" and search["gallery"] == 2000
     assert search["brute_same_neighbours_as_faiss"] == 1.0
