@@ -95,9 +95,10 @@ class Embedder:
         self.precision = precision
 
     @classmethod
-    def from_config(cls, cfg) -> "Embedder":
+    def from_config(cls, cfg, encoder: Encoder | None = None) -> "Embedder":
+        """The config's model (or `encoder`, already built from it), device, precision and memory format."""
         device = resolve_device(cfg.device)
-        return cls(build_encoder(cfg.model, cfg.seed), device,
+        return cls(encoder or build_encoder(cfg.model, cfg.seed), device,
                    resolve_precision(cfg.extract.get("precision", "auto"), device),
                    bool(cfg.extract.get("channels_last", True)))
 

@@ -168,7 +168,7 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
                           "extract.progress=false")
         images = real_images(archive, work / "cache", count)
         encoder = build_encoder(cfg.model, cfg.seed)
-        embedder = Embedder.from_config(cfg)
+        embedder = Embedder.from_config(cfg, encoder)  # the very network extraction runs
         batches = math.ceil(count / batch_size)
 
         def end_to_end() -> float:
@@ -217,26 +217,26 @@ def bench_precision(archive: Archive, work: Path, models: list[tuple[str, int, i
         cfg = compose_cfg(f"model={model}", "model.pretrained=false", f"model.image_size={image_size}",
                           f"paths.cache={work / 'cache'}")
         images = real_images(archive, work / "cache", count)
-        fp32 = Embedder(build_encoder(cfg.model, cfg.seed), "cpu", "32-true")
-        bf16 = Embedder(build_encoder(cfg.model, cfg.seed), "cpu", "bf16-mixed")
-        batch_size = min(batch_size, count)
-        batches = math.ceil(count / batch_size)
+        encoder = build_encoder(cfg.model, cfg.seed)
+        fp32, bf16 = Embedder(encoder, "cpu", "32-true"), Embedder(encoder, "cpu", "bf16-mixed")
+        batch = min(batch_size, count)
+        batches = math.ceil(count / batch)
         print(f"  precision {model} {image_size}px: {rounds} rounds of fp32 / bf16-mixed forwards, {count} images each",
               flush=True)
-        figures = interleaved({"fp32": lambda: forward_only_images_per_s(fp32, images, batch_size, batches),
-                               "bf16": lambda: forward_only_images_per_s(bf16, images, batch_size, batches)}, rounds)
+        figures = interleaved({"fp32": lambda: forward_only_images_per_s(fp32, images, batch, batches),
+                               "bf16": lambda: forward_only_images_per_s(bf16, images, batch, batches)}, rounds)
         ratios = [b / f for f, b in zip(figures["fp32"], figures["bf16"])]
-        prepared = [fp32.prepare([images.open(i) for i in range(start, min(start + batch_size, count))])
-                    for start in range(0, count, batch_size)]
-        exact = np.concatenate([fp32.embed_prepared(batch) for batch in prepared])
-        rounded = np.concatenate([bf16.embed_prepared(batch) for batch in prepared])
+        prepared = [fp32.prepare([images.open(i) for i in range(start, min(start + batch, count))])
+                    for start in range(0, count, batch)]
+        exact = np.concatenate([fp32.embed_prepared(ready) for ready in prepared])
+        rounded = np.concatenate([bf16.embed_prepared(ready) for ready in prepared])
         cosines = np.sum(exact * rounded, axis=1)
         queries = max(1, count // 10)
         depth = min(10, count - queries)
         truth = np.argsort(-(exact[-queries:] @ exact[:-queries].T), axis=1)[:, :depth]
         found = np.argsort(-(rounded[-queries:] @ rounded[:-queries].T), axis=1)[:, :depth]
         rows.append({
-            "model": model, "image_size": image_size, "images": count, "batch_size": batch_size, "rounds": rounds,
+            "model": model, "image_size": image_size, "images": count, "batch_size": batch, "rounds": rounds,
             "fp32_images_per_s_rounds": figures["fp32"], "bf16_images_per_s_rounds": figures["bf16"],
             "bf16_vs_fp32_rounds": ratios, "bf16_vs_fp32": spread(ratios)[0],
             "cosine_min": float(cosines.min()), "cosine_mean": float(cosines.mean()),
