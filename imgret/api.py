@@ -30,6 +30,7 @@ from PIL import Image
 from imgret.embed.extract import (EmbeddingModule, Embeddings, ensure_embeddings, ensure_stores, normalised_rows,
                                   resolve_device, resolve_precision)
 from imgret.embed.models import Encoder, build_encoder
+from imgret.embed.preprocess import DEFAULT_DECODER
 from imgret.embed.store import EmbeddingStore
 from imgret.errors import ConfigError, allowed, bad_value
 from imgret.measure.study import EXACT_METHODS
@@ -86,25 +87,27 @@ class Embedder:
     """Images in, L2-normalised rows out: the same transform, module, precision and normalisation as
     extraction (`EmbeddingModule`), without Lightning. A row embedded here matches the store's row of that image."""
 
-    def __init__(self, encoder: Encoder, device: str = "cpu", precision: str = "32-true", channels_last: bool = True):
+    def __init__(self, encoder: Encoder, device: str = "cpu", precision: str = "32-true", channels_last: bool = True,
+                 decoder: str = DEFAULT_DECODER):
         self.name = encoder.name
         self.description = encoder.description
-        self.image_transform, mean, std = encoder.split_transform()
-        self.module = EmbeddingModule(encoder.network, mean, std, channels_last).to(device).eval()
+        self.preprocessing = encoder.preprocessing(decoder)
+        self.module = EmbeddingModule(encoder.network, self.preprocessing.mean, self.preprocessing.std,
+                                      channels_last).to(device).eval()
         self.device = device
         self.precision = precision
 
     @classmethod
     def from_config(cls, cfg, encoder: Encoder | None = None) -> "Embedder":
-        """The config's model (or `encoder`, already built from it), device, precision and memory format."""
+        """The config's model (or `encoder`, already built from it), device, precision, memory format and decoder."""
         device = resolve_device(cfg.device)
         return cls(encoder or build_encoder(cfg.model, cfg.seed), device,
                    resolve_precision(cfg.extract.get("precision", "auto"), device),
-                   bool(cfg.extract.get("channels_last", True)))
+                   bool(cfg.extract.get("channels_last", True)), cfg.extract.get("decoder", DEFAULT_DECODER))
 
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The per-image half of the preprocessing (resize, crop) as one uint8 batch."""
-        return torch.stack([self.image_transform(image) for image in images])
+        """The loader's half of the preprocessing (resize, crop) as one uint8 batch, as extraction makes it."""
+        return self.preprocessing.batch([self.preprocessing.from_image(image) for image in images])
 
     def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), precision_context(self.precision, self.device):

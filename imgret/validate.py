@@ -16,6 +16,7 @@ from imgret.errors import bad_value
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+DECODERS = ("torchvision", "pil")  # see imgret/embed/preprocess.py
 
 
 def whole(value, low: int) -> bool:
@@ -67,6 +68,8 @@ def check_run_settings(cfg) -> None:
     if extract.get("precision") == "16-mixed" and cfg.device != "cuda":
         raise bad_value("extract.precision", "16-mixed", "a precision this device runs: 16-mixed needs device=cuda; "
                         "on the CPU use bf16-mixed or 32-true")
+    if extract.get("decoder", DECODERS[0]) not in DECODERS:
+        raise bad_value("extract.decoder", extract.get("decoder"), f"one of {', '.join(DECODERS)}")
     strategy = extract.get("strategy", "auto")
     if strategy not in ("auto", "ddp"):
         from pytorch_lightning.strategies import StrategyRegistry
@@ -156,6 +159,10 @@ def validate_config(cfg) -> None:
         gallery_size, dim = vector_shape(cfg.data)
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)
     else:
-        describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
+        description = describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
+        if cfg.extract.get("decoder", DECODERS[0]) == "torchvision":
+            from imgret.embed.preprocess import check_tensor_preprocessing
+
+            check_tensor_preprocessing(description["preprocessing"])
         validate_search(cfg.method, cfg.k, dim=output_dim(cfg.model))
     check_writable("paths.cache", Path(str(cfg.paths.cache)))

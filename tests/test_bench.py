@@ -36,6 +36,7 @@ def test_a_ratio_above_one_that_cannot_be_is_flagged_not_met():
     assert verdict("extract_vs_forward", 1.66).startswith("IMPOSSIBLE (1.66x > 1: end to end cannot be faster")
     assert "not met" in verdict("extract_vs_forward", 1.66) and "met (" not in verdict("extract_vs_forward", 1.66)
     assert verdict("extract_vs_forward", 0.97) == "met (target >= 0.95)"
+    assert verdict("clip_extract_vs_matmul_peak", 0.5) == "MISSED: target >= 0.6, 1.20x short"
     assert verdict("single_query_vs_bandwidth_limit", 0.7).startswith("NOT A MEASURE OF THE BOUND (0.70x < 1")
 
 
@@ -77,7 +78,15 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
         assert row["extract_vs_forward_rounds"] == pytest.approx(
             [e2e / forward for e2e, forward in zip(row["imgret_images_per_s_rounds"], row["forward_only_images_per_s_rounds"])])
         assert row["extract_vs_forward"] == pytest.approx(sum(row["extract_vs_forward_rounds"]) / 2)
-        assert row["precision"] == "32-true"
+        assert row["precision"] == "32-true" and row["decoder"] == "torchvision"
+        # the reference decoder in the same rounds, and how much the default one changes the rows
+        assert len(row["pil_decoder_images_per_s_rounds"]) == len(row["decoder_vs_pil_rounds"]) == 2
+        assert 0.99 < row["decoder_vs_pil_cosine_min"] <= row["decoder_vs_pil_cosine_mean"] < 1.0001
+        assert 0 < row["decoder_vs_pil_recall_at_10"] <= 1.0
+    # nn.MultiheadAttention's fused inference op is counted: ViT-B/32 at 224 px is 8.7 GFLOP, not the 5.9 seen without
+    assert saved["extract"][2]["gflops_per_image"] == pytest.approx(8.73, abs=0.05)
+    assert "clip 224px, batch 16: end to end, pil decoder (the reference), interleaved" in saved["table"]
+    assert "torchvision recall@10 vs pil neighbours" in saved["table"] and "target >= 0.6" in saved["table"]
     assert "end to end, median of 2 (min-max)" in saved["table"] and "; ratios " in saved["table"]
     assert [r["model"] for r in saved["precision"]] == ["resnet18", "mobilenet", "clip"]
     for row in saved["precision"]:

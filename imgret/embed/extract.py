@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -35,6 +36,7 @@ from imgret.cache import file_lock
 from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
 from imgret.errors import BadImage, ConfigError, DataUnavailable
 from imgret.embed.models import Encoder, build_encoder, describe_encoder
+from imgret.embed.preprocess import DEFAULT_DECODER, Preprocessing
 from imgret.embed.store import EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,13 @@ class Embeddings:
 
 
 class ImageDataset(Dataset):
-    """The images `indices` of a set; an unusable image yields (None, index, why) when skipping bad images."""
+    """The images `indices` of a set, each loaded by `preprocessing` (the decoder's per-image half); an unusable
+    image yields (None, index, why) when skipping bad images."""
 
-    def __init__(self, image_set: ImageSet, transform, indices: np.ndarray | None = None,
+    def __init__(self, image_set: ImageSet, preprocessing: Preprocessing, indices: np.ndarray | None = None,
                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, skip_bad: bool = True):
         self.image_set = image_set
-        self.transform = transform
+        self.preprocessing = preprocessing
         self.indices = np.arange(len(image_set)) if indices is None else np.asarray(indices)
         self.max_pixels = max_pixels
         self.skip_bad = skip_bad
@@ -84,20 +87,19 @@ class ImageDataset(Dataset):
     def __getitem__(self, position: int):
         index = int(self.indices[position])
         try:
-            return self.transform(self.image_set.open(index, self.max_pixels)), index, None
+            return self.preprocessing.load(self.image_set.paths[index], self.max_pixels), index, None
         except BadImage as error:
             if not self.skip_bad:
                 raise BadImage(error.path, f"{error.reason} (data.on_bad_image=fail; skip leaves such images out)") \
                     from error
             return None, index, f"{error.path}\t{error.reason}"
 
-
-def collate_usable(items):
-    """A batch of the usable images, their indices, and (index, why) for each unusable one."""
-    usable = [(image, index) for image, index, _ in items if image is not None]
-    images = torch.stack([image for image, _ in usable]) if usable else torch.empty(0, dtype=torch.uint8)
-    indices = torch.tensor([index for _, index in usable], dtype=torch.int64)
-    return images, indices, [(index, why) for image, index, why in items if image is None]
+    def collate(self, items):
+        """A batch of the usable images at the model's size, their indices, and (index, why) for each unusable one."""
+        usable = [(image, index) for image, index, _ in items if image is not None]
+        images = self.preprocessing.batch([image for image, _ in usable])
+        indices = torch.tensor([index for _, index in usable], dtype=torch.int64)
+        return images, indices, [(index, why) for image, index, why in items if image is None]
 
 
 class EmbeddingModule(pl.LightningModule):
@@ -298,8 +300,9 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def store_encoder_description(cfg) -> dict:
-    """The encoder's description, plus the extraction precision whenever it changes the vectors."""
-    description = describe_encoder(cfg.model, cfg.seed)
+    """The encoder's description, the decoder (its pixels differ), and the extraction precision whenever it
+    changes the vectors."""
+    description = {**describe_encoder(cfg.model, cfg.seed), "decoder": cfg.extract.get("decoder", DEFAULT_DECODER)}
     precision = resolve_precision(cfg.extract.get("precision", "auto"), resolve_device(cfg.device))
     return description if precision == "32-true" else {**description, "precision": precision}
 
@@ -353,7 +356,8 @@ def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
             raise RuntimeError(f"extraction ranks 1..{devices - 1} exited with {codes}; see their output above")
 
 
-def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, cfg) -> tuple:
+def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, cfg,
+                 callbacks: Sequence[pl.Callback] = ()) -> tuple:
     """Run Lightning's prediction loop over the images `todo` (rank 0's choice, broadcast to every rank),
     streaming rows into the store's staging folder. Returns (writer, seconds, is_global_zero)."""
     device = resolve_device(cfg.device)
@@ -363,13 +367,13 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
     threads = torch.get_num_threads()
     if device == "cpu" and devices > 1:  # processes share the cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-    image_transform, mean, std = encoder.split_transform()
-    dataset = ImageDataset(image_set, image_transform, todo, int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+    preprocessing = encoder.preprocessing(cfg.extract.get("decoder", DEFAULT_DECODER))
+    dataset = ImageDataset(image_set, preprocessing, todo, int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
                            cfg.data.get("on_bad_image", "skip") == "skip")
     writer = EmbeddingStoreWriter(final_dir, dataset)
     num_workers = resolve_num_workers(cfg.num_workers, device)
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=num_workers, shuffle=False,
-                        collate_fn=collate_usable,
+                        collate_fn=dataset.collate,
                         pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
                         persistent_workers=False)
     try:
@@ -385,14 +389,15 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
                 enable_model_summary=False,
                 enable_progress_bar=bool(cfg.extract.progress),
                 inference_mode=True,
-                callbacks=[writer, *([ExtractionProgressBar(
+                callbacks=[writer, *callbacks, *([ExtractionProgressBar(
                     f"{image_set.split} · {encoder.name}, batches of {int(cfg.batch_size)}")] if cfg.extract.progress else [])],
             )
             if trainer.is_global_zero:
                 log.info("extracting %d %s images with %s into %s (%d process%s)", len(todo), image_set.split,
                          encoder.name, final_dir, devices * num_nodes, "es" if devices * num_nodes > 1 else "")
             start = time.perf_counter()
-            module = EmbeddingModule(encoder.network, mean, std, bool(cfg.extract.get("channels_last", True)))
+            module = EmbeddingModule(encoder.network, preprocessing.mean, preprocessing.std,
+                                     bool(cfg.extract.get("channels_last", True)))
             trainer.predict(module, dataloaders=loader, return_predictions=False)
             return writer, time.perf_counter() - start, trainer.is_global_zero
     finally:
@@ -410,10 +415,11 @@ def wait_for_commit(final_dir: Path, timeout_s: float = 3600) -> EmbeddingStore:
 
 
 def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: Path, cfg,
-                  latency_ms: float) -> EmbeddingStore:
+                  latency_ms: float, callbacks: Sequence[pl.Callback] = ()) -> EmbeddingStore:
     """Extract the images a killed earlier attempt did not finish, then merge and commit the store.
     Rank 0 holds the store's lock, decides what is left to do, merges and commits; other ranks (started by
-    a launcher) extract their share and wait for the commit."""
+    a launcher) extract their share and wait for the commit. `callbacks` join the prediction loop's (the
+    benchmark times the forward alone between its batches)."""
     final_dir = store_dir(cache_dir, key)
     device = resolve_device(cfg.device)
     count = len(image_set)
@@ -429,7 +435,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
                  final_dir.name, finished.size, todo.size)
     writer, seconds = None, 0.0
     if todo.size or lifecycle.launched_externally():  # under a launcher every rank must join the loop
-        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, cfg)
+        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, cfg, callbacks)
     staged = StagedStore(final_dir, "merge")
     dim = (writer.dim if writer else None) or progress.dim or staged.resume(count).dim
     if dim is None:

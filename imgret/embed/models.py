@@ -30,20 +30,11 @@ class Encoder:
     transform: Callable  # PIL image -> (3, H, W) float tensor, normalised: the model's whole preprocessing
     description: dict
 
-    def split_transform(self) -> tuple[Callable, torch.Tensor, torch.Tensor]:
-        """The same preprocessing in two halves: per image, the geometric part down to a uint8 tensor; per
-        batch, to float, /255 and (x - mean) / std. Loader processes then do less and ship 4x fewer bytes,
-        and the batch half runs vectorised (on the GPU, when there is one). Both timm's and open_clip's
-        eval transforms end in ToTensor, Normalize, which is what makes the split exact."""
-        from torchvision import transforms as T
+    def preprocessing(self, decoder: str = "torchvision") -> "Preprocessing":
+        """The transform split into the loader's and the module's halves, decoding with `decoder`."""
+        from imgret.embed.preprocess import Preprocessing
 
-        steps = list(getattr(self.transform, "transforms", []))
-        if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or "ToTensor" not in type(steps[-2]).__name__:
-            raise ValueError(f"cannot split {self.transform}: it does not end in ToTensor, Normalize")
-        normalize = steps[-1]
-        mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return T.Compose(steps[:-2] + [T.PILToTensor()]), mean, std
+        return Preprocessing(self.transform, decoder)
 
 
 def describe_encoder(model_cfg, seed: int) -> dict:

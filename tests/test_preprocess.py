@@ -1,0 +1,132 @@
+"""The torchvision decoder against the reference (each model's own PIL transform), on real Tiny-ImageNet JPEGs:
+the same decoded pixels, resize and crop within 2 levels, the same refusals of unusable files."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from conftest import require_real_archive
+from imgret.embed.models import build_encoder
+from imgret.embed.preprocess import check_tensor_preprocessing
+from imgret.errors import BadImage, ConfigError
+from imgret.sources.images import jpeg_size, open_image, open_pixels
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """40 real JPEGs from the archive (some greyscale), and the same picture saved greyscale, CMYK, progressive,
+    with an EXIF block before its frame header, and as a PNG."""
+    archive = require_real_archive()
+    folder = tmp_path_factory.mktemp("jpegs")
+    with zipfile.ZipFile(archive) as real:
+        names = [n for n in real.namelist() if n.endswith(".JPEG") and "/train/" in n][:4000:100]
+        paths = []
+        for number, name in enumerate(names):
+            path = folder / f"{number}.JPEG"
+            path.write_bytes(real.read(name))
+            paths.append(str(path))
+    picture = Image.open(paths[0]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 2000  # ImageDescription: a long APP1 segment to walk past
+    variants = {"grey.jpg": (picture.convert("L"), {}), "cmyk.jpg": (picture.convert("CMYK"), {}),
+                "progressive.jpg": (picture, {"progressive": True}), "exif.jpg": (picture, {"exif": exif}),
+                "large.jpg": (picture.resize((301, 217)), {}), "picture.png": (picture, {})}
+    for name, (image, options) in variants.items():
+        image.save(folder / name, **options)
+        paths.append(str(folder / name))
+    return paths
+
+
+def test_torchvision_decodes_every_kind_of_jpeg_to_pillows_pixels(jpegs):
+    for path in jpegs:
+        data = open(path, "rb").read()
+        with Image.open(path) as image:
+            size = image.size
+        assert jpeg_size(data) == (None if path.endswith(".png") else size), path
+        assert torch.equal(open_pixels(path), pil_to_tensor(open_image(path))), path
+
+
+def outcome(open_as_tensor):
+    """The pixels a decoder gives, or its refusal."""
+    try:
+        return open_as_tensor()
+    except BadImage as error:
+        return error.kind, error.reason
+
+
+def test_damaged_files_are_refused_or_accepted_as_pillow_does(jpegs, tmp_path):
+    whole = open(jpegs[0], "rb").read()
+    files = {"truncated.jpg": whole[: len(whole) // 2], "empty.jpg": b"", "text.jpg": b"not an image at all",
+             "scrambled.jpg": whole[:300] + bytes(200) + whole[500:]}  # libjpeg-turbo refuses it; Pillow does not
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    refused = 0
+    for path in [str(tmp_path / name) for name in files] + [str(tmp_path / "missing.jpg")]:
+        reference = outcome(lambda: pil_to_tensor(open_image(path)))
+        decoded = outcome(lambda: open_pixels(path))
+        if isinstance(reference, tuple):
+            refused += 1
+            assert decoded == reference, path
+        else:
+            assert torch.equal(decoded, reference), path
+    assert refused == 4
+
+
+def test_a_jpeg_over_the_pixel_limit_is_refused_from_its_header_before_decoding(jpegs, monkeypatch):
+    import imgret.sources.images
+
+    def decode_jpeg_rgb(*args, **kwargs):
+        raise AssertionError("decoded a JPEG over data.max_image_pixels")
+
+    monkeypatch.setattr(imgret.sources.images, "decode_jpeg_rgb", decode_jpeg_rgb)
+    with pytest.raises(BadImage) as refused:
+        open_pixels(jpegs[0], max_pixels=64 * 64 - 1)
+    assert refused.value.kind == "too_many_pixels" and "64x64 pixels" in refused.value.reason
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "resnet18", "family": "timm", "arch": "resnet18", "image_size": 64},
+    {"name": "mobilenet", "family": "timm", "arch": "mobilenetv2_100", "image_size": 64},
+    {"name": "clip", "family": "open_clip", "arch": "ViT-B-32", "pretrained_tag": "openai", "image_size": 160},
+])
+def test_the_tensor_resize_and_crop_stay_within_two_levels_of_the_models_own(jpegs, model):
+    from omegaconf import OmegaConf
+
+    encoder = build_encoder(OmegaConf.create({**model, "pretrained": False}), 0)
+    reference, candidate = encoder.preprocessing("pil"), encoder.preprocessing("torchvision")
+    expected = reference.batch([reference.load(path, 10**8) for path in jpegs]).int()
+    loaded = [candidate.load(path, 10**8) for path in jpegs]  # two sizes: 64x64 and the 301x217 one
+    resized = candidate.batch(loaded).int()
+    assert resized.shape == expected.shape == (len(jpegs), 3, model["image_size"], model["image_size"])
+    difference = (resized - expected).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.02
+    assert not torch.equal(resized, expected)  # the torch resize is its own implementation
+    # resized together (same size) or alone, an image comes out the same; an upload (a PIL image) too
+    assert torch.equal(candidate.batch(loaded[-2:-1])[0], resized[-2])
+    assert torch.equal(candidate.batch([candidate.from_image(Image.open(jpegs[3]))])[0], resized[3])
+
+
+def test_a_model_whose_crop_the_tensors_cannot_do_asks_for_the_pil_decoder():
+    check_tensor_preprocessing({"crop_mode": "center"})
+    check_tensor_preprocessing({"resize_mode": "shortest"})
+    with pytest.raises(ConfigError, match=r"^extract.decoder=torchvision: .*crop_mode=border.*extract.decoder=pil"):
+        check_tensor_preprocessing({"crop_mode": "border"})
+
+
+def test_the_decoder_is_part_of_the_stores_key(make_cfg):
+    from imgret.embed.extract import ensure_embeddings
+    from imgret.sources.images import load_splits
+    from conftest import SYNTHETIC_FAST
+
+    overrides = (*SYNTHETIC_FAST, "data.gallery_per_class=2", "data.query_per_class=1")
+    first = ensure_embeddings(load_splits(make_cfg(*overrides).data), make_cfg(*overrides))
+    again = make_cfg(*overrides, "extract.decoder=pil")
+    second = ensure_embeddings(load_splits(again.data), again)
+    assert second.extracted == ("gallery", "queries") and second.gallery.path != first.gallery.path
+    assert np.sum(first.gallery.vectors * second.gallery.vectors, axis=1).min() > 0.999
