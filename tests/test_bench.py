@@ -123,3 +123,16 @@ def test_one_part_alone(tmp_path, monkeypatch, capsys):
     assert results["verify"]["gallery"] == 2000 and not {"extract", "search", "memory", "ddp", "scale"} & set(results)
     assert "(sha256 of every file)" in capsys.readouterr().out
     assert len(list((tmp_path / "outputs" / "bench").glob("bench-*.json"))) == 1
+
+
+def test_looking_for_cached_embeddings_leaves_locks_and_set_aside_stores_alone(tmp_path):
+    from imgret.bench import search_data
+
+    embeddings = tmp_path / "embeddings"
+    (embeddings / ".damaged" / "old-store").mkdir(parents=True)
+    (embeddings / "resnet18-tiny_imagenet-gallery-0123.lock").write_text("")
+    (embeddings / ".resnet18-tiny_imagenet-gallery-0123.staging").mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in embeddings.rglob("*"))
+    gallery, queries, source = search_data(tmp_path, 50, 5, 8)
+    assert source == "clustered random vectors" and gallery.shape == (50, 8) and queries.shape == (5, 8)
+    assert sorted(str(p.relative_to(tmp_path)) for p in embeddings.rglob("*")) == before
