@@ -11,7 +11,7 @@ Parts (choose with --parts):
            fp32 rows' exact neighbours
   search   exact search over a 100,000 x 512 gallery: imgret's brute force against the matmul limit and
            faiss.IndexFlatIP; single-query latency against the memory-bandwidth limit (reading the gallery
-           once), alternating query by query
+           once), in alternating blocks
   ivf      the search time imgret reports against a bare faiss call on the same index and queries
   memory   peak RSS of extracting a small and a full gallery (streamed writes: it must not grow)
   ddp      extraction throughput with 1 and with 2 processes (DDP, gloo on the CPU), interleaved and repeated:
@@ -359,26 +359,23 @@ def single_query_ms(index, queries: np.ndarray, count: int, k: int = 10) -> floa
 
 
 def single_queries_beside_reads(index, gallery: np.ndarray, queries: np.ndarray, count: int, k: int = 10,
-                                settle_s: float = 0.12) -> tuple[float, float]:
+                                block: int = 10, settle_s: float = 0.12) -> tuple[float, float]:
     """Median single-query latency, and the median time to read the gallery the index holds once (summing its
-    N*d*4 bytes with torch: the bandwidth limit of a query), alternating one of each, so the two see the same
-    machine, and both medians (a best-of-few read against a median query would flatter the limit). Each waits
-    `settle_s` after the other: OpenBLAS's idle threads spin for about 0.1 s after a call, and right after a
-    query they took the read's cores (both came out ~1.7x slower alternated back to back)."""
+    N*d*4 bytes with torch: the bandwidth limit of a query), in alternating blocks of `block` back-to-back calls:
+    close together, so the two see the same machine, and both medians (a best-of-few read against a median
+    query would flatter the limit). Each block starts `settle_s` after the other: one library's idle threads
+    spin for about 0.1 s after a call (OpenBLAS's after a query, OpenMP's after a read), and alternated call by
+    call they took each other's cores (the query came out 1.7x slower)."""
     whole = torch.from_numpy(gallery)
-    for q in queries[:5]:
-        index.search(q[None], k)
-        whole.sum()
     query_ms, read_ms = [], []
-    for q in queries[:count]:
-        time.sleep(settle_s)
-        start = time.perf_counter()
-        index.search(q[None], k)
-        query_ms.append((time.perf_counter() - start) * 1000)
-        time.sleep(settle_s)
-        start = time.perf_counter()
-        whole.sum()
-        read_ms.append((time.perf_counter() - start) * 1000)
+    for start in range(0, count, block):
+        for times, call in ((query_ms, lambda q: index.search(q[None], k)), (read_ms, lambda q: whole.sum())):
+            time.sleep(settle_s)
+            call(queries[start])  # the block's first call wakes its library's threads: not timed
+            for q in queries[start:start + block]:
+                began = time.perf_counter()
+                call(q)
+                times.append((time.perf_counter() - began) * 1000)
     return statistics.median(query_ms), statistics.median(read_ms)
 
 
@@ -396,10 +393,10 @@ def bench_search(gallery: np.ndarray, queries: np.ndarray, source: str, peak: fl
     flat_s = best_seconds(lambda: flat.search(queries, k), 1)
     flat_ids = flat.search(queries, k)[1]
     same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(brute_ids, flat_ids)]))
-    # single queries against the bandwidth limit: reading the gallery's N*d*4 bytes once, query by query
+    # single queries against the bandwidth limit: reading the gallery's N*d*4 bytes once, in alternating blocks
     figures = {"limit_ms": [], "brute_ms": []}
     for _ in range(rounds):
-        query_ms, read_ms = single_queries_beside_reads(brute, brute.gallery, queries, max(1, single_queries // 4), k)
+        query_ms, read_ms = single_queries_beside_reads(brute, brute.gallery, queries, single_queries, k)
         figures["brute_ms"].append(query_ms)
         figures["limit_ms"].append(read_ms)
     limits = figures["limit_ms"]
@@ -651,17 +648,28 @@ AT_LEAST_ONE = {"single_query_vs_bandwidth_limit": "faster than reading the gall
                                                     "CPU caches, so this gallery is too small for the bound"}
 
 
-def verdict(name: str, value: float) -> str:
+# Two figures taken batch by batch still differ by about 2% between rounds (CLIP, whose loading is a hundredth of
+# its forward: ratios 0.98-1.00): a ratio that cannot exceed 1 is impossible only beyond that.
+RESOLUTION = 0.02
+
+
+def verdict(name: str, value: float, rounds: tuple[float, float] | None = None) -> str:
+    """Whether `value` (a median) meets its target, by how much it misses, and whether the target lies within the
+    rounds' spread (min, max), where another run may land on its other side."""
     comparison, bound = TARGETS[name]
-    if name in AT_MOST_ONE and value > 1.0:
+    if name in AT_MOST_ONE and value > 1.0 + RESOLUTION:
         return f"IMPOSSIBLE ({value:.2f}x > 1: {AT_MOST_ONE[name]}): a measurement error, not met"
-    if name in AT_LEAST_ONE and value < 1.0:
+    if name in AT_LEAST_ONE and value < 1.0 - RESOLUTION:
         return f"NOT A MEASURE OF THE BOUND ({value:.2f}x < 1: {AT_LEAST_ONE[name]})"
     met = value >= bound if comparison == ">=" else value <= bound
     if met:
-        return f"met (target {comparison} {bound:g})"
-    gap = bound / value if comparison == ">=" else value / bound
-    return f"MISSED: target {comparison} {bound:g}, {gap:.2f}x short"
+        said = f"met (target {comparison} {bound:g})"
+    else:
+        short = bound / value - 1 if comparison == ">=" else value / bound - 1
+        said = f"MISSED: target {comparison} {bound:g}, {short:.1%} short"
+    if rounds is not None and min(rounds) <= bound <= max(rounds):
+        said += f"; the target is within the rounds' {min(rounds):.2f}-{max(rounds):.2f}"
+    return said
 
 
 def table(results: dict) -> str:
@@ -685,8 +693,8 @@ def table(results: dict) -> str:
             f"{e2e[0]:.0f} ({e2e[1]:.0f}-{e2e[2]:.0f}) img/s")
         row("extract", f"{name}: forward only, interleaved with it",
             f"{forward[0]:.0f} ({forward[1]:.0f}-{forward[2]:.0f}) img/s",
-            f"{r['extract_vs_forward']:.2f}x", verdict("extract_vs_forward", r["extract_vs_forward"]) +
-            f"; ratios {ratios[1]:.2f}-{ratios[2]:.2f}, load {r.get('load_average', [float('nan')])[0]:.2f}")
+            f"{r['extract_vs_forward']:.3f}x", verdict("extract_vs_forward", r["extract_vs_forward"], ratios[1:]) +
+            f"; ratios {ratios[1]:.3f}-{ratios[2]:.3f}, load {r.get('load_average', [float('nan')])[0]:.2f}")
         if "pil_decoder_images_per_s_rounds" in r:
             pil, gains = spread(r["pil_decoder_images_per_s_rounds"]), spread(r["decoder_vs_pil_rounds"])
             row("extract", f"{name}: end to end, pil decoder (the reference), interleaved",
@@ -730,10 +738,10 @@ def table(results: dict) -> str:
         single = spread(s.get("brute_single_query_ms_rounds", [s["brute_single_query_ms"]]))
         ratios = spread(s.get("single_query_vs_bandwidth_limit_rounds", [s["single_query_vs_bandwidth_limit"]]))
         row("search", f"brute single query vs bandwidth limit, median of {s.get('rounds', 1)}",
-            f"{single[0]:.2f} ({single[1]:.2f}-{single[2]:.2f}) ms", f"{s['single_query_vs_bandwidth_limit']:.2f}x",
-            verdict("single_query_vs_bandwidth_limit", s["single_query_vs_bandwidth_limit"]) +
-            f"; ratios {ratios[1]:.2f}-{ratios[2]:.2f}, load {s.get('load_average', [float('nan')])[0]:.2f}")
-        row("search", "  (bandwidth limit: reading the N*d*4 bytes, query by query)", f"{s['bandwidth_limit_ms']:.2f} ms",
+            f"{single[0]:.2f} ({single[1]:.2f}-{single[2]:.2f}) ms", f"{s['single_query_vs_bandwidth_limit']:.3f}x",
+            verdict("single_query_vs_bandwidth_limit", s["single_query_vs_bandwidth_limit"], ratios[1:]) +
+            f"; ratios {ratios[1]:.3f}-{ratios[2]:.3f}, load {s.get('load_average', [float('nan')])[0]:.2f}")
+        row("search", "  (bandwidth limit: reading the N*d*4 bytes, blocks alternating)", f"{s['bandwidth_limit_ms']:.2f} ms",
             "", f"{s['gallery'] * s['dim'] * 4 / s['bandwidth_limit_ms'] / 1e6:.1f} GB/s")
         row("search", "faiss.IndexFlatIP single query", f"{s['faiss_flat_single_query_ms']:.2f} ms")
         keep = s["fp16_recall_at_10_single"] == 1.0 and s["fp16_rounded_gallery_recall_at_10"] == 1.0
