@@ -73,10 +73,18 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
             "--batch-size", "16", "--gallery", "2000", "--queries", "100", "--single-queries", "20", "--nlist", "16",
             "--nprobe", "4", "--memory-sizes", "40,80", "--ddp-images", "48", "--scale-gallery", "3000",
             "--scale-nlist", "16", "--rounds", "2", "--precision-images", "16"]
-    results = main(shlex.split(command)[3:] + tiny)
+    # the README's two commands: the extract and search parts (written to bench-<time>.json), then the rest
+    first = main(shlex.split(documented("python -m imgret.bench --parts extract,search"))[3:] + tiny)
+    [written] = (tmp_path / "outputs" / "bench").glob("bench-*.json")
+    assert json.loads(written.read_text())["table"] == first["table"] == table(first)
+    assert first["parts"] == ["extract", "search"] and not {"precision", "ivf", "memory"} & set(first)
+    others = ["--parts", "precision,ivf,memory,ddp,verify,scale"]
+    results = main(shlex.split(command)[3:] + tiny + others)
     out = tmp_path / "outputs" / "bench" / "bench-default.json"
     saved = json.loads(out.read_text())
     assert saved["table"] == results["table"] == table(results)
+    saved.update({part: json.loads(written.read_text())[part] for part in ("extract", "search")})
+    tables = first["table"] + "\n" + saved["table"]
     assert [r["model"] for r in saved["extract"]] == ["resnet18", "mobilenet", "clip"]
     for row in saved["extract"]:
         for key in ("imgret_images_per_s", "forward_only_images_per_s", "seed_loop_images_per_s", "achieved_gflops"):
@@ -93,15 +101,15 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
         assert 0 < row["decoder_vs_pil_recall_at_10"] <= 1.0
     # nn.MultiheadAttention's fused inference op is counted: ViT-B/32 at 224 px is 8.7 GFLOP, not the 5.9 seen without
     assert saved["extract"][2]["gflops_per_image"] == pytest.approx(8.73, abs=0.05)
-    assert "clip 224px, batch 16: end to end, pil decoder (the reference), interleaved" in saved["table"]
-    assert "torchvision recall@10 vs pil neighbours" in saved["table"] and "target >= 0.6" in saved["table"]
-    assert "end to end, median of 2 (min-max)" in saved["table"] and "; ratios " in saved["table"]
+    assert "clip 224px, batch 16: end to end, pil decoder (the reference), interleaved" in tables
+    assert "torchvision recall@10 vs pil neighbours" in tables and "target >= 0.6" in tables
+    assert "end to end, median of 2 (min-max)" in tables and "; ratios " in tables
     assert [r["model"] for r in saved["precision"]] == ["resnet18", "mobilenet", "clip"]
     for row in saved["precision"]:
         assert len(row["bf16_images_per_s_rounds"]) == len(row["fp32_images_per_s_rounds"]) == 2
         assert 0.9 < row["cosine_mean"] <= 1.0001 and row["cosine_min"] <= row["cosine_mean"]
         assert 0 < row["recall_at_10_vs_fp32"] <= 1.0 and row["queries"] >= 1
-    assert "bf16 recall@10 vs fp32 neighbours" in saved["table"]
+    assert "bf16 recall@10 vs fp32 neighbours" in tables
     search = saved["search"]
     assert search["source"] == "clustered random vectors" and search["gallery"] == 2000
     assert search["brute_same_neighbours_as_faiss"] == 1.0
@@ -121,7 +129,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     assert all(s["peak_rss_bytes"] >= s["baseline_rss_bytes"] > 0 and s["seconds"] > 0 for s in scale["stages"])
     for line in ("brute force vs matmul peak", "faiss.IndexFlatIP batched", "float16 gallery", "peak PSS",
                  "(sha256 of every file)", "exact ground truth, top-10 of 100 queries"):
-        assert line in saved["table"]
+        assert line in tables
 
 
 def test_one_part_alone(tmp_path, monkeypatch, capsys):
