@@ -182,7 +182,7 @@ def test_a_damaged_embedding_store_is_moved_aside_and_extracted_again(make_cfg, 
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=6", "data.query_per_class=2", "method=flat", "k=5")
     first = run_tracked(cfg)
     store = next(p for p in (tmp_path / "cache" / "embeddings").iterdir() if "-gallery-" in p.name and
-                 not p.name.startswith("."))
+                 not p.name.startswith(".") and p.is_dir())  # not the store's .lock file beside it
     vectors = store / "vectors.npy"
     if damage == "truncate vectors":
         vectors.write_bytes(vectors.read_bytes()[:-1000])
