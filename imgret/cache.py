@@ -42,7 +42,7 @@ def file_lock(path: Path, what: str) -> Iterator[None]:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in blocks (about 0.13 s per 200 MB on this project's machines)."""
+    """sha256 of a file's bytes, read in blocks (`python -m imgret.bench --parts verify` times it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 24):
@@ -118,8 +118,8 @@ def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """`array[rows]`, read with pread when `array` is a memory-mapped store.
 
     Touching scattered rows of a file map maps far more than the rows: the kernel maps whole page-cache
-    folios around each fault (here 2,560 random rows of a 1.28M x 512 store added 1.4 GB to the resident
-    set). Reading them into a fresh array maps nothing."""
+    folios around each fault, so a few thousand random rows of a million-row store can add gigabytes to the
+    resident set. Reading them into a fresh array maps nothing."""
     base, _, within = _file_mapping(array)
     rows = np.asarray(rows, dtype=np.int64)
     if base is None or not array.flags.c_contiguous or base.filename is None:
@@ -137,8 +137,7 @@ def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def return_freed_memory() -> None:
     """Ask glibc to hand memory freed inside its heap back to the system. Filling an index frees many buffers
-    (each inverted list grows by reallocation) and the heap would otherwise keep them resident: at 1.28M x 512,
-    IVF4096's build peaked 0.4 GB lower with this after every chunk (`python -m imgret.bench --parts scale`).
+    (each inverted list grows by reallocation) and the heap would otherwise keep them resident.
     A no-op where the C library is not glibc."""
     global _malloc_trim
     if _malloc_trim is None:

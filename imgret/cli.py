@@ -78,9 +78,11 @@ def results_table(metrics: dict[str, float]) -> str:
     return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
 
 
-def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Where to see a run: the server's page, or the command that serves a local store and the page's address."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+def run_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where to see a run (or, without one, the experiment's runs table): the server's page, or the command that
+    serves a local store and the page's address. MLflow 3's UI opens every experiment in its GenAI (traces) view
+    whatever the experiment's kind tag says; `workflowType=machine_learning` opens the runs instead."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}"
     return f"`mlflow ui --backend-store-uri {tracking_uri}`, then http://127.0.0.1:5000/{page}"

@@ -37,6 +37,10 @@ class TrackingUnavailable(ImgretError):
     """The MLflow tracking store cannot be reached, or is damaged."""
 
 
+class TrackingRefused(ImgretError):
+    """The tracking store answered, and refused what imgret asked of it (a bad value, a deleted experiment)."""
+
+
 def allowed(values) -> str:
     return ", ".join(repr(v) for v in values)
 

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from imgret.index.methods import EXECUTION_PARAMS, METHODS  # noqa: E402
 from imgret.measure.metrics import RUN_SIZES  # noqa: E402
+from imgret.track.provenance import PROVENANCE_TAG, describe as describe_provenance  # noqa: E402
 from imgret.measure.study import (EXACT_METHODS, RECALL_TARGETS, SCALING_METRICS, fastest_reaching, growth_exponent,  # noqa: E402
                           pareto_frontier, representative)
 
@@ -58,12 +59,18 @@ def find_parent(client: MlflowClient, experiment_id: str, parent_id: str | None)
     return parents[0]
 
 
-def missing_points(client: MlflowClient, parent) -> list[str]:
-    """The planned points of a sweep without a FINISHED child run (as their override strings)."""
+def missing_points(client: MlflowClient, parent) -> list[str] | None:
+    """The planned points of a sweep without a FINISHED child run (as their override strings); None when the
+    sweeper made no plan (a sweeper other than Hydra's basic one). A plan or runs that cannot be read raise:
+    a sweep is never called complete without being checked."""
+    if parent.data.tags.get("planned_jobs", "unknown") == "unknown":
+        return None
     try:
         planned = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/planned_points.json")
-    except Exception:  # a sweeper other than Hydra's basic one: the plan is unknown
-        return []
+    except Exception as error:
+        raise SystemExit(f"error: cannot check whether sweep {parent.info.run_id} is complete: its plan "
+                         f"(planned_points.json, {parent.data.tags['planned_jobs']} points) cannot be read "
+                         f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})") from error
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
                                   f"'{parent.info.run_id}' and attributes.status = 'FINISHED'", max_results=50000)
     finished = {run.data.tags.get("overrides", "") for run in children}
@@ -80,7 +87,7 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
     rows = []
     for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        if "method" not in tags or "recall_at_10" not in metrics:
+        if "method" not in tags or "recall_at_10" not in metrics:  # k < 10: no recall@10 from the timed search
             continue
         method = tags["method"]
         keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k not in EXECUTION_PARAMS]
@@ -93,6 +100,9 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "index_built": tags.get("index_built", ""),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),
+            "provenance": tags.get(PROVENANCE_TAG, "unknown"),
+            "provenance_text": describe_provenance(tags) if PROVENANCE_TAG in tags else
+            "unknown (a run of an imgret that recorded no provenance)",
             **metrics,  # runs of earlier versions logged the sizes as metrics; now they are params
             **{key: float(params[key]) for key in RUN_SIZES if key in params},
         })
@@ -102,13 +112,17 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
 # --------------------------------------------------------------------------- tables
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(path_stem: Path, header: list[str], rows: list[list]) -> str:
     """Write `<stem>.csv` and `<stem>.md`; return the Markdown."""
     with open(path_stem.with_suffix(".csv"), "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    markdown = "\n".join(lines) + "\n"
+    markdown = markdown_table(header, rows)
     path_stem.with_suffix(".md").write_text(markdown)
     return markdown
 
@@ -146,7 +160,11 @@ def seed_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "seed_table", ["", *models], rows)
 
 
-def operating_points(runs: list[dict], out: Path) -> str:
+OPERATING_POINTS_HEADER = ["model", "index", *[f"recall@10 ≥ {t:.2f}" for t in RECALL_TARGETS]]
+
+
+def operating_point_rows(runs: list[dict]) -> list[list[str]]:
+    """Per model and index, the fastest setting (batch QPS) reaching each recall@10 target."""
     rows = []
     for (model, method), group in sorted(by_key(runs, "model", "method").items()):
         row = [model, METHOD_LABELS[method]]
@@ -156,8 +174,36 @@ def operating_points(runs: list[dict], out: Path) -> str:
                        f"{best['setting'] or 'exact'}: {best['search_qps_batch']:,.0f} QPS, "
                        f"p99 {best['search_ms_p99']:.3f} ms (R@10 {best['recall_at_10']:.3f})")
         rows.append(row)
-    header = ["model", "index", *[f"recall@10 ≥ {t:.2f}" for t in RECALL_TARGETS]]
-    return write_table(out / "operating_points", header, rows)
+    return rows
+
+
+def operating_points(runs: list[dict], out: Path) -> str:
+    return write_table(out / "operating_points", OPERATING_POINTS_HEADER, operating_point_rows(runs))
+
+
+def provenance_lines(runs: list[dict]) -> list[str]:
+    """What produced the points, one line per provenance, most points first; a warning first when they differ."""
+    groups = sorted(by_key(runs, "provenance").items(), key=lambda item: -len(item[1]))
+    lines = [f"- {len(group)} points, provenance {provenance}: {group[0]['provenance_text']}"
+             for (provenance,), group in groups]
+    if len(groups) > 1:
+        lines.insert(0, f"WARNING: these {len(runs)} points come from {len(groups)} provenances (imgret's code, the "
+                        "libraries' versions or the machine differ): compare them with care, or run the sweep again.")
+    return lines
+
+
+def parent_note(runs: list[dict], parent_id: str, planned: str) -> str:
+    """The sweep's parent run's description (`mlflow.note.content`, shown on the run's own page in MLflow):
+    the answer to "which setting reaches recall R fastest", what produced it, and where the whole study is."""
+    if not runs:
+        return f"imgret sweep: no finished point with recall@10 (planned points: {planned})."
+    return "\n".join([
+        f"**imgret sweep**: {len(runs)} finished points (planned: {planned}); {gallery_words(runs)}.",
+        "", "**Operating points**: the fastest setting (batch QPS, all queries in one call) reaching each recall@10:",
+        "", markdown_table(OPERATING_POINTS_HEADER, operating_point_rows(runs)),
+        "**Provenance**:", "", *provenance_lines(runs), "",
+        f"The whole study (tables, Pareto plots): `python -m imgret.report --parent {parent_id}`, then "
+        "report/report.html among this run's artifacts."])
 
 
 def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
@@ -314,7 +360,8 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
     header = ["model", "method", "setting", "recall_at_10", "recall_at_10_ties", "search_qps_batch",
               "search_ms_p50", "search_ms_p99", "build_s", "index_bytes", "index_built", "run_id"]
     write_table(out / "runs", header, [[r.get(k, "") for k in header] for r in runs])
-    parts = [f"# {title}\n", f"{gallery_words(runs)}; {len(runs)} finished runs.\n"]
+    parts = [f"# {title}\n", f"{gallery_words(runs)}; {len(runs)} finished runs.\n",
+             "## Provenance: what produced these points\n", "\n".join(provenance_lines(runs)) + "\n"]
     gallery_sizes = sorted({int(r["gallery_size"]) for r in runs})
     if len(gallery_sizes) > 1:
         parts += ["## Scaling with the gallery\n", "Each metric at every gallery size, and b from a least-squares "
@@ -401,12 +448,19 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path("outputs") / "report" / name
     title = f"imgret report: {parent.info.run_name if parent else args.experiment}"
     missing = missing_points(client, parent) if parent is not None else []
-    if missing:
+    if missing is None:
+        print(f"sweep {parent.info.run_id} has no plan (its sweeper is not Hydra's basic one): whether every point "
+              "finished is not known", file=sys.stderr)
+        title += " (completeness unknown: the sweeper made no plan)"
+    elif missing:
         print(f"sweep {parent.info.run_id} is incomplete ({parent.info.status}): {len(missing)} planned points have "
               "no finished run:", file=sys.stderr)
         for point in missing:
             print(f"  missing: {point}", file=sys.stderr)
         title += f" (INCOMPLETE: {len(missing)} points missing)"
+    provenances = provenance_lines(runs)
+    if len(provenances) > 1:
+        print("\n".join(provenances), file=sys.stderr)
     write_report(runs, out, title)
     if parent is not None:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")

@@ -1,14 +1,15 @@
 """The benchmark's plumbing at tiny sizes (its timings are not asserted: they belong to the benchmark)."""
 import json
 import shlex
+import statistics
 
 import faiss
 import numpy as np
 import pytest
 
 from documented import documented
-from conftest import clustered_vectors, subset_zip
-from imgret.bench import TARGETS, main, table, verdict
+from conftest import clustered_vectors, subset_zip, write_store
+from imgret.bench import TARGETS, main, verdict
 from imgret.index.methods import BruteForceIndex
 
 
@@ -38,14 +39,18 @@ def test_verdicts_name_the_gap():
 
 
 def test_a_ratio_above_one_that_cannot_be_is_flagged_not_met():
-    assert verdict("extract_vs_forward", 1.66).startswith("IMPOSSIBLE (1.66x > 1: end to end cannot be faster")
-    assert "not met" in verdict("extract_vs_forward", 1.66) and "met (" not in verdict("extract_vs_forward", 1.66)
+    impossible = verdict("extract_vs_forward", 1.66, (1.5, 1.8))
+    assert impossible.startswith("IMPOSSIBLE (1.66x, every round above 1: end to end cannot be faster")
+    assert "not met" in impossible and "met (" not in impossible
     assert verdict("extract_vs_forward", 0.97) == "met (target >= 0.95)"
     assert verdict("clip_extract_vs_matmul_peak", 0.5) == "MISSED: target >= 0.6, 20.0% short"
-    # within the measurement's resolution of 1 (a model whose loading is negligible), not a measurement error
-    assert verdict("extract_vs_forward", 1.004) == "met (target >= 0.95)"
-    assert verdict("extract_vs_forward", 1.03).startswith("IMPOSSIBLE")
-    assert verdict("single_query_vs_bandwidth_limit", 0.7).startswith("NOT A MEASURE OF THE BOUND (0.70x < 1")
+    # the tolerance is the rounds' own spread: a median past 1 whose rounds reach below 1 is noise (a model whose
+    # loading is negligible), one whose every round is past 1 is a measurement error, however close to 1
+    assert verdict("extract_vs_forward", 1.03, (0.98, 1.05)) == "met (target >= 0.95)"
+    assert verdict("extract_vs_forward", 1.004, (1.002, 1.006)).startswith("IMPOSSIBLE")
+    assert verdict("single_query_vs_bandwidth_limit", 0.7, (0.6, 0.8)).startswith(
+        "NOT A MEASURE OF THE BOUND (0.70x, every round below 1")
+    assert verdict("single_query_vs_bandwidth_limit", 0.97, (0.9, 1.1)).startswith("met (target <= 1.3)")
 
 
 def test_alternatives_are_measured_in_turn():
@@ -64,7 +69,8 @@ def test_unknown_part_is_refused(capsys):
         capsys.readouterr().err
 
 
-def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeypatch):
+@pytest.mark.slow  # every part in real processes: about 100 s
+def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeypatch, capsys):
     # 10 classes x 10 real images in the official layout: the parts read real JPEGs without unpacking 110,000
     archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)
     monkeypatch.chdir(tmp_path)
@@ -76,19 +82,25 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     # the README's two commands: the issue's extract and search parts (written to bench-<time>.json), then the rest
     first = main(shlex.split(documented("python -m imgret.bench --parts extract,search"))[3:] + tiny)
     [written] = (tmp_path / "outputs" / "bench").glob("bench-*.json")
-    assert json.loads(written.read_text())["table"] == first["table"] == table(first)
+    printed = capsys.readouterr().out
+    assert json.loads(written.read_text())["table"] in printed, "the JSON holds the table the command printed"
+    # the printed table's figures are the JSON's: the batched brute-force seconds, read back from the text
+    brute_row = next(line for line in printed.splitlines() if line.startswith("search    brute force batched"))
+    assert float(brute_row.split()[-2]) == pytest.approx(first["search"]["brute_batch_s"], abs=0.006)
     assert first["parts"] == ["extract", "search"] and not {"precision", "ivf", "memory"} & set(first)
     others = ["--parts", "precision,ivf,memory,ddp,verify,scale"]
     results = main(shlex.split(command)[3:] + tiny + others)
     out = tmp_path / "outputs" / "bench" / "bench-default.json"
     saved = json.loads(out.read_text())
-    assert saved["table"] == results["table"] == table(results)
+    assert saved["table"] in capsys.readouterr().out
     saved.update({part: json.loads(written.read_text())[part] for part in ("extract", "search")})
     tables = first["table"] + "\n" + saved["table"]
     assert [r["model"] for r in saved["extract"]] == ["resnet18", "mobilenet", "clip"]
     for row in saved["extract"]:
-        for key in ("imgret_images_per_s", "forward_only_images_per_s", "seed_loop_images_per_s", "achieved_gflops"):
-            assert row[key] > 0
+        # achieved GFLOP/s is the throughput times the model's FLOPs, and each rate is its rounds' median
+        assert row["achieved_gflops"] == pytest.approx(row["imgret_images_per_s"] * row["gflops_per_image"], rel=1e-6)
+        for key in ("imgret_images_per_s", "forward_only_images_per_s"):
+            assert row[key] == pytest.approx(statistics.median(row[f"{key}_rounds"]))
         # interleaved rounds: a ratio per round, the median of them reported
         assert row["rounds"] == 2 and len(row["forward_only_images_per_s_rounds"]) == 2
         assert row["extract_vs_forward_rounds"] == pytest.approx(
@@ -112,6 +124,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     assert "bf16 recall@10 vs fp32 neighbours" in tables
     search = saved["search"]
     assert search["source"] == "clustered random vectors" and search["gallery"] == 2000
+    assert "  data: clustered random vectors" in tables
     assert search["brute_same_neighbours_as_faiss"] == 1.0
     assert len(search["single_query_vs_bandwidth_limit_rounds"]) == 2 == len(search["memory_bandwidth_gbs_rounds"])
     assert 0 < search["fp16_rounded_gallery_recall_at_10"] <= 1.0
@@ -152,3 +165,23 @@ def test_looking_for_cached_embeddings_leaves_locks_and_set_aside_stores_alone(t
     gallery, queries, source = search_data(tmp_path, 50, 5, 8)
     assert source == "clustered random vectors" and gallery.shape == (50, 8) and queries.shape == (5, 8)
     assert sorted(str(p.relative_to(tmp_path)) for p in embeddings.rglob("*")) == before
+
+
+def test_the_search_data_says_what_made_it(tmp_path):
+    """A store of generated vectors is not "real embeddings"; an extracted one names its model and weights."""
+    from imgret.bench import search_data
+
+    vectors = clustered_vectors(60, 8, clusters=4)
+    for split, count in (("gallery", 50), ("queries", 10)):
+        store = write_store(tmp_path / "embeddings" / f"vectors-synthetic_vectors-{split}-0", vectors[:count])
+        meta = json.loads((store.path / "meta.json").read_text())
+        meta["key"] = {"dataset": "synthetic_vectors", "split": split, "encoder": {"name": "vectors"},
+                       "generator": {"seed": 0}}
+        (store.path / "meta.json").write_text(json.dumps(meta))
+    assert search_data(tmp_path, 50, 5, 8)[2] == "synthetic vectors (data=synthetic_vectors, seed 0), no model"
+
+    from imgret.bench import store_label
+
+    encoder = {"name": "resnet18", "arch": "resnet18", "weights": "random:seed0:torch2.14.1", "image_size": 64}
+    assert store_label({"dataset": "tiny_imagenet", "encoder": encoder}) == \
+        "embeddings of tiny_imagenet images by resnet18 (resnet18, weights random:seed0:torch2.14.1, 64 px)"

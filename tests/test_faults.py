@@ -17,13 +17,14 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from PIL import Image
 
 import imgret.track.runs
 from documented import documented, run_command, smaller
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from imgret.sources.images import open_image
-from imgret.errors import BadImage, ConfigError, TrackingUnavailable
+from imgret.errors import BadImage, ConfigError, TrackingRefused, TrackingUnavailable
 from imgret.run import run_tracked
 
 PYTHON = sys.executable
@@ -179,7 +180,7 @@ def test_a_folder_with_a_truncated_and_an_empty_jpeg_finishes_with_bad_images_2(
 
 @pytest.mark.parametrize("damage", ["truncate vectors", "random bytes in vectors", "delete meta.json"])
 def test_a_damaged_embedding_store_is_moved_aside_and_extracted_again(make_cfg, tmp_path, damage):
-    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=6", "data.query_per_class=2", "method=flat", "k=5")
+    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=6", "data.query_per_class=2", "method=flat", "k=10")
     first = run_tracked(cfg)
     store = next(p for p in (tmp_path / "cache" / "embeddings").iterdir() if "-gallery-" in p.name and
                  not p.name.startswith(".") and p.is_dir())  # not the store's .lock file beside it
@@ -224,9 +225,75 @@ def test_a_damaged_store_with_runs_is_reported_with_its_path_and_what_to_do(make
         connection.execute("update alembic_version set version_num = '0000000000'")
     imgret.track.runs._open.cache_clear()
     mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
-    with pytest.raises(TrackingUnavailable, match=rf"{db} cannot be opened .* holds 1 runs: back it up, then run "
-                                                  r"`mlflow db upgrade sqlite:///"):
+    with pytest.raises(TrackingUnavailable, match=rf"{db} cannot be opened .* holds 3 experiments and runs: back it "
+                                                  r"up, then run `mlflow db upgrade sqlite:///"):
         run_tracked(cfg)
+    assert db.is_file() and not list(db.parent.glob("mlflow.db.broken-*"))
+
+
+def healthy_store_without_runs(tmp_path) -> tuple[Path, str]:
+    """A store MLflow made, holding one experiment of a user's and no run."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    uri = f"sqlite:///{db}"
+    MlflowClient(uri).create_experiment("someone-elses")
+    mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    imgret.track.runs._open.cache_clear()
+    return db, uri
+
+
+@pytest.mark.slow  # MLflow waits out sqlite's busy timeout several times before it gives up on the lock
+def test_a_store_with_an_experiment_and_no_runs_is_never_moved_aside(tmp_path):
+    """Opened while another process holds it locked, it cannot be read: that is said, and nothing is moved (an
+    earlier imgret moved any store without runs aside on any error)."""
+    db, uri = healthy_store_without_runs(tmp_path)
+    locker = sqlite3.connect(db, timeout=0)
+    locker.execute("begin exclusive")
+    try:
+        with pytest.raises(TrackingUnavailable, match="nothing was moved"):
+            imgret.track.runs.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+    finally:
+        locker.rollback()
+        locker.close()
+    assert not list(db.parent.glob("mlflow.db.broken-*"))
+    mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    imgret.track.runs._open.cache_clear()
+    imgret.track.runs.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+    names = {e.name for e in MlflowClient(uri).search_experiments()}
+    assert {"someone-elses", "imgret"} <= names, "the same store, opened once it was free"
+
+
+def test_a_deleted_experiment_is_refused_not_moved_aside_or_logged_into(tmp_path):
+    db, uri = healthy_store_without_runs(tmp_path)
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("imgret"))
+    with pytest.raises(TrackingRefused, match=r"tracking.experiment=imgret: this experiment is deleted .*\(`mlflow "
+                                              r"experiments restore --experiment-id"):
+        imgret.track.runs.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+    assert not list(db.parent.glob("mlflow.db.broken-*")) and not client.search_runs(["1", "2"])
+
+
+def test_a_value_the_store_refuses_fails_the_run_and_is_not_taken_for_a_lost_server(make_cfg, tmp_path):
+    """MLflow refuses to change a logged parameter: the run fails with that message; nothing is kept 'for later'."""
+    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
+    experiment_id = imgret.track.runs.open_tracking(cfg.tracking)
+    with pytest.raises(TrackingRefused, match="the tracking store refused log_batch .*Changing param values"):
+        with imgret.track.runs.tracked_run(cfg, experiment_id) as recorder:
+            recorder.log_params({"k": "3"})  # logged as 2 already
+    assert recorder.lost is None
+    [run] = all_runs(cfg.tracking.uri)
+    assert run.info.status == "FAILED" and "TrackingRefused" in run.data.tags["error"]
+    assert not (recorder.folder / imgret.track.runs.RECORD).exists()
+
+
+def test_a_refused_connection_is_a_lost_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = MlflowClient(f"http://127.0.0.1:{free_port()}")
+    recorder = imgret.track.runs.RunRecorder(dead, "0" * 32, tmp_path / "run", {})
+    recorder.set_tags({"a": "b"})
+    assert recorder.lost and "API request to" in recorder.lost
+    recorder.set_tags({"c": "d"})  # nothing more is sent; everything stays in the folder
+    assert recorder.record["tags"] == {"a": "b", "c": "d"}
 
 
 @pytest.mark.slow
@@ -361,6 +428,36 @@ def test_rerunning_a_finished_sweep_runs_no_point_again_and_force_does(tmp_path)
     newest = [r for r in all_runs(sqlite_uri(tmp_path)) if r.data.tags.get("imgret.role") != "multirun"][-1]
     assert "imgret.reused_run_id" not in newest.data.tags and newest.data.tags["method"] == "flat"
 
+    # The same sweep with imgret's code changed (a copy of the package, laid out as a wheel lays it out, one comment
+    # added): every point runs again, under another code digest and provenance.
+    changed = copy_of_imgret(tmp_path / "changed")
+    with open(changed / "imgret" / "pipeline.py", "a") as source:
+        source.write("# a change to imgret's code\n")
+    rerun = run_imgret(tmp_path, *SYNTHETIC_FAST, *sweep, multirun=True, env={"PYTHONPATH": str(changed)})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    runs = all_runs(sqlite_uri(tmp_path))
+    last_parent = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"][-1]
+    third = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == last_parent.info.run_id]
+    third_ids = {r.info.run_id for r in third}
+    assert len(third) == 4 and all(r.data.tags.get("imgret.reused_run_id", r.info.run_id) in third_ids for r in third)
+    assert sum("imgret.reused_run_id" in r.data.tags for r in third) == 1, "flat at nprobe=4: its own sweep's flat run"
+    assert {r.data.tags["imgret.code_digest"] for r in third}.isdisjoint(
+        {r.data.tags["imgret.code_digest"] for r in first.values()})
+    assert all(r.data.tags["imgret.provenance"] != next(iter(first.values())).data.tags["imgret.provenance"]
+               for r in third)
+    out = report(["--tracking-uri", sqlite_uri(tmp_path), "--all-runs", "--out", str(tmp_path / "mixed")])
+    assert "WARNING: these 7 points come from 2 provenances" in (out / "report.md").read_text()
+
+
+def copy_of_imgret(folder: Path) -> Path:
+    """imgret's package with its configs inside it (as in the wheel), importable through PYTHONPATH=folder."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(PROJECT_ROOT / "imgret", folder / "imgret", ignore=ignore)
+    shutil.copytree(PROJECT_ROOT / "conf", folder / "imgret" / "conf", ignore=ignore, symlinks=False)
+    return folder
+
 
 @pytest.mark.slow
 def test_the_report_skips_an_incomplete_sweep_and_lists_what_it_misses(tmp_path, capsys):
@@ -388,6 +485,22 @@ def test_the_report_skips_an_incomplete_sweep_and_lists_what_it_misses(tmp_path,
     err = capsys.readouterr().err
     assert "is incomplete (FAILED): 1 planned points have no finished run" in err
     assert "missing: " in err and f"data.gallery_dir={unusable.parent}" in err
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_plan_cannot_be_read_is_not_reported_complete(tmp_path):
+    """An earlier report took any error reading the plan for "nothing missing"."""
+    sweep = run_imgret(tmp_path, *SYNTHETIC_FAST, "method=flat,brute", multirun=True)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    parent = next(r for r in all_runs(sqlite_uri(tmp_path)) if r.data.tags.get("imgret.role") == "multirun")
+    [plan] = (tmp_path / "mlruns" / "artifacts").rglob(f"{parent.info.run_id}/artifacts/planned_points.json")
+    plan.unlink()
+    from imgret.report import main as report
+
+    with pytest.raises(SystemExit, match=rf"cannot check whether sweep {parent.info.run_id} is complete: its plan "
+                                         r"\(planned_points.json, 2 points\) cannot be read"):
+        report(["--tracking-uri", sqlite_uri(tmp_path), "--parent", parent.info.run_id, "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r" / "report.md").exists()
 
 
 # --------------------------------------------------------------------------- a real MLflow server
@@ -478,3 +591,49 @@ def test_with_a_remote_server_artifacts_go_to_the_server_and_a_lost_server_loses
     assert runs[1].info.run_id == record["run_id"], "logged into the run the job had started"
     assert runs[1].data.metrics["recall_at_10"] == 1.0
     assert {a.path for a in MlflowClient().list_artifacts(runs[1].info.run_id)} >= {"config.yaml", "results.json"}
+
+
+@pytest.mark.slow
+def test_after_a_sweep_mlflow_ui_opens_on_the_runs_and_the_parent_page_states_the_operating_points(tmp_path):
+    """What a new user sees: MLflow's UI (a real server on 127.0.0.1, Debian's chromium) opens the experiment on
+    its runs table, not on an empty GenAI traces page, and the sweep's parent run's own page shows its operating
+    points (its description)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install chromium (.ci/run installs it)")
+    server = MlflowServer(tmp_path / "server", free_port())
+    store = f"sqlite:///{server.folder / 'mlflow.db'}"
+    server.folder.mkdir()
+    sweep = run_imgret(tmp_path, *SYNTHETIC_FAST, "method=flat,ivf", "nlist=4", "nprobe=1,4", multirun=True,
+                       uri=store)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    parent = next(r for r in all_runs(store) if r.data.tags.get("imgret.role") == "multirun")
+    printed = next(line for line in sweep.stderr.splitlines() if line.startswith("the sweep's operating points: "))
+    parent_page = printed.split("then http://127.0.0.1:5000/", 1)[1]
+    note = parent.data.tags["mlflow.note.content"]
+    ivf_row = next(line for line in note.splitlines() if line.startswith("| resnet18 | FAISS IVF |"))
+    server.start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                # the experiment's page as the README's link gives it (the parent's link without /runs/<id>)
+                page.goto(f"{server.uri}/{parent_page.replace(f'/runs/{parent.info.run_id}', '')}")
+                page.get_by_text("multirun ").first.wait_for(timeout=60000)  # the runs table, the parent's row
+                assert page.get_by_text("Run Name").count() >= 1 and page.get_by_text("No data available").count() == 0
+                page.screenshot(path=str(tmp_path / "experiment.png"))
+                page.goto(f"{server.uri}/{parent_page}")  # the link the sweep printed, on the server
+                page.get_by_text("Operating points").first.wait_for(timeout=60000)
+                setting = ivf_row.split("|")[3].strip().split(":")[0]  # e.g. nlist=4 nprobe=1
+                assert page.get_by_text(setting).count() >= 1
+                page.screenshot(path=str(tmp_path / "parent.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.stop()

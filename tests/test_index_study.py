@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import clustered_vectors
+from conftest import PROJECT_ROOT, clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index.methods import build_index, index_cache_path
+from imgret.index.methods import apply_query_params, build_index, index_cache_path
 from imgret.measure.metrics import recall_at, recall_at_ties, similarities_of
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)
@@ -139,3 +139,33 @@ def test_similarities_of_found_ids_are_the_true_inner_products():
     assert sims[0, 0] == pytest.approx(float(GALLERY[3] @ QUERIES[0]), abs=1e-6)
     assert sims[1, 1] == pytest.approx(float(GALLERY[7] @ QUERIES[1]), abs=1e-6)
     assert sims[0, 1] == -np.inf
+
+
+def test_hnsw_is_searched_at_the_ef_search_it_is_labelled_with_every_zoo_effort_a_search_of_its_own():
+    """FAISS (1.15) sizes HNSW's candidate heap max(efSearch, k) but stops its walk by efSearch itself, so even
+    below k each ef_search is a search of its own. For every effort index_zoo sweeps (at its k=10), the search
+    imgret times under the label ef_search=E makes exactly the distance computations, and finds exactly the ids, of
+    bare faiss at efSearch=E; and the count grows with E, so no two labels are one search. A faiss that floored ef at
+    k would give equal counts at 1 and 10 here, and imgret would then have to refuse ef_search < k."""
+    zoo = OmegaConf.load(PROJECT_ROOT / "experiments" / "index_zoo.yaml")
+    efforts = [int(e) for e in str(zoo.hydra.sweeper.params.effort).split(",")]
+    k = OmegaConf.load(PROJECT_ROOT / "conf" / "config.yaml").k
+    built = build_index(method("hnsw", hnsw_m=16, ef_construction=40, ef_search=efforts[0]), GALLERY)
+    bare = faiss.IndexHNSWFlat(64, 16, faiss.METRIC_INNER_PRODUCT)
+    bare.hnsw.efConstruction = 40
+    bare.add(GALLERY)
+
+    def distance_computations(search):
+        faiss.cvar.hnsw_stats.reset()
+        ids = search()
+        return faiss.cvar.hnsw_stats.ndis, ids
+
+    counts = []
+    for effort in efforts:
+        apply_query_params(built.index.index, method("hnsw", ef_search=effort))
+        labelled, ids = distance_computations(lambda: built.index.search(QUERIES, k)[1])
+        searched, bare_ids = distance_computations(
+            lambda: bare.search(QUERIES, k, params=faiss.SearchParametersHNSW(efSearch=effort))[1])
+        assert labelled == searched and np.array_equal(ids, bare_ids), effort
+        counts.append(labelled)
+    assert counts == sorted(set(counts)), f"efforts {efforts} gave distance counts {counts}"

@@ -8,7 +8,7 @@ from conftest import clustered_vectors, write_store
 from imgret.errors import ConfigError
 from imgret.index.groundtruth import exact_ground_truth, ground_truth_path
 from imgret.index.methods import BruteForceIndex, build_index, validate_search
-from imgret.measure.metrics import latency_percentiles, precision_at, recall_at
+from imgret.measure.metrics import AT_10_METRICS, latency_percentiles, precision_at, recall_at
 from imgret.measure.search import latency_sample, search_threads, timed_search
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=1)
@@ -124,7 +124,7 @@ def test_search_threads_fix_and_restore_faiss_and_torch_threads():
     assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == before
 
 
-def test_a_run_times_search_at_k_and_measures_recall_at_10_deeper(make_cfg):
+def test_a_run_times_search_at_k_and_reports_only_what_that_search_found(make_cfg):
     from imgret.run import run_tracked
     from test_run import runs_of
 
@@ -136,8 +136,9 @@ def test_a_run_times_search_at_k_and_measures_recall_at_10_deeper(make_cfg):
     repeats = [float(qps) for qps in tags["batch_qps_repeats"].split(", ")]
     assert len(repeats) == 4 and metrics["search_qps_batch"] == pytest.approx(max(repeats), rel=1e-3)
     assert tags["search_threads"] == "1"
-    # recall@10 comes from the untimed depth-10 search: the timed k=1 ids alone would score at most 0.1
-    assert metrics["recall_at_10"] > 0.5 and metrics["recall_at_k"] == metrics["recall_at_1"]
+    # every figure comes from the timed search: at k=1 there is no recall@10 (nor precision@10) to report
+    assert not set(AT_10_METRICS) & set(metrics) and not set(AT_10_METRICS) & set(runs[0].data.metrics)
+    assert metrics["recall_at_k"] == metrics["recall_at_1"] == runs[0].data.metrics["recall_at_1"]
 
 
 def test_ground_truth_is_computed_once_cached_and_verified(tmp_path, monkeypatch):

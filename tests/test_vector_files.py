@@ -18,7 +18,7 @@ RNG = np.random.default_rng(3)
 GALLERY = RNG.normal(size=(600, 24)).astype(np.float32)
 QUERIES = RNG.normal(size=(30, 24)).astype(np.float32)
 BYTES = RNG.integers(0, 256, size=(600, 24)).astype(np.uint8)
-FAST = ("method=flat", "k=5")
+FAST = ("method=flat", "k=10")
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

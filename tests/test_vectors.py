@@ -19,7 +19,7 @@ VECTORS = ("data=synthetic_vectors", "data.gallery_size=3000", "data.query_size=
 
 
 def test_generated_vectors_run_end_to_end_without_a_model(make_cfg):
-    cfg = make_cfg(*VECTORS, "method=ivf", "nlist=16", "nprobe=16", "k=5")
+    cfg = make_cfg(*VECTORS, "method=ivf", "nlist=16", "nprobe=16", "k=10")
     metrics = run_tracked(cfg)
     assert metrics["recall_at_10"] == 1.0 and metrics["gallery_size"] == 3000 and metrics["dim"] == 32
     assert np.isnan(metrics["extract_ms_per_image"]) and np.isnan(metrics["extract_images_per_s"])

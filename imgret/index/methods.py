@@ -71,9 +71,9 @@ class BruteForceIndex:
 
     A gallery up to `resident_bytes` is copied into RAM; a larger one stays memory-mapped and is streamed in
     blocks of `block_rows`, each block's pages released after it, so memory does not grow with the gallery.
-    The products go through numpy's BLAS (OpenBLAS): on this project's machines it beat torch's MKL both
-    batched (141 vs 133 GFLOP/s) and, by far, for single queries (GEMV: 9.8 vs 17.7 ms over 100k x 512),
-    as `python -m imgret.bench` measures. torch.topk selects from the scores without copying them.
+    The products go through numpy's BLAS (OpenBLAS), which beat torch's MKL here both batched and for single
+    queries when the two were compared (`python -m imgret.bench --parts search` measures this choice against
+    the matmul peak, the bandwidth limit and faiss). torch.topk selects from the scores without copying them.
     """
 
     def __init__(self, gallery: np.ndarray, query_chunk: int = 1024, device: str = "cpu",
@@ -148,7 +148,7 @@ class FaissIndex:
     @property
     def nbytes(self) -> int:
         """The serialised size, counted as faiss writes it: serialize_index would hold a second copy of the
-        index (and briefly a third as its buffer grows): 5 GB more for a 1.28M x 512 flat index."""
+        index (and briefly a third as its buffer grows), gigabytes for a million-row flat index."""
         written = 0
 
         def count(chunk: bytes) -> int:
@@ -412,8 +412,8 @@ def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, st
 
 def _reserve_codes(faiss_index: faiss.Index, rows: int) -> None:
     """Give a flat-coded index (flat, or HNSW's flat storage) room for every row before adding in chunks.
-    Otherwise its code vector doubles as it grows, and each doubling briefly holds the old and the new copy:
-    at 1.28M x 512 that was 4.4 GB for a 2.6 GB index. The vector keeps its capacity when shrunk back."""
+    Otherwise its code vector doubles as it grows, and each doubling briefly holds the old and the new copy
+    (up to twice the index). The vector keeps its capacity when shrunk back."""
     storage = faiss.downcast_index(faiss_index.storage) if isinstance(faiss_index, faiss.IndexHNSW) else faiss_index
     if isinstance(storage, faiss.IndexFlatCodes) and storage.ntotal == 0:
         storage.codes.resize(rows * storage.code_size)

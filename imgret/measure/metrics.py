@@ -6,8 +6,11 @@ import numpy as np
 from imgret.cache import gather_rows
 
 # Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
+# Figures at depth 10, from the timed search: a run searched at k < 10 has none of them (not a deeper, untimed
+# search's, which its timings would not describe).
+AT_10_METRICS = ("recall_at_10", "recall_at_10_ties", "precision_at_10")
 RUN_METRICS = (
-    "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
+    "recall_at_1", "recall_at_k", "recall_at_k_ties", *AT_10_METRICS,
     "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
     "extract_ms_per_image", "extract_images_per_s", "bad_images",
     # where the run's time went (seconds: stores extracted, generated or opened; exact ground truth computed or

@@ -43,7 +43,7 @@ class PeakResidentSet:
         self._stage_peak = 0
         self._process = psutil.Process()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # None while paused and outside the block
 
     def _sample(self) -> None:
         rss = self._process.memory_info().rss
@@ -59,20 +59,38 @@ class PeakResidentSet:
         self._sample()
         return self._stage_peak
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
             self._sample()
 
-    def __enter__(self) -> "PeakResidentSet":
-        self._sample()
-        self._thread = threading.Thread(target=self._watch, name="peak-rss", daemon=True)
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(self._stop,), name="peak-rss", daemon=True)
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def _halt(self) -> None:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No sampling thread while the block runs (a timed section must not share the CPU with it): one sample
+        before and one after, which the pages a search touches stay in."""
+        self._halt()
+        try:
+            yield
+        finally:
+            self._sample()
+            self._start()
+
+    def __enter__(self) -> "PeakResidentSet":
+        self._sample()
+        self._start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._halt()
 
 
 def interleaved(alternatives: dict, rounds: int) -> dict[str, list[float]]:

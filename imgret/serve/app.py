@@ -82,7 +82,7 @@ def create_app(retriever: Retriever, settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         # One request's path before the first real one: the thread pool, Pillow's decoder, the model and the
-        # default index pay their first-call costs here (90 ms of "decode" otherwise lands on the first request).
+        # default index pay their first-call costs here, not on the first request's timings.
         sample = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(sample, "JPEG")
         picture = await run_in_threadpool(decode_upload, sample.getvalue(), "warm-up.jpg")

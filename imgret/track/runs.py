@@ -18,14 +18,11 @@ import functools
 import json
 import logging
 import os
-import platform
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
@@ -36,21 +33,21 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from imgret.track import lifecycle
-from imgret.errors import ConfigError, TrackingUnavailable
+from imgret.track.provenance import PROVENANCE_TAG, provenance_tags
+from imgret.errors import ConfigError, TrackingRefused, TrackingUnavailable
 from imgret.cache import file_lock
 from imgret.validate import probe_server
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "IMGRET_PARENT_RUN_ID"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu", "faiss-gpu", "mlflow",
-             "pytorch-lightning", "hydra-core", "numpy")
 # A server lost mid-run costs one call at most (retries x timeout + backoff, about a minute); after that the
 # run is kept locally. Users' own MLFLOW_HTTP_REQUEST_* settings win.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "12"}
 RECORD = "mlflow_record.json"
+# MLflow 3's UI shows an experiment without a kind as GenAI traces; imgret's runs are model-development runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 EXPERIMENT_DESCRIPTION = (
     "imgret: what image retrieval costs and how accurate approximate search is. Each run is one point: images -> "
     "embeddings (model) -> index (method and its settings) -> search, with recall@k against the exact ground truth, "
@@ -82,44 +79,65 @@ def artifact_location(tracking_cfg) -> str | None:
 
 
 def _get_or_create_experiment(client: MlflowClient, tracking_cfg) -> str:
+    """The experiment's id, made if need be, tagged so that MLflow's UI opens it on the runs table (its "Model
+    training" view) rather than on an empty GenAI traces page; experiments made before that get the tag too."""
     name = str(tracking_cfg.experiment)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg),
-                                        tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
-    except MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg),
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION, **EXPERIMENT_TAGS})
+        except MlflowException:  # created meanwhile by another process
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise TrackingRefused(f"tracking.experiment={name}: this experiment is deleted in {tracking_cfg.uri}; restore "
+                              f"it (`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or name "
+                              "another experiment")
+    for key, value in EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
-def _runs_in(db: Path) -> int | None:
-    """How many runs the database holds; None when it has no runs table (creation never got that far)."""
+def _records_in(db: Path) -> int | None:
+    """How many experiments and runs the file holds (a missing table holds none, a file that is no database
+    nothing readable); None when sqlite cannot read it now (locked by another process), so nothing is moved on a
+    guess."""
     try:
-        with contextlib.closing(sqlite3.connect(db)) as connection:
-            return connection.execute("select count(*) from runs").fetchone()[0]
-    except sqlite3.Error:
-        return None
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)) as connection:
+            tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
+            return sum(connection.execute(f"select count(*) from {table}").fetchone()[0]
+                       for table in ("experiments", "runs") if table in tables)
+    except sqlite3.DatabaseError as error:
+        return 0 if "not a database" in str(error) else None
 
 
 def _open_sqlite(tracking_cfg, db: Path) -> str:
-    """Create or check the store under the lock; move a broken, empty store aside and make it again."""
+    """Open (or create) the store under the lock. Only a store that cannot be opened as one and holds no
+    experiment or run (what an interrupted creation leaves) is moved aside and made again; an error after the
+    store opened is not the store's fault and moves nothing."""
+    uri = str(tracking_cfg.uri)
     with file_lock(db, f"the tracking store {db}"):
         try:
-            return _get_or_create_experiment(MlflowClient(), tracking_cfg)
-        except Exception as error:  # alembic, sqlalchemy and MLflow errors alike: the store is not usable
+            MlflowClient(uri)._tracking_client.store  # creates the tables, or checks the schema of existing ones
+        except Exception as error:  # alembic, sqlalchemy and MLflow errors alike: the store cannot be opened
             first_line = one_line(error)
-            runs = _runs_in(db)
-            if runs:
+            records = _records_in(db)
+            if records is None:
+                raise TrackingUnavailable(f"tracking store {db} cannot be opened ({first_line}); sqlite cannot read "
+                                          "it now (another process may hold it locked): nothing was moved, try "
+                                          "again") from error
+            if records:
                 raise TrackingUnavailable(
-                    f"tracking store {db} cannot be opened ({first_line}). It holds {runs} runs: back it up, then "
-                    f"run `mlflow db upgrade {tracking_cfg.uri}`, or move it aside to start a new store") from error
+                    f"tracking store {db} cannot be opened ({first_line}). It holds {records} experiments and runs: "
+                    f"back it up, then run `mlflow db upgrade {uri}`, or move it aside to start a new store"
+                ) from error
             aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-            _forget_engine(str(tracking_cfg.uri))  # its pooled connections still point at the broken file
+            _forget_engine(uri)  # its pooled connections still point at the broken file
             os.replace(db, aside)
-            log.warning("tracking store %s was broken by an interrupted creation (%s) and held no runs: moved it to "
-                        "%s and made a new one", db, first_line, aside)
-            return _get_or_create_experiment(MlflowClient(), tracking_cfg)
+            log.warning("tracking store %s could not be opened (%s) and held no experiment or run (an interrupted "
+                        "creation): moved it to %s and made a new one", db, first_line, aside)
+        return _get_or_create_experiment(MlflowClient(), tracking_cfg)
 
 
 def _forget_engine(uri: str) -> None:
@@ -170,39 +188,6 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-@functools.lru_cache(maxsize=1)
-def environment_tags() -> dict[str, str]:
-    tags = {"git_commit": _git(["rev-parse", "HEAD"]) or "unknown"}
-    if tags["git_commit"] != "unknown":
-        tags["git_dirty"] = str(bool(_git(["status", "--porcelain", "--untracked-files=no"])))
-    for library in LIBRARIES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            tags[f"version.{library}"] = metadata.version(library)
-    tags["cpu"] = _cpu_name()
-    tags["cpu_count"] = str(os.cpu_count())
-    import torch
-
-    if torch.cuda.is_available():
-        tags["gpu"] = torch.cuda.get_device_name(0)
-    return tags
-
-
-def _git(args: list[str]) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def run_name(cfg: DictConfig) -> str:
     """e.g. resnet18-ivf-nlist256-nprobe8, mobilenet-hnsw-hnsw_m32-ef_construction40-ef_search64."""
     from imgret.index.methods import EXECUTION_PARAMS, METHODS
@@ -220,6 +205,22 @@ def model_label(cfg: DictConfig) -> str:
     from imgret.sources.images import is_vector_source
 
     return "vectors" if is_vector_source(cfg.data) else cfg.model.name
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """True when `error` says the tracking server could not be reached (refused, reset, timed out, or kept
+    failing after MLflow's retries); False for an answer that refuses a request, which is not a lost server."""
+    import requests
+
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
+            ConnectionError, TimeoutError)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, lost):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def one_line(error: BaseException) -> str:
@@ -256,7 +257,10 @@ class RunRecorder:
             return
         try:
             call(*args, **kwargs)
-        except Exception as error:  # MlflowException, requests' and urllib3's errors: the server is gone
+        except Exception as error:
+            if not is_connection_failure(error):
+                raise TrackingRefused(f"the tracking store refused {getattr(call, '__name__', 'a call')} for run "
+                                      f"{self.run_id}: {one_line(error)}") from error
             self.lost = one_line(error)
             log.error("tracking server lost (%s): the run goes on and keeps its results in %s", self.lost, self.folder)
 
@@ -341,7 +345,7 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
         "dataset": cfg.data.name,
         lifecycle.DIGEST_TAG: lifecycle.config_digest(cfg),
         **lifecycle.process_tags(),
-        **environment_tags(),
+        **provenance_tags(),
         **(extra_tags or {}),
     }
     with contextlib.suppress(ValueError):  # outside a Hydra app (tests, notebooks) there are no overrides
@@ -357,6 +361,8 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     try:
         run_id, lost = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id, None
     except Exception as error:  # the server went away before this job (in a sweep): run it, keep it locally
+        if not is_connection_failure(error):
+            raise TrackingRefused(f"the tracking store refused to create the run: {one_line(error)}") from error
         run_id, lost = None, one_line(error)
         log.error("tracking server lost (%s): this run keeps its results locally", lost)
     if run_id:
@@ -384,8 +390,13 @@ def tracked_run(cfg: DictConfig, experiment_id: str) -> Iterator[RunRecorder]:
         yield recorder
     except BaseException as error:
         interrupted = isinstance(error, (KeyboardInterrupt, SystemExit)) or lifecycle.received_signal is not None
-        recorder.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
-        recorder.end(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+        try:  # a store that refused a value may still take the error and the status; if not, the error stands
+            recorder.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        except TrackingRefused as refused:
+            log.error("%s", refused)
+        finally:
+            with contextlib.suppress(TrackingRefused):
+                recorder.end(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
         raise
     else:
         recorder.end(RunStatus.to_string(RunStatus.FINISHED))
@@ -410,12 +421,14 @@ def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str
 
 
 def finished_run_like(client: MlflowClient, experiment_id: str, digest: str):
-    """A FINISHED run of this experiment with the same effective configuration, preferring an original
-    over a link to one; None if there is none (or the store cannot be asked)."""
+    """A FINISHED run of this experiment with the same effective configuration and the same provenance (imgret's
+    code, the libraries' versions, the machine), preferring an original over a link to one; None if there is
+    none (or the store cannot be asked)."""
+    provenance = provenance_tags()[PROVENANCE_TAG]
     try:
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{lifecycle.DIGEST_TAG}` = '{digest}' and "
-                                  "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"],
-                                  max_results=50)
+                                  f"tags.`{PROVENANCE_TAG}` = '{provenance}' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"], max_results=50)
     except Exception as error:
         log.error("could not look for a finished run of this point (%s): running it", error)
         return None
@@ -505,7 +518,7 @@ class SweepParent:
         try:
             skipped = check_sweep(config, points) if points else []
             experiment_id = open_tracking(config.tracking)
-        except (ConfigError, TrackingUnavailable) as error:  # one line, before any job or run exists
+        except (ConfigError, TrackingUnavailable, TrackingRefused) as error:  # one line, before any job or run exists
             print(f"{'config error' if isinstance(error, ConfigError) else 'tracking error'}: {error}", file=sys.stderr)
             sys.exit(2)
         self.client = MlflowClient()
@@ -516,7 +529,7 @@ class SweepParent:
             run_name=f"multirun {time.strftime('%Y-%m-%d %H:%M:%S')}",
             tags={"imgret.role": "multirun", "sweep": sweep, "sweep_dir": str(config.hydra.sweep.dir),
                   "planned_jobs": str(len(points)) if points is not None else "unknown",
-                  **lifecycle.process_tags(), **environment_tags()},
+                  **lifecycle.process_tags(), **provenance_tags()},
         )
         self.parent_run_id = run.info.run_id
         if points is not None:
@@ -554,19 +567,27 @@ class SweepParent:
             self.client.set_tag(run_id, "finished_jobs", str(sum(child.info.status == "FINISHED" for child in children)))
             self._log_summary(run_id)
             self.client.set_terminated(run_id, RunStatus.to_string(status))
+            from imgret.cli import run_link
+
+            print(f"the sweep's operating points: {run_link(mlflow.get_tracking_uri(), self.experiment_id, run_id)}",
+                  file=sys.stderr)
         except Exception as error:  # a lost server: a later start marks the parent KILLED as its process is gone
             log.error("could not close the sweep's parent run %s: %s", run_id, error)
 
 
     def _log_summary(self, run_id: str) -> None:
-        """The sweep's summary metrics on the parent (imgret.measure.study.summary_metrics)."""
+        """The sweep's summary metrics on the parent (imgret.measure.study.summary_metrics), and its operating
+        points as the parent's description, which MLflow shows on the run's own page."""
         from imgret.measure.study import summary_metrics
-        from imgret.report import load_runs
+        from imgret.report import load_runs, parent_note
 
-        summary = summary_metrics(load_runs(self.client, self.experiment_id, run_id))
+        runs = load_runs(self.client, self.experiment_id, run_id)
+        summary = summary_metrics(runs)
         if summary:
             self.client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0)
                                                    for key, value in summary.items()])
+        planned = self.client.get_run(run_id).data.tags.get("planned_jobs", "unknown")
+        self.client.set_tag(run_id, "mlflow.note.content", parent_note(runs, run_id, planned))
 
 
 # --------------------------------------------------------------------------- python -m imgret.track.runs sync
