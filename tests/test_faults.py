@@ -433,7 +433,9 @@ def test_rerunning_a_finished_sweep_runs_no_point_again_and_force_does(tmp_path)
     changed = copy_of_imgret(tmp_path / "changed")
     with open(changed / "imgret" / "pipeline.py", "a") as source:
         source.write("# a change to imgret's code\n")
-    rerun = run_imgret(tmp_path, *SYNTHETIC_FAST, *sweep, multirun=True, env={"PYTHONPATH": str(changed)})
+    rerun = subprocess.run(imgret_command(tmp_path, *SYNTHETIC_FAST, *sweep, multirun=True), cwd=tmp_path,  # not the
+                           capture_output=True, text=True, timeout=600,  # project's folder, whose imgret/ comes first
+                           env={**os.environ, "PYTHONPATH": str(changed)})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     runs = all_runs(sqlite_uri(tmp_path))
     last_parent = [r for r in runs if r.data.tags.get("imgret.role") == "multirun"][-1]
@@ -465,11 +467,12 @@ def test_the_report_skips_an_incomplete_sweep_and_lists_what_it_misses(tmp_path,
     unusable.mkdir(parents=True)
     for i in range(3):
         (unusable / f"{i}.jpg").write_bytes(b"")
-    good = write_images(tmp_path / "good", per_class=5)
-    data = ("data=folder", "model.pretrained=false", "model.image_size=32", "method=flat", "k=2")
-    complete = run_imgret(tmp_path, *data, f"data.gallery_dir={good}", "k=1,2", multirun=True)
+    good = write_images(tmp_path / "good", per_class=8)
+    data = ("data=folder", "model.pretrained=false", "model.image_size=32", "k=10")
+    complete = run_imgret(tmp_path, *data, f"data.gallery_dir={good}", "method=flat,brute", multirun=True)
     assert complete.returncode == 0, complete.stderr[-2000:]
-    incomplete = run_imgret(tmp_path, *data, f"data.gallery_dir={good},{unusable.parent}", multirun=True)
+    incomplete = run_imgret(tmp_path, *data, "method=flat", f"data.gallery_dir={good},{unusable.parent}",
+                            multirun=True)
     assert incomplete.returncode != 0
 
     from imgret.report import main as report

@@ -223,6 +223,23 @@ def is_connection_failure(error: BaseException) -> bool:
     return False
 
 
+# Writers racing on one sqlite store: "database is locked" past the busy timeout, or two processes inserting the
+# same dataset input at once (MLflow looks, then inserts). Another try succeeds: the row is there, or the lock gone.
+CONFLICT_RETRIES = 4
+
+
+def is_write_conflict(error: BaseException) -> bool:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    seen, link = set(), error
+    while link is not None and id(link) not in seen:
+        if isinstance(link, IntegrityError) or (isinstance(link, OperationalError) and "locked" in str(link)):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return "UNIQUE constraint failed" in str(error) or "database is locked" in str(error)
+
+
 def one_line(error: BaseException) -> str:
     """An error as one short line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()
@@ -256,7 +273,14 @@ class RunRecorder:
         if self.lost or self.run_id is None:
             return
         try:
-            call(*args, **kwargs)
+            for attempt in range(CONFLICT_RETRIES + 1):
+                try:
+                    call(*args, **kwargs)
+                    break
+                except Exception as error:
+                    if attempt == CONFLICT_RETRIES or not is_write_conflict(error):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
         except Exception as error:
             if not is_connection_failure(error):
                 raise TrackingRefused(f"the tracking store refused {getattr(call, '__name__', 'a call')} for run "
