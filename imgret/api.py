@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,9 +34,11 @@ from imgret.embed.preprocess import DEFAULT_DECODER
 from imgret.embed.store import EmbeddingStore
 from imgret.errors import ConfigError, allowed, bad_value
 from imgret.measure.study import EXACT_METHODS
-from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, build_index, search_parameters,
+from imgret.index.build import build_index
+from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, search_parameters,
                                   validate_search)
-from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits, open_image
+from imgret.sources.base import ImageSet, Splits
+from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,15 @@ def open_stores(cfg, splits: Splits | None) -> Embeddings:
     """The gallery and query stores of a run, reused from the cache or made: extracted from images
     (`splits`), or written from vectors (`splits` None: a vector source)."""
     if splits is None:
-        from imgret.sources.vectors import ensure_vector_stores
+        from imgret.embed.vector_stores import ensure_vector_stores
 
-        return ensure_vector_stores(cfg)
+        stores = ensure_vector_stores(cfg)
+        if cfg.data.name == "vectors":  # a file that carries its own neighbours: do they agree with imgret's?
+            from imgret.measure.reference import reference_check
+
+            found = reference_check(cfg.data, stores.gallery, stores.queries) or {}
+            stores = replace(stores, checks={f"reference_{key}": str(value) for key, value in found.items()})
+        return stores
     return ensure_embeddings(splits, cfg)
 
 
@@ -236,7 +244,7 @@ def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | 
                    splits: Splits | None = None) -> Retriever:
     """A Retriever over the run's gallery (images only: an upload must be embedded by the same model), with
     an index per method config, each reused from the index cache or built, and its query variants."""
-    from imgret.sources.images import is_vector_source, load_splits
+    from imgret.sources.registry import is_vector_source, load_splits
 
     if is_vector_source(cfg.data):
         raise bad_value("data", cfg.data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "

@@ -45,10 +45,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from imgret.sources.images import ImageSet, load_splits, stratified_subset
+from imgret.sources.base import ImageSet, stratified_subset
+from imgret.sources.registry import load_splits
 from imgret.api import Embedder
 from imgret.embed.extract import extract_store
-from imgret.index.methods import BruteForceIndex, build_index
+from imgret.index.build import build_index
+from imgret.index.methods import BruteForceIndex
 from imgret.embed.models import build_encoder, describe_encoder
 from imgret.measure.metrics import recall_at
 from imgret.measure.search import timed_search
@@ -630,7 +632,7 @@ def _scale_stage_in_child(stage: str, gallery_dir: str, queries_dir: str, nlist:
 
 def bench_scale(cache: Path, gallery_size: int, query_count: int, dim: int, nlist: int, nprobe: int) -> dict:
     """imgret's own synthetic store (made once, then reused from the cache), then each stage in a fresh process."""
-    from imgret.sources.vectors import ensure_vector_stores
+    from imgret.embed.vector_stores import ensure_vector_stores
 
     cfg = compose_cfg("data=synthetic_vectors", f"data.gallery_size={gallery_size}", f"data.query_size={query_count}",
                       f"data.dim={dim}", f"paths.cache={cache}")

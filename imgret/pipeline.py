@@ -15,13 +15,12 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from imgret.sources.images import Splits
+from imgret.sources.base import Splits
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
-from imgret.cli import results_table
 from imgret.embed.extract import resolve_device
 from imgret.index.groundtruth import exact_ground_truth
-from imgret.measure.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
+from imgret.measure.metrics import latency_percentiles, results_table, precision_at, recall_at, recall_at_ties, similarities_of
 from imgret.measure.search import search_threads, timed_search
 from imgret.measure.timing import PeakResidentSet, StageTimes
 

@@ -11,7 +11,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, PROJECT_ROOT
-from imgret.sources.images import load_splits
+from imgret.sources.registry import load_splits
 from imgret.embed.extract import ensure_embeddings
 from imgret.embed.store import EmbeddingStore
 from documented import documented, run_command, smaller

@@ -4,7 +4,7 @@ import torch
 
 import imgret.embed.extract
 from conftest import SYNTHETIC_FAST, write_images
-from imgret.sources.images import load_splits
+from imgret.sources.registry import load_splits
 from imgret.errors import BadImage
 from imgret.embed.extract import ensure_embeddings
 from imgret.embed.models import build_encoder

@@ -11,7 +11,7 @@ import pytest
 from imgret.errors import ConfigError
 from imgret.run import run_tracked
 from imgret.sources.vector_files import VectorFileError, open_vectors
-from imgret.sources.vectors import ensure_vector_stores
+from imgret.embed.vector_stores import ensure_vector_stores
 from test_faults import all_runs
 
 RNG = np.random.default_rng(3)

@@ -8,10 +8,12 @@ from omegaconf import OmegaConf
 
 from conftest import clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index.methods import BruteForceIndex, build_index, training_sample
+from imgret.index.build import build_index, training_sample
+from imgret.index.methods import BruteForceIndex
 from imgret.measure.metrics import recall_at
 from imgret.run import run_tracked
-from imgret.sources.vectors import ensure_vector_stores, synthetic_chunk
+from imgret.embed.vector_stores import ensure_vector_stores
+from imgret.sources.vectors import synthetic_chunk
 from test_faults import all_runs
 
 VECTORS = ("data=synthetic_vectors", "data.gallery_size=3000", "data.query_size=50", "data.dim=32",
@@ -101,7 +103,7 @@ def test_brute_force_streams_a_gallery_larger_than_its_resident_limit(tmp_path):
 
 
 def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tmp_path, monkeypatch):
-    import imgret.index.methods as index_module
+    import imgret.index.build as index_module
 
     monkeypatch.setattr(index_module, "ON_DISK_SHARD_ROWS", 1500)  # several shards to merge
     vectors = clustered_vectors(5000, 16, clusters=8, seed=5)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Sequence
 
@@ -31,42 +31,19 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from imgret.track import lifecycle
+from imgret.embed import launch
 from imgret.cache import file_lock
-from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
+from imgret.sources.base import ImageSet, Splits
+from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from imgret.errors import BadImage, ConfigError, DataUnavailable
 from imgret.embed.models import Encoder, build_encoder, describe_encoder
 from imgret.embed.preprocess import DEFAULT_DECODER, Preprocessing
-from imgret.embed.store import EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
+from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
 # Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
-
-@dataclass(frozen=True)
-class Embeddings:
-    gallery: EmbeddingStore
-    queries: EmbeddingStore
-    extracted: tuple[str, ...]  # the splits this call extracted; the others came from the cache
-    checks: dict = field(default_factory=dict)  # what was checked about the source (logged as tags)
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """Throughput over both splits and batch-1 latency, as measured when the stores were made (for a
-        resumed extraction: over the images its last attempt extracted)."""
-        extractions = [self.gallery.meta["extraction"], self.queries.meta["extraction"]]
-        images = sum(e["images"] for e in extractions)
-        seconds = sum(e["seconds"] for e in extractions)
-        return {  # NaN when nothing was extracted (generated vectors)
-            "extract_ms_per_image": self.gallery.meta["extraction"]["ms_per_image_batch1"],
-            "extract_images_per_s": images / seconds if seconds > 0 and images else float("nan"),
-        }
-
-    @property
-    def bad_images(self) -> list[str]:
-        return [f"{store.meta['key']['split']}\t{line}" for store in (self.gallery, self.queries)
-                for line in store.bad_images]
 
 
 class ImageDataset(Dataset):
@@ -222,7 +199,7 @@ def ensure_stores(image_sets, cfg) -> tuple[dict[str, EmbeddingStore], tuple[str
     if missing:
         encoder = build_encoder(cfg.model, cfg.seed)
         device = resolve_device(cfg.device)
-        rank = lifecycle.process_rank()
+        rank = launch.process_rank()
         latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], int(cfg.extract.latency_images), device,
                                         int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))) \
             if rank == 0 else float("nan")
@@ -363,7 +340,7 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
     device = resolve_device(cfg.device)
     devices = resolve_devices(cfg.extract.get("devices", 1), device)
     num_nodes = int(cfg.extract.get("num_nodes", 1))
-    start_ranks = devices * num_nodes > 1 and not lifecycle.launched_externally()
+    start_ranks = devices * num_nodes > 1 and not launch.launched_externally()
     threads = torch.get_num_threads()
     if device == "cpu" and devices > 1:  # processes share the cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
@@ -423,7 +400,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
     final_dir = store_dir(cache_dir, key)
     device = resolve_device(cfg.device)
     count = len(image_set)
-    rank = lifecycle.process_rank()
+    rank = launch.process_rank()
     if rank != 0:  # never touch the staging folder: rank 0 validates it, and broadcasts what is left to do
         predict_rows(encoder, image_set, np.empty(0, dtype=np.int64), final_dir, cfg)
         return wait_for_commit(final_dir)
@@ -434,7 +411,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
         log.info("resuming the %s store %s: %d images done by an earlier attempt, %d to go", image_set.split,
                  final_dir.name, finished.size, todo.size)
     writer, seconds = None, 0.0
-    if todo.size or lifecycle.launched_externally():  # under a launcher every rank must join the loop
+    if todo.size or launch.launched_externally():  # under a launcher every rank must join the loop
         writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, cfg, callbacks)
     staged = StagedStore(final_dir, "merge")
     dim = (writer.dim if writer else None) or progress.dim or staged.resume(count).dim

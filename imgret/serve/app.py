@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from imgret.api import Retriever
 from imgret.errors import BadImage, ImgretError, bad_value
 from imgret.measure.metrics import precision_at, recall_at
-from imgret.sources.images import decode_image, open_image
+from imgret.sources.decode import decode_image, open_image
 
 log = logging.getLogger(__name__)
 
