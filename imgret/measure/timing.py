@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 
@@ -91,6 +92,16 @@ class PeakResidentSet:
 
     def __exit__(self, *exc) -> None:
         self._halt()
+
+
+def best_seconds(function, repeats: int) -> float:
+    """The fastest of `repeats` calls: the one least disturbed by other work on the machine."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def interleaved(alternatives: dict, rounds: int) -> dict[str, list[float]]:
