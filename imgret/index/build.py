@@ -8,11 +8,9 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import threading
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from imgret.cache import (damage, describe_files, file_lock, gather_rows, move_aside, release_pages,
-                          return_freed_memory)
+from imgret.cache import (Unreadable, file_lock, gather_rows, load_checked, release_pages, return_freed_memory,
+                          save_checked)
 from imgret.errors import ConfigError, allowed, bad_value
 from imgret.index.methods import (ADD_CHUNK_ROWS, METHODS, BruteForceIndex, BuiltIndex, FaissIndex,
                                   factory_index, apply_query_params, validate_search)
@@ -222,43 +220,20 @@ def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, name: s
             merge_ondisk(trained, shard_paths, str(lists_path))
 
 
+def _read_index(path: Path, meta: dict) -> tuple[faiss.Index, dict]:
+    try:  # on-disk inverted lists are found beside the index, wherever the cache has moved
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if "lists_file" in meta else 0), meta
+    except RuntimeError as error:
+        raise Unreadable(f"faiss cannot read it: {str(error).strip().splitlines()[-1]}") from error
+
+
 def _load_verified(path: Path) -> tuple[faiss.Index, dict] | None:
-    """A saved index and its meta, if both are there and the index matches its recorded checksum; a damaged
-    one is moved aside (None: build it again)."""
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() and not meta_path.is_file():
-        return None
-    lists_path = path.with_suffix(".ivfdata")
-    try:
-        meta = json.loads(meta_path.read_text())
-        expected = {path.name: meta["file"], **({lists_path.name: meta["lists_file"]} if "lists_file" in meta else {})}
-        problem = damage(path.parent, expected)
-    except (OSError, ValueError, KeyError, TypeError):
-        meta, problem = None, "its meta file is missing, unreadable or from an older imgret"
-    if problem is None:
-        try:
-            # on-disk inverted lists are found beside the index, wherever the cache has moved
-            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if "lists_file" in meta else 0), meta
-        except RuntimeError as error:
-            problem = f"faiss cannot read it: {str(error).strip().splitlines()[-1]}"
-    for damaged in (path, meta_path, lists_path):
-        if damaged.exists():
-            move_aside(damaged, problem)
-    return None
+    """A saved index and its meta, if both are there and match their recorded checksums (None: build it)."""
+    return load_checked(path, _read_index, companions={"lists_file": ".ivfdata"})
 
 
 def _save_atomically(faiss_index: faiss.Index, path: Path, meta: dict) -> None:
-    """Index first, then its meta file with the index's size and checksum: only an index whose meta file
-    matches it counts as built."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    partial_index = path.with_name(f".{path.name}.{token}")
-    faiss.write_index(faiss_index, str(partial_index))
-    meta = {**meta, "file": describe_files(path.parent, [partial_index.name])[partial_index.name]}
     lists_path = path.with_suffix(".ivfdata")
-    if faiss.try_extract_index_ivf(faiss_index) is not None and lists_path.exists():
-        meta["lists_file"] = describe_files(path.parent, [lists_path.name])[lists_path.name]
-    os.replace(partial_index, path)
-    partial_meta = path.with_name(f".{path.stem}.{token}.json")
-    partial_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(partial_meta, path.with_suffix(".json"))
+    on_disk = faiss.try_extract_index_ivf(faiss_index) is not None and lists_path.exists()
+    save_checked(path, lambda partial: faiss.write_index(faiss_index, str(partial)), meta,
+                 companions={"lists_file": lists_path} if on_disk else None)

@@ -16,6 +16,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from imgret.cache import release_pages
 from imgret.errors import allowed, bad_value, whole
@@ -61,6 +62,28 @@ class SearchIndex(Protocol):
     def nbytes(self) -> int: ...
 
 
+def streamed_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, block_rows: int = ADD_CHUNK_ROWS,
+                   query_chunk: int = 1024, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of each query's k largest inner products with the gallery, best first, in float32: one pass
+    over the gallery in blocks of `block_rows` (each block's pages released after it), each block's top-k merged
+    into every query's best k. Memory is bounded by the blocks, not the gallery. `progress`: a bar's label."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = torch.full((len(queries), k), -torch.inf)
+    best_ids = torch.zeros((len(queries), k), dtype=torch.int64)
+    blocks = range(0, len(gallery), block_rows)
+    for start in tqdm(blocks, desc=progress, unit="block", disable=progress is None, mininterval=2):
+        block = np.ascontiguousarray(gallery[start:start + block_rows], dtype=np.float32)
+        for q in range(0, len(queries), query_chunk):
+            top = torch.topk(torch.from_numpy(queries[q:q + query_chunk] @ block.T), min(k, len(block)), dim=1)
+            scores = torch.cat([best_scores[q:q + query_chunk], top.values], dim=1)
+            ids = torch.cat([best_ids[q:q + query_chunk], top.indices + start], dim=1)
+            merged = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+            best_scores[q:q + query_chunk] = merged.values
+            best_ids[q:q + query_chunk] = torch.gather(ids, 1, merged.indices)
+        release_pages(gallery, start, start + len(block))
+    return best_scores.numpy(), best_ids.numpy()
+
+
 class BruteForceIndex:
     """Exact cosine: chunked matrix products and a partial top-k (torch.topk, no full sort).
 
@@ -100,19 +123,7 @@ class BruteForceIndex:
 
     def _search_streamed(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One pass over the gallery, block by block: each block's top-k merged into every query's best k."""
-        best_scores = torch.full((len(queries), k), -torch.inf)
-        best_ids = torch.zeros((len(queries), k), dtype=torch.int64)
-        for start in range(0, len(self.gallery), self.block_rows):
-            block = np.ascontiguousarray(self.gallery[start:start + self.block_rows])
-            for q in range(0, len(queries), self.query_chunk):
-                top = torch.topk(torch.from_numpy(queries[q:q + self.query_chunk] @ block.T), min(k, len(block)), dim=1)
-                scores = torch.cat([best_scores[q:q + self.query_chunk], top.values], dim=1)
-                ids = torch.cat([best_ids[q:q + self.query_chunk], top.indices + start], dim=1)
-                merged = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-                best_scores[q:q + self.query_chunk] = merged.values
-                best_ids[q:q + self.query_chunk] = torch.gather(ids, 1, merged.indices)
-            release_pages(self.gallery, start, start + len(block))
-        return best_scores.numpy(), best_ids.numpy()
+        return streamed_top_k(self.gallery, queries, k, self.block_rows, self.query_chunk)
 
     def _search_on_device(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = [], []
