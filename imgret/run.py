@@ -35,7 +35,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
 
     from imgret.sources.registry import is_vector_source, load_splits
     from imgret.index.methods import validate_search
-    from imgret.pipeline import run_experiment
+    from imgret.pipeline import RunSettings, run_experiment
     from imgret.track.runs import PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, tracked_run
     from imgret.track.store import open_tracking
 
@@ -58,7 +58,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     validate_search(cfg.method, cfg.k, gallery_size)
     with tracked_run(cfg, experiment_id) as recorder:
         interval = cfg.tracking.get("system_metrics_s")
-        result = run_experiment(cfg, splits, lambda: recorder.system_metrics(interval))
+        result = run_experiment(RunSettings.from_config(cfg), splits, lambda: recorder.system_metrics(interval))
         log_results(recorder, result.metrics, result.info, result.texts)
     return result.metrics
 
@@ -67,8 +67,9 @@ def extract_only(cfg: DictConfig) -> None:
     """A rank other than 0 under a launcher (torchrun, srun): extract with rank 0; it runs and tracks the rest."""
     from imgret.sources.registry import load_splits
     from imgret.embed.extract import ensure_embeddings
+    from imgret.embed.options import ExtractSettings
 
-    ensure_embeddings(load_splits(cfg.data, cfg.seed), cfg)
+    ensure_embeddings(load_splits(cfg.data, cfg.seed), ExtractSettings.from_config(cfg))
 
 
 def objective_values(metrics: dict[str, float], objectives) -> float | tuple[float, ...] | None:

@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from conftest import require_real_archive
+from imgret.embed.options import ExtractSettings
 from imgret.embed.models import build_encoder
 from imgret.embed.preprocess import check_tensor_preprocessing
 from imgret.errors import BadImage, ConfigError
@@ -125,8 +126,8 @@ def test_the_decoder_is_part_of_the_stores_key(make_cfg):
     from conftest import SYNTHETIC_FAST
 
     overrides = (*SYNTHETIC_FAST, "data.gallery_per_class=2", "data.query_per_class=1")
-    first = ensure_embeddings(load_splits(make_cfg(*overrides).data), make_cfg(*overrides))
+    first = ensure_embeddings(load_splits(make_cfg(*overrides).data), ExtractSettings.from_config(make_cfg(*overrides)))
     again = make_cfg(*overrides, "extract.decoder=pil")
-    second = ensure_embeddings(load_splits(again.data), again)
+    second = ensure_embeddings(load_splits(again.data), ExtractSettings.from_config(again))
     assert second.extracted == ("gallery", "queries") and second.gallery.path != first.gallery.path
     assert np.sum(first.gallery.vectors * second.gallery.vectors, axis=1).min() > 0.999

@@ -3,6 +3,7 @@ sample and filled in chunks."""
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
@@ -36,7 +37,7 @@ def test_generated_vectors_run_end_to_end_without_a_model(make_cfg):
 
 def test_generated_stores_are_unit_vectors_labelled_by_cluster_and_deterministic(make_cfg, tmp_path):
     cfg = make_cfg(*VECTORS)
-    embeddings = ensure_vector_stores(cfg)
+    embeddings = ensure_vector_stores(cfg.data, cfg.seed, Path(cfg.paths.cache))
     gallery = np.asarray(embeddings.gallery.vectors)
     assert gallery.shape == (3000, 32) and np.allclose(np.linalg.norm(gallery, axis=1), 1.0, atol=1e-5)
     labels = embeddings.gallery.labels
@@ -47,7 +48,7 @@ def test_generated_stores_are_unit_vectors_labelled_by_cluster_and_deterministic
     rows, chunk_labels = synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)
     assert np.array_equal(rows, gallery) and np.array_equal(chunk_labels, labels)
     other = make_cfg(*VECTORS, "seed=1")
-    assert not np.array_equal(np.asarray(ensure_vector_stores(other).gallery.vectors), gallery)
+    assert not np.array_equal(np.asarray(ensure_vector_stores(other.data, other.seed, Path(other.paths.cache)).gallery.vectors), gallery)
 
 
 @pytest.mark.parametrize("override, key", [("data.gallery_size=0", "data.gallery_size=0"),

@@ -7,6 +7,7 @@ import statistics
 import uuid
 from pathlib import Path
 
+from imgret.embed.options import ExtractSettings
 from imgret.embed.extract import extract_store
 from imgret.embed.models import build_encoder, describe_encoder
 from imgret.embed.store import store_key
@@ -26,9 +27,10 @@ def bench_ddp(archive: Archive, work: Path, count: int, batch_size: int, rounds:
             cfg = compose_cfg("model.pretrained=false", "model.image_size=64", f"paths.cache={work / 'cache'}",
                               f"batch_size={batch_size}", "extract.progress=false", f"extract.devices={devices}",
                               f"extract.strategy={'ddp' if devices > 1 else 'auto'}")
-            encoder = build_encoder(cfg.model, cfg.seed)
-            key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
-            store = extract_store(encoder, images, key, work / "cache", cfg, latency_ms=float("nan"))
+            settings = ExtractSettings.from_config(cfg)
+            encoder = build_encoder(settings.model, settings.seed)
+            key = store_key(images, describe_encoder(settings.model, settings.seed)) | {"bench": uuid.uuid4().hex}
+            store = extract_store(encoder, images, key, settings, latency_ms=float("nan"))
             rates[devices].append(store.meta["extraction"]["images_per_s"])
             print(f"  ddp round {attempt + 1}: {devices} process(es): {rates[devices][-1]:.0f} img/s", flush=True)
     ratios = [two / one for one, two in zip(rates[1], rates[2])]

@@ -4,6 +4,8 @@ interleaved; how much the decoder changes the rows; the seed's one-image-at-a-ti
 matmul peak."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import shutil
@@ -14,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from imgret.api import Embedder
+from imgret.embed.options import ExtractSettings
 from imgret.embed.extract import extract_store
 from imgret.embed.models import build_encoder, describe_encoder
 from imgret.embed.store import store_key
@@ -124,18 +126,19 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
                           f"num_workers={num_workers}", f"extract.channels_last={channels_last}",
                           "extract.progress=false")
         images = real_images(archive, work / "cache", count)
-        encoder = build_encoder(cfg.model, cfg.seed)
-        embedder = Embedder.from_config(cfg, encoder)  # the very module, memory format and precision extraction runs
+        settings = ExtractSettings.from_config(cfg)
+        encoder = build_encoder(settings.model, settings.seed)
+        embedder = Embedder.from_settings(settings, encoder)  # the very module, memory format and precision extraction runs
         ready = embedder.prepare([images.open(i % len(images)) for i in range(batch_size)])
         decoder = embedder.preprocessing.decoder
         last_rows, forward_rates = {}, {decoder: [], "pil": []}
 
         def end_to_end(decoder: str) -> float:
             """Extraction's images/s; the forward's images/s between its batches go to `forward_rates`."""
-            run_cfg = OmegaConf.merge(cfg, {"extract": {"decoder": decoder}})
-            key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
+            key = store_key(images, describe_encoder(settings.model, settings.seed)) | {"bench": uuid.uuid4().hex}
             forward = ForwardBetweenBatches(embedder, ready)
-            store = extract_store(encoder, images, key, work / "cache", run_cfg, float("nan"), [forward])
+            store = extract_store(encoder, images, key, dataclasses.replace(settings, decoder=decoder), float("nan"),
+                                  [forward])
             seconds = store.meta["extraction"]["seconds"] - sum(forward.seconds) - forward.warmup_seconds
             forward_rates[decoder].append(forward.images_per_s)
             last_rows[decoder] = np.array(store.vectors)

@@ -7,6 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
+from imgret.embed.options import ExtractSettings
 from imgret.embed.extract import extract_store
 from imgret.embed.models import build_encoder, describe_encoder
 from imgret.embed.store import store_key
@@ -20,10 +21,11 @@ def _extract_in_child(archive: Archive, cache: str, count: int, num_workers: str
     cfg = compose_cfg("model=resnet18", "model.pretrained=false", "model.image_size=64", f"paths.cache={work}",
                       "extract.progress=false", f"num_workers={num_workers}")
     images = real_images(archive, work, count)
-    encoder = build_encoder(cfg.model, cfg.seed)
-    key = store_key(images, describe_encoder(cfg.model, cfg.seed)) | {"bench": uuid.uuid4().hex}
+    settings = ExtractSettings.from_config(cfg)
+    encoder = build_encoder(settings.model, settings.seed)
+    key = store_key(images, describe_encoder(settings.model, settings.seed)) | {"bench": uuid.uuid4().hex}
     start = time.perf_counter()
-    store = extract_store(encoder, images, key, work, cfg, latency_ms=float("nan"))
+    store = extract_store(encoder, images, key, settings, latency_ms=float("nan"))
     seconds = time.perf_counter() - start
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child would
     # report its parent's footprint (the benchmark's, holding a 100k gallery) as its own.

@@ -54,7 +54,7 @@ def bench_scale(cache: Path, gallery_size: int, query_count: int, dim: int, nlis
 
     cfg = compose_cfg("data=synthetic_vectors", f"data.gallery_size={gallery_size}", f"data.query_size={query_count}",
                       f"data.dim={dim}", f"paths.cache={cache}")
-    stores = ensure_vector_stores(cfg)
+    stores = ensure_vector_stores(cfg.data, cfg.seed, cache)
     gallery_bytes = (stores.gallery.path / "vectors.npy").stat().st_size
     context = multiprocessing.get_context("spawn")
     stages = []

@@ -46,10 +46,10 @@ def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore
     return staged.commit(meta)
 
 
-def ensure_vector_stores(cfg) -> Embeddings:
-    """The gallery and query stores of a vector source, written once (under their locks) and reused."""
-    cache_dir = Path(cfg.paths.cache)
-    plans = SOURCES[cfg.data.name].plan(cfg.data, int(cfg.seed))
+def ensure_vector_stores(data, seed: int, cache_dir: Path) -> Embeddings:
+    """The gallery and query stores of a vector source (`data`: its settings), written once (under their locks)
+    and reused."""
+    plans = SOURCES[data.name].plan(data, int(seed))
     stores, made = {}, []
     for split in SPLITS:
         plan = plans[split]
