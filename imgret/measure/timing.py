@@ -104,13 +104,14 @@ def best_seconds(function, repeats: int) -> float:
     return best
 
 
-def interleaved(alternatives: dict, rounds: int) -> dict[str, list[float]]:
-    """Each alternative's figure (a callable's return), measured A, B, A, B, ... for `rounds` rounds, so that a
-    change in the machine's load during the measurement falls on every alternative alike."""
-    figures: dict[str, list[float]] = {name: [] for name in alternatives}
+def interleaved(alternatives: dict, rounds: int) -> dict[str, list]:
+    """Each alternative's figure (a callable's return: a number, or a tuple of them), measured A, B, A, B, ... for
+    `rounds` rounds, so that a change in the machine's load during the measurement falls on every alternative
+    alike."""
+    figures: dict[str, list] = {name: [] for name in alternatives}
     for _ in range(rounds):
         for name, measure in alternatives.items():
-            figures[name].append(float(measure()))
+            figures[name].append(measure())
     return figures
 
 
