@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,13 +30,16 @@ from PIL import Image
 from imgret.embed.extract import (EmbeddingModule, Embeddings, ensure_embeddings, ensure_stores, normalised_rows,
                                   resolve_device, resolve_precision)
 from imgret.embed.models import Encoder, build_encoder
+from imgret.embed.options import ExtractSettings
 from imgret.embed.preprocess import DEFAULT_DECODER
 from imgret.embed.store import EmbeddingStore
 from imgret.errors import ConfigError, allowed, bad_value
 from imgret.measure.study import EXACT_METHODS
-from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, build_index, search_parameters,
+from imgret.index.build import build_index
+from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, search_parameters,
                                   validate_search)
-from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits, open_image
+from imgret.sources.base import ImageSet, Splits
+from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +49,25 @@ VARIANT_PARAMS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
 
 # --------------------------------------------------------------------------- stores and indexes
 
-def open_stores(cfg, splits: Splits | None) -> Embeddings:
+def open_stores(settings: ExtractSettings, data, splits: Splits | None) -> Embeddings:
     """The gallery and query stores of a run, reused from the cache or made: extracted from images
-    (`splits`), or written from vectors (`splits` None: a vector source)."""
+    (`splits`), or written from vectors (`splits` None: a vector source, `data` its settings)."""
     if splits is None:
-        from imgret.sources.vectors import ensure_vector_stores
+        from imgret.embed.vector_stores import ensure_vector_stores
 
-        return ensure_vector_stores(cfg)
-    return ensure_embeddings(splits, cfg)
+        stores = ensure_vector_stores(data, settings.seed, settings.cache_dir)
+        if data.name == "vectors":  # a file that carries its own neighbours: do they agree with imgret's?
+            from imgret.measure.reference import reference_check
+
+            found = reference_check(data, stores.gallery, stores.queries) or {}
+            stores = replace(stores, checks={f"reference_{key}": str(value) for key, value in found.items()})
+        return stores
+    return ensure_embeddings(splits, settings)
 
 
-def open_gallery(cfg, gallery: ImageSet) -> EmbeddingStore:
+def open_gallery(settings: ExtractSettings, gallery: ImageSet) -> EmbeddingStore:
     """The gallery's store alone, reused or extracted (a server embeds its queries as they come)."""
-    stores, _ = ensure_stores((gallery,), cfg)
+    stores, _ = ensure_stores((gallery,), settings)
     return stores[gallery.split]
 
 
@@ -98,12 +107,17 @@ class Embedder:
         self.precision = precision
 
     @classmethod
+    def from_settings(cls, settings: ExtractSettings, encoder: Encoder | None = None) -> "Embedder":
+        """The extraction's model (or `encoder`, already built from it), device, precision, memory format and
+        decoder."""
+        device = resolve_device(settings.device)
+        return cls(encoder or build_encoder(settings.model, settings.seed), device,
+                   resolve_precision(settings.precision, device), settings.channels_last, settings.decoder)
+
+    @classmethod
     def from_config(cls, cfg, encoder: Encoder | None = None) -> "Embedder":
-        """The config's model (or `encoder`, already built from it), device, precision, memory format and decoder."""
-        device = resolve_device(cfg.device)
-        return cls(encoder or build_encoder(cfg.model, cfg.seed), device,
-                   resolve_precision(cfg.extract.get("precision", "auto"), device),
-                   bool(cfg.extract.get("channels_last", True)), cfg.extract.get("decoder", DEFAULT_DECODER))
+        """The same, from a run's composed config."""
+        return cls.from_settings(ExtractSettings.from_config(cfg), encoder)
 
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The loader's half of the preprocessing (resize, crop) as one uint8 batch, as extraction makes it."""
@@ -236,7 +250,7 @@ def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | 
                    splits: Splits | None = None) -> Retriever:
     """A Retriever over the run's gallery (images only: an upload must be embedded by the same model), with
     an index per method config, each reused from the index cache or built, and its query variants."""
-    from imgret.sources.images import is_vector_source, load_splits
+    from imgret.sources.registry import is_vector_source, load_splits
 
     if is_vector_source(cfg.data):
         raise bad_value("data", cfg.data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "
@@ -244,11 +258,12 @@ def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | 
     splits = splits or load_splits(cfg.data, cfg.seed)
     for method_cfg in methods:
         validate_search(method_cfg, 1, len(splits.gallery))
-    gallery = open_gallery(cfg, splits.gallery)
-    device = resolve_device(cfg.device)
+    settings = ExtractSettings.from_config(cfg)
+    gallery = open_gallery(settings, splits.gallery)
+    device = resolve_device(settings.device)
     choices = []
     for method_cfg in methods:
-        built = open_index(method_cfg, gallery, Path(cfg.paths.cache), device)
+        built = open_index(method_cfg, gallery, settings.cache_dir, device)
         choices += index_choices(method_cfg, built, variants)
-    embedder = Embedder.from_config(cfg)
+    embedder = Embedder.from_settings(settings)
     return Retriever(gallery, choices, embedder, splits.gallery.class_names, dict(splits.titles), splits.queries)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import mmap
 import os
 import time
+import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -22,6 +24,7 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 DAMAGED_DIR = ".damaged"
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -150,3 +153,53 @@ def return_freed_memory() -> None:
 
 
 _malloc_trim = None
+
+
+class Unreadable(Exception):
+    """A cached file that matches its checksum but cannot be used (the library refuses it, the wrong shape)."""
+
+
+def load_checked(path: Path, read: Callable[[Path, dict], T], companions: dict[str, str] | None = None) -> T | None:
+    """A cache file saved by `save_checked`, read by `read(path, meta)` once it matches the size and checksum
+    recorded beside it (`<stem>.json`, with `companions`: meta key -> suffix of a file that belongs to it); None
+    when there is none. A damaged, unreadable or unrecorded one is moved aside with the reason (None: make it
+    again)."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() and not meta_path.is_file():
+        return None
+    beside = {key: path.with_suffix(suffix) for key, suffix in (companions or {}).items()}
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = {path.name: meta["file"], **{beside[key].name: meta[key] for key in beside if key in meta}}
+        problem = damage(path.parent, expected)
+    except (OSError, ValueError, KeyError, TypeError):
+        meta, problem = None, "its meta file is missing, unreadable or from an older imgret"
+    if problem is None:
+        try:
+            return read(path, meta)
+        except Unreadable as error:
+            problem = str(error)
+    for damaged in (path, meta_path, *beside.values()):
+        if damaged.exists():
+            move_aside(damaged, problem)
+    return None
+
+
+def save_checked(path: Path, write: Callable[[Path], None], meta: dict | None = None,
+                 companions: dict[str, Path] | None = None) -> None:
+    """`write(partial)` to a hidden partial file, then the meta file with its size and checksum (and those of
+    `companions`, meta key -> a file already written beside it), each renamed into place: only a file whose meta
+    file matches it counts as saved, however the process ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    partial = path.with_name(f".{path.stem}.{token}{path.suffix}")  # the suffix kept: np.savez would add one
+    write(partial)
+    meta = {**(meta or {}), "file": describe_files(path.parent, [partial.name])[partial.name]}
+    for key, companion in (companions or {}).items():
+        meta[key] = describe_files(companion.parent, [companion.name])[companion.name]
+    os.replace(partial, path)
+    partial_meta = path.with_name(f".{path.stem}.{token}.json")
+    partial_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(partial_meta, path.with_suffix(".json"))

@@ -1,4 +1,7 @@
-"""Errors that a user can act on: each message names the bad value and what to do instead."""
+"""Errors that a user can act on: each message names the bad value and what to do instead; the one check of a
+whole number; and how an entry point turns an error into its one line and exit code."""
+import sys
+from typing import NoReturn
 
 
 class ImgretError(Exception):
@@ -57,3 +60,38 @@ def shown(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def whole(value, low: int, high: int | None = None) -> bool:
+    """A whole number (not a bool) from `low` to `high` (None: no upper bound)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def check_whole(key: str, value, low: int, what: str = "") -> None:
+    if not whole(value, low):
+        raise bad_value(key, value, f"a whole number{what} >= {low}")
+
+
+def check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise bad_value(key, value, "true or false")
+
+
+def exit_code(error: BaseException) -> int:
+    """2 for a configuration error (nothing ran), 1 for any other error imgret explains."""
+    return 2 if isinstance(error, ConfigError) else 1
+
+
+def exit_with(error: ImgretError) -> NoReturn:
+    """An entry point's answer to an error it explains: one line on stderr, `config error: ...` (exit 2) or
+    `<kind> error: ...` / `error: ...` (exit 1)."""
+    kind = "config error" if isinstance(error, ConfigError) else \
+        "tracking error" if isinstance(error, (TrackingUnavailable, TrackingRefused)) else "error"
+    print(f"{kind}: {error}", file=sys.stderr)
+    sys.exit(exit_code(error))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, ContextManager
 
 import faiss
@@ -15,17 +14,35 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from imgret.sources.images import Splits
+from imgret.sources.base import Splits
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
-from imgret.cli import results_table
+from imgret.embed.options import ExtractSettings
+from imgret.options import Options
 from imgret.embed.extract import resolve_device
 from imgret.index.groundtruth import exact_ground_truth
-from imgret.measure.metrics import latency_percentiles, precision_at, recall_at, recall_at_ties, similarities_of
-from imgret.measure.search import search_threads, timed_search
+from imgret.measure.metrics import latency_percentiles, results_table, precision_at, recall_at, recall_at_ties, similarities_of
+from imgret.measure.search import SearchSettings, search_threads, timed_search
 from imgret.measure.timing import PeakResidentSet, StageTimes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one run's stages read, typed and frozen: the data source's and the method's own settings, the
+    extraction's, the search's, and the compute threads. An entry point makes it once (`from_config`); a library
+    user can make it by hand, without Hydra."""
+    data: Options
+    method: Options
+    extract: ExtractSettings
+    search: SearchSettings = field(default_factory=SearchSettings)
+    threads: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "RunSettings":
+        return cls(Options.of(cfg.data), Options.of(cfg.method), ExtractSettings.from_config(cfg),
+                   SearchSettings.from_config(cfg), cfg.get("threads"))
 
 
 @dataclass
@@ -45,56 +62,56 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def run_experiment(cfg, splits: Splits | None,
+def run_experiment(settings: RunSettings, splits: Splits | None,
                    watch_stores: Callable[[], ContextManager] = contextlib.nullcontext) -> RunResult:
     """Every stage after the images are listed (and the config checked against their number); `splits` is
     None for a vector source, whose stores are generated rather than extracted. `watch_stores` wraps the making
     of the stores (the tracker's system metrics)."""
     with PeakResidentSet() as memory:
-        result = _run_stages(cfg, splits, memory, watch_stores)
+        result = _run_stages(settings, splits, memory, watch_stores)
     result.metrics["peak_rss_bytes"] = float(memory.peak_bytes)
     log.info("results (all metrics are in MLflow and results.json):\n%s", results_table(result.metrics))
     log.info("peak resident set by stage: %s", result.info["peak_rss_by_stage"])
     return result
 
 
-def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet, watch_stores) -> RunResult:
-    threads = configure_threads(cfg.get("threads"))
+def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakResidentSet, watch_stores) -> RunResult:
+    threads = configure_threads(settings.threads)
+    search, cache_dir, k = settings.search, settings.extract.cache_dir, settings.search.k
     stages = StageTimes(memory)
     with stages.measure("stores_s"), watch_stores():
-        embeddings = open_stores(cfg, splits)
+        embeddings = open_stores(settings.extract, settings.data, splits)
     gallery, queries = embeddings.gallery, embeddings.queries
-    if len(gallery) < int(cfg.k) or len(queries) == 0:
+    if len(gallery) < k or len(queries) == 0:
         raise DataUnavailable(f"after leaving out {len(embeddings.bad_images)} unusable images, {len(gallery)} gallery "
-                              f"and {len(queries)} query images remain: too few for k={cfg.k}")
+                              f"and {len(queries)} query images remain: too few for k={k}")
     gallery_vectors = np.ascontiguousarray(gallery.vectors)
     query_vectors = np.ascontiguousarray(queries.vectors)
 
     # Every figure below comes from the timed search: recall@10 and precision@10 only when it is 10 deep.
-    depth = min(max(int(cfg.k), 10), len(gallery))  # the cached ground truth's depth (shared by every k up to 10)
+    depth = min(max(k, 10), len(gallery))  # the cached ground truth's depth (shared by every k up to 10)
     with stages.measure("groundtruth_s"):
-        truth = exact_ground_truth(gallery, queries, depth, Path(cfg.paths.cache))
+        truth = exact_ground_truth(gallery, queries, depth, cache_dir)
     with stages.measure("index_s"):
-        built = open_index(cfg.method, gallery, Path(cfg.paths.cache), resolve_device(cfg.device))
-    with stages.measure("search_s"), search_threads(cfg.search.get("threads")), memory.paused():
-        found = timed_search(built.index, query_vectors, int(cfg.k), int(cfg.search.latency_queries),
-                             int(cfg.search.warmup_queries), int(cfg.search.get("repeats", 3)), int(cfg.seed),
-                             progress=bool(cfg.extract.progress))
+        built = open_index(settings.method, gallery, cache_dir, resolve_device(settings.extract.device))
+    with stages.measure("search_s"), search_threads(search.threads), memory.paused():
+        found = timed_search(built.index, query_vectors, k, search.latency_queries, search.warmup_queries,
+                             search.repeats, search.seed, progress=search.progress)
 
     latency = latency_percentiles(found.latencies_ms)
     found_similarities = similarities_of(found.ids, gallery_vectors, query_vectors)
-    epsilon = float(cfg.search.tie_epsilon)
+    epsilon = search.tie_epsilon
     batch_qps = [len(query_vectors) / seconds for seconds in found.batch_seconds]
     at_10 = {}
-    if int(cfg.k) >= 10:
+    if k >= 10:
         at_10 = {"recall_at_10": recall_at(found.ids, truth.ids, 10),
                  "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
                  "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, 10)}
     metrics = {
         "recall_at_1": recall_at(found.ids, truth.ids, 1),
         **at_10,
-        "recall_at_k": recall_at(found.ids, truth.ids, int(cfg.k)),
-        "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, int(cfg.k), epsilon),
+        "recall_at_k": recall_at(found.ids, truth.ids, k),
+        "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, k, epsilon),
         "search_ms_p50": latency[50],
         "search_ms_p95": latency[95],
         "search_ms_p99": latency[99],
@@ -115,7 +132,7 @@ def _run_stages(cfg, splits: Splits | None, memory: PeakResidentSet, watch_store
         "index_built": str(not built.reused).lower(),
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),
-        "search_threads": str(cfg.search.get("threads") or threads),
+        "search_threads": str(search.threads or threads),
         "latency_queries": str(len(found.latencies_ms)),
         "batch_qps_repeats": ", ".join(f"{qps:.1f}" for qps in batch_qps),
         "peak_rss_by_stage": stages.describe_peaks(),

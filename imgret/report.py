@@ -21,7 +21,6 @@ import html
 import logging
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -31,18 +30,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from imgret.index.methods import EXECUTION_PARAMS, METHODS  # noqa: E402
-from imgret.measure.metrics import RUN_SIZES  # noqa: E402
-from imgret.track.provenance import PROVENANCE_TAG, describe as describe_provenance  # noqa: E402
-from imgret.measure.study import (EXACT_METHODS, RECALL_TARGETS, SCALING_METRICS, fastest_reaching, growth_exponent,  # noqa: E402
-                          pareto_frontier, representative)
+from imgret.index.methods import METHOD_LABELS, METHOD_MARKERS, METHODS  # noqa: E402
+from imgret.measure.study import (EXACT_METHODS, OPERATING_POINTS_HEADER, SCALING_METRICS, by_key,  # noqa: E402
+                                  gallery_words, growth_exponent, markdown_table, operating_point_rows,
+                                  pareto_frontier, provenance_lines, representative)
+from imgret.track.study_rows import load_runs  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-METHOD_LABELS = {"brute": "brute force", "flat": "FAISS Flat", "ivf": "FAISS IVF", "ivfpq": "FAISS IVF-PQ",
-                 "hnsw": "FAISS HNSW", "factory": "faiss index_factory"}
-METHOD_MARKERS = {"brute": "*", "flat": "*", "ivf": "o", "ivfpq": "s", "hnsw": "^", "factory": "D"}
-
 
 # --------------------------------------------------------------------------- reading runs
 
@@ -78,44 +72,7 @@ def missing_points(client: MlflowClient, parent) -> list[str] | None:
     return [" ".join(point) for point in planned["points"] if " ".join(point) not in finished | skipped]
 
 
-def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -> list[dict]:
-    """Finished runs as flat dicts: identity, the method's settings and every metric."""
-    query = "attributes.status = 'FINISHED'"
-    if parent_id:
-        query += f" and tags.mlflow.parentRunId = '{parent_id}'"
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=50000)
-    rows = []
-    for run in runs:
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        if "method" not in tags or "recall_at_10" not in metrics:  # k < 10: no recall@10 from the timed search
-            continue
-        method = tags["method"]
-        keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k not in EXECUTION_PARAMS]
-        rows.append({
-            "run_id": run.info.run_id, "model": tags["model"], "method": method,
-            "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys
-                                if params.get(f"method.{k}", "null") != "null"),
-            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params
-                              if k not in EXECUTION_PARAMS and params.get(f"method.{k}", "null") != "null"),
-            "index_built": tags.get("index_built", ""),
-            "reused_run_id": tags.get("imgret.reused_run_id", ""),
-            "image_size": params.get("model.image_size", ""),
-            "provenance": tags.get(PROVENANCE_TAG, "unknown"),
-            "provenance_text": describe_provenance(tags) if PROVENANCE_TAG in tags else
-            "unknown (a run of an imgret that recorded no provenance)",
-            **metrics,  # runs of earlier versions logged the sizes as metrics; now they are params
-            **{key: float(params[key]) for key in RUN_SIZES if key in params},
-        })
-    return sorted(rows, key=lambda r: (r["model"], r["method"], r["search_qps_batch"]))
-
-
 # --------------------------------------------------------------------------- tables
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def write_table(path_stem: Path, header: list[str], rows: list[list]) -> str:
@@ -125,13 +82,6 @@ def write_table(path_stem: Path, header: list[str], rows: list[list]) -> str:
     markdown = markdown_table(header, rows)
     path_stem.with_suffix(".md").write_text(markdown)
     return markdown
-
-
-def by_key(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
-    groups = defaultdict(list)
-    for run in runs:
-        groups[tuple(run[k] for k in keys)].append(run)
-    return groups
 
 
 def seed_table(runs: list[dict], out: Path) -> str:
@@ -160,50 +110,8 @@ def seed_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "seed_table", ["", *models], rows)
 
 
-OPERATING_POINTS_HEADER = ["model", "index", *[f"recall@10 ≥ {t:.2f}" for t in RECALL_TARGETS]]
-
-
-def operating_point_rows(runs: list[dict]) -> list[list[str]]:
-    """Per model and index, the fastest setting (batch QPS) reaching each recall@10 target."""
-    rows = []
-    for (model, method), group in sorted(by_key(runs, "model", "method").items()):
-        row = [model, METHOD_LABELS[method]]
-        for target in RECALL_TARGETS:
-            best = fastest_reaching(group, target)
-            row.append("not reached" if best is None else
-                       f"{best['setting'] or 'exact'}: {best['search_qps_batch']:,.0f} QPS, "
-                       f"p99 {best['search_ms_p99']:.3f} ms (R@10 {best['recall_at_10']:.3f})")
-        rows.append(row)
-    return rows
-
-
 def operating_points(runs: list[dict], out: Path) -> str:
     return write_table(out / "operating_points", OPERATING_POINTS_HEADER, operating_point_rows(runs))
-
-
-def provenance_lines(runs: list[dict]) -> list[str]:
-    """What produced the points, one line per provenance, most points first; a warning first when they differ."""
-    groups = sorted(by_key(runs, "provenance").items(), key=lambda item: -len(item[1]))
-    lines = [f"- {len(group)} points, provenance {provenance}: {group[0]['provenance_text']}"
-             for (provenance,), group in groups]
-    if len(groups) > 1:
-        lines.insert(0, f"WARNING: these {len(runs)} points come from {len(groups)} provenances (imgret's code, the "
-                        "libraries' versions or the machine differ): compare them with care, or run the sweep again.")
-    return lines
-
-
-def parent_note(runs: list[dict], parent_id: str, planned: str) -> str:
-    """The sweep's parent run's description (`mlflow.note.content`, shown on the run's own page in MLflow):
-    the answer to "which setting reaches recall R fastest", what produced it, and where the whole study is."""
-    if not runs:
-        return f"imgret sweep: no finished point with recall@10 (planned points: {planned})."
-    return "\n".join([
-        f"**imgret sweep**: {len(runs)} finished points (planned: {planned}); {gallery_words(runs)}.",
-        "", "**Operating points**: the fastest setting (batch QPS, all queries in one call) reaching each recall@10:",
-        "", markdown_table(OPERATING_POINTS_HEADER, operating_point_rows(runs)),
-        "**Provenance**:", "", *provenance_lines(runs), "",
-        f"The whole study (tables, Pareto plots): `python -m imgret.report --parent {parent_id}`, then "
-        "report/report.html among this run's artifacts."])
 
 
 def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
@@ -226,15 +134,6 @@ def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
 
 
 # --------------------------------------------------------------------------- plots
-
-
-def gallery_words(runs: list[dict]) -> str:
-    galleries = sorted({int(r["gallery_size"]) for r in runs})
-    queries = sorted({int(r["query_size"]) for r in runs})
-    sizes = sorted({str(r["image_size"]) for r in runs})
-    size = "native size" if sizes == ["null"] else f"{'/'.join(sizes)} px"
-    return (f"gallery {'/'.join(f'{g:,}' for g in galleries)} images, "
-            f"{'/'.join(f'{q:,}' for q in queries)} queries, {size}")
 
 
 def _build_order(item):

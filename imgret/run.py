@@ -14,26 +14,18 @@ import hydra
 from omegaconf import DictConfig
 
 from imgret.track import lifecycle
-from imgret.errors import ConfigError, ImgretError
+from imgret.errors import ImgretError, exit_with
 
 log = logging.getLogger(__name__)
-
-
-def invalid_combination(cfg: DictConfig) -> str | None:
-    """Why this sweep point cannot run, for combinations a cross-product sweep produces (nprobe > nlist)."""
-    method = cfg.method
-    nprobe, nlist = method.get("nprobe"), method.get("nlist")
-    if isinstance(nprobe, int) and isinstance(nlist, int) and nprobe > nlist:
-        return f"nprobe={nprobe} > nlist={nlist}"
-    return None
 
 
 def run_tracked(cfg: DictConfig) -> dict[str, float]:
     """Check everything, then run and record one point; in a sweep, a point that already finished is
     linked rather than run again (unless force=true)."""
+    from imgret.index.methods import invalid_combination
     from imgret.validate import validate_config
 
-    reason = invalid_combination(cfg)
+    reason = invalid_combination(cfg.method)
     if reason and cfg.get("skip_invalid"):
         log.warning("skipping this job (skip_invalid=true): %s", reason)
         return {}
@@ -41,11 +33,11 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
 
     from mlflow.tracking import MlflowClient
 
-    from imgret.sources.images import is_vector_source, load_splits
+    from imgret.sources.registry import is_vector_source, load_splits
     from imgret.index.methods import validate_search
-    from imgret.pipeline import run_experiment
-    from imgret.track.runs import (PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, open_tracking,
-                                 tracked_run)
+    from imgret.pipeline import RunSettings, run_experiment
+    from imgret.track.runs import PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, tracked_run
+    from imgret.track.store import open_tracking
 
     experiment_id = open_tracking(cfg.tracking)
     parent = os.environ.get(PARENT_RUN_ENV)
@@ -66,17 +58,18 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     validate_search(cfg.method, cfg.k, gallery_size)
     with tracked_run(cfg, experiment_id) as recorder:
         interval = cfg.tracking.get("system_metrics_s")
-        result = run_experiment(cfg, splits, lambda: recorder.system_metrics(interval))
+        result = run_experiment(RunSettings.from_config(cfg), splits, lambda: recorder.system_metrics(interval))
         log_results(recorder, result.metrics, result.info, result.texts)
     return result.metrics
 
 
 def extract_only(cfg: DictConfig) -> None:
     """A rank other than 0 under a launcher (torchrun, srun): extract with rank 0; it runs and tracks the rest."""
-    from imgret.sources.images import load_splits
+    from imgret.sources.registry import load_splits
     from imgret.embed.extract import ensure_embeddings
+    from imgret.embed.options import ExtractSettings
 
-    ensure_embeddings(load_splits(cfg.data, cfg.seed), cfg)
+    ensure_embeddings(load_splits(cfg.data, cfg.seed), ExtractSettings.from_config(cfg))
 
 
 def objective_values(metrics: dict[str, float], objectives) -> float | tuple[float, ...] | None:
@@ -102,7 +95,9 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     # On screen at once: the checks below import torch, timm and faiss (several seconds) before their first word.
     log.info("checking the configuration (%s, %s, %s) ...", cfg.data.get("name"), cfg.model.get("name"),
              cfg.method.get("name"))
-    if lifecycle.process_rank() != 0:
+    from imgret.embed.launch import process_rank
+
+    if process_rank() != 0:
         return extract_only(cfg)
     try:
         return objective_values(run_tracked(cfg), cfg.get("objectives"))
@@ -115,9 +110,7 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     except ImgretError as error:
         if in_multirun():  # the job is FAILED, and the sweep goes on to the next one
             raise
-        kind = "config error" if isinstance(error, ConfigError) else "error"
-        print(f"{kind}: {error}", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        exit_with(error)
 
 
 if __name__ == "__main__":

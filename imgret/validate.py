@@ -7,34 +7,15 @@ again once the images are listed, still before the MLflow run starts.
 from __future__ import annotations
 
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from imgret.errors import bad_value
+from imgret.errors import bad_value, check_bool, check_whole, whole
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-DECODERS = ("torchvision", "pil")  # see imgret/embed/preprocess.py
-
-
-def whole(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_whole(key: str, value, low: int, what: str = "") -> None:
-    if not whole(value, low):
-        raise bad_value(key, value, f"a whole number{what} >= {low}")
-
-
-def check_bool(key: str, value) -> None:
-    if not isinstance(value, bool):
-        raise bad_value(key, value, "true or false")
 
 
 def check_run_settings(cfg) -> None:
@@ -55,27 +36,9 @@ def check_run_settings(cfg) -> None:
     for key in ("skip_invalid", "force"):
         check_bool(key, cfg.get(key, False))
 
-    extract = cfg.extract
-    check_whole("extract.latency_images", extract.latency_images, 1, " of images timed at batch 1")
-    for key in ("channels_last", "progress"):
-        check_bool(f"extract.{key}", extract.get(key, True))
-    devices = extract.get("devices", 1)
-    if devices != "auto" and not whole(devices, 1):
-        raise bad_value("extract.devices", devices, "a whole number of processes or GPUs >= 1, or auto")
-    check_whole("extract.num_nodes", extract.get("num_nodes", 1), 1, " of machines")
-    if extract.get("precision", "auto") not in PRECISIONS:
-        raise bad_value("extract.precision", extract.get("precision"), f"one of {', '.join(PRECISIONS)}")
-    if extract.get("precision") == "16-mixed" and cfg.device != "cuda":
-        raise bad_value("extract.precision", "16-mixed", "a precision this device runs: 16-mixed needs device=cuda; "
-                        "on the CPU use bf16-mixed or 32-true")
-    if extract.get("decoder", DECODERS[0]) not in DECODERS:
-        raise bad_value("extract.decoder", extract.get("decoder"), f"one of {', '.join(DECODERS)}")
-    strategy = extract.get("strategy", "auto")
-    if strategy not in ("auto", "ddp"):
-        from pytorch_lightning.strategies import StrategyRegistry
+    from imgret.embed.options import check_extract
 
-        if strategy not in StrategyRegistry.available_strategies():
-            raise bad_value("extract.strategy", strategy, "auto, ddp, or another of Lightning's registered strategies")
+    check_extract(cfg.extract, cfg.device)
     objectives = cfg.get("objectives", [])
     if isinstance(objectives, str):
         objectives = [objectives]
@@ -108,25 +71,9 @@ def check_tracking(tracking) -> None:
     if uri.startswith("sqlite:///"):
         check_writable("tracking.uri", Path(uri[len("sqlite:///"):]).parent, uri)
     if uri.startswith(("http://", "https://")):
+        from imgret.track.store import probe_server
+
         probe_server(uri)
-
-
-def probe_server(uri: str, seconds: float = 12.0) -> None:
-    """Fail within `seconds` if no MLflow server answers at `uri`; a refused connection fails in about 2 s."""
-    deadline = time.monotonic() + seconds
-    reason, refused = "no answer", 0
-    while time.monotonic() < deadline and refused < 3:
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=min(5.0, seconds)) as response:
-                if response.status == 200:
-                    return
-                reason = f"HTTP {response.status}"
-        except (urllib.error.URLError, OSError) as error:
-            reason = str(getattr(error, "reason", error))
-            refused += isinstance(getattr(error, "reason", error), ConnectionRefusedError)
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    raise bad_value("tracking.uri", uri, f"an MLflow server that answers; none did ({reason}). Start one "
-                    "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlruns/mlflow.db")
 
 
 def check_writable(key: str, folder: Path, value=None) -> None:
@@ -148,9 +95,10 @@ def validate_config(cfg) -> None:
     The light checks come first, so that they answer before torch, faiss and timm are imported."""
     check_run_settings(cfg)
     check_tracking(cfg.tracking)
-    from imgret.sources.images import check_data, is_vector_source
+    from imgret.sources.registry import check_data, is_vector_source
     from imgret.index.methods import validate_search
     from imgret.embed.models import describe_encoder, output_dim
+    from imgret.embed.options import DEFAULT_DECODER
 
     check_data(cfg.data)
     if is_vector_source(cfg.data):  # no model: the vectors' own dimension and count
@@ -160,7 +108,7 @@ def validate_config(cfg) -> None:
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)
     else:
         description = describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
-        if cfg.extract.get("decoder", DECODERS[0]) == "torchvision":
+        if cfg.extract.get("decoder", DEFAULT_DECODER) == "torchvision":
             from imgret.embed.preprocess import check_tensor_preprocessing
 
             check_tensor_preprocessing(description["preprocessing"])

@@ -9,7 +9,8 @@ import pytest
 
 from documented import documented
 from conftest import clustered_vectors, subset_zip, write_store
-from imgret.bench import TARGETS, main, verdict
+from imgret.bench.cli import main
+from imgret.bench.verdicts import TARGETS, verdict
 from imgret.index.methods import BruteForceIndex
 
 
@@ -65,7 +66,7 @@ def test_alternatives_are_measured_in_turn():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, precision, search, ivf, memory, ddp, verify" in \
+    assert "unknown part(s) ['warp']; allowed: extract, precision, search, ivf, ddp, verify, scale, memory" in \
         capsys.readouterr().err
 
 
@@ -155,7 +156,7 @@ def test_one_part_alone(tmp_path, monkeypatch, capsys):
 
 
 def test_looking_for_cached_embeddings_leaves_locks_and_set_aside_stores_alone(tmp_path):
-    from imgret.bench import search_data
+    from imgret.bench.search import search_data
 
     embeddings = tmp_path / "embeddings"
     (embeddings / ".damaged" / "old-store").mkdir(parents=True)
@@ -169,7 +170,7 @@ def test_looking_for_cached_embeddings_leaves_locks_and_set_aside_stores_alone(t
 
 def test_the_search_data_says_what_made_it(tmp_path):
     """A store of generated vectors is not "real embeddings"; an extracted one names its model and weights."""
-    from imgret.bench import search_data
+    from imgret.bench.search import search_data
 
     vectors = clustered_vectors(60, 8, clusters=4)
     for split, count in (("gallery", 50), ("queries", 10)):
@@ -180,7 +181,7 @@ def test_the_search_data_says_what_made_it(tmp_path):
         (store.path / "meta.json").write_text(json.dumps(meta))
     assert search_data(tmp_path, 50, 5, 8)[2] == "synthetic vectors (data=synthetic_vectors, seed 0), no model"
 
-    from imgret.bench import store_label
+    from imgret.bench.search import store_label
 
     encoder = {"name": "resnet18", "arch": "resnet18", "weights": "random:seed0:torch2.14.1", "image_size": 64}
     assert store_label({"dataset": "tiny_imagenet", "encoder": encoder}) == \

@@ -7,7 +7,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SUBSET_CLASSES, SUBSET_TRAIN_PER_CLASS, SUBSET_VAL_PER_CLASS, require_real_archive
-from imgret.sources.images import STAMP_NAME, load_splits, open_image, prepare_tiny_imagenet, verify_checksum
+from imgret.sources.decode import open_image
+from imgret.sources.registry import load_splits
+from imgret.sources.tiny_imagenet import STAMP_NAME, prepare_tiny_imagenet, verify_checksum
 from imgret.errors import ConfigError, DataUnavailable
 
 

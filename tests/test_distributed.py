@@ -11,7 +11,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, PROJECT_ROOT
-from imgret.sources.images import load_splits
+from imgret.embed.options import ExtractSettings
+from imgret.sources.registry import load_splits
 from imgret.embed.extract import ensure_embeddings
 from imgret.embed.store import EmbeddingStore
 from documented import documented, run_command, smaller
@@ -49,7 +50,7 @@ def test_two_process_ddp_extraction_gives_the_store_one_process_gives(make_cfg, 
     assert gallery.meta["extraction"]["processes"] == 2 and len(gallery) == 65
 
     cfg = make_cfg(*SMALL)
-    one_process = ensure_embeddings(load_splits(cfg.data, cfg.seed), cfg)
+    one_process = ensure_embeddings(load_splits(cfg.data, cfg.seed), ExtractSettings.from_config(cfg))
     assert_same_store(gallery, one_process.gallery)
     assert_same_store(queries, one_process.queries)
 
@@ -68,7 +69,7 @@ def test_torchrun_starts_every_rank_and_only_rank_0_tracks(make_cfg, tmp_path):
     runs = all_runs(sqlite_uri(tmp_path))
     assert [r.info.status for r in runs] == ["FINISHED"]
     cfg = make_cfg(*SMALL)
-    reference = ensure_embeddings(load_splits(cfg.data, cfg.seed), cfg)
+    reference = ensure_embeddings(load_splits(cfg.data, cfg.seed), ExtractSettings.from_config(cfg))
     assert_same_store(EmbeddingStore.open(Path(runs[0].data.tags["gallery_store"])), reference.gallery)
 
 
@@ -144,8 +145,8 @@ def test_bad_distributed_settings_are_refused_before_any_work(make_cfg, tmp_path
 def test_bf16_precision_changes_the_store_key_and_stays_close(make_cfg):
     cfg32 = make_cfg(*SMALL)
     cfg16 = make_cfg(*SMALL, "extract.precision=bf16-mixed")
-    fp32 = ensure_embeddings(load_splits(cfg32.data, cfg32.seed), cfg32).gallery
-    bf16 = ensure_embeddings(load_splits(cfg16.data, cfg16.seed), cfg16).gallery
+    fp32 = ensure_embeddings(load_splits(cfg32.data, cfg32.seed), ExtractSettings.from_config(cfg32)).gallery
+    bf16 = ensure_embeddings(load_splits(cfg16.data, cfg16.seed), ExtractSettings.from_config(cfg16)).gallery
     assert bf16.path != fp32.path and bf16.meta["extraction"]["precision"] == "bf16-mixed"
     cosine = (np.asarray(bf16.vectors) * np.asarray(fp32.vectors)).sum(axis=1)
     assert cosine.min() > 0.98 and not np.array_equal(np.asarray(bf16.vectors), np.asarray(fp32.vectors))

@@ -4,7 +4,8 @@ import torch
 
 import imgret.embed.extract
 from conftest import SYNTHETIC_FAST, write_images
-from imgret.sources.images import load_splits
+from imgret.embed.options import ExtractSettings
+from imgret.sources.registry import load_splits
 from imgret.errors import BadImage
 from imgret.embed.extract import ensure_embeddings
 from imgret.embed.models import build_encoder
@@ -15,7 +16,7 @@ from imgret.embed.store import EmbeddingStore, StagedStore
 def test_lightning_extraction_writes_a_normalised_store_that_matches_the_model(make_cfg, decoder):
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=5", "data.query_per_class=2", f"extract.decoder={decoder}")
     splits = load_splits(cfg.data, cfg.seed)
-    embeddings = ensure_embeddings(splits, cfg)
+    embeddings = ensure_embeddings(splits, ExtractSettings.from_config(cfg))
     gallery = embeddings.gallery
     assert embeddings.extracted == ("gallery", "queries")
     assert gallery.vectors.shape == (50, 512) and gallery.vectors.dtype == np.float32
@@ -44,13 +45,13 @@ def test_lightning_extraction_writes_a_normalised_store_that_matches_the_model(m
 def test_a_matching_store_is_reused_without_building_a_model(make_cfg, monkeypatch):
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1")
     splits = load_splits(cfg.data, cfg.seed)
-    first = ensure_embeddings(splits, cfg)
+    first = ensure_embeddings(splits, ExtractSettings.from_config(cfg))
 
     def no_model(*args, **kwargs):
         raise AssertionError("a cached store must not need the model")
 
     monkeypatch.setattr(imgret.embed.extract, "build_encoder", no_model)
-    second = ensure_embeddings(splits, cfg)
+    second = ensure_embeddings(splits, ExtractSettings.from_config(cfg))
     assert second.extracted == ()
     assert second.gallery.path == first.gallery.path
     assert second.timings == first.timings  # a reused store reports the timings it was made with
@@ -58,7 +59,7 @@ def test_a_matching_store_is_reused_without_building_a_model(make_cfg, monkeypat
     # Another image size changes the vectors, so it needs a new store (and the model).
     other = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "model.image_size=48")
     with pytest.raises(AssertionError, match="must not need the model"):
-        ensure_embeddings(load_splits(other.data, other.seed), other)
+        ensure_embeddings(load_splits(other.data, other.seed), ExtractSettings.from_config(other))
 
 
 def test_a_bad_image_with_on_bad_image_fail_stops_extraction_and_commits_no_store(make_cfg, tmp_path):
@@ -70,7 +71,7 @@ def test_a_bad_image_with_on_bad_image_fail_stops_extraction_and_commits_no_stor
     splits = load_splits(cfg.data, cfg.seed)
     assert str(images / "b" / "5.png") in splits.gallery.paths + splits.queries.paths
     with pytest.raises(BadImage, match=r"b/5\.png: UnidentifiedImageError.*data.on_bad_image=fail"):
-        ensure_embeddings(splits, cfg)
+        ensure_embeddings(splits, ExtractSettings.from_config(cfg))
     store_root = tmp_path / "cache" / "embeddings"
     committed = [p for p in store_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert all(EmbeddingStore.open(p) is not None for p in committed), committed
@@ -85,7 +86,7 @@ def test_bad_images_are_skipped_and_ids_labels_paths_stay_aligned(make_cfg, tmp_
     cfg = make_cfg("data=folder", f"data.gallery_dir={images}", "data.query_fraction=0.25",
                    "model.pretrained=false", "model.image_size=32", "batch_size=3")
     splits = load_splits(cfg.data, cfg.seed)
-    embeddings = ensure_embeddings(splits, cfg)
+    embeddings = ensure_embeddings(splits, ExtractSettings.from_config(cfg))
     bad = {line.split("\t")[2] for line in embeddings.bad_images}
     assert bad == {str(images / "a" / "2.png"), str(images / "b" / "3.png")}
     stores = {"gallery": embeddings.gallery, "queries": embeddings.queries}

@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import imgret.track.runs
+import imgret.track.store
 from documented import documented, run_command, smaller
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
-from imgret.sources.images import open_image
+from imgret.sources.decode import open_image
 from imgret.errors import BadImage, ConfigError, TrackingRefused, TrackingUnavailable
 from imgret.run import run_tracked
 
@@ -210,7 +211,7 @@ def test_a_store_broken_by_an_interrupted_creation_is_made_again(make_cfg, tmp_p
     with sqlite3.connect(db) as connection:  # what a kill during table creation leaves: some tables, no runs
         connection.execute("create table experiments (experiment_id integer primary key, name varchar(256))")
         connection.execute("create table _alembic_tmp_params (key varchar(250))")
-    imgret.track.runs._open.cache_clear()
+    imgret.track.store._open.cache_clear()
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
     run_tracked(cfg)
     assert [r.info.status for r in all_runs(cfg.tracking.uri)] == ["FINISHED"]
@@ -223,7 +224,7 @@ def test_a_damaged_store_with_runs_is_reported_with_its_path_and_what_to_do(make
     db = tmp_path / "mlruns" / "mlflow.db"
     with sqlite3.connect(db) as connection:  # an interrupted upgrade: the schema and its version disagree
         connection.execute("update alembic_version set version_num = '0000000000'")
-    imgret.track.runs._open.cache_clear()
+    imgret.track.store._open.cache_clear()
     mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
     with pytest.raises(TrackingUnavailable, match=rf"{db} cannot be opened .* holds 3 experiments and runs: back it "
                                                   r"up, then run `mlflow db upgrade sqlite:///"):
@@ -238,7 +239,7 @@ def healthy_store_without_runs(tmp_path) -> tuple[Path, str]:
     uri = f"sqlite:///{db}"
     MlflowClient(uri).create_experiment("someone-elses")
     mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
-    imgret.track.runs._open.cache_clear()
+    imgret.track.store._open.cache_clear()
     return db, uri
 
 
@@ -251,14 +252,14 @@ def test_a_store_with_an_experiment_and_no_runs_is_never_moved_aside(tmp_path):
     locker.execute("begin exclusive")
     try:
         with pytest.raises(TrackingUnavailable, match="nothing was moved"):
-            imgret.track.runs.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+            imgret.track.store.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
     finally:
         locker.rollback()
         locker.close()
     assert not list(db.parent.glob("mlflow.db.broken-*"))
     mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
-    imgret.track.runs._open.cache_clear()
-    imgret.track.runs.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+    imgret.track.store._open.cache_clear()
+    imgret.track.store.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
     names = {e.name for e in MlflowClient(uri).search_experiments()}
     assert {"someone-elses", "imgret"} <= names, "the same store, opened once it was free"
 
@@ -269,14 +270,14 @@ def test_a_deleted_experiment_is_refused_not_moved_aside_or_logged_into(tmp_path
     client.delete_experiment(client.create_experiment("imgret"))
     with pytest.raises(TrackingRefused, match=r"tracking.experiment=imgret: this experiment is deleted .*\(`mlflow "
                                               r"experiments restore --experiment-id"):
-        imgret.track.runs.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+        imgret.track.store.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
     assert not list(db.parent.glob("mlflow.db.broken-*")) and not client.search_runs(["1", "2"])
 
 
 def test_a_value_the_store_refuses_fails_the_run_and_is_not_taken_for_a_lost_server(make_cfg, tmp_path):
     """MLflow refuses to change a logged parameter: the run fails with that message; nothing is kept 'for later'."""
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
-    experiment_id = imgret.track.runs.open_tracking(cfg.tracking)
+    experiment_id = imgret.track.store.open_tracking(cfg.tracking)
     with pytest.raises(TrackingRefused, match="the tracking store refused log_batch .*Changing param values"):
         with imgret.track.runs.tracked_run(cfg, experiment_id) as recorder:
             recorder.log_params({"k": "3"})  # logged as 2 already

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from imgret.sources.images import load_splits
+from imgret.sources.registry import load_splits
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.run import run_tracked
 from test_faults import all_runs

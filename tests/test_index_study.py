@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index.methods import apply_query_params, build_index, index_cache_path
+from imgret.index.build import build_index, index_cache_path
+from imgret.index.methods import apply_query_params
 from imgret.measure.metrics import recall_at, recall_at_ties, similarities_of
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)

@@ -12,10 +12,11 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from conftest import require_real_archive
+from imgret.embed.options import ExtractSettings
 from imgret.embed.models import build_encoder
 from imgret.embed.preprocess import check_tensor_preprocessing
 from imgret.errors import BadImage, ConfigError
-from imgret.sources.images import jpeg_size, open_image, open_pixels
+from imgret.sources.decode import jpeg_size, open_image, open_pixels
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,12 @@ def test_damaged_files_are_refused_or_accepted_as_pillow_does(jpegs, tmp_path):
 
 
 def test_a_jpeg_over_the_pixel_limit_is_refused_from_its_header_before_decoding(jpegs, monkeypatch):
-    import imgret.sources.images
+    import imgret.sources.decode
 
     def decode_jpeg_rgb(*args, **kwargs):
         raise AssertionError("decoded a JPEG over data.max_image_pixels")
 
-    monkeypatch.setattr(imgret.sources.images, "decode_jpeg_rgb", decode_jpeg_rgb)
+    monkeypatch.setattr(imgret.sources.decode, "decode_jpeg_rgb", decode_jpeg_rgb)
     with pytest.raises(BadImage) as refused:
         open_pixels(jpegs[0], max_pixels=64 * 64 - 1)
     assert refused.value.kind == "too_many_pixels" and "64x64 pixels" in refused.value.reason
@@ -121,12 +122,12 @@ def test_a_model_whose_crop_the_tensors_cannot_do_asks_for_the_pil_decoder():
 
 def test_the_decoder_is_part_of_the_stores_key(make_cfg):
     from imgret.embed.extract import ensure_embeddings
-    from imgret.sources.images import load_splits
+    from imgret.sources.registry import load_splits
     from conftest import SYNTHETIC_FAST
 
     overrides = (*SYNTHETIC_FAST, "data.gallery_per_class=2", "data.query_per_class=1")
-    first = ensure_embeddings(load_splits(make_cfg(*overrides).data), make_cfg(*overrides))
+    first = ensure_embeddings(load_splits(make_cfg(*overrides).data), ExtractSettings.from_config(make_cfg(*overrides)))
     again = make_cfg(*overrides, "extract.decoder=pil")
-    second = ensure_embeddings(load_splits(again.data), again)
+    second = ensure_embeddings(load_splits(again.data), ExtractSettings.from_config(again))
     assert second.extracted == ("gallery", "queries") and second.gallery.path != first.gallery.path
     assert np.sum(first.gallery.vectors * second.gallery.vectors, axis=1).min() > 0.999

@@ -3,6 +3,7 @@ like extracted ones; and their bad inputs, refused before any work."""
 from __future__ import annotations
 
 import h5py
+from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ import pytest
 from imgret.errors import ConfigError
 from imgret.run import run_tracked
 from imgret.sources.vector_files import VectorFileError, open_vectors
-from imgret.sources.vectors import ensure_vector_stores
+from imgret.embed.vector_stores import ensure_vector_stores
 from test_faults import all_runs
 
 RNG = np.random.default_rng(3)
@@ -99,7 +100,7 @@ def test_held_out_queries_and_labels_from_a_numpy_file(make_cfg, tmp_path):
     np.save(tmp_path / "labels.npy", labels)
     cfg = make_cfg("data=vectors", f"data.gallery={tmp_path / 'g.npy'}", f"data.gallery_labels={tmp_path / 'labels.npy'}",
                    "data.query_size=40", *FAST)
-    stores = ensure_vector_stores(cfg)
+    stores = ensure_vector_stores(cfg.data, cfg.seed, Path(cfg.paths.cache))
     gallery, queries = stores.gallery, stores.queries
     assert (len(gallery), len(queries), gallery.dim) == (560, 40, 24)
     rows = {split: [int(p.rsplit(":", 1)[1]) for p in store.paths] for split, store in
@@ -143,7 +144,7 @@ def test_an_ann_benchmarks_file_of_another_metric_is_said_not_checked(make_cfg, 
 def test_a_clip_retrieval_folder_keeps_its_image_paths(make_cfg, tmp_path):
     names = write_clip_retrieval(tmp_path / "out")
     cfg = make_cfg("data=vectors", f"data.gallery={tmp_path / 'out'}", "data.query_size=20", *FAST)
-    stores = ensure_vector_stores(cfg)
+    stores = ensure_vector_stores(cfg.data, cfg.seed, Path(cfg.paths.cache))
     assert set(stores.gallery.paths) | set(stores.queries.paths) == set(names)
     assert run_tracked(cfg)["recall_at_10"] == 1.0
 

@@ -3,15 +3,18 @@ sample and filled in chunks."""
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index.methods import BruteForceIndex, build_index, training_sample
+from imgret.index.build import build_index, training_sample
+from imgret.index.methods import BruteForceIndex
 from imgret.measure.metrics import recall_at
 from imgret.run import run_tracked
-from imgret.sources.vectors import ensure_vector_stores, synthetic_chunk
+from imgret.embed.vector_stores import ensure_vector_stores
+from imgret.sources.vectors import synthetic_chunk
 from test_faults import all_runs
 
 VECTORS = ("data=synthetic_vectors", "data.gallery_size=3000", "data.query_size=50", "data.dim=32",
@@ -34,7 +37,7 @@ def test_generated_vectors_run_end_to_end_without_a_model(make_cfg):
 
 def test_generated_stores_are_unit_vectors_labelled_by_cluster_and_deterministic(make_cfg, tmp_path):
     cfg = make_cfg(*VECTORS)
-    embeddings = ensure_vector_stores(cfg)
+    embeddings = ensure_vector_stores(cfg.data, cfg.seed, Path(cfg.paths.cache))
     gallery = np.asarray(embeddings.gallery.vectors)
     assert gallery.shape == (3000, 32) and np.allclose(np.linalg.norm(gallery, axis=1), 1.0, atol=1e-5)
     labels = embeddings.gallery.labels
@@ -45,7 +48,7 @@ def test_generated_stores_are_unit_vectors_labelled_by_cluster_and_deterministic
     rows, chunk_labels = synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)
     assert np.array_equal(rows, gallery) and np.array_equal(chunk_labels, labels)
     other = make_cfg(*VECTORS, "seed=1")
-    assert not np.array_equal(np.asarray(ensure_vector_stores(other).gallery.vectors), gallery)
+    assert not np.array_equal(np.asarray(ensure_vector_stores(other.data, other.seed, Path(other.paths.cache)).gallery.vectors), gallery)
 
 
 @pytest.mark.parametrize("override, key", [("data.gallery_size=0", "data.gallery_size=0"),
@@ -101,7 +104,7 @@ def test_brute_force_streams_a_gallery_larger_than_its_resident_limit(tmp_path):
 
 
 def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tmp_path, monkeypatch):
-    import imgret.index.methods as index_module
+    import imgret.index.build as index_module
 
     monkeypatch.setattr(index_module, "ON_DISK_SHARD_ROWS", 1500)  # several shards to merge
     vectors = clustered_vectors(5000, 16, clusters=8, seed=5)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Sequence
 
@@ -28,45 +28,22 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from imgret.track import lifecycle
+from imgret.embed import launch
 from imgret.cache import file_lock
-from imgret.sources.images import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, Splits
+from imgret.sources.base import ImageSet, Splits
+from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from imgret.errors import BadImage, ConfigError, DataUnavailable
 from imgret.embed.models import Encoder, build_encoder, describe_encoder
-from imgret.embed.preprocess import DEFAULT_DECODER, Preprocessing
-from imgret.embed.store import EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
+from imgret.embed.options import ExtractSettings
+from imgret.embed.preprocess import Preprocessing
+from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
 # Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
-
-@dataclass(frozen=True)
-class Embeddings:
-    gallery: EmbeddingStore
-    queries: EmbeddingStore
-    extracted: tuple[str, ...]  # the splits this call extracted; the others came from the cache
-    checks: dict = field(default_factory=dict)  # what was checked about the source (logged as tags)
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """Throughput over both splits and batch-1 latency, as measured when the stores were made (for a
-        resumed extraction: over the images its last attempt extracted)."""
-        extractions = [self.gallery.meta["extraction"], self.queries.meta["extraction"]]
-        images = sum(e["images"] for e in extractions)
-        seconds = sum(e["seconds"] for e in extractions)
-        return {  # NaN when nothing was extracted (generated vectors)
-            "extract_ms_per_image": self.gallery.meta["extraction"]["ms_per_image_batch1"],
-            "extract_images_per_s": images / seconds if seconds > 0 and images else float("nan"),
-        }
-
-    @property
-    def bad_images(self) -> list[str]:
-        return [f"{store.meta['key']['split']}\t{line}" for store in (self.gallery, self.queries)
-                for line in store.bad_images]
 
 
 class ImageDataset(Dataset):
@@ -206,25 +183,25 @@ class EmbeddingStoreWriter(BasePredictionWriter):
             self._files = None
 
 
-def ensure_embeddings(splits: Splits, cfg) -> Embeddings:
-    stores, extracted = ensure_stores((splits.gallery, splits.queries), cfg)
+def ensure_embeddings(splits: Splits, settings: ExtractSettings) -> Embeddings:
+    stores, extracted = ensure_stores((splits.gallery, splits.queries), settings)
     return Embeddings(stores["gallery"], stores["queries"], extracted)
 
 
-def ensure_stores(image_sets, cfg) -> tuple[dict[str, EmbeddingStore], tuple[str, ...]]:
+def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, EmbeddingStore], tuple[str, ...]]:
     """The store of each image set (by split), reused from the cache or extracted; and the splits extracted."""
-    description = store_encoder_description(cfg)
-    cache_dir = Path(cfg.paths.cache)
+    description = store_encoder_description(settings)
+    cache_dir = settings.cache_dir
     wanted = {s.split: (s, store_key(s, description)) for s in image_sets}
     stores = {split: EmbeddingStore.open(store_dir(cache_dir, key)) for split, (_, key) in wanted.items()}
     missing = [split for split, store in stores.items() if store is None]
     extracted = []
     if missing:
-        encoder = build_encoder(cfg.model, cfg.seed)
-        device = resolve_device(cfg.device)
-        rank = lifecycle.process_rank()
-        latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], int(cfg.extract.latency_images), device,
-                                        int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))) \
+        encoder = build_encoder(settings.model, settings.seed)
+        device = resolve_device(settings.device)
+        rank = launch.process_rank()
+        latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], settings.latency_images, device,
+                                        settings.max_image_pixels) \
             if rank == 0 else float("nan")
         for split in missing:
             image_set, key = wanted[split]
@@ -236,7 +213,7 @@ def ensure_stores(image_sets, cfg) -> tuple[dict[str, EmbeddingStore], tuple[str
                 stores[split] = EmbeddingStore.open(final_dir) if rank == 0 else None
                 if stores[split] is None:
                     remove_stale_staging(final_dir)
-                    stores[split] = extract_store(encoder, image_set, key, cache_dir, cfg, latency_ms)
+                    stores[split] = extract_store(encoder, image_set, key, settings, latency_ms)
                     extracted.append(split)
     else:
         log.info("reusing embedding stores %s", ", ".join(str(store.path) for store in stores.values()))
@@ -299,11 +276,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return str(precision)
 
 
-def store_encoder_description(cfg) -> dict:
+def store_encoder_description(settings: ExtractSettings) -> dict:
     """The encoder's description, the decoder (its pixels differ), and the extraction precision whenever it
     changes the vectors."""
-    description = {**describe_encoder(cfg.model, cfg.seed), "decoder": cfg.extract.get("decoder", DEFAULT_DECODER)}
-    precision = resolve_precision(cfg.extract.get("precision", "auto"), resolve_device(cfg.device))
+    description = {**describe_encoder(settings.model, settings.seed), "decoder": settings.decoder}
+    precision = resolve_precision(settings.precision, resolve_device(settings.device))
     return description if precision == "32-true" else {**description, "precision": precision}
 
 
@@ -314,18 +291,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
+def local_ranks(settings: ExtractSettings, image_set: ImageSet, final_dir: Path, devices: int):
     """Ranks 1..devices-1 of a one-machine extraction, each a process running only the extraction
     (`python -m imgret.embed.extract SPEC`), and this process as rank 0 among them.
 
     Lightning's own launcher would start the whole command again in every rank (a second MLflow run, a
-    second sweep under `-m`); these ranks get the resolved config and the image set, nothing else."""
+    second sweep under `-m`); these ranks get the extraction's settings and the image set, nothing else."""
     spec = Path(tempfile.mkdtemp(prefix="imgret-ranks-")) / "spec.json"
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
     (spec.parent / "paths.txt").write_text("\n".join(image_set.paths))
     np.save(spec.parent / "labels.npy", image_set.labels)
-    spec.write_text(json.dumps({"config": config, "final_dir": str(final_dir), "dataset": image_set.dataset,
+    spec.write_text(json.dumps({"settings": settings.to_json(), "final_dir": str(final_dir), "dataset": image_set.dataset,
                                 "split": image_set.split, "class_names": list(image_set.class_names),
                                 "source_id": image_set.source_id}))
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices), "NODE_RANK": "0"}
@@ -356,48 +331,47 @@ def local_ranks(cfg, image_set: ImageSet, final_dir: Path, devices: int):
             raise RuntimeError(f"extraction ranks 1..{devices - 1} exited with {codes}; see their output above")
 
 
-def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, cfg,
+def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, settings: ExtractSettings,
                  callbacks: Sequence[pl.Callback] = ()) -> tuple:
     """Run Lightning's prediction loop over the images `todo` (rank 0's choice, broadcast to every rank),
     streaming rows into the store's staging folder. Returns (writer, seconds, is_global_zero)."""
-    device = resolve_device(cfg.device)
-    devices = resolve_devices(cfg.extract.get("devices", 1), device)
-    num_nodes = int(cfg.extract.get("num_nodes", 1))
-    start_ranks = devices * num_nodes > 1 and not lifecycle.launched_externally()
+    device = resolve_device(settings.device)
+    devices = resolve_devices(settings.devices, device)
+    num_nodes = int(settings.num_nodes)
+    start_ranks = devices * num_nodes > 1 and not launch.launched_externally()
     threads = torch.get_num_threads()
     if device == "cpu" and devices > 1:  # processes share the cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-    preprocessing = encoder.preprocessing(cfg.extract.get("decoder", DEFAULT_DECODER))
-    dataset = ImageDataset(image_set, preprocessing, todo, int(cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
-                           cfg.data.get("on_bad_image", "skip") == "skip")
+    preprocessing = encoder.preprocessing(settings.decoder)
+    dataset = ImageDataset(image_set, preprocessing, todo, settings.max_image_pixels, settings.skip_bad_images)
     writer = EmbeddingStoreWriter(final_dir, dataset)
-    num_workers = resolve_num_workers(cfg.num_workers, device)
-    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=num_workers, shuffle=False,
+    num_workers = resolve_num_workers(settings.num_workers, device)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=num_workers, shuffle=False,
                         collate_fn=dataset.collate,
                         pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
                         persistent_workers=False)
     try:
-        with local_ranks(cfg, image_set, final_dir, devices) if start_ranks else contextlib.nullcontext():
+        with local_ranks(settings, image_set, final_dir, devices) if start_ranks else contextlib.nullcontext():
             trainer = pl.Trainer(
                 accelerator="gpu" if device == "cuda" else "cpu",
                 devices=devices,
                 num_nodes=num_nodes,
-                strategy=str(cfg.extract.get("strategy", "auto")),
-                precision=resolve_precision(cfg.extract.get("precision", "auto"), device),
+                strategy=str(settings.strategy),
+                precision=resolve_precision(settings.precision, device),
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
-                enable_progress_bar=bool(cfg.extract.progress),
+                enable_progress_bar=settings.progress,
                 inference_mode=True,
                 callbacks=[writer, *callbacks, *([ExtractionProgressBar(
-                    f"{image_set.split} · {encoder.name}, batches of {int(cfg.batch_size)}")] if cfg.extract.progress else [])],
+                    f"{image_set.split} · {encoder.name}, batches of {settings.batch_size}")] if settings.progress else [])],
             )
             if trainer.is_global_zero:
                 log.info("extracting %d %s images with %s into %s (%d process%s)", len(todo), image_set.split,
                          encoder.name, final_dir, devices * num_nodes, "es" if devices * num_nodes > 1 else "")
             start = time.perf_counter()
             module = EmbeddingModule(encoder.network, preprocessing.mean, preprocessing.std,
-                                     bool(cfg.extract.get("channels_last", True)))
+                                     settings.channels_last)
             trainer.predict(module, dataloaders=loader, return_predictions=False)
             return writer, time.perf_counter() - start, trainer.is_global_zero
     finally:
@@ -414,18 +388,18 @@ def wait_for_commit(final_dir: Path, timeout_s: float = 3600) -> EmbeddingStore:
     return EmbeddingStore(final_dir)
 
 
-def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: Path, cfg,
+def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, settings: ExtractSettings,
                   latency_ms: float, callbacks: Sequence[pl.Callback] = ()) -> EmbeddingStore:
     """Extract the images a killed earlier attempt did not finish, then merge and commit the store.
     Rank 0 holds the store's lock, decides what is left to do, merges and commits; other ranks (started by
     a launcher) extract their share and wait for the commit. `callbacks` join the prediction loop's (the
     benchmark times the forward alone between its batches)."""
-    final_dir = store_dir(cache_dir, key)
-    device = resolve_device(cfg.device)
+    final_dir = store_dir(settings.cache_dir, key)
+    device = resolve_device(settings.device)
     count = len(image_set)
-    rank = lifecycle.process_rank()
+    rank = launch.process_rank()
     if rank != 0:  # never touch the staging folder: rank 0 validates it, and broadcasts what is left to do
-        predict_rows(encoder, image_set, np.empty(0, dtype=np.int64), final_dir, cfg)
+        predict_rows(encoder, image_set, np.empty(0, dtype=np.int64), final_dir, settings)
         return wait_for_commit(final_dir)
     progress = StagedStore(final_dir, "resume").resume(count)
     finished = np.union1d(progress.done, np.fromiter(progress.bad, dtype=np.int64, count=len(progress.bad)))
@@ -434,14 +408,14 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
         log.info("resuming the %s store %s: %d images done by an earlier attempt, %d to go", image_set.split,
                  final_dir.name, finished.size, todo.size)
     writer, seconds = None, 0.0
-    if todo.size or lifecycle.launched_externally():  # under a launcher every rank must join the loop
-        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, cfg, callbacks)
+    if todo.size or launch.launched_externally():  # under a launcher every rank must join the loop
+        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, settings, callbacks)
     staged = StagedStore(final_dir, "merge")
     dim = (writer.dim if writer else None) or progress.dim or staged.resume(count).dim
     if dim is None:
         raise DataUnavailable(f"none of the {count} {image_set.split} images could be used; see the warnings above")
     rows = staged.merge_parts(image_set, dim)
-    devices = resolve_devices(cfg.extract.get("devices", 1), device) * int(cfg.extract.get("num_nodes", 1))
+    devices = resolve_devices(settings.devices, device) * int(settings.num_nodes)
     meta = {
         "key": key,
         "count": rows,
@@ -454,11 +428,11 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, cache_dir: P
             "resumed_rows": int(progress.done.size),
             "images_per_s": todo.size / seconds if seconds > 0 else None,
             "ms_per_image_batch1": latency_ms,
-            "batch_size": int(cfg.batch_size),
-            "num_workers": resolve_num_workers(cfg.num_workers, device),
+            "batch_size": settings.batch_size,
+            "num_workers": resolve_num_workers(settings.num_workers, device),
             "device": device,
             "processes": devices,
-            "precision": resolve_precision(cfg.extract.get("precision", "auto"), device),
+            "precision": resolve_precision(settings.precision, device),
             "threads": torch.get_num_threads(),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -473,8 +447,9 @@ def worker_main(spec_path: str) -> None:
     paths = (folder / "paths.txt").read_text().split("\n")
     image_set = ImageSet(spec["dataset"], spec["split"], tuple(paths), np.load(folder / "labels.npy"),
                          tuple(spec["class_names"]), spec["source_id"])
-    cfg = OmegaConf.create(spec["config"])
-    predict_rows(build_encoder(cfg.model, cfg.seed), image_set, np.empty(0, dtype=np.int64), Path(spec["final_dir"]), cfg)
+    settings = ExtractSettings.from_json(spec["settings"])
+    predict_rows(build_encoder(settings.model, settings.seed), image_set, np.empty(0, dtype=np.int64),
+                 Path(spec["final_dir"]), settings)
 
 
 if __name__ == "__main__":

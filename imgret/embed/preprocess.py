@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 
 from imgret.errors import ConfigError, bad_value
-from imgret.sources.images import open_image, open_pixels, to_rgb
-from imgret.validate import DECODERS
+from imgret.sources.decode import open_image, open_pixels, to_rgb
+from imgret.embed.options import DECODERS, DEFAULT_DECODER
 
-DEFAULT_DECODER = DECODERS[0]
 # the steps of an eval transform the torchvision decoder runs on tensors (the others ask for extract.decoder=pil)
 TENSOR_STEPS = ("Resize", "CenterCrop")
 RGB_STEPS = ("MaybeConvertMode", "_convert_to_rgb")  # decoding already gives RGB

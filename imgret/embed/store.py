@@ -21,14 +21,14 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from imgret.cache import damage, describe_files, move_aside
-from imgret.sources.images import ImageSet
+from imgret.sources.base import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +244,28 @@ def remove_stale_staging(final_dir: Path) -> None:
     for stale in Path(final_dir).parent.glob(f".{Path(final_dir).name}.tmp-*"):
         log.info("removing stale staging folder %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    gallery: EmbeddingStore
+    queries: EmbeddingStore
+    extracted: tuple[str, ...]  # the splits this call extracted; the others came from the cache
+    checks: dict = field(default_factory=dict)  # what was checked about the source (logged as tags)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Throughput over both splits and batch-1 latency, as measured when the stores were made (for a
+        resumed extraction: over the images its last attempt extracted)."""
+        extractions = [self.gallery.meta["extraction"], self.queries.meta["extraction"]]
+        images = sum(e["images"] for e in extractions)
+        seconds = sum(e["seconds"] for e in extractions)
+        return {  # NaN when nothing was extracted (generated vectors)
+            "extract_ms_per_image": self.gallery.meta["extraction"]["ms_per_image_batch1"],
+            "extract_images_per_s": images / seconds if seconds > 0 and images else float("nan"),
+        }
+
+    @property
+    def bad_images(self) -> list[str]:
+        return [f"{store.meta['key']['split']}\t{line}" for store in (self.gallery, self.queries)
+                for line in store.bad_images]

@@ -69,3 +69,32 @@ def similarities_of(ids: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -
         sims = np.einsum("qkd,qd->qk", vectors, queries[start:start + 256])
         out[start:start + 256] = np.where(valid, sims, -np.inf)
     return out
+
+
+# What a finished run prints: the figures people compare, in the order they read them.
+RESULT_ROWS = (
+    ("recall@1 / @10 / @k", ("recall_at_1", "recall_at_10", "recall_at_k"), "{:.4f}"),
+    ("precision@10", ("precision_at_10",), "{:.4f}"),
+    ("search p50 / p99 (ms)", ("search_ms_p50", "search_ms_p99"), "{:.3f}"),
+    ("batch search (queries/s)", ("search_qps_batch",), "{:,.0f}"),
+    ("extraction (images/s)", ("extract_images_per_s",), "{:,.1f}"),
+    ("index build (s) / size (MB)", ("build_s", "index_bytes"), None),
+    ("stages: stores / truth / index / search (s)", ("stores_s", "groundtruth_s", "index_s", "search_s"), "{:.2f}"),
+    ("peak resident set (GB)", ("peak_rss_bytes",), None),
+)
+
+
+def results_table(metrics: dict[str, float]) -> str:
+    """A small aligned table of a run's main figures (every metric is in MLflow and results.json)."""
+    def shown(key: str, form: str | None) -> str:
+        value = metrics.get(key, float("nan"))
+        if key == "index_bytes":
+            return f"{value / 1e6:,.1f}"
+        if key == "peak_rss_bytes":
+            return f"{value / 1e9:.2f}"
+        return (form or "{:.2f}").format(value)
+
+    rows = [(label, " / ".join(shown(key, form) for key in keys)) for label, keys, form in RESULT_ROWS
+            if any(key in metrics for key in keys)]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)

@@ -21,6 +21,27 @@ from imgret.index.methods import SearchIndex
 
 
 @dataclass(frozen=True)
+class SearchSettings:
+    """How a run searches and times: at k, with these sample sizes, threads and tie tolerance. The defaults are
+    conf/config.yaml's (tests/test_settings.py holds them equal)."""
+    k: int = 10
+    latency_queries: int = 1000
+    warmup_queries: int = 50
+    repeats: int = 3
+    threads: int | None = None
+    tie_epsilon: float = 1e-6
+    seed: int = 0  # which queries are timed one at a time
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "SearchSettings":
+        search = cfg.search
+        return cls(k=int(cfg.k), latency_queries=int(search.latency_queries), warmup_queries=int(search.warmup_queries),
+                   repeats=int(search.get("repeats", 3)), threads=search.get("threads"),
+                   tie_epsilon=float(search.tie_epsilon), seed=int(cfg.seed), progress=bool(cfg.extract.progress))
+
+
+@dataclass(frozen=True)
 class SearchRun:
     ids: np.ndarray  # (queries, k), from the last batch call
     scores: np.ndarray

@@ -1,9 +1,12 @@
 """Accuracy-vs-speed study: small pure functions over runs (dicts of params and metrics)."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
+
+from imgret.index.methods import METHOD_LABELS
 
 EXACT_METHODS = ("brute", "flat")
 RECALL_TARGETS = (0.90, 0.95, 0.99)
@@ -76,3 +79,67 @@ def summary_metrics(runs: Sequence[dict]) -> dict[str, float]:
     if runs:
         summary["best_recall_at_10"] = float(max(run["recall_at_10"] for run in runs))
     return summary
+
+
+def by_key(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(run[k] for k in keys)].append(run)
+    return groups
+
+
+def gallery_words(runs: list[dict]) -> str:
+    galleries = sorted({int(r["gallery_size"]) for r in runs})
+    queries = sorted({int(r["query_size"]) for r in runs})
+    sizes = sorted({str(r["image_size"]) for r in runs})
+    size = "native size" if sizes == ["null"] else f"{'/'.join(sizes)} px"
+    return (f"gallery {'/'.join(f'{g:,}' for g in galleries)} images, "
+            f"{'/'.join(f'{q:,}' for q in queries)} queries, {size}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+OPERATING_POINTS_HEADER = ["model", "index", *[f"recall@10 ≥ {t:.2f}" for t in RECALL_TARGETS]]
+
+
+def operating_point_rows(runs: list[dict]) -> list[list[str]]:
+    """Per model and index, the fastest setting (batch QPS) reaching each recall@10 target."""
+    rows = []
+    for (model, method), group in sorted(by_key(runs, "model", "method").items()):
+        row = [model, METHOD_LABELS[method]]
+        for target in RECALL_TARGETS:
+            best = fastest_reaching(group, target)
+            row.append("not reached" if best is None else
+                       f"{best['setting'] or 'exact'}: {best['search_qps_batch']:,.0f} QPS, "
+                       f"p99 {best['search_ms_p99']:.3f} ms (R@10 {best['recall_at_10']:.3f})")
+        rows.append(row)
+    return rows
+
+
+def provenance_lines(runs: list[dict]) -> list[str]:
+    """What produced the points, one line per provenance, most points first; a warning first when they differ."""
+    groups = sorted(by_key(runs, "provenance").items(), key=lambda item: -len(item[1]))
+    lines = [f"- {len(group)} points, provenance {provenance}: {group[0]['provenance_text']}"
+             for (provenance,), group in groups]
+    if len(groups) > 1:
+        lines.insert(0, f"WARNING: these {len(runs)} points come from {len(groups)} provenances (imgret's code, the "
+                        "libraries' versions or the machine differ): compare them with care, or run the sweep again.")
+    return lines
+
+
+def parent_note(runs: list[dict], parent_id: str, planned: str) -> str:
+    """The sweep's parent run's description (`mlflow.note.content`, shown on the run's own page in MLflow):
+    the answer to "which setting reaches recall R fastest", what produced it, and where the whole study is."""
+    if not runs:
+        return f"imgret sweep: no finished point with recall@10 (planned points: {planned})."
+    return "\n".join([
+        f"**imgret sweep**: {len(runs)} finished points (planned: {planned}); {gallery_words(runs)}.",
+        "", "**Operating points**: the fastest setting (batch QPS, all queries in one call) reaching each recall@10:",
+        "", markdown_table(OPERATING_POINTS_HEADER, operating_point_rows(runs)),
+        "**Provenance**:", "", *provenance_lines(runs), "",
+        f"The whole study (tables, Pareto plots): `python -m imgret.report --parent {parent_id}`, then "
+        "report/report.html among this run's artifacts."])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 
@@ -93,13 +94,24 @@ class PeakResidentSet:
         self._halt()
 
 
-def interleaved(alternatives: dict, rounds: int) -> dict[str, list[float]]:
-    """Each alternative's figure (a callable's return), measured A, B, A, B, ... for `rounds` rounds, so that a
-    change in the machine's load during the measurement falls on every alternative alike."""
-    figures: dict[str, list[float]] = {name: [] for name in alternatives}
+def best_seconds(function, repeats: int) -> float:
+    """The fastest of `repeats` calls: the one least disturbed by other work on the machine."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def interleaved(alternatives: dict, rounds: int) -> dict[str, list]:
+    """Each alternative's figure (a callable's return: a number, or a tuple of them), measured A, B, A, B, ... for
+    `rounds` rounds, so that a change in the machine's load during the measurement falls on every alternative
+    alike."""
+    figures: dict[str, list] = {name: [] for name in alternatives}
     for _ in range(rounds):
         for name, measure in alternatives.items():
-            figures[name].append(float(measure()))
+            figures[name].append(measure())
     return figures
 
 

@@ -7,12 +7,11 @@ Exit codes: 0 stopped; 2 a configuration error (one line); 1 another error expla
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from imgret.errors import ConfigError, ImgretError, bad_value
+from imgret.errors import ImgretError, bad_value, exit_with
 
 log = logging.getLogger("imgret.serve")
 
@@ -71,9 +70,7 @@ def main(cfg: DictConfig) -> None:
     try:
         start(cfg)
     except ImgretError as error:
-        kind = "config error" if isinstance(error, ConfigError) else "error"
-        print(f"{kind}: {error}", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from imgret.api import Retriever
 from imgret.errors import BadImage, ImgretError, bad_value
 from imgret.measure.metrics import precision_at, recall_at
-from imgret.sources.images import decode_image, open_image
+from imgret.sources.decode import decode_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -78,127 +78,108 @@ class UploadLimit:
                 f"{self.max_bytes / 2**20:g} MB")
 
 
-def create_app(retriever: Retriever, settings: ServeSettings) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        # One request's path before the first real one: the thread pool, Pillow's decoder, the model and the
-        # default index pay their first-call costs here, not on the first request's timings.
-        sample = io.BytesIO()
-        Image.new("RGB", (64, 64), (128, 128, 128)).save(sample, "JPEG")
-        picture = await run_in_threadpool(decode_upload, sample.getvalue(), "warm-up.jpg")
-        await run_in_threadpool(answer, picture, min(settings.default_k, max_k), retriever.default_index, None)
-        yield
+def bad_image_answer(error: BadImage, name: str, status: int | None = None) -> HTTPException:
+    """The one mapping from an image that cannot be used to an answer: 415 not an image, 413 too many pixels, 400
+    damaged (or `status`, for an image the server itself holds)."""
+    status = status or BAD_IMAGE_STATUS.get(error.kind, 400)
+    if status == 415:  # Pillow's reason names only its in-memory buffer
+        return HTTPException(status, f"{name}: not an image this server reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)")
+    what = {413: "too many pixels: ", 400: "a damaged or truncated image: "}.get(status, "")
+    return HTTPException(status, f"{name}: {what}{error.reason}")
 
-    app = FastAPI(title="imgret", version="1", lifespan=lifespan,
-                  description="Image retrieval: a query image in, its nearest gallery images out, with what each "
-                              "stage cost and what the approximate index missed against exact search.")
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
-    model_lock = threading.Lock()
-    gallery_size = len(retriever.gallery)
-    max_k = min(settings.max_k, gallery_size)
-    page = resources.files("imgret.serve").joinpath("page.html").read_text()
 
-    @app.exception_handler(ImgretError)
-    async def imgret_error(request: Request, error: ImgretError):  # a bad k or index name: one line, no trace
-        return JSONResponse({"detail": str(error)}, status_code=400)
+class Demo:
+    """What the routes answer with, over one retriever: each handler a method, registered by `create_app`."""
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception):
-        log.exception("while answering %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(error).__name__}); see the server's log"},
-                            status_code=500)
+    def __init__(self, retriever: Retriever, settings: ServeSettings):
+        self.retriever, self.settings = retriever, settings
+        self.model_lock = threading.Lock()
+        self.gallery_size = len(retriever.gallery)
+        self.max_k = min(settings.max_k, self.gallery_size)
+        self.default_k = min(settings.default_k, self.max_k)
+        self.page = resources.files("imgret.serve").joinpath("page.html").read_text()
+        self.gallery_thumbnail = functools.lru_cache(maxsize=4096)(self._gallery_thumbnail)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index_page():
-        return page
+    def index_page(self):
+        return self.page
 
-    @app.get("/api/health")
-    def health():
-        return {"status": "ok", "gallery_size": gallery_size, "dim": retriever.gallery.dim,
-                "model": retriever.embedder.name if retriever.embedder else None,
-                "weights": retriever.embedder.description["weights"] if retriever.embedder else None,
-                "indexes": len(retriever.indexes)}
+    def health(self):
+        embedder = self.retriever.embedder
+        return {"status": "ok", "gallery_size": self.gallery_size, "dim": self.retriever.gallery.dim,
+                "model": embedder.name if embedder else None,
+                "weights": embedder.description["weights"] if embedder else None,
+                "indexes": len(self.retriever.indexes)}
 
-    @app.get("/api/indexes")
-    def indexes():
+    def indexes(self):
+        retriever = self.retriever
         return {
-            "default": retriever.default_index,
-            "default_k": min(settings.default_k, max_k),
-            "max_k": max_k,
-            "gallery_size": gallery_size,
+            "default": retriever.default_index, "default_k": self.default_k, "max_k": self.max_k,
+            "gallery_size": self.gallery_size,
             "query_set_size": len(retriever.queries) if retriever.queries is not None else 0,
             "indexes": [{"name": c.name, "method": c.method, "exact": c.exact, "setting": c.setting,
                          "build_s": round(c.built.build_s, 3), "bytes": int(c.built.nbytes)}
                         for c in retriever.choices],
         }
 
-    def query_record(query_id: int) -> dict:
-        queries = retriever.queries
+    def query_record(self, query_id: int) -> dict:
+        queries = self.retriever.queries
         if queries is None or not 0 <= query_id < len(queries):
             raise HTTPException(404, f"query_id={query_id} is not in the query set "
                                      f"(0 to {len(queries) - 1 if queries is not None else -1})")
         label = int(queries.labels[query_id])
-        return {"id": query_id, "label": label, "class_name": retriever.class_name(label),
+        return {"id": query_id, "label": label, "class_name": self.retriever.class_name(label),
                 "thumbnail": f"/api/queries/{query_id}/thumbnail"}
 
-    @app.get("/api/queries/random")
-    def random_query():
-        if retriever.queries is None or len(retriever.queries) == 0:
+    def random_query(self):
+        if self.retriever.queries is None or len(self.retriever.queries) == 0:
             raise HTTPException(404, "this server has no query set")
-        return query_record(random.randrange(len(retriever.queries)))
+        return self.query_record(random.randrange(len(self.retriever.queries)))
 
-    def thumbnail_bytes(path: str) -> bytes:
+    def thumbnail_bytes(self, path: str, name: str) -> bytes:
         try:
-            image = open_image(path, settings.max_image_pixels)
+            image = open_image(path, self.settings.max_image_pixels)
         except BadImage as error:
-            raise HTTPException(404, f"no thumbnail: {error.reason}") from error
+            raise bad_image_answer(error, f"no thumbnail of {name}", status=404) from error
         image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
         return out.getvalue()
 
-    @functools.lru_cache(maxsize=4096)
-    def gallery_thumbnail(row: int) -> bytes:
-        return thumbnail_bytes(retriever.gallery.paths[row])
+    def _gallery_thumbnail(self, row: int) -> bytes:
+        return self.thumbnail_bytes(self.retriever.gallery.paths[row], f"gallery image {row}")
 
-    @app.get("/api/thumbnails/{gallery_id}", responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(gallery_id: int):
+    def thumbnail(self, gallery_id: int):
         """A gallery image, at most 160 pixels a side, by its id (its row in the store): never by path."""
-        if not 0 <= gallery_id < gallery_size:
-            raise HTTPException(404, f"gallery_id={gallery_id} is not in the gallery (0 to {gallery_size - 1})")
-        return Response(gallery_thumbnail(gallery_id), media_type="image/jpeg",
+        if not 0 <= gallery_id < self.gallery_size:
+            raise HTTPException(404, f"gallery_id={gallery_id} is not in the gallery (0 to {self.gallery_size - 1})")
+        return Response(self.gallery_thumbnail(gallery_id), media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=86400"})
 
-    @app.get("/api/queries/{query_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}})
-    def query_thumbnail(query_id: int):
-        query_record(query_id)
-        return Response(thumbnail_bytes(retriever.queries.paths[query_id]), media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=86400"})
+    def query_thumbnail(self, query_id: int):
+        self.query_record(query_id)
+        return Response(self.thumbnail_bytes(self.retriever.queries.paths[query_id], f"query {query_id}"),
+                        media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
-    def decode_upload(data: bytes, name: str):
+    def decode_upload(self, data: bytes, name: str):
         try:
-            return decode_image(io.BytesIO(data), name, settings.max_image_pixels, "serve.max_image_pixels")
+            return decode_image(io.BytesIO(data), name, self.settings.max_image_pixels, "serve.max_image_pixels")
         except BadImage as error:
-            status = BAD_IMAGE_STATUS.get(error.kind, 400)
-            if status == 415:  # Pillow's reason names only its in-memory buffer
-                raise HTTPException(status, f"{name}: not an image this server reads (JPEG, PNG, GIF, WebP, BMP, "
-                                            "TIFF, ...)") from error
-            what = "too many pixels" if status == 413 else "a damaged or truncated image"
-            raise HTTPException(status, f"{name}: {what}: {error.reason}") from error
+            raise bad_image_answer(error, name) from error
 
-    def open_query(query_id: int):
+    def open_query(self, query_id: int):
         try:
-            return open_image(retriever.queries.paths[query_id], settings.max_image_pixels)
+            return open_image(self.retriever.queries.paths[query_id], self.settings.max_image_pixels)
         except BadImage as error:
-            raise HTTPException(400, f"query {query_id}: {error.reason}") from error
+            raise bad_image_answer(error, f"query {query_id}", status=400) from error
 
-    def answer(image, k: int, index: str, query: dict | None) -> dict:
+    def answer(self, image, k: int, index: str, query: dict | None) -> dict:
+        retriever = self.retriever
         choice = retriever.check(k, index)
         timings = {}
         start = time.perf_counter()
         batch = retriever.embedder.prepare([image])
         timings["preprocess"] = (time.perf_counter() - start) * 1000
-        with model_lock:
+        with self.model_lock:
             start = time.perf_counter()
             vector = retriever.embedder.embed_prepared(batch)
             timings["embed"] = (time.perf_counter() - start) * 1000
@@ -224,34 +205,73 @@ def create_app(retriever: Retriever, settings: ServeSettings) -> FastAPI:
             body["precision_at_k"] = precision_at(found.ids, labels, np.asarray([query["label"]]), k)
         return body
 
-    @app.post("/api/search")
-    async def search(image: UploadFile | None = File(None, description="the query image (JPEG, PNG, ...)"),
+    async def search(self, image: UploadFile | None = File(None, description="the query image (JPEG, PNG, ...)"),
                      query_id: int | None = Form(None, description="or: a query from the query set, by id"),
                      k: int | None = Form(None, description="how many neighbours (1 to max_k; default 10)"),
                      index: str | None = Form(None, description="one of GET /api/indexes' names")):
         """Embed the image, search the chosen index, and the exact index beside it. `timings_ms` holds
         decode (reading the upload into pixels), preprocess, embed, search and exact_search."""
-        k = min(settings.default_k, max_k) if k is None else k
-        if not 1 <= k <= max_k:
-            raise HTTPException(400, str(bad_value("k", k, f"a whole number from 1 to {max_k} (serve.max_k, at most "
-                                                           "the gallery size)")))
-        index = index or retriever.default_index
-        retriever.check(k, index)  # a bad index name: answered before any image is read
+        k = self.default_k if k is None else k
+        if not 1 <= k <= self.max_k:
+            raise HTTPException(400, str(bad_value("k", k, f"a whole number from 1 to {self.max_k} (serve.max_k, at "
+                                                           "most the gallery size)")))
+        index = index or self.retriever.default_index
+        self.retriever.check(k, index)  # a bad index name: answered before any image is read
         start = time.perf_counter()
         if image is not None and image.filename:
             data = await image.read()
             if not data:
                 raise HTTPException(400, f"{image.filename}: the upload is empty")
-            picture = await run_in_threadpool(decode_upload, data, image.filename)
+            picture = await run_in_threadpool(self.decode_upload, data, image.filename)
             query = None
         elif query_id is not None:
-            query = query_record(query_id)
-            picture = await run_in_threadpool(open_query, query_id)
+            query = self.query_record(query_id)
+            picture = await run_in_threadpool(self.open_query, query_id)
         else:
             raise HTTPException(400, "send an image (multipart field 'image') or a query_id from the query set")
         decode_ms = (time.perf_counter() - start) * 1000
-        body = await run_in_threadpool(answer, picture, k, index, query)
+        body = await run_in_threadpool(self.answer, picture, k, index, query)
         body["timings_ms"] = {"decode": decode_ms, **body["timings_ms"]}
         return body
 
+    async def warm_up(self) -> None:
+        """One request's path before the first real one: the thread pool, Pillow's decoder, the model and the
+        default index pay their first-call costs here, not on the first request's timings."""
+        sample = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(sample, "JPEG")
+        picture = await run_in_threadpool(self.decode_upload, sample.getvalue(), "warm-up.jpg")
+        await run_in_threadpool(self.answer, picture, self.default_k, self.retriever.default_index, None)
+
+
+async def imgret_error(request: Request, error: ImgretError):  # a bad k or index name: one line, no trace
+    return JSONResponse({"detail": str(error)}, status_code=400)
+
+
+async def unexpected(request: Request, error: Exception):
+    log.exception("while answering %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": f"internal error ({type(error).__name__}); see the server's log"}, status_code=500)
+
+
+def create_app(retriever: Retriever, settings: ServeSettings) -> FastAPI:
+    demo = Demo(retriever, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await demo.warm_up()
+        yield
+
+    app = FastAPI(title="imgret", version="1", lifespan=lifespan,
+                  description="Image retrieval: a query image in, its nearest gallery images out, with what each "
+                              "stage cost and what the approximate index missed against exact search.")
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_exception_handler(ImgretError, imgret_error)
+    app.add_exception_handler(Exception, unexpected)
+    jpeg = {200: {"content": {"image/jpeg": {}}}}
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(demo.index_page)
+    app.get("/api/health")(demo.health)
+    app.get("/api/indexes")(demo.indexes)
+    app.get("/api/queries/random")(demo.random_query)
+    app.get("/api/thumbnails/{gallery_id}", responses=jpeg)(demo.thumbnail)
+    app.get("/api/queries/{query_id}/thumbnail", responses=jpeg)(demo.query_thumbnail)
+    app.post("/api/search")(demo.search)
     return app

@@ -20,10 +20,8 @@ FILE_FORMATS = (".npy", ".fvecs", ".bvecs", ".fbin", ".u8bin", ".i8bin", ".hdf5"
 BIN_TYPES = {".fbin": np.float32, ".u8bin": np.uint8, ".i8bin": np.int8}
 VECS_TYPES = {".fvecs": np.float32, ".bvecs": np.uint8}
 
-
 class VectorFileError(ValueError):
     """The file is not what its ending says (the message says what was found)."""
-
 
 @dataclass
 class VectorFile:
@@ -39,7 +37,6 @@ class VectorFile:
     @property
     def dim(self) -> int:
         return int(self.rows.shape[1])
-
 
 class Concatenated:
     """Several 2-D memory maps read as one, row ranges spanning file boundaries."""
@@ -58,7 +55,6 @@ class Concatenated:
                 pieces.append(np.asarray(part[low - first:high - first]))
         return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), dtype=self.parts[0].dtype)
 
-
 def _npy(path: Path) -> np.ndarray:
     try:
         rows = np.load(path, mmap_mode="r")
@@ -67,7 +63,6 @@ def _npy(path: Path) -> np.ndarray:
     if rows.ndim != 2 or rows.dtype.kind not in "fiu":
         raise VectorFileError(f"it holds a {rows.ndim}-D {rows.dtype} array, not (vectors, dimension) numbers")
     return rows
-
 
 def _vecs(path: Path, dtype) -> np.ndarray:
     size = path.stat().st_size
@@ -82,7 +77,6 @@ def _vecs(path: Path, dtype) -> np.ndarray:
         raise VectorFileError("its rows do not all start with the same dimension")
     return raw[:, 4:].view(dtype) if dtype is not np.uint8 else raw[:, 4:]
 
-
 def _bin(path: Path, dtype) -> np.ndarray:
     header = np.fromfile(path, dtype=np.int32, count=2)
     if len(header) < 2:
@@ -93,7 +87,6 @@ def _bin(path: Path, dtype) -> np.ndarray:
         raise VectorFileError(f"its header says {count} x {dim}, which needs {expected} bytes, "
                               f"not {path.stat().st_size}")
     return np.memmap(path, dtype=dtype, mode="r", offset=8, shape=(count, dim))
-
 
 def _hdf5(path: Path) -> VectorFile:
     import h5py
@@ -112,7 +105,6 @@ def _hdf5(path: Path) -> VectorFile:
         extras["neighbors"] = handle["neighbors"]
     return VectorFile(handle["train"], path, "ann-benchmarks HDF5", extras)
 
-
 def _clip_retrieval(folder: Path) -> VectorFile:
     parts = sorted((folder / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if not parts:
@@ -125,7 +117,6 @@ def _clip_retrieval(folder: Path) -> VectorFile:
     if len(metadata) == len(parts):
         extras["metadata"] = metadata
     return VectorFile(Concatenated(arrays), folder, "clip-retrieval embeddings", extras)
-
 
 def open_vectors(path) -> VectorFile:
     """The vectors at `path`, by its ending; VectorFileError says what is wrong with a file that does not fit."""
@@ -143,7 +134,6 @@ def open_vectors(path) -> VectorFile:
         return _hdf5(path)
     raise VectorFileError(f"its ending {suffix or '(none)'} is not one of {', '.join(FILE_FORMATS)} (or a "
                           "clip-retrieval folder)")
-
 
 def clip_retrieval_names(vector_file: VectorFile) -> list[str] | None:
     """The image path (or URL) of each row, from clip-retrieval's metadata parquet files, if pyarrow can read them."""

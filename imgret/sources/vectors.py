@@ -1,5 +1,6 @@
-"""Galleries that are vectors already: no images, no model. Each split's rows are written in chunks straight
-into an embedding store (memory holds one chunk), L2-normalised, under the same key rules as extracted stores:
+"""Galleries that are vectors already: no images, no model. Each split is planned here (its key, count and
+chunks); imgret.embed.vector_stores writes the chunks straight into an embedding store (memory holds one chunk),
+L2-normalised, under the same key rules as extracted stores:
   data=synthetic_vectors  clustered unit vectors of any size, seeded
   data=vectors            embeddings researchers bring (imgret.sources.vector_files reads them)
 
@@ -9,24 +10,20 @@ truth, indexes, search, tracking) treats them alike.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from imgret.cache import file_lock
-from imgret.embed.extract import Embeddings
-from imgret.embed.store import EmbeddingStore, StagedStore, store_dir
+from imgret.errors import bad_value, whole
+from imgret.sources.base import DataSource
+from imgret.sources.decode import SPLITS
 from imgret.sources.vector_files import VectorFile, clip_retrieval_names, open_vectors
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 65536
-SPLITS = ("gallery", "queries")
-REFERENCE_CHECK_QUERIES = 200  # queries whose exact top-10 is compared with an ann-benchmarks file's neighbors
 
 
 @dataclass
@@ -166,85 +163,64 @@ def file_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
                                   {**base, **split_key, "split": "queries", "count": query_size})}
 
 
-def reference_check(data_cfg, gallery: EmbeddingStore, queries: EmbeddingStore) -> dict | None:
-    """For an ann-benchmarks file whose metric is imgret's own (angular = cosine): how many of the file's
-    top-10 neighbors imgret's exact top-10 has, over the first REFERENCE_CHECK_QUERIES queries. For another
-    metric the file's neighbors answer a different question, which is said and not checked."""
-    if data_cfg.get("queries"):
-        return None
-    source = open_vectors(Path(str(data_cfg.gallery)).expanduser())
-    if "neighbors" not in source.extras:
-        return None
-    distance = source.extras["distance"]
-    if distance != "angular":
-        log.warning("%s ranks neighbors by %s distance on its raw vectors; imgret searches by cosine similarity "
-                    "of L2-normalised vectors, so its exact ground truth differs from the file's and the file's "
-                    "neighbors are not checked", source.path.name, distance)
-        return {"distance": distance, "checked": False}
-    from imgret.index.groundtruth import exact_top_k
-    from imgret.measure.metrics import recall_at
-
-    count = min(REFERENCE_CHECK_QUERIES, len(queries))
-    depth = min(10, len(gallery), source.extras["neighbors"].shape[1])
-    _, ids = exact_top_k(gallery.vectors, np.asarray(queries.vectors[:count]), depth, progress=False)
-    agreement = recall_at(ids, np.asarray(source.extras["neighbors"][:count, :depth]), depth)
-    log.info("%s: imgret's exact top-%d holds %.4f of the file's own neighbors (first %d queries)",
-             source.path.name, depth, agreement, count)
-    return {"distance": distance, "checked": True, "queries": count, "depth": depth, "agreement": agreement}
+def check_synthetic_vectors(data_cfg) -> None:
+    for key, low in (("gallery_size", 1), ("query_size", 1), ("dim", 2), ("clusters", 1)):
+        if not whole(data_cfg.get(key), low):
+            raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
+    for key, meaning in (("spread", "how far points lie from their centre, along the cluster's subspace"),
+                         ("noise", "noise in every dimension")):
+        value = data_cfg.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise bad_value(f"data.{key}", value, f"a number >= 0: {meaning}")
+    intrinsic = data_cfg.get("intrinsic_dim")
+    if not whole(intrinsic, 1) or intrinsic > data_cfg.get("dim"):
+        raise bad_value("data.intrinsic_dim", intrinsic, f"a whole number from 1 to data.dim ({data_cfg.get('dim')})")
 
 
-# --------------------------------------------------------------------------- writing stores
+def check_vectors(data_cfg) -> None:
+    """The files exist and are what their endings say (headers only), and the split fits in them."""
+    from imgret.sources.vector_files import FILE_FORMATS, VectorFileError, open_vectors
+
+    files = {"gallery": data_cfg.get("gallery"), "queries": data_cfg.get("queries")}
+    if files["gallery"] in (None, "???"):
+        raise bad_value("data.gallery", files["gallery"], f"a file of vectors ({', '.join(FILE_FORMATS)}) or a "
+                        "clip-retrieval output folder (required)")
+    shapes = {}
+    for split, value in files.items():
+        if value is None:
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.exists():
+            raise bad_value(f"data.{split}", value, "an existing file of vectors or clip-retrieval folder")
+        try:
+            shapes[split] = open_vectors(path)
+        except (VectorFileError, OSError) as error:
+            raise bad_value(f"data.{split}", value, f"a readable file of vectors ({error})") from error
+    gallery = shapes["gallery"]
+    if "queries" in shapes and shapes["queries"].dim != gallery.dim:
+        raise bad_value("data.queries", files["queries"], f"vectors of the gallery's dimension {gallery.dim} "
+                        f"(it holds dimension {shapes['queries'].dim})")
+    for key, split in (("gallery_labels", "gallery"), ("query_labels", "queries")):
+        value = data_cfg.get(key)
+        if value is None:
+            continue
+        expected = shapes[split].count if split in shapes else None
+        try:
+            labels = np.load(Path(str(value)).expanduser(), mmap_mode="r")  # the header only
+            fits = labels.ndim == 1 and labels.dtype.kind in "iu" and expected in (None, len(labels))
+        except (OSError, ValueError):
+            fits = False
+        if not fits:
+            raise bad_value(f"data.{key}", value, "a .npy of whole-number labels, one per vector"
+                            + (f" ({expected})" if expected is not None else "") + ", or null")
+    if "queries" not in shapes and "queries" not in gallery.extras:
+        if not whole(data_cfg.get("query_size"), 1) or data_cfg.query_size >= gallery.count:
+            raise bad_value("data.query_size", data_cfg.get("query_size"), "a whole number of vectors to hold out "
+                            f"of the gallery as queries, from 1 to {gallery.count - 1}")
 
 
-PLANNERS = {"synthetic_vectors": synthetic_plans, "vectors": file_plans}
-
-
-def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore:
-    staged = StagedStore(final_dir, "generate")
-    staged.discard()
-    staged.staging.mkdir(parents=True)
-    labels = np.empty(plan.count, dtype=np.int64)
-    start_time, written = time.perf_counter(), 0
-    with open(staged.staging / "vectors.npy", "wb") as out, open(staged.staging / "paths.txt", "w") as paths:
-        np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (plan.count, plan.dim)})
-        chunks = -(-plan.count // CHUNK_ROWS)
-        for rows, chunk_labels, names in tqdm(plan.chunks(), total=chunks, desc=f"{split} · {plan.count:,} vectors",
-                                              unit="chunk", disable=chunks <= 1, mininterval=2):
-            out.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
-            labels[written:written + len(rows)] = chunk_labels
-            paths.write("".join(f"{name}\n" for name in names))
-            written += len(rows)
-    assert written == plan.count, f"{split}: wrote {written} rows of {plan.count}"
-    np.save(staged.staging / "labels.npy", labels)
-    (staged.staging / "bad_images.txt").write_text("")
-    seconds = time.perf_counter() - start_time
-    meta = {"key": plan.key, "count": plan.count, "dim": plan.dim, "image_count": plan.count, "bad_images": 0,
-            "extraction": {"seconds": seconds, "images": 0, "resumed_rows": 0, "ms_per_image_batch1": float("nan"),
-                           "written_rows_per_s": plan.count / seconds if seconds > 0 else None},
-            **plan.notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return staged.commit(meta)
-
-
-def ensure_vector_stores(cfg) -> Embeddings:
-    """The gallery and query stores of a vector source, written once (under their locks) and reused."""
-    cache_dir = Path(cfg.paths.cache)
-    plans = PLANNERS[cfg.data.name](cfg.data, int(cfg.seed))
-    stores, made = {}, []
-    for split in SPLITS:
-        plan = plans[split]
-        final_dir = store_dir(cache_dir, plan.key)
-        with file_lock(final_dir, f"the {split} vector store {final_dir.name}"):
-            store = EmbeddingStore.open(final_dir)
-            if store is None:
-                log.info("writing %d %s vectors into %s", plan.count, split, final_dir)
-                store = _write_store(plan, final_dir, split)
-                made.append(split)
-        stores[split] = store
-    checks = {}
-    if cfg.data.name == "vectors":
-        checks = {f"reference_{key}": str(value) for key, value in
-                  (reference_check(cfg.data, stores["gallery"], stores["queries"]) or {}).items()}
-    return Embeddings(stores["gallery"], stores["queries"], tuple(made), checks)
+SYNTHETIC_VECTORS = DataSource(check_synthetic_vectors, plan=synthetic_plans)
+VECTORS = DataSource(check_vectors, plan=file_plans)
 
 
 def vector_shape(data_cfg) -> tuple[int, int]:

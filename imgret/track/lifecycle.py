@@ -58,20 +58,6 @@ def interruption_exit_code() -> int | None:
     return 128 + received_signal if received_signal is not None else None
 
 
-def process_rank() -> int:
-    """This process's global rank when a launcher (torchrun, Slurm's srun) started several, each running the
-    whole command; 0 otherwise. Rank 0 runs and tracks the experiment; the others only extract with it."""
-    for variable in ("RANK", "SLURM_PROCID"):
-        if variable in os.environ and launched_externally():
-            return int(os.environ[variable])
-    return 0
-
-
-def launched_externally() -> bool:
-    """Several processes were started by a launcher (torchrun sets WORLD_SIZE; srun sets SLURM_NTASKS)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
 def process_tags() -> dict[str, str]:
     """Who runs this run: host, pid and the process's start time (pids are reused; start times are not)."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),

@@ -1,25 +1,19 @@
 """Tracking stage: every run's parameters, tags, metrics and artifacts in MLflow, and nothing lost on the way.
 
-- Opening a store: a sqlite store is created or checked under a file lock beside the database, so any number
-  of processes may start on a new store at once; a store broken by an interrupted creation (no runs in it)
-  is moved aside and made again, one with runs is reported with what to do. A server must answer within
-  about 12 s. RUNNING runs whose process on this host is gone are marked KILLED.
-- A run (`tracked_run`) keeps what it logs in its output folder too; if the server is lost mid-run, the job
-  finishes, its results stay there, and `python -m imgret.track.runs sync <folder>` logs them later.
-- A Hydra multirun gets one parent run (`SweepParent`, through imgret.track.sweep's callback), which checks
-  every point of the sweep before the first job, and ends FINISHED, FAILED or KILLED with the job counts.
+- A run (`tracked_run`) keeps what it logs in its output folder too; if the server is lost mid-run (only a failed
+  connection counts), the job finishes, its results stay there, and `python -m imgret.track.runs sync <folder>`
+  logs them later. A request the store refuses fails the run with its message.
+- A sweep point that already finished with the same effective configuration and provenance is linked, not run
+  again. Opening the store: imgret.track.store; the sweep's parent run: imgret.track.parent.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import functools
 import json
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -28,150 +22,18 @@ from typing import Iterator
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from imgret.errors import TrackingRefused, TrackingUnavailable, exit_with, one_line
 from imgret.track import lifecycle
 from imgret.track.provenance import PROVENANCE_TAG, provenance_tags
-from imgret.errors import ConfigError, TrackingRefused, TrackingUnavailable
-from imgret.cache import file_lock
-from imgret.validate import probe_server
+from imgret.track.store import is_connection_failure, run_link
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "IMGRET_PARENT_RUN_ID"
-# A server lost mid-run costs one call at most (retries x timeout + backoff, about a minute); after that the
-# run is kept locally. Users' own MLFLOW_HTTP_REQUEST_* settings win.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "12"}
 RECORD = "mlflow_record.json"
-# MLflow 3's UI shows an experiment without a kind as GenAI traces; imgret's runs are model-development runs.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-EXPERIMENT_DESCRIPTION = (
-    "imgret: what image retrieval costs and how accurate approximate search is. Each run is one point: images -> "
-    "embeddings (model) -> index (method and its settings) -> search, with recall@k against the exact ground truth, "
-    "latency, throughput, build time and memory. A sweep's runs hang under a parent run, which carries the sweep's "
-    "best QPS at recall@10 >= 0.90/0.95/0.99 and, after `imgret-report`, the study as report/report.html. "
-    "Use the Model training view; sort parents by best_qps_recall95, compare children on recall_at_10 and "
-    "search_qps_batch.")
-
-
-# --------------------------------------------------------------------------- opening the store
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-def artifact_location(tracking_cfg) -> str | None:
-    """Where a new experiment keeps artifacts: `tracking.artifact_root` if set; else beside a sqlite
-    database (`artifacts/`), or the server's own (proxied) artifact store for an http(s) URI."""
-    root = tracking_cfg.get("artifact_root")
-    if root:
-        return root if "://" in str(root) else Path(str(root)).expanduser().resolve().as_uri()
-    db = sqlite_path(str(tracking_cfg.uri))
-    return (db.parent / "artifacts").resolve().as_uri() if db else None
-
-
-def _get_or_create_experiment(client: MlflowClient, tracking_cfg) -> str:
-    """The experiment's id, made if need be, tagged so that MLflow's UI opens it on the runs table (its "Model
-    training" view) rather than on an empty GenAI traces page; experiments made before that get the tag too."""
-    name = str(tracking_cfg.experiment)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg),
-                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION, **EXPERIMENT_TAGS})
-        except MlflowException:  # created meanwhile by another process
-            experiment = client.get_experiment_by_name(name)
-    if experiment.lifecycle_stage != "active":
-        raise TrackingRefused(f"tracking.experiment={name}: this experiment is deleted in {tracking_cfg.uri}; restore "
-                              f"it (`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or name "
-                              "another experiment")
-    for key, value in EXPERIMENT_TAGS.items():
-        if experiment.tags.get(key) != value:
-            client.set_experiment_tag(experiment.experiment_id, key, value)
-    return experiment.experiment_id
-
-
-def _records_in(db: Path) -> int | None:
-    """How many experiments and runs the file holds (a missing table holds none, a file that is no database
-    nothing readable); None when sqlite cannot read it now (locked by another process), so nothing is moved on a
-    guess."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)) as connection:
-            tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
-            return sum(connection.execute(f"select count(*) from {table}").fetchone()[0]
-                       for table in ("experiments", "runs") if table in tables)
-    except sqlite3.DatabaseError as error:
-        return 0 if "not a database" in str(error) else None
-
-
-def _open_sqlite(tracking_cfg, db: Path) -> str:
-    """Open (or create) the store under the lock. Only a store that cannot be opened as one and holds no
-    experiment or run (what an interrupted creation leaves) is moved aside and made again; an error after the
-    store opened is not the store's fault and moves nothing."""
-    uri = str(tracking_cfg.uri)
-    with file_lock(db, f"the tracking store {db}"):
-        try:
-            MlflowClient(uri)._tracking_client.store  # creates the tables, or checks the schema of existing ones
-        except Exception as error:  # alembic, sqlalchemy and MLflow errors alike: the store cannot be opened
-            first_line = one_line(error)
-            records = _records_in(db)
-            if records is None:
-                raise TrackingUnavailable(f"tracking store {db} cannot be opened ({first_line}); sqlite cannot read "
-                                          "it now (another process may hold it locked): nothing was moved, try "
-                                          "again") from error
-            if records:
-                raise TrackingUnavailable(
-                    f"tracking store {db} cannot be opened ({first_line}). It holds {records} experiments and runs: "
-                    f"back it up, then run `mlflow db upgrade {uri}`, or move it aside to start a new store"
-                ) from error
-            aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-            _forget_engine(uri)  # its pooled connections still point at the broken file
-            os.replace(db, aside)
-            log.warning("tracking store %s could not be opened (%s) and held no experiment or run (an interrupted "
-                        "creation): moved it to %s and made a new one", db, first_line, aside)
-        return _get_or_create_experiment(MlflowClient(), tracking_cfg)
-
-
-def _forget_engine(uri: str) -> None:
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    engine = SqlAlchemyStore._engine_map.pop(uri, None)
-    if engine is not None:
-        engine.dispose()
-
-
-@functools.lru_cache(maxsize=8)
-def _open(uri: str, experiment: str, artifact_root: str | None) -> str:
-    tracking_cfg = OmegaConf.create({"uri": uri, "experiment": experiment, "artifact_root": artifact_root})
-    if is_remote(uri):
-        probe_server(uri)
-        for key, value in HTTP_RETRY_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-    mlflow.set_tracking_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        experiment_id = _open_sqlite(tracking_cfg, db)
-    else:
-        experiment_id = _get_or_create_experiment(MlflowClient(), tracking_cfg)
-    lifecycle.close_runs_of_dead_processes(MlflowClient(), [experiment_id])
-    return experiment_id
-
-
-def open_tracking(tracking_cfg) -> str:
-    """Point MLflow at the configured store, ready for use, and return the experiment's id."""
-    uri = str(tracking_cfg.uri)
-    experiment_id = _open(uri, str(tracking_cfg.experiment), tracking_cfg.get("artifact_root"))
-    mlflow.set_tracking_uri(uri)
-    return experiment_id
 
 
 # --------------------------------------------------------------------------- what a run records
@@ -202,25 +64,9 @@ def run_name(cfg: DictConfig) -> str:
 
 def model_label(cfg: DictConfig) -> str:
     """The model's name, or `vectors` for a source that has no model."""
-    from imgret.sources.images import is_vector_source
+    from imgret.sources.registry import is_vector_source
 
     return "vectors" if is_vector_source(cfg.data) else cfg.model.name
-
-
-def is_connection_failure(error: BaseException) -> bool:
-    """True when `error` says the tracking server could not be reached (refused, reset, timed out, or kept
-    failing after MLflow's retries); False for an answer that refuses a request, which is not a lost server."""
-    import requests
-
-    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
-            ConnectionError, TimeoutError)
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, lost):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
 
 
 # Writers racing on one sqlite store: "database is locked" past the busy timeout, or two processes inserting the
@@ -238,12 +84,6 @@ def is_write_conflict(error: BaseException) -> bool:
         seen.add(id(link))
         link = link.__cause__ or link.__context__
     return "UNIQUE constraint failed" in str(error) or "database is locked" in str(error)
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one short line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
 def job_output_dir() -> tuple[Path, bool]:
@@ -390,8 +230,6 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
         run_id, lost = None, one_line(error)
         log.error("tracking server lost (%s): this run keeps its results locally", lost)
     if run_id:
-        from imgret.cli import run_link
-
         log.info("MLflow run %s (%s); to see it: %s", run_id, tags["mlflow.runName"],
                  run_link(mlflow.get_tracking_uri(), experiment_id, run_id))
     folder, temporary = job_output_dir()
@@ -489,131 +327,6 @@ def link_finished_run(client: MlflowClient, experiment_id: str, original, parent
     return link.info.run_id
 
 
-# --------------------------------------------------------------------------- the sweep's parent run
-
-
-def planned_points(config: DictConfig) -> list[list[str]] | None:
-    """Every job's overrides, as Hydra's basic sweeper will make them; None for other sweepers."""
-    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
-        return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return [list(point) for batch in BasicSweeper.split_arguments(overrides, None) for point in batch]
-
-
-def check_sweep(config: DictConfig, points: list[list[str]]) -> list[list[str]]:
-    """Compose and check every point before the first job runs; return the points skip_invalid skips."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from imgret.run import invalid_combination
-    from imgret.validate import validate_config
-
-    loader = GlobalHydra.instance().config_loader()
-    skipped = []
-    for point in points:
-        job_cfg = loader.load_sweep_config(config, list(point))
-        if invalid_combination(job_cfg) and job_cfg.get("skip_invalid"):
-            skipped.append(point)
-            continue
-        try:
-            validate_config(job_cfg)
-        except ConfigError as error:
-            raise ConfigError(f"{error} (in the sweep point {' '.join(point)})", key=error.key) from error
-    return skipped
-
-
-class SweepParent:
-    """A Hydra multirun's MLflow parent run: its jobs hang under it (the callback is imgret.track.sweep's)."""
-
-    def __init__(self) -> None:
-        self.client: MlflowClient | None = None
-        self.parent_run_id: str | None = None
-        self.failed_jobs = 0
-        self.jobs = 0
-        self.skipped_jobs = 0
-        self.experiment_id: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        lifecycle.install_signal_handlers()
-        points = planned_points(config)
-        try:
-            skipped = check_sweep(config, points) if points else []
-            experiment_id = open_tracking(config.tracking)
-        except (ConfigError, TrackingUnavailable, TrackingRefused) as error:  # one line, before any job or run exists
-            print(f"{'config error' if isinstance(error, ConfigError) else 'tracking error'}: {error}", file=sys.stderr)
-            sys.exit(2)
-        self.client = MlflowClient()
-        self.experiment_id, self.skipped_jobs = experiment_id, len(skipped)
-        sweep = " ".join(config.hydra.overrides.task)
-        run = self.client.create_run(
-            experiment_id,
-            run_name=f"multirun {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            tags={"imgret.role": "multirun", "sweep": sweep, "sweep_dir": str(config.hydra.sweep.dir),
-                  "planned_jobs": str(len(points)) if points is not None else "unknown",
-                  **lifecycle.process_tags(), **provenance_tags()},
-        )
-        self.parent_run_id = run.info.run_id
-        if points is not None:
-            self.client.log_text(self.parent_run_id, json.dumps({"points": points, "skipped": skipped}, indent=1),
-                                 "planned_points.json")
-        os.environ[PARENT_RUN_ENV] = self.parent_run_id
-        # Hydra skips on_multirun_end when a job failed (the sweeper re-raises first): close the parent anyway.
-        atexit.register(self._close, failed=True)
-
-    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        from hydra.core.utils import JobStatus
-
-        self.jobs += 1
-        self.failed_jobs += int(job_return.status == JobStatus.FAILED)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        self._close(failed=self.failed_jobs > 0)
-
-    def _close(self, failed: bool) -> None:
-        if self.parent_run_id is None:
-            return
-        run_id, self.parent_run_id = self.parent_run_id, None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        try:
-            # Launchers that run jobs in other processes (joblib, submitit) call on_job_end there, not here:
-            # the children in MLflow count those jobs.
-            children = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
-                                               f"'{run_id}'", max_results=50000)
-            jobs = max(self.jobs, len(children) + self.skipped_jobs)
-            failed_jobs = max(self.failed_jobs, sum(child.info.status == "FAILED" for child in children))
-            status = RunStatus.KILLED if lifecycle.received_signal is not None else \
-                RunStatus.FAILED if failed or failed_jobs else RunStatus.FINISHED
-            self.client.set_tag(run_id, "jobs", str(jobs))
-            self.client.set_tag(run_id, "failed_jobs", str(failed_jobs))
-            self.client.set_tag(run_id, "finished_jobs", str(sum(child.info.status == "FINISHED" for child in children)))
-            self._log_summary(run_id)
-            self.client.set_terminated(run_id, RunStatus.to_string(status))
-            from imgret.cli import run_link
-
-            print(f"the sweep's operating points: {run_link(mlflow.get_tracking_uri(), self.experiment_id, run_id)}",
-                  file=sys.stderr)
-        except Exception as error:  # a lost server: a later start marks the parent KILLED as its process is gone
-            log.error("could not close the sweep's parent run %s: %s", run_id, error)
-
-
-    def _log_summary(self, run_id: str) -> None:
-        """The sweep's summary metrics on the parent (imgret.measure.study.summary_metrics), and its operating
-        points as the parent's description, which MLflow shows on the run's own page."""
-        from imgret.measure.study import summary_metrics
-        from imgret.report import load_runs, parent_note
-
-        runs = load_runs(self.client, self.experiment_id, run_id)
-        summary = summary_metrics(runs)
-        if summary:
-            self.client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0)
-                                                   for key, value in summary.items()])
-        planned = self.client.get_run(run_id).data.tags.get("planned_jobs", "unknown")
-        self.client.set_tag(run_id, "mlflow.note.content", parent_note(runs, run_id, planned))
-
-
 # --------------------------------------------------------------------------- python -m imgret.track.runs sync
 
 
@@ -654,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(f"logged {args.folder} as run {sync(args.folder)}")
     except TrackingUnavailable as error:
-        raise SystemExit(f"tracking error: {error}") from None
+        exit_with(error)
 
 
 if __name__ == "__main__":

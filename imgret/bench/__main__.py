@@ -1,0 +1,3 @@
+from imgret.bench.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""What extraction can be asked for, light to import: the precisions, the decoders, the check of the extract
+group (validate.py asks it before any work), and `ExtractSettings`, all that the extraction stage (and each of its
+rank processes) reads: typed, frozen, made once by an entry point."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgret.errors import bad_value, check_bool, check_whole, whole
+from imgret.options import Options
+from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+DECODERS = ("torchvision", "pil")  # imgret/embed/preprocess.py
+DEFAULT_DECODER = DECODERS[0]
+
+
+def check_extract(extract, device: str) -> None:
+    """The keys of the extract group (a run's `extract`), on this `device`."""
+    check_whole("extract.latency_images", extract.latency_images, 1, " of images timed at batch 1")
+    for key in ("channels_last", "progress"):
+        check_bool(f"extract.{key}", extract.get(key, True))
+    devices = extract.get("devices", 1)
+    if devices != "auto" and not whole(devices, 1):
+        raise bad_value("extract.devices", devices, "a whole number of processes or GPUs >= 1, or auto")
+    check_whole("extract.num_nodes", extract.get("num_nodes", 1), 1, " of machines")
+    if extract.get("precision", "auto") not in PRECISIONS:
+        raise bad_value("extract.precision", extract.get("precision"), f"one of {', '.join(PRECISIONS)}")
+    if extract.get("precision") == "16-mixed" and device != "cuda":
+        raise bad_value("extract.precision", "16-mixed", "a precision this device runs: 16-mixed needs device=cuda; "
+                        "on the CPU use bf16-mixed or 32-true")
+    if extract.get("decoder", DECODERS[0]) not in DECODERS:
+        raise bad_value("extract.decoder", extract.get("decoder"), f"one of {', '.join(DECODERS)}")
+    strategy = extract.get("strategy", "auto")
+    if strategy not in ("auto", "ddp"):
+        from pytorch_lightning.strategies import StrategyRegistry
+
+        if strategy not in StrategyRegistry.available_strategies():
+            raise bad_value("extract.strategy", strategy, "auto, ddp, or another of Lightning's registered strategies")
+
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How images become an embedding store: the model (its config section, which its family reads) and the
+    extraction's own settings. The defaults are conf/config.yaml's (tests/test_settings.py holds them equal)."""
+    model: Options
+    cache_dir: Path
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    num_workers: int | str = "auto"
+    latency_images: int = 64
+    channels_last: bool = True
+    decoder: str = DEFAULT_DECODER
+    precision: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    progress: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # the data source's data.max_image_pixels
+    skip_bad_images: bool = True  # the data source's data.on_bad_image == skip
+
+    @classmethod
+    def from_config(cls, cfg) -> "ExtractSettings":
+        """From a run's composed config (an entry point's, once)."""
+        extract, data = cfg.extract, cfg.data
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+        return cls(model=Options.of(cfg.model), cache_dir=Path(str(cfg.paths.cache)), seed=int(cfg.seed),
+                   device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
+                   **{key: extract.get(key, defaults[key]) for key in (
+                       "latency_images", "channels_last", "decoder", "precision", "devices", "num_nodes", "strategy",
+                       "progress")},
+                   max_image_pixels=int(data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+                   skip_bad_images=data.get("on_bad_image", "skip") == "skip")
+
+    def to_json(self) -> dict:
+        """For a rank process: plain values (`from_json` reads them back)."""
+        return {**dataclasses.asdict(self), "model": self.model.plain(), "cache_dir": str(self.cache_dir)}
+
+    @classmethod
+    def from_json(cls, values: dict) -> "ExtractSettings":
+        return cls(**{**values, "model": Options(values["model"]), "cache_dir": Path(values["cache_dir"])})

@@ -1,0 +1,58 @@
+"""The settings of one data source or one method, below the entry points: a frozen mapping of plain values, read as
+`options.key` or `options.get(key, default)`. Each source and each method owns its keys (conf/data/<name>.yaml,
+conf/method/<name>.yaml) and checks them itself; no stage below the entry points sees Hydra's config."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+
+class Options(Mapping):
+    """Plain values by key, nested mappings as Options too; frozen, hashable by content."""
+
+    def __init__(self, values: Mapping | None = None, **more: Any):
+        items = {**(values or {}), **more}
+        object.__setattr__(self, "_values", {key: Options(value) if isinstance(value, Mapping) else value
+                                            for key, value in items.items()})
+
+    @classmethod
+    def of(cls, config) -> "Options":
+        """A config section (a DictConfig, a dict) as Options: resolved, interpolations and all."""
+        if isinstance(config, Options):
+            return config
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(config, DictConfig):
+                config = OmegaConf.to_container(config, resolve=True)
+        except ImportError:  # omegaconf comes with imgret; a plain dict needs nothing of it
+            pass
+        return cls(config)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"no setting {key!r} (settings: {', '.join(self._values)})") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("settings are frozen")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((key, repr(value)) for key, value in self._values.items())))
+
+    def __repr__(self) -> str:
+        return f"Options({self._values!r})"
+
+    def plain(self) -> dict:
+        """Nested plain dicts, for JSON."""
+        return {key: value.plain() if isinstance(value, Options) else value for key, value in self._values.items()}

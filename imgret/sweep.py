@@ -1,0 +1,68 @@
+"""The Hydra callback of a multirun: every point is checked before the first job, then the sweep gets its MLflow
+parent run. Light to import: Hydra instantiates its callbacks at every start, single runs included, and the
+parent run's work (imgret.track.parent) imports MLflow (seconds); it is loaded when a multirun starts, so that a
+single run's first line on screen does not wait for it.
+"""
+from __future__ import annotations
+
+import logging
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from imgret.errors import ConfigError, ImgretError, exit_with
+
+log = logging.getLogger(__name__)
+
+
+class MultirunParentRun(Callback):
+    """Groups a Hydra multirun's jobs under one MLflow parent run (imgret.track.parent.SweepParent)."""
+
+    def __init__(self) -> None:
+        self.parent = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # on screen at once: checking every point imports torch, timm and faiss, opening the store MLflow
+        log.info("checking every point of the sweep, then opening the parent run in %s ...", config.tracking.uri)
+        from imgret.track import lifecycle
+        from imgret.track.parent import SweepParent, planned_points
+
+        lifecycle.install_signal_handlers()
+        points = planned_points(config)
+        try:
+            skipped = check_sweep(config, points) if points else []
+            self.parent = SweepParent()
+            self.parent.start(config, points, skipped)
+        except ImgretError as error:  # one line, before any job or run exists
+            exit_with(error)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if self.parent is not None:  # None in a launcher's worker process: the parent counts its children instead
+            self.parent.on_job_end(config, job_return, **kwargs)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.parent is not None:
+            self.parent.on_multirun_end(config, **kwargs)
+
+
+def check_sweep(config: DictConfig, points: list[list[str]]) -> list[list[str]]:
+    """Compose and check every point before the first job runs; return the points skip_invalid skips."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from imgret.index.methods import invalid_combination
+    from imgret.validate import validate_config
+
+    loader = GlobalHydra.instance().config_loader()
+    skipped = []
+    for point in points:
+        job_cfg = loader.load_sweep_config(config, list(point))
+        if invalid_combination(job_cfg.method) and job_cfg.get("skip_invalid"):
+            skipped.append(point)
+            continue
+        try:
+            validate_config(job_cfg)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in the sweep point {' '.join(point)})", key=error.key) from error
+    return skipped
+
+

@@ -1,0 +1,40 @@
+"""The study's runs read back from MLflow as flat rows (dicts of identity, settings, metrics and provenance), for
+the report and the sweep's parent run alike."""
+from __future__ import annotations
+
+from mlflow.tracking import MlflowClient
+
+from imgret.index.methods import EXECUTION_PARAMS, METHODS
+from imgret.measure.metrics import RUN_SIZES
+from imgret.track.provenance import PROVENANCE_TAG, describe as describe_provenance
+
+
+def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -> list[dict]:
+    """Finished runs as flat dicts: identity, the method's settings and every metric."""
+    query = "attributes.status = 'FINISHED'"
+    if parent_id:
+        query += f" and tags.mlflow.parentRunId = '{parent_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=50000)
+    rows = []
+    for run in runs:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if "method" not in tags or "recall_at_10" not in metrics:  # k < 10: no recall@10 from the timed search
+            continue
+        method = tags["method"]
+        keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k not in EXECUTION_PARAMS]
+        rows.append({
+            "run_id": run.info.run_id, "model": tags["model"], "method": method,
+            "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys
+                                if params.get(f"method.{k}", "null") != "null"),
+            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params
+                              if k not in EXECUTION_PARAMS and params.get(f"method.{k}", "null") != "null"),
+            "index_built": tags.get("index_built", ""),
+            "reused_run_id": tags.get("imgret.reused_run_id", ""),
+            "image_size": params.get("model.image_size", ""),
+            "provenance": tags.get(PROVENANCE_TAG, "unknown"),
+            "provenance_text": describe_provenance(tags) if PROVENANCE_TAG in tags else
+            "unknown (a run of an imgret that recorded no provenance)",
+            **metrics,  # runs of earlier versions logged the sizes as metrics; now they are params
+            **{key: float(params[key]) for key in RUN_SIZES if key in params},
+        })
+    return sorted(rows, key=lambda r: (r["model"], r["method"], r["search_qps_batch"]))

@@ -1,0 +1,83 @@
+"""Typed settings below the entry points: a run made from hand-written settings, without Hydra, and the settings'
+defaults held equal to conf/config.yaml's (the two places a default is written)."""
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from imgret.embed.options import ExtractSettings
+from imgret.measure.search import SearchSettings
+from imgret.options import Options
+from imgret.pipeline import RunSettings
+
+HAND_MADE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from imgret.embed.options import ExtractSettings
+    from imgret.measure.search import SearchSettings
+    from imgret.options import Options
+    from imgret.pipeline import RunSettings, run_experiment
+    from imgret.sources.registry import load_splits
+
+    data = Options(name="synthetic", num_classes=4, gallery_per_class=12, query_per_class=3, image_size=32,
+                   gallery_limit=None, query_limit=None, on_bad_image="skip", max_image_pixels=89478485)
+    model = Options(name="resnet18", family="timm", arch="resnet18", pretrained=False, checkpoint=None, image_size=32)
+    settings = RunSettings(data=data, method=Options(name="ivf", nlist=4, nprobe=4, train_size=None, on_disk=False),
+                           extract=ExtractSettings(model=model, cache_dir=Path(sys.argv[1]), latency_images=2,
+                                                   progress=False),
+                           search=SearchSettings(k=10, latency_queries=20, warmup_queries=2, progress=False))
+    result = run_experiment(settings, load_splits(data, 0))
+    print(json.dumps({"metrics": result.metrics, "hydra": "hydra" in sys.modules,
+                      "gallery_store": result.info["gallery_store"]}))
+""")
+
+
+def test_a_run_from_typed_settings_alone_without_hydra(tmp_path, make_cfg):
+    script = tmp_path / "hand_made.py"
+    script.write_text(HAND_MADE)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hand = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not hand["hydra"], "Hydra was imported by a run made from typed settings"
+    assert hand["metrics"]["recall_at_10"] == 1.0 and hand["metrics"]["gallery_size"] == 48  # nprobe = nlist
+    # the same point composed by Hydra and made into settings by the entry point's from_config: the same store
+    # (its key covers images, model, weights and preprocessing) and the same figures
+    cfg = make_cfg("data=synthetic", "data.num_classes=4", "data.gallery_per_class=12", "data.query_per_class=3",
+                   "data.image_size=32", "model.pretrained=false", "model.image_size=32", "method=ivf", "nlist=4",
+                   "nprobe=4", f"paths.cache={tmp_path / 'cache'}", "search.latency_queries=20",
+                   "search.warmup_queries=2")
+    from imgret.pipeline import run_experiment
+    from imgret.sources.registry import load_splits
+
+    composed = run_experiment(RunSettings.from_config(cfg), load_splits(cfg.data, cfg.seed))
+    assert composed.info["gallery_store"] == hand["gallery_store"] and composed.info["embeddings_extracted"] == "none"
+    for key in ("recall_at_1", "recall_at_10", "precision_at_10", "recall_at_k_ties"):
+        assert composed.metrics[key] == hand["metrics"][key], key
+
+
+def test_the_settings_defaults_are_config_yaml_s():
+    """Where a default is written twice (the dataclass for library users, the yaml for the command line), the two
+    agree."""
+    config = OmegaConf.load(CONF_DIR / "config.yaml")
+    extract = {field.name: field.default for field in dataclasses.fields(ExtractSettings)
+               if field.default is not dataclasses.MISSING}
+    for key in ("latency_images", "channels_last", "decoder", "precision", "devices", "num_nodes", "strategy",
+                "progress"):
+        assert extract[key] == config.extract[key], f"extract.{key}"
+    for key in ("batch_size", "num_workers", "seed", "device"):
+        assert extract[key] == config[key], key
+    search = SearchSettings()
+    for key in ("latency_queries", "warmup_queries", "repeats", "threads", "tie_epsilon"):
+        assert getattr(search, key) == config.search[key], f"search.{key}"
+    assert search.k == config.k and RunSettings.__dataclass_fields__["threads"].default == config.threads
+
+
+def test_settings_reach_a_rank_process_as_json_and_back(tmp_path):
+    model = Options(name="clip", family="open_clip", arch="ViT-B-32", pretrained_tag="openai", pretrained=False)
+    settings = ExtractSettings(model=model, cache_dir=tmp_path, precision="bf16-mixed", devices=2)
+    assert ExtractSettings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
