@@ -33,6 +33,8 @@ class Options(Mapping):
         return self._values[key]
 
     def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):  # copy and pickle look for hooks before __init__ has run
+            raise AttributeError(key)
         try:
             return self._values[key]
         except KeyError:
