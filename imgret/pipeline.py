@@ -21,7 +21,7 @@ from imgret.embed.options import ExtractSettings
 from imgret.options import Options
 from imgret.embed.extract import resolve_device
 from imgret.index.groundtruth import exact_ground_truth
-from imgret.measure.metrics import latency_percentiles, results_table, precision_at, recall_at, recall_at_ties, similarities_of
+from imgret.measure.metrics import latency_percentiles, map_at, results_table, precision_at, recall_at, recall_at_ties, similarities_of
 from imgret.measure.search import SearchSettings, search_threads, timed_search
 from imgret.measure.timing import PeakResidentSet, StageTimes
 
@@ -106,7 +106,8 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
     if k >= 10:
         at_10 = {"recall_at_10": recall_at(found.ids, truth.ids, 10),
                  "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
-                 "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, 10)}
+                 "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, 10),
+                 "map_at_10": map_at(found.ids, gallery.labels, queries.labels, 10)}
     metrics = {
         "recall_at_1": recall_at(found.ids, truth.ids, 1),
         **at_10,

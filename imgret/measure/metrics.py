@@ -8,7 +8,7 @@ from imgret.cache import gather_rows
 # Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
 # Figures at depth 10, from the timed search: a run searched at k < 10 has none of them (not a deeper, untimed
 # search's, which its timings would not describe).
-AT_10_METRICS = ("recall_at_10", "recall_at_10_ties", "precision_at_10")
+AT_10_METRICS = ("recall_at_10", "recall_at_10_ties", "precision_at_10", "map_at_10")
 RUN_METRICS = (
     "recall_at_1", "recall_at_k", "recall_at_k_ties", *AT_10_METRICS,
     "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
@@ -40,6 +40,24 @@ def precision_at(found_ids: np.ndarray, gallery_labels: np.ndarray, query_labels
     found = found_ids[:, :k]
     labels = np.where(found >= 0, gallery_labels[np.clip(found, 0, None)], -1)
     return float((labels == query_labels[:, None]).mean())
+
+
+def map_at(found_ids: np.ndarray, gallery_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
+    """Class-based mean average precision at k, the usual image-retrieval quality figure: per query,
+    AP@k = sum over ranks i <= k of precision@i at each relevant result, divided by min(R, k), where R is the
+    number of gallery items of the query's class (so a query whose k results are all of its class scores 1); the
+    mean over queries. NaN when the queries have no labels (-1)."""
+    if np.all(query_labels < 0):
+        return float("nan")
+    found = found_ids[:, :k]
+    labels = np.where(found >= 0, gallery_labels[np.clip(found, 0, None)], -1)
+    relevant = labels == query_labels[:, None]
+    precision_at_rank = np.cumsum(relevant, axis=1) / np.arange(1, found.shape[1] + 1)
+    per_class = np.bincount(gallery_labels[gallery_labels >= 0], minlength=int(query_labels.max()) + 1)
+    denominators = np.minimum(per_class[np.clip(query_labels, 0, None)] * (query_labels >= 0), k)
+    ap = np.divide((precision_at_rank * relevant).sum(axis=1), denominators,
+                   out=np.zeros(len(found), dtype=np.float64), where=denominators > 0)
+    return float(ap.mean())
 
 
 def latency_percentiles(latencies_ms: np.ndarray, percentiles=(50, 95, 99)) -> dict[int, float]:
@@ -74,7 +92,7 @@ def similarities_of(ids: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -
 # What a finished run prints: the figures people compare, in the order they read them.
 RESULT_ROWS = (
     ("recall@1 / @10 / @k", ("recall_at_1", "recall_at_10", "recall_at_k"), "{:.4f}"),
-    ("precision@10", ("precision_at_10",), "{:.4f}"),
+    ("precision@10 / mAP@10", ("precision_at_10", "map_at_10"), "{:.4f}"),
     ("search p50 / p99 (ms)", ("search_ms_p50", "search_ms_p99"), "{:.3f}"),
     ("batch search (queries/s)", ("search_qps_batch",), "{:,.0f}"),
     ("extraction (images/s)", ("extract_images_per_s",), "{:,.1f}"),
