@@ -130,6 +130,7 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
         "embeddings_extracted": ",".join(embeddings.extracted) or "none",
         "gallery_store": str(gallery.path),
         "query_store": str(queries.path),
+        "weights": gallery.meta["key"].get("encoder", {}).get("weights", "none (vectors, no model)"),
         "index_built": str(not built.reused).lower(),
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),

@@ -121,3 +121,7 @@ def test_trained_features_retrieve_by_class_far_above_chance_and_random_ones_do_
                                                                               ("random", untrained))}
     assert trained["precision_at_10"] >= 0.45 and untrained["precision_at_10"] < 0.3, figures
     assert trained["map_at_10"] > untrained["map_at_10"], figures
+    from test_faults import all_runs
+
+    weights = [run.data.tags["weights"] for run in all_runs(make_cfg().tracking.uri)]
+    assert weights == [PACKAGED["tf_efficientnet_lite0"].identity, "random:seed0:torch" + torch.__version__.split("+")[0]]
