@@ -110,8 +110,9 @@ def test_map_at_k_against_scikit_learn_and_a_hand_worked_example():
 @pytest.mark.slow
 def test_trained_features_retrieve_by_class_far_above_chance_and_random_ones_do_not(tmp_path, make_cfg):
     """10 real Tiny-ImageNet classes, 20 gallery and 5 query images each, at the model's 224 px: chance precision@10
-    is 0.1. Trained features must reach 0.45; random weights' features crowd together (cosines near 1) and fall
-    far short of it (measured here: see the assertion message), so the test cannot pass on random weights."""
+    is 0.1. Trained features must reach 0.45; random weights' features crowd together and fall far short of it
+    (measured here: trained 0.586, mAP@10 0.507; random 0.136, mAP@10 0.076), so the test cannot pass on random
+    weights."""
     archive, digest = subset_zip(tmp_path / "ten.zip", 10, 20, 5)
     common = (f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0", "method=flat",
               "k=10")

