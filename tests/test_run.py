@@ -17,7 +17,7 @@ from imgret.measure.metrics import RUN_METRICS, RUN_SIZES
 from imgret.run import run_tracked
 
 METRICS = {
-    "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10",
+    "recall_at_1", "recall_at_10", "recall_at_k", "recall_at_10_ties", "recall_at_k_ties", "precision_at_10", "map_at_10",
     "search_ms_p50", "search_ms_p95",
     "search_ms_p99", "search_qps_batch", "build_s", "index_bytes", "extract_ms_per_image",
     "extract_images_per_s", "bad_images",
