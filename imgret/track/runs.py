@@ -307,8 +307,8 @@ def link_finished_run(client: MlflowClient, experiment_id: str, original, parent
     skip = ("mlflow.parentRunId", lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG)
     tags = {k: v for k, v in original.data.tags.items() if k not in skip}
     tags.update({"mlflow.parentRunId": parent_run_id, "imgret.reused_run_id": original.info.run_id,
-                 # what this run did itself: nothing was extracted or built for it
-                 "embeddings_extracted": "none", "index_built": "false"})
+                 # what this run did itself: nothing was extracted or built for it, by this process
+                 "embeddings_extracted": "none", "index_built": "false", **lifecycle.process_tags()})
     params = dict(original.data.params)
     if cfg is not None:  # this point's config; what was searched is the original's
         params = {**{k: v for k, v in params.items() if k in ("gallery_size", "query_size", "dim")},
