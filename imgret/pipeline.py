@@ -21,7 +21,8 @@ from imgret.embed.options import ExtractSettings
 from imgret.options import Options
 from imgret.embed.extract import resolve_device
 from imgret.index.groundtruth import exact_ground_truth
-from imgret.measure.metrics import latency_percentiles, map_at, results_table, precision_at, recall_at, recall_at_ties, similarities_of
+from imgret.measure.metrics import (latency_percentiles, map_at, precision_at, recall_at, recall_at_ties,
+                                    results_table, similarities_of)
 from imgret.measure.search import SearchSettings, search_threads, timed_search
 from imgret.measure.timing import PeakResidentSet, StageTimes
 

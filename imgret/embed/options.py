@@ -30,7 +30,7 @@ def check_extract(extract, device: str) -> None:
     if extract.get("precision") == "16-mixed" and device != "cuda":
         raise bad_value("extract.precision", "16-mixed", "a precision this device runs: 16-mixed needs device=cuda; "
                         "on the CPU use bf16-mixed or 32-true")
-    if extract.get("decoder", DECODERS[0]) not in DECODERS:
+    if extract.get("decoder", DEFAULT_DECODER) not in DECODERS:
         raise bad_value("extract.decoder", extract.get("decoder"), f"one of {', '.join(DECODERS)}")
     strategy = extract.get("strategy", "auto")
     if strategy not in ("auto", "ddp"):
@@ -38,7 +38,6 @@ def check_extract(extract, device: str) -> None:
 
         if strategy not in StrategyRegistry.available_strategies():
             raise bad_value("extract.strategy", strategy, "auto, ddp, or another of Lightning's registered strategies")
-
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class PeakResidentSet:
     @contextlib.contextmanager
     def paused(self):
         """No sampling thread while the block runs (a timed section must not share the CPU with it): one sample
-        before and one after, which the pages a search touches stay in."""
+        before and one after it instead; what the block made resident is still resident after it."""
         self._halt()
         try:
             yield
