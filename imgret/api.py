@@ -34,18 +34,14 @@ from imgret.embed.options import ExtractSettings
 from imgret.embed.preprocess import DEFAULT_DECODER
 from imgret.embed.store import EmbeddingStore
 from imgret.errors import ConfigError, allowed, bad_value
-from imgret.measure.study import EXACT_METHODS
+from imgret.index.base import BuiltIndex, SearchIndex
+from imgret.index.brute import BruteForceIndex
 from imgret.index.build import build_index
-from imgret.index.methods import (METHODS, BruteForceIndex, BuiltIndex, FaissIndex, search_parameters,
-                                  validate_search)
+from imgret.index.methods import execution_params, is_exact, method_of, validate_search
 from imgret.sources.base import ImageSet, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
-
-# Query parameters that a call can set on a shared index (faiss SearchParameters), and so can be offered as variants.
-VARIANT_PARAMS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
-
 
 # --------------------------------------------------------------------------- stores and indexes
 
@@ -135,45 +131,42 @@ class Embedder:
 
 @dataclass(frozen=True)
 class IndexChoice:
-    """One searchable setting: a built index and, for a variant, the query parameters each call sets."""
+    """One searchable setting: a built index searched at the run's query parameters or at a variant's."""
 
     name: str  # what the page and the API call it: "flat", "ivf nprobe=16"
     method: str
     setting: dict  # the method's parameters that matter, build and query
     built: BuiltIndex
-    params: faiss.SearchParameters | None = None
+    searcher: SearchIndex
 
     @property
     def exact(self) -> bool:
-        return self.method in EXACT_METHODS
+        return is_exact(self.method)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(self.built.index, FaissIndex):
-            return self.built.index.search(vectors, k, self.params)
-        return self.built.index.search(vectors, k)
+        return self.searcher.search(vectors, k)
 
 
 def _setting(method_cfg) -> dict:
-    spec = METHODS[method_cfg.name]
-    return {key: method_cfg.get(key) for key in (*spec.build_params, *spec.query_params)
-            if method_cfg.get(key) is not None and key not in ("train_size", "on_disk", "query_chunk", "resident_mb")}
+    method = method_of(method_cfg)
+    return {key: method_cfg.get(key) for key in (*method.build_params, *method.query_params)
+            if method_cfg.get(key) is not None and key not in ("train_size", *execution_params())}
 
 
 def index_choices(method_cfg, built: BuiltIndex, variants: dict[str, Sequence[int]] | None = None) -> list[IndexChoice]:
-    """The settings offered for one built index: one per value of its query parameter in `variants`
-    (values above nlist left out), or the method's own setting."""
-    method = method_cfg.name
+    """The settings offered for one built index: one per value of its method's variant parameter in `variants`
+    (values it cannot run, such as nprobe above nlist, left out), or the method's own setting."""
+    method = method_of(method_cfg)
     setting = _setting(method_cfg)
-    param = VARIANT_PARAMS.get(method)
-    values = list((variants or {}).get(param) or []) if param else []
-    if param == "nprobe":
-        values = [v for v in values if v <= int(method_cfg.nlist)]
+    param = method.variant_param
+    values = [v for v in (variants or {}).get(param) or [] if param
+              and method.invalid_combination({**method_cfg, param: v}) is None]
     if not values:
-        label = " ".join([method, *(f"{k}={v}" for k, v in setting.items() if k != "index_factory")])
-        return [IndexChoice(label if method != "factory" else f"factory {method_cfg.index_factory}", method, setting,
-                            built)]
-    return [IndexChoice(" ".join([method, *(f"{k}={v}" for k, v in {**setting, param: value}.items())]), method,
-                        {**setting, param: int(value)}, built, search_parameters(method, {param: value}))
+        label = " ".join([method.name, *(f"{k}={v}" for k, v in setting.items() if k != "index_factory")])
+        return [IndexChoice(label if method.name != "factory" else f"factory {method_cfg.index_factory}",
+                            method.name, setting, built, built.index)]
+    return [IndexChoice(" ".join([method.name, *(f"{k}={v}" for k, v in {**setting, param: value}.items())]),
+                        method.name, {**setting, param: int(value)}, built, built.at({param: int(value)}))
             for value in values]
 
 

@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from imgret.index.methods import METHOD_LABELS, METHOD_MARKERS, METHODS  # noqa: E402
-from imgret.measure.study import (EXACT_METHODS, OPERATING_POINTS_HEADER, SCALING_METRICS, by_key,  # noqa: E402
+from imgret.index.methods import METHODS, is_exact, method_label, method_marker, method_order  # noqa: E402
+from imgret.measure.study import (OPERATING_POINTS_HEADER, SCALING_METRICS, by_key,  # noqa: E402
                                   gallery_words, growth_exponent, markdown_table, operating_point_rows,
                                   pareto_frontier, provenance_lines, representative)
 from imgret.track.study_rows import load_runs  # noqa: E402
@@ -95,7 +95,7 @@ def seed_table(runs: list[dict], out: Path) -> str:
         extraction.append(f"{value:.2f}" if value == value else "none (vectors, no images)")
     rows = [extraction]
     for method in methods:
-        row = [f"{METHOD_LABELS[method]} (ms/query p50, recall@10)"]
+        row = [f"{method_label(method)} (ms/query p50, recall@10)"]
         for model in models:
             group = cells.get((model, method))
             if not group:
@@ -126,7 +126,7 @@ def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
                             "search_ms": searches}
         for method, search_ms in searches.items():
             ratio = extract_ms / search_ms
-            rows.append([model, f"{extract_ms:.2f}", f"{extract_throughput_ms:.2f}", METHOD_LABELS[method],
+            rows.append([model, f"{extract_ms:.2f}", f"{extract_throughput_ms:.2f}", method_label(method),
                          f"{search_ms:.3f}", f"{ratio:,.1f}×", "yes" if ratio > 1 else "no"])
     header = ["model", "extraction ms/image (batch 1)", "extraction ms/image (batched, end to end)", "search",
               "search ms/query (p50)", "extraction ÷ search", "extraction dominates"]
@@ -139,7 +139,7 @@ def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
 def _build_order(item):
     """Methods in their table order, then build settings by their numbers (nlist=64 before nlist=512)."""
     (method, build), _ = item
-    return list(METHODS).index(method), [int(v) if v.isdigit() else v for v in re.findall(r"\d+|\D+", build)]
+    return method_order(method), [int(v) if v.isdigit() else v for v in re.findall(r"\d+|\D+", build)]
 
 
 def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
@@ -148,18 +148,18 @@ def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
               ("search_ms_p99", "p99 single-query latency, ms (log scale)", -1)]
     for axis, (key, label, direction) in zip(axes, panels):
         for (method, build), group in sorted(by_key(runs, "method", "build").items(), key=_build_order):
-            exact = method in EXACT_METHODS
+            exact = is_exact(method)
             several_builds = len({r["build"] for r in runs if r["method"] == method}) > 1
-            series = METHOD_LABELS[method] + (f" {build}" if several_builds else "") + (" (exact)" if exact else "")
+            series = method_label(method) + (f" {build}" if several_builds else "") + (" (exact)" if exact else "")
             axis.scatter([r[key] for r in group], [r["recall_at_10"] for r in group],
-                         marker=METHOD_MARKERS[method], s=160 if exact else 36, alpha=0.85, label=series,
+                         marker=method_marker(method), s=160 if exact else 36, alpha=0.85, label=series,
                          edgecolors="black" if exact else "none", zorder=3)
         frontier = pareto_frontier([r["recall_at_10"] for r in runs], [direction * r[key] for r in runs])
         axis.plot([runs[i][key] for i in frontier], [runs[i]["recall_at_10"] for i in frontier],
                   color="black", linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
         for i in frontier:  # say which setting each frontier point is (its build is in the legend)
             query_setting = " ".join(p for p in runs[i]["setting"].split() if p not in runs[i]["build"].split())
-            axis.annotate(query_setting or METHOD_LABELS[runs[i]["method"]], (runs[i][key], runs[i]["recall_at_10"]),
+            axis.annotate(query_setting or method_label(runs[i]["method"]), (runs[i][key], runs[i]["recall_at_10"]),
                           textcoords="offset points", xytext=(4, -9), fontsize=7, color="#333333")
         axis.set_xscale("log")
         axis.set_xlabel(label)
@@ -176,10 +176,10 @@ def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
 
 def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
     models = list(breakdown)
-    methods = sorted({m for b in breakdown.values() for m in b["search_ms"]}, key=list(METHODS).index)
+    methods = sorted({m for b in breakdown.values() for m in b["search_ms"]}, key=method_order)
     bars = [("extraction, batch 1", lambda b: b["extract_ms"]),
             ("extraction, batched end to end", lambda b: b["extract_throughput_ms"])]
-    bars += [(f"search: {METHOD_LABELS[m]}", lambda b, m=m: b["search_ms"].get(m, float("nan"))) for m in methods]
+    bars += [(f"search: {method_label(m)}", lambda b, m=m: b["search_ms"].get(m, float("nan"))) for m in methods]
     figure, axis = plt.subplots(figsize=(max(9, 2.6 * len(models)), 5.2))
     width = 0.8 / len(bars)
     for i, (label, value) in enumerate(bars):
@@ -197,7 +197,7 @@ def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
 
 
 def _series_label(method: str, build: str, setting: str) -> str:
-    return f"{METHOD_LABELS[method]} {setting}".strip()
+    return f"{method_label(method)} {setting}".strip()
 
 
 def scaling_table(runs: list[dict], out: Path) -> str:
@@ -205,7 +205,7 @@ def scaling_table(runs: list[dict], out: Path) -> str:
     sizes = sorted({int(r["gallery_size"]) for r in runs})
     rows = []
     for (model, method, setting), group in sorted(by_key(runs, "model", "method", "setting").items(),
-                                                  key=lambda item: (item[0][0], list(METHODS).index(item[0][1]))):
+                                                  key=lambda item: (item[0][0], method_order(item[0][1]))):
         at_size = {int(r["gallery_size"]): r for r in group}
         for key, label in SCALING_METRICS:
             scale = 1e-9 if key == "peak_rss_bytes" else 1.0
@@ -220,15 +220,15 @@ def scaling_table(runs: list[dict], out: Path) -> str:
 def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
     """One log-log panel per metric, each series one index setting; the last panel names the settings."""
     figure, axes = plt.subplots(2, 3, figsize=(15, 8.6))
-    series = sorted(by_key(runs, "method", "setting").items(), key=lambda item: list(METHODS).index(item[0][0]))
+    series = sorted(by_key(runs, "method", "setting").items(), key=lambda item: method_order(item[0][0]))
     for axis, (key, label) in zip(axes.flat, SCALING_METRICS):
         scale = 1e-9 if key == "peak_rss_bytes" else 1.0
         for (method, setting), group in series:
             group = sorted(group, key=lambda r: r["gallery_size"])
             sizes, values = [r["gallery_size"] for r in group], [r.get(key, float("nan")) * scale for r in group]
             exponent = growth_exponent(sizes, values)
-            axis.plot(sizes, values, marker=METHOD_MARKERS[method],
-                      label=METHOD_LABELS[method] + ("" if exponent != exponent else f": b = {exponent:+.2f}"))
+            axis.plot(sizes, values, marker=method_marker(method),
+                      label=method_label(method) + ("" if exponent != exponent else f": b = {exponent:+.2f}"))
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("gallery size, vectors (log scale)")
@@ -238,7 +238,7 @@ def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
     legend_axis = axes.flat[len(SCALING_METRICS)]
     legend_axis.axis("off")
     for (method, setting), _ in series:
-        legend_axis.plot([], [], marker=METHOD_MARKERS[method], label=_series_label(method, "", setting))
+        legend_axis.plot([], [], marker=method_marker(method), label=_series_label(method, "", setting))
     legend_axis.legend(loc="center", fontsize=9, title="each point is one run of", title_fontsize=9)
     dims = sorted({int(r["dim"]) for r in runs})
     queries = sorted({int(r["query_size"]) for r in runs})

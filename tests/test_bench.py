@@ -11,7 +11,7 @@ from documented import documented
 from conftest import clustered_vectors, subset_zip, write_store
 from imgret.bench.cli import main
 from imgret.bench.verdicts import TARGETS, verdict
-from imgret.index.methods import BruteForceIndex
+from imgret.index.brute import BruteForceIndex
 
 
 def test_brute_force_single_queries_match_faiss_flat():

@@ -7,7 +7,6 @@ from omegaconf import OmegaConf
 from conftest import PROJECT_ROOT, clustered_vectors
 from imgret.errors import ConfigError
 from imgret.index.build import build_index, index_cache_path
-from imgret.index.methods import apply_query_params
 from imgret.measure.metrics import recall_at, recall_at_ties, similarities_of
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)
@@ -163,8 +162,8 @@ def test_hnsw_is_searched_at_the_ef_search_it_is_labelled_with_every_zoo_effort_
 
     counts = []
     for effort in efforts:
-        apply_query_params(built.index.index, method("hnsw", ef_search=effort))
-        labelled, ids = distance_computations(lambda: built.index.search(QUERIES, k)[1])
+        at_effort = built.at({"ef_search": effort})
+        labelled, ids = distance_computations(lambda: at_effort.search(QUERIES, k)[1])
         searched, bare_ids = distance_computations(
             lambda: bare.search(QUERIES, k, params=faiss.SearchParametersHNSW(efSearch=effort))[1])
         assert labelled == searched and np.array_equal(ids, bare_ids), effort

@@ -8,7 +8,8 @@ from conftest import clustered_vectors, write_store
 from imgret.errors import ConfigError
 from imgret.index.groundtruth import exact_ground_truth, ground_truth_path
 from imgret.index.build import build_index
-from imgret.index.methods import BruteForceIndex, validate_search
+from imgret.index.brute import BruteForceIndex
+from imgret.index.methods import validate_search
 from imgret.measure.metrics import AT_10_METRICS, latency_percentiles, precision_at, recall_at
 from imgret.measure.search import latency_sample, search_threads, timed_search
 

@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 
 from conftest import clustered_vectors
 from imgret.errors import ConfigError
-from imgret.index.build import build_index, training_sample
-from imgret.index.methods import BruteForceIndex
+from imgret.index.build import build_index
+from imgret.index.faiss_build import training_sample
+from imgret.index.brute import BruteForceIndex
 from imgret.measure.metrics import recall_at
 from imgret.run import run_tracked
 from imgret.embed.vector_stores import ensure_vector_stores
@@ -104,9 +105,9 @@ def test_brute_force_streams_a_gallery_larger_than_its_resident_limit(tmp_path):
 
 
 def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tmp_path, monkeypatch):
-    import imgret.index.build as index_module
+    import imgret.index.faiss_build as faiss_build
 
-    monkeypatch.setattr(index_module, "ON_DISK_SHARD_ROWS", 1500)  # several shards to merge
+    monkeypatch.setattr(faiss_build, "ON_DISK_SHARD_ROWS", 1500)  # several shards to merge
     vectors = clustered_vectors(5000, 16, clusters=8, seed=5)
     np.save(tmp_path / "g.npy", vectors)
     mapped = np.load(tmp_path / "g.npy", mmap_mode="r")

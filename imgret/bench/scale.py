@@ -12,7 +12,7 @@ import psutil
 
 from imgret.embed.store import EmbeddingStore
 from imgret.index.build import build_index
-from imgret.index.methods import BruteForceIndex
+from imgret.index.brute import BruteForceIndex
 from imgret.bench.machine import Context, compose_cfg
 
 

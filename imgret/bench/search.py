@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from imgret.embed.store import EmbeddingStore
-from imgret.index.methods import BruteForceIndex
+from imgret.index.brute import BruteForceIndex
 from imgret.measure.metrics import recall_at
 from imgret.measure.timing import best_seconds, spread
 from imgret.bench.machine import Context

@@ -14,7 +14,7 @@ import numpy as np
 
 from imgret.cache import Unreadable, file_lock, gather_rows, load_checked, save_checked
 from imgret.embed.store import EmbeddingStore
-from imgret.index.methods import streamed_top_k
+from imgret.index.brute import streamed_top_k
 
 # The cache file's name carries this: files computed another way (v1: by the brute-force method) are not reused.
 VERSION = 2

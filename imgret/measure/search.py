@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from imgret.index.methods import SearchIndex
+from imgret.index.base import SearchIndex
 
 
 @dataclass(frozen=True)

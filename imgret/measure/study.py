@@ -6,9 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from imgret.index.methods import METHOD_LABELS
+from imgret.index.methods import method_label
 
-EXACT_METHODS = ("brute", "flat")
 RECALL_TARGETS = (0.90, 0.95, 0.99)
 
 
@@ -110,7 +109,7 @@ def operating_point_rows(runs: list[dict]) -> list[list[str]]:
     """Per model and index, the fastest setting (batch QPS) reaching each recall@10 target."""
     rows = []
     for (model, method), group in sorted(by_key(runs, "model", "method").items()):
-        row = [model, METHOD_LABELS[method]]
+        row = [model, method_label(method)]
         for target in RECALL_TARGETS:
             best = fastest_reaching(group, target)
             row.append("not reached" if best is None else

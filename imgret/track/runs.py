@@ -52,13 +52,13 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 def run_name(cfg: DictConfig) -> str:
     """e.g. resnet18-ivf-nlist256-nprobe8, mobilenet-hnsw-hnsw_m32-ef_construction40-ef_search64."""
-    from imgret.index.methods import EXECUTION_PARAMS, METHODS
+    from imgret.index.methods import METHODS, execution_params
 
     method = cfg.method
     spec = METHODS.get(method.name)
     keys = (spec.build_params + spec.query_params) if spec else ()
     settings = [str(method[key]) if method.name == "factory" else f"{key}{method[key]}"
-                for key in keys if key not in EXECUTION_PARAMS and method.get(key) is not None]
+                for key in keys if key not in execution_params() and method.get(key) is not None]
     return "-".join([model_label(cfg), method.name, *settings])
 
 

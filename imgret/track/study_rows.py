@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from imgret.index.methods import EXECUTION_PARAMS, METHODS
+from imgret.index.methods import METHODS, execution_params
 from imgret.measure.metrics import RUN_SIZES
 from imgret.track.provenance import PROVENANCE_TAG, describe as describe_provenance
 
@@ -21,13 +21,16 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
         if "method" not in tags or "recall_at_10" not in metrics:  # k < 10: no recall@10 from the timed search
             continue
         method = tags["method"]
-        keys = [k for k in METHODS[method].build_params + METHODS[method].query_params if k not in EXECUTION_PARAMS]
+        if method not in METHODS:  # a run of a method this imgret no longer has
+            continue
+        spec, executing = METHODS[method], execution_params()
+        keys = [k for k in spec.build_params + spec.query_params if k not in executing]
         rows.append({
             "run_id": run.info.run_id, "model": tags["model"], "method": method,
             "setting": " ".join(f"{k}={params.get(f'method.{k}')}" for k in keys
                                 if params.get(f"method.{k}", "null") != "null"),
-            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in METHODS[method].build_params
-                              if k not in EXECUTION_PARAMS and params.get(f"method.{k}", "null") != "null"),
+            "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in spec.build_params
+                              if k not in executing and params.get(f"method.{k}", "null") != "null"),
             "index_built": tags.get("index_built", ""),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),

@@ -1,0 +1,185 @@
+"""FAISS's indexes, inner-product metric on the L2-normalised store: Flat (exact), IVF-Flat, IVF-PQ, HNSW, and any
+index_factory string. Built by `imgret.index.faiss_build` (trained on a sample, filled in chunks from the memory
+map, or shard by shard into on-disk inverted lists); query parameters go per call (faiss.SearchParameters), so
+threads can search one index at different settings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import faiss
+import numpy as np
+
+from imgret.cache import Unreadable
+from imgret.errors import bad_value, whole
+from imgret.index.base import Method, SearchIndex, whole_params
+from imgret.index.faiss_build import FaissIndex, build_faiss, on_device, warn_few_training_points
+
+
+class FaissMethod(Method):
+    file_suffix = ".faiss"
+    companions = {"lists_file": ".ivfdata"}  # on-disk inverted lists, beside the index
+    gpu = True  # has a faiss-gpu copy
+
+    def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
+        raise NotImplementedError
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        return build_faiss(self.new_index(opts, gallery.shape[1]), opts, gallery, path, self.name)
+
+    def save(self, native: faiss.Index, path: Path) -> None:
+        faiss.write_index(native, str(path))
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> faiss.Index:
+        try:  # on-disk inverted lists are found beside the index, wherever the cache has moved
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if "lists_file" in meta else 0)
+        except RuntimeError as error:
+            raise Unreadable(f"faiss cannot read it: {str(error).strip().splitlines()[-1]}") from error
+
+    def meta(self, native: faiss.Index) -> dict:
+        return {"count": int(native.ntotal)}
+
+    def parameters(self, setting: Mapping) -> faiss.SearchParameters | None:
+        return None
+
+    def apply(self, native: faiss.Index, setting: Mapping) -> None:
+        """Set the query parameters on the index itself (its default for calls without parameters)."""
+
+    def searcher(self, native: Any, setting: Mapping, device: str = "cpu") -> SearchIndex:
+        self.apply(native, setting)
+        return on_device(native, setting, device, self.parameters(setting), self.gpu)
+
+
+class Flat(FaissMethod):
+    name, label, marker, exact, cached = "flat", "FAISS Flat", "*", True, False
+
+    def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
+        return faiss.IndexFlatIP(dim)
+
+
+class IVF(FaissMethod):
+    name, label, marker = "ivf", "FAISS IVF", "o"
+    build_params = ("nlist", "train_size", "on_disk")
+    query_params = ("nprobe",)
+    execution_params = ("on_disk",)
+    variant_param = "nprobe"
+
+    def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(opts["nlist"]), faiss.METRIC_INNER_PRODUCT)
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        nlist, nprobe = opts.get("nlist"), opts.get("nprobe")
+        if not whole(nlist, 1, gallery_size):
+            raise bad_value("nlist", nlist, f"a whole number from 1 to the gallery size ({gallery_size})"
+                            if gallery_size else "a whole number >= 1")
+        if not whole(nprobe, 1, nlist):
+            raise bad_value("nprobe", nprobe, f"a whole number from 1 to nlist ({nlist})")
+        if gallery_size:
+            warn_few_training_points(gallery_size, nlist, "nlist")
+        check_on_disk(opts)
+
+    def invalid_combination(self, opts: Mapping) -> str | None:
+        nprobe, nlist = opts.get("nprobe"), opts.get("nlist")
+        if isinstance(nprobe, int) and isinstance(nlist, int) and nprobe > nlist:
+            return f"nprobe={nprobe} > nlist={nlist}"
+        return None
+
+    def parameters(self, setting: Mapping) -> faiss.SearchParameters | None:
+        return faiss.SearchParametersIVF(nprobe=int(setting["nprobe"])) if "nprobe" in setting else None
+
+    def apply(self, native: faiss.Index, setting: Mapping) -> None:
+        if "nprobe" in setting:
+            faiss.extract_index_ivf(native).nprobe = int(setting["nprobe"])
+
+
+class IVFPQ(IVF):
+    name, label, marker = "ivfpq", "FAISS IVF-PQ", "s"
+    build_params = ("nlist", "pq_m", "pq_nbits", "train_size", "on_disk")
+
+    def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
+        if dim % int(opts["pq_m"]):
+            self.check(opts, None, dim)  # raises, naming the divisors of dim
+        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, int(opts["nlist"]), int(opts["pq_m"]),
+                                int(opts["pq_nbits"]), faiss.METRIC_INNER_PRODUCT)
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
+        if not whole(opts.get("pq_nbits"), 1, 16):
+            raise bad_value("method.pq_nbits", opts.get("pq_nbits"), "a whole number of bits from 1 to 16")
+        pq_m = opts.get("pq_m")
+        if not whole(pq_m, 1) or (dim and dim % pq_m):
+            raise bad_value("method.pq_m", pq_m, "a whole number of sub-quantizers that divides the "
+                            f"embedding dimension{f' ({dim}): one of {_divisors(dim)}' if dim else ''}")
+        if gallery_size:
+            warn_few_training_points(gallery_size, 2 ** opts["pq_nbits"], "2**pq_nbits")
+
+
+class HNSW(FaissMethod):
+    name, label, marker = "hnsw", "FAISS HNSW", "^"
+    build_params = ("hnsw_m", "ef_construction")
+    query_params = ("ef_search",)
+    variant_param = "ef_search"
+    gpu = False  # faiss-gpu has no HNSW
+
+    def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(dim, int(opts["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(opts["ef_construction"])
+        return index
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("hnsw_m", "ef_construction"))
+        whole_params(opts, ("ef_search",), prefix="")
+
+    def parameters(self, setting: Mapping) -> faiss.SearchParameters | None:
+        return faiss.SearchParametersHNSW(efSearch=int(setting["ef_search"])) if "ef_search" in setting else None
+
+    def apply(self, native: faiss.Index, setting: Mapping) -> None:
+        if "ef_search" in setting:
+            native.hnsw.efSearch = int(setting["ef_search"])
+
+
+class Factory(FaissMethod):
+    name, label, marker = "factory", "faiss index_factory", "D"
+    build_params = ("index_factory", "train_size", "on_disk")
+    query_params = ("search_params",)
+    execution_params = ("on_disk",)
+
+    def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
+        try:
+            return faiss.index_factory(dim, str(opts["index_factory"]), faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            raise bad_value("method.index_factory", opts["index_factory"],
+                            f"a faiss index_factory string that builds for dimension {dim} "
+                            f"({str(error).strip().splitlines()[-1]})") from error
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        # Without the dimension, check the grammar with one that every common sub-quantizer count divides.
+        index = self.new_index(opts, dim or 8 * 3 * 5 * 7 * 16)
+        self.apply(index, opts)
+        check_on_disk(opts)
+        if opts.get("on_disk") and faiss.try_extract_index_ivf(index) is None:
+            raise bad_value("method.on_disk", True, f"false for {opts['index_factory']}, which has no inverted "
+                            "lists (only IVF indexes keep them on disk)")
+
+    def apply(self, native: faiss.Index, setting: Mapping) -> None:
+        if not setting.get("search_params"):
+            return
+        try:
+            faiss.ParameterSpace().set_index_parameters(native, str(setting["search_params"]))
+        except RuntimeError as error:
+            raise bad_value("method.search_params", setting["search_params"],
+                            f"'name=value' pairs, comma-separated, that the index has, such as nprobe or efSearch "
+                            f"({str(error).strip().splitlines()[-1]})") from error
+
+
+def check_on_disk(opts: Mapping) -> None:
+    if not isinstance(opts.get("on_disk", False), bool):
+        raise bad_value("method.on_disk", opts.get("on_disk"), "true (inverted lists in a file beside the index, "
+                        "memory-mapped) or false")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 128)
+
+
+METHODS = (Flat(), IVF(), IVFPQ(), HNSW(), Factory())

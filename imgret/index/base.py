@@ -1,0 +1,207 @@
+"""What every search method is: a `Method` (its parameters, checks, build, save and load, and a searcher bound
+to one query setting), the `SearchIndex` a run times, and the `BuiltIndex` the index cache hands out.
+
+A method lives in one module under `imgret/index/algorithms/` with one `conf/method/<name>.yaml`; the registry
+(`imgret/index/methods.py`) finds it there, so adding a library edits nothing else. Methods of libraries that are
+not installed stay listed: they refuse in one line naming what to install, before any work.
+"""
+from __future__ import annotations
+
+import importlib
+import tarfile
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from imgret.errors import ConfigError, bad_value, whole
+
+ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
+
+
+class MissingLibrary(ConfigError):
+    """A method whose library is not installed: one line saying what to install."""
+
+
+class SearchIndex(Protocol):
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def search_threads_now() -> int:
+    """The threads a search may use: the compute threads this process is set to (`threads`, and `search.threads`
+    around the timed search, set them through torch), so every library follows the single-thread protocol."""
+    return max(1, torch.get_num_threads())
+
+
+def whole_params(opts: Mapping, keys: tuple[str, ...], minimum: int = 1, prefix: str = "method.") -> None:
+    for key in keys:
+        if not whole(opts.get(key), minimum):
+            raise bad_value(f"{prefix}{key}", opts.get(key), f"a whole number >= {minimum}")
+
+
+class Method:
+    """One search method. Subclasses set the class attributes and implement build/save/load/search.
+
+    Parameters are split so that a sweep builds each index once: `build_params` change the index (they key the
+    index cache), `query_params` are applied to a built or loaded index per search; `execution_params` change how
+    it computes, never what it returns (not in a run's name or the study's keys).
+    """
+
+    name: str = ""
+    label: str = ""  # how the report, the plots and the demo call it
+    marker: str = "o"  # its marker in the study's plots
+    exact: bool = False
+    cached: bool = True  # saved after building: it trains or builds a graph, so rebuilding costs
+    build_params: tuple[str, ...] = ()
+    query_params: tuple[str, ...] = ()
+    execution_params: tuple[str, ...] = ()
+    variant_param: str | None = None  # the query parameter the demo and the benchmark vary per call
+    module: str | None = None  # the Python module it needs
+    install: str | None = None  # what installs it (pip requirement), for the refusal
+    file_suffix: str = ".index"
+    ordering: str = "inner product"  # how it orders by cosine on the L2-normalised store
+
+    # ------------------------------------------------------------------ checks
+
+    def library(self) -> ModuleType | None:
+        if self.module is None:
+            return None
+        try:
+            return importlib.import_module(self.module)
+        except ImportError as error:
+            raise MissingLibrary(
+                f"method={self.name} needs the Python module {self.module} ({error.msg}): install it with "
+                f"`pip install {self.install}`, or `pip install 'imgret[ann]'` for every ANN library") from None
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        """Refuse parameters it cannot run with (raise bad_value), before any work. Bounds that depend on the
+        gallery size or the dimension are checked when those are known (None: not yet)."""
+
+    def invalid_combination(self, opts: Mapping) -> str | None:
+        """Why a cross-product sweep's point cannot run (nprobe > nlist), or None."""
+        return None
+
+    # ------------------------------------------------------------------ build, save, load
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        """The library's index over `gallery` (rows L2-normalised), built on `threads` threads. `path`: where the
+        index cache will save it, for a library that builds on disk beside it (None: not cached)."""
+        raise NotImplementedError
+
+    def save(self, native: Any, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        raise NotImplementedError
+
+    def meta(self, native: Any) -> dict:
+        """What the index cache records beside the file (companion files, counts)."""
+        return {}
+
+    # ------------------------------------------------------------------ search
+
+    def query_setting(self, opts: Mapping) -> dict:
+        return {key: opts.get(key) for key in self.query_params if opts.get(key) is not None}
+
+    def search(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine similarities, gallery rows) of each query's k best, best first; row -1 past what was found."""
+        raise NotImplementedError
+
+    def searcher(self, native: Any, setting: Mapping, device: str = "cpu") -> SearchIndex:
+        return LibrarySearcher(self, native, dict(setting))
+
+
+class LibrarySearcher:
+    """A built index searched at one query setting. Several searchers share an index (the demo's variants):
+    libraries that keep the query setting on the index (not per call) are searched under the index's lock."""
+
+    _locks: dict[int, threading.Lock] = {}
+
+    def __init__(self, method: Method, native: Any, setting: dict):
+        self.method, self.native, self.setting = method, native, setting
+        self.lock = self._locks.setdefault(id(native), threading.Lock())
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        with self.lock:
+            return self.method.search(self.native, queries, k, self.setting, search_threads_now())
+
+    @property
+    def nbytes(self) -> int:
+        with tempfile.TemporaryDirectory() as folder:  # an index that was not cached: its size as saved
+            self.method.save(self.native, Path(folder) / f"index{self.method.file_suffix}")
+            return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    index: SearchIndex  # searched at the run's query setting
+    build_s: float  # train + add, as measured when the index was built (also when loaded from the cache)
+    reused: bool
+    path: Path | None = None
+    method: Method | None = None
+    native: Any = None  # the library's own index, for searchers at other query settings
+
+    @property
+    def nbytes(self) -> int:
+        """The serialised size: a saved index's files, rather than serialising it again on every run."""
+        if self.path is None:
+            return self.index.nbytes
+        on_disk_lists = self.path.with_suffix(".ivfdata")
+        return self.path.stat().st_size + (on_disk_lists.stat().st_size if on_disk_lists.exists() else 0)
+
+    def at(self, setting: Mapping, device: str = "cpu") -> SearchIndex:
+        """The same index searched at another query setting."""
+        return self.method.searcher(self.native, setting, device)
+
+
+def top_k_arrays(rows: list[np.ndarray], scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query results of varying length as (scores, ids) arrays of width k, padded with -inf and -1."""
+    out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    out_ids = np.full((len(rows), k), -1, dtype=np.int64)
+    for i, (ids, values) in enumerate(zip(rows, scores)):
+        n = min(k, len(ids))
+        out_ids[i, :n], out_scores[i, :n] = ids[:n], values[:n]
+    return out_scores, out_ids
+
+
+def pack_folder(fill: Callable[[Path], None], path: Path) -> None:
+    """Libraries that save an index as a folder (or several files): `fill(folder)` writes them into a temporary
+    folder, packed into the one file the index cache checks and renames."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as folder:
+        fill(Path(folder))
+        with tarfile.open(path, "w") as packed:
+            for item in sorted(Path(folder).iterdir()):
+                packed.add(item, arcname=item.name)
+
+
+@contextmanager
+def unpacked_folder(path: Path) -> Iterator[Path]:
+    """The folder `pack_folder` packed, unpacked into a temporary folder for the library to load from."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as folder:
+        with tarfile.open(path) as packed:
+            packed.extractall(folder, filter="data")
+        yield Path(folder)
+
+
+def run_in_threads(search_one: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
+                   threads: int) -> tuple[list, list]:
+    """A library without a batch call: one call per query, on `threads` threads (its calls release the GIL)."""
+    if threads <= 1 or len(queries) == 1:
+        found = [search_one(q) for q in queries]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            found = list(pool.map(search_one, queries, chunksize=max(1, len(queries) // (threads * 8))))
+    return [ids for ids, _ in found], [scores for _, scores in found]

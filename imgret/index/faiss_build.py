@@ -1,0 +1,187 @@
+"""Building a FAISS index without a second copy of the gallery: trained on a sample, filled in chunks read from
+the gallery's memory map (each chunk's pages released after it), or, with `on_disk`, shard by shard into a
+memory-mapped `.ivfdata` file beside the cached index; a GPU copy when faiss-gpu and `device=cuda` say so."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from imgret.cache import gather_rows, release_pages, return_freed_memory
+from imgret.errors import ConfigError
+from imgret.index.base import ADD_CHUNK_ROWS
+
+log = logging.getLogger(__name__)
+
+# faiss's k-means wants at least this many training points per centroid, and warns below it.
+MIN_POINTS_PER_CENTROID = 39
+ON_DISK_SHARD_ROWS = 8 * ADD_CHUNK_ROWS
+
+
+def faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class FaissIndex:
+    def __init__(self, index: faiss.Index, cpu_index: faiss.Index | None = None,
+                 params: faiss.SearchParameters | None = None):
+        self.index = index  # what searches: the CPU index, or its copy on a GPU
+        self.cpu_index = cpu_index if cpu_index is not None else index
+        # faiss.SearchParametersIVF(nprobe=...), SearchParametersHNSW(efSearch=...): this searcher's query
+        # parameters, for its calls only, so threads can search one index at different settings
+        self.params = params
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self.params)
+
+    @property
+    def nbytes(self) -> int:
+        """The serialised size, counted as faiss writes it: serialize_index would hold a second copy of the
+        index (and briefly a third as its buffer grows), gigabytes for a million-row flat index."""
+        written = 0
+
+        def count(chunk: bytes) -> int:
+            nonlocal written
+            written += len(chunk)
+            return len(chunk)
+
+        writer = faiss.PyCallbackIOWriter(count)
+        faiss.write_index(self.cpu_index, writer)
+        del writer  # flushes the last chunk
+        return written
+
+
+def on_device(faiss_index: faiss.Index, setting: Mapping, device: str, params: faiss.SearchParameters | None,
+              has_gpu_copy: bool = True) -> FaissIndex:
+    """The index as searched on `device`: a GPU copy when faiss-gpu is installed and the index type has one
+    (HNSW does not); the CPU index otherwise. Built and cached indexes always stay on the CPU."""
+    if device != "cuda" or not has_gpu_copy:
+        return FaissIndex(faiss_index, params=params)
+    if not faiss_has_gpu():
+        warnings.warn("device='cuda' but this faiss has no GPU support (install faiss-gpu): searching on the CPU",
+                      stacklevel=2)
+        return FaissIndex(faiss_index, params=params)
+    gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, faiss_index)
+    if "nprobe" in setting:
+        faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", int(setting["nprobe"]))
+    elif setting.get("search_params"):
+        faiss.GpuParameterSpace().set_index_parameters(gpu_index, str(setting["search_params"]))
+    return FaissIndex(gpu_index, cpu_index=faiss_index)
+
+
+def build_faiss(faiss_index: faiss.Index, opts: Mapping, gallery: np.ndarray, path: Path | None,
+                name: str) -> faiss.Index:
+    """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
+    one chunk and the sample, never a second copy of the whole gallery. With `on_disk`, not even the index:
+    its inverted lists are filled shard by shard and merged into a memory-mapped file beside it."""
+    if not faiss_index.is_trained:
+        sample = training_sample(gallery, opts)
+        with working(f"training {name} on {len(sample):,} sampled vectors", len(gallery) > ADD_CHUNK_ROWS):
+            faiss_index.train(sample)
+        del sample
+    if opts.get("on_disk"):
+        if path is None:
+            raise ConfigError("method.on_disk=true needs the index cache (paths.cache) to hold its inverted lists")
+        _fill_on_disk(faiss_index, gallery, path, name)
+    else:
+        _reserve_codes(faiss_index, len(gallery))
+        _add_in_chunks(faiss_index, gallery, 0, len(gallery), f"adding to {name}")
+    return faiss_index
+
+
+def training_sample(gallery: np.ndarray, opts: Mapping) -> np.ndarray:
+    """A deterministic sample of the gallery for k-means and PQ training: `method.train_size` rows, by default
+    64 per IVF list and at least 100,000 (faiss itself uses at most 256 per centroid)."""
+    size = opts.get("train_size")
+    if size is None:
+        size = max(100_000, 64 * int(opts.get("nlist") or 0))
+    size = min(int(size), len(gallery))
+    if size == len(gallery):
+        return np.ascontiguousarray(gallery, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(0).choice(len(gallery), size, replace=False))
+    return gather_rows(gallery, rows).astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def working(desc: str, enabled: bool = True):
+    """A bar that counts seconds while a faiss call that reports nothing (k-means) runs."""
+    bar = tqdm(desc=desc, unit="s", disable=not enabled, bar_format="{desc}: {elapsed}", mininterval=5)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.update(1)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
+
+
+def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, stop: int, desc: str,
+                   with_ids: bool = False) -> None:
+    """Rows [start, stop) of the memory-mapped gallery, a chunk at a time, each chunk's pages released after it."""
+    chunks = range(start, stop, ADD_CHUNK_ROWS)
+    for chunk_start in tqdm(chunks, desc=desc, unit="chunk", disable=len(chunks) <= 1, mininterval=2):
+        chunk_stop = min(stop, chunk_start + ADD_CHUNK_ROWS)
+        rows = np.ascontiguousarray(gallery[chunk_start:chunk_stop], dtype=np.float32)
+        if with_ids:
+            faiss_index.add_with_ids(rows, np.arange(chunk_start, chunk_stop, dtype=np.int64))
+        else:
+            faiss_index.add(rows)
+        release_pages(gallery, chunk_start, chunk_stop)
+        return_freed_memory()
+
+
+def _reserve_codes(faiss_index: faiss.Index, rows: int) -> None:
+    """Give a flat-coded index (flat, or HNSW's flat storage) room for every row before adding in chunks.
+    Otherwise its code vector doubles as it grows, and each doubling briefly holds the old and the new copy
+    (up to twice the index). The vector keeps its capacity when shrunk back."""
+    storage = faiss.downcast_index(faiss_index.storage) if isinstance(faiss_index, faiss.IndexHNSW) else faiss_index
+    if isinstance(storage, faiss.IndexFlatCodes) and storage.ntotal == 0:
+        storage.codes.resize(rows * storage.code_size)
+        storage.codes.resize(0)
+
+
+def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, name: str) -> None:
+    """faiss's recipe for indexes larger than memory (contrib/ondisk.py): copies of the trained, empty index
+    each take a shard of the gallery and are written out; their inverted lists are merged into one
+    `.ivfdata` file that the index memory-maps. Memory holds one shard's lists."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lists_path = path.with_suffix(".ivfdata")
+    lists_path.unlink(missing_ok=True)  # left by a build that was interrupted: never counted as built
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.shards.") as shards_dir:
+        shard_paths = []
+        for shard_start in range(0, len(gallery), ON_DISK_SHARD_ROWS):
+            shard = faiss.clone_index(trained)
+            shard_stop = min(len(gallery), shard_start + ON_DISK_SHARD_ROWS)
+            _add_in_chunks(shard, gallery, shard_start, shard_stop,
+                           f"adding to {name}, shard {len(shard_paths) + 1}", with_ids=True)
+            shard_paths.append(str(Path(shards_dir) / f"shard-{len(shard_paths)}.faiss"))
+            faiss.write_index(shard, shard_paths[-1])
+            del shard
+        with working(f"merging {len(shard_paths)} shards into {lists_path.name}"):
+            merge_ondisk(trained, shard_paths, str(lists_path))
+
+
+def warn_few_training_points(gallery_size: int, centroids: int, what: str) -> None:
+    if gallery_size < MIN_POINTS_PER_CENTROID * centroids:
+        warnings.warn(
+            f"{what}={centroids} centroids get {gallery_size / centroids:.1f} training points each "
+            f"(gallery {gallery_size}); k-means wants at least {MIN_POINTS_PER_CENTROID}",
+            stacklevel=4,
+        )
