@@ -19,6 +19,18 @@ def _help(command: str = "imgret-run", primary: str = "config.yaml") -> str:
     return help_text(command, primary)
 
 
+def _at_level(levels, default, *, _root_):
+    """A method's query knob in a study that sweeps `level` (experiments/ann_libraries.yaml): the method's own
+    value at that level, from cheap to exhaustive; its usual default when no level is set."""
+    level = _root_.get("level")
+    if level is None:
+        return default
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < len(levels):
+        raise ValueError(f"level={level}: a whole number from 0 to {len(levels) - 1} (this method's levels: "
+                         f"{list(levels)})")
+    return levels[level]
+
+
 # Third-party noise that says nothing about the run: Lightning's deprecation of its own pytree helper, and faiss
 # announcing which SIMD build it loaded.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -29,3 +41,4 @@ logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 # Registered on import, before any config is resolved: every entry point and test imports imgret first.
 OmegaConf.register_new_resolver("imgret.model_name", _model_name, replace=True)
 OmegaConf.register_new_resolver("imgret.help", _help, replace=True)
+OmegaConf.register_new_resolver("imgret.level", _at_level, replace=True)

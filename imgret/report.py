@@ -31,7 +31,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from imgret.index.methods import METHODS, is_exact, method_label, method_marker, method_order  # noqa: E402
-from imgret.measure.study import (OPERATING_POINTS_HEADER, SCALING_METRICS, by_key,  # noqa: E402
+from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key,  # noqa: E402
                                   gallery_words, growth_exponent, markdown_table, operating_point_rows,
                                   pareto_frontier, provenance_lines, representative)
 from imgret.track.study_rows import load_runs  # noqa: E402
@@ -249,6 +249,58 @@ def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def single_query_qps(run: dict) -> float:
+    """Queries per second one query per call (ann-benchmarks' QPS): from the median single-query latency."""
+    return 1000.0 / run["search_ms_p50"]
+
+
+def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
+    """One Pareto frontier per method (each library's own best settings), recall@10 against single-query QPS and
+    against batch QPS: where each library stands, at every recall."""
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5.6))
+    panels = [(single_query_qps, "queries per second, one query per call (log scale)"),
+              (lambda r: r["search_qps_batch"], "queries per second, all queries in one call (log scale)")]
+    for axis, (speed, label) in zip(axes, panels):
+        for (method,), group in sorted(by_key(runs, "method").items(), key=lambda item: method_order(item[0][0])):
+            frontier = pareto_frontier([r["recall_at_10"] for r in group], [speed(r) for r in group])
+            points = sorted((speed(group[i]), group[i]["recall_at_10"]) for i in frontier)
+            axis.plot([x for x, _ in points], [y for _, y in points], marker=method_marker(method),
+                      markersize=9 if is_exact(method) else 5, linewidth=1.2,
+                      label=method_label(method) + (" (exact)" if is_exact(method) else ""))
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel("recall@10 (vs exact top-10)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7, loc="lower left", ncol=2)
+    threads = sorted({str(r["search_threads"]) for r in runs})
+    axes[0].set_title("one query per call: each point a library's query setting on its frontier")
+    axes[1].set_title("all queries in one call")
+    figure.suptitle(f"{model}: ANN libraries, each one's Pareto frontier; {gallery_words(runs)}; "
+                    f"{'/'.join(threads)} search thread(s)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def libraries_table(runs: list[dict], out: Path) -> str:
+    """Per model and method: its build's cost (time, index size, the run's peak memory), its order, and the fastest
+    setting reaching each recall@10 target, one query per call and in a batch."""
+    header = ["model", "method", "orders by", "build s", "index MB", "peak RSS GB",
+              *[f"recall@10 ≥ {t:.2f}: setting, QPS single / batch" for t in RECALL_TARGETS]]
+    rows = []
+    for (model, method), group in sorted(by_key(runs, "model", "method").items(),
+                                         key=lambda item: (item[0][0], method_order(item[0][1]))):
+        row = [model, method_label(method), METHODS[method].ordering if method in METHODS else "?",
+               f"{max(r['build_s'] for r in group):.1f}", f"{max(r['index_bytes'] for r in group) / 2**20:,.0f}",
+               f"{max(r.get('peak_rss_bytes', float('nan')) for r in group) / 2**30:.2f}"]
+        for target in RECALL_TARGETS:
+            best = max((r for r in group if r["recall_at_10"] >= target - 1e-12), key=single_query_qps, default=None)
+            row.append("not reached" if best is None else f"{best['setting'] or 'exact'}: "
+                       f"{single_query_qps(best):,.0f} / {best['search_qps_batch']:,.0f}")
+        rows.append(row)
+    return write_table(out / "libraries", header, rows)
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -278,6 +330,13 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         parts += ["\n## End to end: extraction per image against search per query\n", e2e_markdown,
                   "\n![end to end](end_to_end.png)\n"]
         end_to_end_plot(breakdown, extracted, out / "end_to_end.png")
+    if len({r["method"] for r in runs if not is_exact(r["method"])}) >= 3:
+        parts += ["\n## Libraries: each method's frontier, build cost and operating points\n",
+                  "The fastest setting (by single-query QPS) reaching each recall@10; peak RSS is the run's whole "
+                  "process (the store, the index and the search).\n", libraries_table(runs, out)]
+        for (model,), group in sorted(by_key(runs, "model").items()):
+            libraries_plot(model, group, out / f"libraries_{model}.png")
+            parts.append(f"![libraries {model}](libraries_{model}.png)\n")
     parts.append("\n## Pareto frontiers\n")
     for (model,), group in sorted(by_key(runs, "model").items()):
         pareto_plot(model, group, out / f"pareto_{model}.png")

@@ -11,11 +11,10 @@ import importlib
 import tarfile
 import tempfile
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -86,6 +85,9 @@ class Method:
         """Refuse parameters it cannot run with (raise bad_value), before any work. Bounds that depend on the
         gallery size or the dimension are checked when those are known (None: not yet)."""
 
+    def check_k(self, opts: Mapping, k: int) -> None:
+        """Refuse a query setting that cannot return k results (rather than search a setting it is not labelled)."""
+
     def invalid_combination(self, opts: Mapping) -> str | None:
         """Why a cross-product sweep's point cannot run (nprobe > nlist), or None."""
         return None
@@ -112,10 +114,19 @@ class Method:
     def query_setting(self, opts: Mapping) -> dict:
         return {key: opts.get(key) for key in self.query_params if opts.get(key) is not None}
 
+    def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int) -> Any:
+        """The library's own calls for these queries at this setting, and nothing else: what `imgret.bench --parts
+        libraries` times imgret's search against."""
+        raise NotImplementedError
+
+    def results(self, found: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """What `bare` returned, as (cosine similarities, gallery rows) of each query's k best, best first; row -1
+        past what was found."""
+        raise NotImplementedError
+
     def search(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int
                ) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine similarities, gallery rows) of each query's k best, best first; row -1 past what was found."""
-        raise NotImplementedError
+        return self.results(self.bare(native, queries, k, setting, threads), k)
 
     def searcher(self, native: Any, setting: Mapping, device: str = "cpu") -> SearchIndex:
         return LibrarySearcher(self, native, dict(setting))
@@ -132,7 +143,8 @@ class LibrarySearcher:
         self.lock = self._locks.setdefault(id(native), threading.Lock())
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        # a plain, writable, contiguous array: nanobind bindings (Voyager) refuse a read-only memory map's rows
+        queries = np.require(queries, np.float32, ["C", "W", "E"])
         with self.lock:
             return self.method.search(self.native, queries, k, self.setting, search_threads_now())
 
@@ -175,33 +187,45 @@ def top_k_arrays(rows: list[np.ndarray], scores: list[np.ndarray], k: int) -> tu
     return out_scores, out_ids
 
 
-def pack_folder(fill: Callable[[Path], None], path: Path) -> None:
-    """Libraries that save an index as a folder (or several files): `fill(folder)` writes them into a temporary
-    folder, packed into the one file the index cache checks and renames."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as folder:
-        fill(Path(folder))
-        with tarfile.open(path, "w") as packed:
-            for item in sorted(Path(folder).iterdir()):
-                packed.add(item, arcname=item.name)
+@dataclass
+class FolderIndex:
+    """An index of a library that builds and loads from a folder of files (NGT, DiskANN): the loaded index and
+    that folder, kept while the index lives (the cache packs it into one file)."""
+
+    index: Any
+    folder: tempfile.TemporaryDirectory
+    graph: str = ""  # the file or subfolder in it that the index was opened from
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder.name)
 
 
-@contextmanager
-def unpacked_folder(path: Path) -> Iterator[Path]:
-    """The folder `pack_folder` packed, unpacked into a temporary folder for the library to load from."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as folder:
-        with tarfile.open(path) as packed:
-            packed.extractall(folder, filter="data")
-        yield Path(folder)
+def new_folder(near: Path | None) -> tempfile.TemporaryDirectory:
+    """A working folder beside the index cache's file (same filesystem), or in the system's temp folder."""
+    return tempfile.TemporaryDirectory(dir=near.parent if near else None, prefix=".index-work.")
 
 
-def run_in_threads(search_one: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
-                   threads: int) -> tuple[list, list]:
-    """A library without a batch call: one call per query, on `threads` threads (its calls release the GIL)."""
+def pack_folder(folder: Path, path: Path) -> None:
+    """A folder of index files packed into the one file the index cache checks and renames."""
+    with tarfile.open(path, "w") as packed:
+        for item in sorted(Path(folder).iterdir()):
+            packed.add(item, arcname=item.name)
+
+
+def unpack_folder(path: Path) -> tempfile.TemporaryDirectory:
+    """The folder `pack_folder` packed, unpacked into a working folder beside it for the library to load from."""
+    folder = new_folder(path)
+    with tarfile.open(path) as packed:
+        packed.extractall(folder.name, filter="data")
+    return folder
+
+
+def run_in_threads(search_one: Callable[[np.ndarray], Any], queries: np.ndarray, threads: int) -> list:
+    """A library without a batch call: its call per query, on `threads` threads (such calls release the GIL)."""
     if threads <= 1 or len(queries) == 1:
-        found = [search_one(q) for q in queries]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+        return [search_one(query) for query in queries]
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(threads) as pool:
-            found = list(pool.map(search_one, queries, chunksize=max(1, len(queries) // (threads * 8))))
-    return [ids for ids, _ in found], [scores for _, scores in found]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(search_one, queries, chunksize=max(1, len(queries) // (threads * 8))))

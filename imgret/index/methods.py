@@ -83,6 +83,7 @@ def validate_search(method_cfg, k, gallery_size: int | None = None, dim: int | N
                         if gallery_size else "a whole number >= 1")
     method.library()
     method.check(method_cfg, gallery_size, dim)
+    method.check_k(method_cfg, k)
 
 
 def method_marker(name: str) -> str:

@@ -1,0 +1,67 @@
+"""Microsoft's DiskANN (diskannpy): its in-memory Vamana graph, metric "mips" (maximum inner product). Its wheel
+pins numpy==1.25 yet runs on numpy 2 (pybind11), so it is installed on its own: `pip install --no-deps
+diskannpy==0.7.0`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.errors import bad_value
+from imgret.index.base import FolderIndex, Method, new_folder, pack_folder, unpack_folder, whole_params
+
+
+class DiskANN(Method):
+    name, label, marker = "diskann", "DiskANN (in memory)", "p"
+    module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
+    build_params = ("graph_degree", "build_complexity", "alpha")
+    query_params = ("complexity",)
+    variant_param = "complexity"
+    file_suffix = ".diskann.tar"
+    ordering = "inner product (distance_metric 'mips')"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("graph_degree", "build_complexity"))
+        whole_params(opts, ("complexity",), prefix="")
+        alpha = opts.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 1:
+            raise bad_value("method.alpha", alpha, "a number >= 1 (DiskANN's pruning slack, 1.2 by default)")
+
+    def check_k(self, opts: Mapping, k: int) -> None:
+        if isinstance(opts.get("complexity"), int) and opts["complexity"] < k:
+            raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long: DiskANN "
+                            "returns no more neighbours than it holds")
+
+    def _open(self, folder, threads: int) -> FolderIndex:
+        index = self.library().StaticMemoryIndex(index_directory=folder.name, num_threads=threads,
+                                                 initial_search_complexity=64)
+        return FolderIndex(index, folder, "ann")
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        folder = new_folder(path)
+        self.library().build_memory_index(
+            data=np.require(gallery, np.float32, ["C", "W", "E"]), distance_metric="mips", index_directory=folder.name,
+            complexity=int(opts["build_complexity"]), graph_degree=int(opts["graph_degree"]),
+            alpha=float(opts["alpha"]), num_threads=threads, vector_dtype=np.float32)
+        return self._open(folder, threads)
+
+    def save(self, native: FolderIndex, path: Path) -> None:
+        pack_folder(native.path, path)
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        from imgret.index.base import search_threads_now
+
+        return self._open(unpack_folder(path), search_threads_now())
+
+    def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        # batch_search even for one query: diskannpy 0.7.0's single-query search returned its first neighbour k
+        # times here (mips)
+        return native.index.batch_search(queries, k_neighbors=k, complexity=int(setting["complexity"]),
+                                         num_threads=threads)
+
+    def results(self, found, k: int):
+        return np.asarray(found.distances, dtype=np.float32), np.asarray(found.identifiers, dtype=np.int64)
+
+
+METHODS = (DiskANN(),)

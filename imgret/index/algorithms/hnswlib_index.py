@@ -1,0 +1,55 @@
+"""hnswlib's HNSW graph, space "ip" (distance 1 - a·b, so its order is the inner product's)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.index.base import ADD_CHUNK_ROWS, Method, whole_params
+
+
+class Hnswlib(Method):
+    name, label, marker = "hnswlib", "hnswlib HNSW", "v"
+    module, install = "hnswlib", "hnswlib==0.8.0"
+    build_params = ("hnsw_m", "ef_construction")
+    query_params = ("ef_search",)
+    variant_param = "ef_search"
+    file_suffix = ".hnswlib"
+    ordering = "inner product (space 'ip', distance 1 - a·b)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("hnsw_m", "ef_construction"))
+        whole_params(opts, ("ef_search",), prefix="")
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        index = self.library().Index(space="ip", dim=gallery.shape[1])
+        index.init_index(max_elements=len(gallery), M=int(opts["hnsw_m"]),
+                         ef_construction=int(opts["ef_construction"]), random_seed=0)
+        index.set_num_threads(threads)
+        for start in range(0, len(gallery), ADD_CHUNK_ROWS):
+            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            index.add_items(rows, np.arange(start, start + len(rows)))
+        return index
+
+    def save(self, native: Any, path: Path) -> None:
+        native.save_index(str(path))
+
+    def meta(self, native: Any) -> dict:
+        return {"dim": int(native.dim), "count": int(native.element_count)}
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        index = self.library().Index(space="ip", dim=int(meta["dim"]))
+        index.load_index(str(path))
+        return index
+
+    def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        native.set_ef(int(setting["ef_search"]))  # on the index: searched under its lock
+        return native.knn_query(queries, k, num_threads=threads)
+
+    def results(self, found, k: int):
+        ids, distances = found
+        return (1 - distances).astype(np.float32), ids.astype(np.int64)
+
+
+METHODS = (Hnswlib(),)

@@ -1,0 +1,78 @@
+"""Yahoo Japan's NGT: its ANNG graph, optionally reconstructed into ONNG (degrees optimised: NGT's best performer in
+ann-benchmarks), distance type "Normalized Cosine" (1 - a·b of the rows normalised again: the inner product's order on the store's
+unit rows; NGT's own "Inner Product" maps rows to L2 in one more dimension). Searched with its epsilon (how far past
+the current k-th best the search keeps expanding), one query per call: ngtpy's batch_search returned other rows than
+its search here (ngt 2.8.0).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.errors import bad_value
+from imgret.index.base import (ADD_CHUNK_ROWS, FolderIndex, Method, new_folder, pack_folder, run_in_threads,
+                               top_k_arrays, unpack_folder, whole_params)
+
+
+class NGT(Method):
+    name, label, marker = "ngt", "NGT", "8"
+    module, install = "ngtpy", "ngt==2.8.0.post1"
+    build_params = ("edge_size_for_creation", "onng_outgoing", "onng_incoming")
+    query_params = ("epsilon", "edge_size")
+    variant_param = "epsilon"
+    file_suffix = ".ngt.tar"
+    ordering = "inner product (distance type 'Normalized Cosine', 1 - a·b on unit rows)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("edge_size_for_creation", "onng_outgoing", "onng_incoming"), 0)
+        whole_params(opts, ("edge_size",), -2)
+        epsilon = opts.get("epsilon")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not -1 < epsilon <= 10:
+            raise bad_value("method.epsilon", epsilon, "a number from above -1 to 10 (NGT's default 0.1)")
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        ngtpy = self.library()
+        folder = new_folder(path)
+        anng = str(Path(folder.name) / "anng")
+        ngtpy.create(anng, gallery.shape[1], edge_size_for_creation=int(opts["edge_size_for_creation"]),
+                     distance_type="Normalized Cosine", object_type="Float")
+        index = ngtpy.Index(anng, log_disabled=True)
+        for start in range(0, len(gallery), ADD_CHUNK_ROWS):
+            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            index.batch_insert(rows, num_threads=threads)
+        index.save()
+        index.close()
+        graph = anng
+        if opts["onng_outgoing"] and opts["onng_incoming"]:
+            graph = str(Path(folder.name) / "onng")
+            optimizer = ngtpy.Optimizer(num_of_outgoings=int(opts["onng_outgoing"]),
+                                        num_of_incomings=int(opts["onng_incoming"]), log_disabled=True)
+            # the graph only: its search-parameter tuning and accuracy table take far longer, and imgret sweeps
+            # the search parameters itself
+            optimizer.set_processing_modes(search_parameter_optimization=False,
+                                           prefetch_parameter_optimization=False, accuracy_table_generation=False)
+            optimizer.execute(anng, graph)
+        return FolderIndex(ngtpy.Index(graph, read_only=True, log_disabled=True), folder, Path(graph).name)
+
+    def save(self, native: FolderIndex, path: Path) -> None:
+        pack_folder(native.path, path)
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        folder = unpack_folder(path)
+        graph = "onng" if (Path(folder.name) / "onng").exists() else "anng"
+        return FolderIndex(self.library().Index(str(Path(folder.name) / graph), read_only=True, log_disabled=True),
+                           folder, graph)
+
+    def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        epsilon, edge_size = float(setting["epsilon"]), int(setting.get("edge_size", -2))
+        return run_in_threads(lambda query: native.index.search(query, size=k, epsilon=epsilon, edge_size=edge_size),
+                              queries, threads)
+
+    def results(self, found, k: int):
+        return top_k_arrays([np.array([row for row, _ in pairs], dtype=np.int64) for pairs in found],
+                            [1 - np.array([distance for _, distance in pairs], dtype=np.float32) for pairs in found], k)
+
+
+METHODS = (NGT(),)

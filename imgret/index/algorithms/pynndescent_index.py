@@ -1,0 +1,68 @@
+"""PyNNDescent: a nearest-neighbour-descent graph (pure Python on numba), metric "dot" (distance 1 - a·b), searched
+with its epsilon (how far past the current k-th best the search keeps expanding)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.errors import bad_value
+from imgret.index.base import Method, whole_params
+
+
+class PyNNDescent(Method):
+    name, label, marker = "pynndescent", "PyNNDescent", "h"
+    module, install = "pynndescent", "pynndescent==0.7.0"
+    build_params = ("n_neighbors", "diversify_prob", "pruning_degree_multiplier")
+    query_params = ("epsilon",)
+    variant_param = "epsilon"
+    file_suffix = ".pynndescent.pkl"
+    ordering = "inner product (metric 'dot', distance 1 - a·b)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("n_neighbors",), 2)
+        for key, bound in (("epsilon", "a number >= 0"), ("diversify_prob", "a probability from 0 to 1"),
+                           ("pruning_degree_multiplier", "a number > 0")):
+            value = opts.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                    (key == "diversify_prob" and value > 1) or (key == "pruning_degree_multiplier" and value == 0):
+                raise bad_value(f"method.{key}", value, bound)
+
+    def _threads(self, threads: int) -> None:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        self._threads(threads)
+        index = self.library().NNDescent(
+            np.require(gallery, np.float32, ["C", "W", "E"]), metric="dot", n_neighbors=int(opts["n_neighbors"]),
+            diversify_prob=float(opts["diversify_prob"]),
+            pruning_degree_multiplier=float(opts["pruning_degree_multiplier"]), random_state=0, n_jobs=threads)
+        index.prepare()  # the search graph and trees, built now rather than on the first (timed) query
+        return index
+
+    def save(self, native: Any, path: Path) -> None:
+        with open(path, "wb") as file:
+            pickle.dump(native, file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        self.library()
+        with open(path, "rb") as file:  # written by imgret's own cache, checked against its recorded sha256
+            return pickle.load(file)
+
+    def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        self._threads(threads)
+        return native.query(queries, k, epsilon=float(setting["epsilon"]))
+
+    def results(self, found, k: int):
+        ids, distances = found
+        ids = ids.astype(np.int64)
+        scores = (1 - distances).astype(np.float32)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+
+METHODS = (PyNNDescent(),)

@@ -1,0 +1,79 @@
+"""USearch: its HNSW index, and its exact mode (a brute-force scan by its own SIMD kernels), metric "ip"
+(distance 1 - a·b)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.index.base import ADD_CHUNK_ROWS, Method, top_k_arrays, whole_params
+
+
+def _matches(found, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """USearch's matches as (similarities, rows), -1 past each query's count."""
+    if not hasattr(found, "counts"):  # one query's Matches: as many keys as it found
+        return top_k_arrays([np.asarray(found.keys, dtype=np.int64)],
+                            [1 - np.asarray(found.distances, dtype=np.float32)], k)
+    keys = np.asarray(found.keys, dtype=np.int64).reshape(-1, k)
+    scores = (1 - np.asarray(found.distances, dtype=np.float32)).reshape(-1, k)
+    missing = np.arange(k)[None, :] >= np.asarray(found.counts).reshape(-1, 1)
+    keys[missing], scores[missing] = -1, -np.inf
+    return scores, keys
+
+
+class USearch(Method):
+    name, label, marker = "usearch", "USearch HNSW", "P"
+    module, install = "usearch.index", "usearch==2.26.6"
+    build_params = ("connectivity", "expansion_add")
+    query_params = ("ef_search",)
+    variant_param = "ef_search"
+    file_suffix = ".usearch"
+    ordering = "inner product (metric 'ip', distance 1 - a·b)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("connectivity", "expansion_add"))
+        whole_params(opts, ("ef_search",), prefix="")
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        index = self.library().Index(ndim=gallery.shape[1], metric="ip", dtype="f32",
+                                     connectivity=int(opts["connectivity"]), expansion_add=int(opts["expansion_add"]))
+        for start in range(0, len(gallery), ADD_CHUNK_ROWS):
+            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            index.add(np.arange(start, start + len(rows)), rows, threads=threads)
+        return index
+
+    def save(self, native: Any, path: Path) -> None:
+        native.save(str(path))
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        return self.library().Index.restore(str(path))
+
+    def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        native.expansion_search = int(setting["ef_search"])  # on the index: searched under its lock
+        return native.search(queries, k, threads=threads)
+
+    def results(self, found, k: int):
+        return _matches(found, k)
+
+
+class USearchExact(Method):
+    name, label, marker = "usearch_exact", "USearch exact", "X"
+    module, install = "usearch.index", "usearch==2.26.6"
+    exact, cached = True, False
+    ordering = "inner product (metric 'ip', exact=True: every row compared)"
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        return np.require(gallery, np.float32, ["C", "W", "E"])
+
+    def save(self, native: Any, path: Path) -> None:
+        np.save(path, native)  # only for its size: an exact scan keeps the gallery itself
+
+    def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        return self.library().search(native, queries, k, "ip", exact=True, threads=threads)
+
+    def results(self, found, k: int):
+        return _matches(found, k)
+
+
+METHODS = (USearch(), USearchExact())

@@ -1,0 +1,186 @@
+"""Every search method on a small real store (real Tiny-ImageNet images of 20 classes, embedded by the trained
+EfficientNet-Lite0 at 112 px): imgret's ids equal the library's own calls on the same index; at the method's most
+exhaustive level, tie-aware recall@10 >= 0.99; saved and loaded, the same ids; a missing library refused in one line.
+
+Each library's bare calls are written here with its own API, not imgret's: a method that converted, reordered or
+searched at another setting than it is labelled with would differ from them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR, PROJECT_ROOT, subset_zip
+from imgret.index.base import search_threads_now
+from imgret.index.build import build_index
+from imgret.index.methods import METHODS
+from imgret.measure.metrics import recall_at_ties
+
+K = 10
+
+
+def _hnswlib(index, queries, setting, threads):
+    index.set_ef(setting["ef_search"])
+    return index.knn_query(queries, K, num_threads=threads)[0]
+
+
+def _voyager(index, queries, setting, threads):
+    return index.query(queries, K, num_threads=threads, query_ef=setting["ef_search"])[0]
+
+
+def _usearch(index, queries, setting, threads):
+    index.expansion_search = setting["ef_search"]
+    return index.search(queries, K, threads=threads).keys
+
+
+def _usearch_exact(gallery, queries, setting, threads):
+    from usearch.index import search
+
+    return search(gallery, queries, K, "ip", exact=True, threads=threads).keys
+
+
+def _annoy(index, queries, setting, threads):
+    return [index.get_nns_by_vector(q, K, search_k=setting["search_k"]) for q in queries]
+
+
+def _nmslib(index, queries, setting, threads):
+    index.setQueryTimeParams({"efSearch": setting["ef_search"]})
+    return [ids for ids, _ in index.knnQueryBatch(queries, K, num_threads=threads)]
+
+
+def _pynndescent(index, queries, setting, threads):
+    return index.query(queries, K, epsilon=setting["epsilon"])[0]
+
+
+def _ngt(folder_index, queries, setting, threads):
+    return [[row for row, _ in folder_index.index.search(q, size=K, epsilon=setting["epsilon"],
+                                                        edge_size=setting["edge_size"])] for q in queries]
+
+
+def _diskann(folder_index, queries, setting, threads):
+    return folder_index.index.batch_search(queries, k_neighbors=K, complexity=setting["complexity"],
+                                           num_threads=threads).identifiers
+
+
+def _faiss(index, queries, setting, threads):
+    import faiss
+
+    index = faiss.clone_index(index)  # the labelled setting applied to a copy, the bare way
+    if "nprobe" in setting:
+        faiss.extract_index_ivf(index).nprobe = setting["nprobe"]
+    if "ef_search" in setting:
+        index.hnsw.efSearch = setting["ef_search"]
+    return index.search(queries, K)[1]
+
+
+def _brute(gallery, queries, setting, threads):
+    return np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :K]
+
+
+BARE = {"hnswlib": _hnswlib, "voyager": _voyager, "usearch": _usearch, "usearch_exact": _usearch_exact,
+        "annoy": _annoy, "nmslib": _nmslib, "pynndescent": _pynndescent, "ngt": _ngt, "diskann": _diskann,
+        "flat": _faiss, "ivf": _faiss, "ivfpq": _faiss, "hnsw": _faiss, "brute": _brute}
+# IVF-PQ compares codes, not vectors: its recall is bounded by the quantisation, not by a search setting.
+NOT_EXACT_AT_ANY_LEVEL = {"ivfpq": "product-quantised codes", "factory": "whatever the string builds"}
+
+
+def compose_method(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"method={name}", "nlist=16", *overrides])
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    """(gallery, queries) rows of real images, extracted once by the pipeline's own stores."""
+    from imgret.api import open_stores
+    from imgret.embed.options import ExtractSettings
+    from imgret.sources.registry import load_splits
+
+    folder = tmp_path_factory.mktemp("libraries")
+    archive, digest = subset_zip(folder / "twenty.zip", 20, 30, 2)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0",
+            "model.image_size=112", f"paths.cache={folder / 'cache'}", "extract.progress=false",
+            "extract.latency_images=2", "num_workers=0"])
+    stores = open_stores(ExtractSettings.from_config(cfg), cfg.data, load_splits(cfg.data, cfg.seed))
+    return np.array(stores.gallery.vectors), np.array(stores.queries.vectors)  # writable, as Voyager wants
+
+
+def _ids(found) -> np.ndarray:
+    return np.asarray([np.asarray(row, dtype=np.int64) for row in found])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in BARE if name != "factory"])
+def test_a_method_gives_its_library_s_own_ids_reaches_0_99_at_its_top_level_and_reloads(name, real_store, tmp_path):
+    gallery, queries = real_store
+    top = len(compose_method(name).method.get("levels") or [None]) - 1
+    cheap, exhaustive = compose_method(name, "level=0" if top else "level=null"), compose_method(name, f"level={top}"
+                                                                                                 if top else "level=null")
+    built = build_index(exhaustive.method, gallery, tmp_path / "cache", "real")
+    threads = search_threads_now()
+    for cfg in (cheap, exhaustive):
+        searcher = built.at(METHODS[name].query_setting(cfg.method))
+        ids = searcher.search(queries, K)[1]
+        bare = _ids(BARE[name](built.native, queries, dict(METHODS[name].query_setting(cfg.method)), threads))
+        assert np.array_equal(ids, bare), f"{name} at {METHODS[name].query_setting(cfg.method)}"
+        one_at_a_time = np.concatenate([searcher.search(queries[i:i + 1], K)[1] for i in range(len(queries))])
+        assert np.array_equal(one_at_a_time, ids), f"{name}: one query per call gave other rows"
+
+    exact_scores = np.sort(queries @ gallery.T, axis=1)[:, ::-1][:, :K]
+    found = built.index.search(queries, K)[1]
+    found_scores = np.where(found >= 0, np.take_along_axis(queries @ gallery.T, np.maximum(found, 0), 1), -np.inf)
+    recall = recall_at_ties(found_scores, exact_scores, K, 1e-6)
+    if name in NOT_EXACT_AT_ANY_LEVEL:
+        assert recall > 0.5, (name, recall)
+    else:
+        assert recall >= 0.99, f"{name} at {METHODS[name].query_setting(exhaustive.method)}: recall@10 {recall}"
+
+    if METHODS[name].cached:
+        again = build_index(exhaustive.method, gallery, tmp_path / "cache", "real")
+        assert again.reused and np.array_equal(again.index.search(queries, K)[1], found), name
+        assert again.nbytes == built.nbytes > 0
+
+
+# The real entry point, with the library's module made unimportable (as if it were not installed).
+MISSING_LIBRARY = ("import runpy, sys; sys.modules[{module!r}] = None; "
+                   "sys.argv = ['imgret.run', 'method={name}', 'tracking.uri=sqlite:///{db}', 'paths.cache={cache}']; "
+                   "runpy.run_module('imgret.run', run_name='__main__')")
+
+
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.module])
+def test_a_method_whose_library_is_missing_is_refused_naming_what_to_install(name, monkeypatch):
+    from imgret.errors import ConfigError
+    from imgret.index.methods import validate_search
+
+    method = METHODS[name]
+    monkeypatch.setitem(sys.modules, method.module, None)  # as if it were not installed
+    with pytest.raises(ConfigError) as refused:
+        validate_search(compose_method(name).method, K)
+    assert str(refused.value).startswith(f"method={name} needs the Python module {method.module}")
+    assert f"pip install {method.install}" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_run_refuses_a_missing_library_in_one_line_before_any_work(tmp_path):
+    script = MISSING_LIBRARY.format(module="hnswlib", name="hnswlib", db=tmp_path / "mlflow.db", cache=tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0] == ("config error: method=hnswlib needs the Python module hnswlib (import of hnswlib halted; None in "
+                        "sys.modules): install it with `pip install hnswlib==0.8.0`, or `pip install 'imgret[ann]'` for "
+                        "every ANN library")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()  # before any work
+
+
+def test_each_method_module_registers_its_methods_and_every_method_has_a_config():
+    configs = {path.stem for path in (PROJECT_ROOT / "conf" / "method").glob("*.yaml")}
+    assert configs == set(METHODS), configs ^ set(METHODS)
+    for name, method in METHODS.items():
+        assert method.label and method.ordering, name
+        cfg = compose_method(name).method
+        assert cfg.name == name
+        assert set(method.build_params + method.query_params) <= set(cfg), (name, set(cfg))
