@@ -66,8 +66,25 @@ def test_alternatives_are_measured_in_turn():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, precision, search, ivf, ddp, verify, scale, memory" in \
-        capsys.readouterr().err
+    assert "unknown part(s) ['warp']; allowed: extract, precision, search, ivf, libraries, ddp, verify, scale, " \
+        "memory" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # builds every library's index once (PyNNDescent compiles with numba first: about 60 s)
+def test_the_libraries_part_times_every_installed_library_against_its_own_calls(tmp_path, capsys):
+    command = shlex.split(documented("python -m imgret.bench --parts libraries"))[3:]
+    result = main(command + ["--cache", str(tmp_path / "cache"), "--gallery", "1500", "--queries", "60",
+                   "--dim", "32", "--libraries-gallery", "1500", "--libraries-queries", "60", "--single-queries", "20",
+                   "--rounds", "2", "--nlist", "16", "--json", str(tmp_path / "bench.json")])["libraries"]
+    from imgret.index.methods import METHODS
+
+    measured = {r["method"] for r in result["methods"]}
+    assert measured == {name for name, method in METHODS.items() if method.module or not method.exact}
+    assert not result["skipped"]
+    printed = capsys.readouterr().out
+    for r in result["methods"]:
+        assert len(r["batch_ratios"]) == len(r["single_ratios"]) == 2 and min(r["batch_ratios"]) > 0, r
+        assert f"libraries {r['method']}: imgret single-query p50 vs bare" in printed
 
 
 @pytest.mark.slow  # every part in real processes: about 100 s

@@ -204,3 +204,26 @@ def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path
     report = (out / "report.md").read_text()
     assert "![scaling vectors](scaling_vectors.png)" in report and "largest gallery's runs (4,500 vectors)" in report
     assert "End to end" not in report and "none (vectors, no images)" in report, "vectors have no extraction"
+
+
+@pytest.mark.slow
+def test_the_ann_libraries_study_builds_each_index_once_and_reports_each_library_s_frontier(tmp_path):
+    """experiments/ann_libraries.yaml, small: three libraries and FAISS Flat at the cheapest and the most exhaustive
+    level of each one's ladder."""
+    command = documented("+experiment=ann_libraries model=efficientnet_lite0")
+    overrides = command.split("python -m imgret.run -m ", 1)[1].split()
+    result, uri = imgret_multirun(tmp_path, *overrides, "nlist=4", "data.gallery_per_class=30",
+                                  "method=flat,hnswlib,annoy,voyager", "level=0,9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = children_of_the_parent(uri)
+    assert len(children) == 8
+    built = sorted(c.data.tags["method"] for c in children if c.data.tags["index_built"] == "true")
+    assert built == ["annoy", "flat", "hnswlib", "voyager"]  # each once (Flat is not cached: built by its one run)
+    assert {c.data.tags["search_threads"] for c in children} == {"1"}, "ann-benchmarks' single-thread protocol"
+    hnswlib = sorted(int(c.data.params["method.ef_search"]) for c in children if c.data.tags["method"] == "hnswlib")
+    assert hnswlib == [10, 512], "level 0 and 9 of hnswlib's ladder (conf/method/hnswlib.yaml)"
+    out = report_main(["--tracking-uri", uri, "--out", str(tmp_path / "report")])
+    table = (out / "libraries.md").read_text()
+    for label in ("hnswlib HNSW", "Annoy", "Voyager HNSW", "FAISS Flat"):
+        assert label in table
+    assert (out / "libraries_efficientnet_lite0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

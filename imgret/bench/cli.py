@@ -13,12 +13,12 @@ from pathlib import Path
 import faiss
 import torch
 
-from imgret.bench import ddp, extract, ivf, memory, precision, scale, search, verify
+from imgret.bench import ddp, extract, ivf, libraries, memory, precision, scale, search, verify
 from imgret.bench.machine import DEFAULT_ARCHIVE, Archive, Context, matmul_peak_gflops, memory_bandwidth_gbs
 from imgret.bench.verdicts import TARGETS
 
 # The parts, in the order they run (memory last: it starts fresh processes of its own).
-PARTS = {"extract": extract, "precision": precision, "search": search, "ivf": ivf, "ddp": ddp, "verify": verify,
+PARTS = {"extract": extract, "precision": precision, "search": search, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
          "scale": scale, "memory": memory}
 
 
@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--single-queries", type=int, default=200, help="single-query calls timed per method")
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--libraries-gallery", type=int, default=20_000,
+                        help="gallery rows each ANN library builds over in the libraries part")
+    parser.add_argument("--libraries-queries", type=int, default=2_000, help="queries in the libraries part")
     parser.add_argument("--ddp-images", type=int, default=6400, help="images extracted per round of the ddp part")
     parser.add_argument("--memory-sizes", default="10000,100000", help="gallery sizes for the memory part")
     parser.add_argument("--scale-gallery", type=int, default=1_280_000, help="gallery size for the scale part")

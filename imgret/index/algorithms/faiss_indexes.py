@@ -45,6 +45,12 @@ class FaissMethod(Method):
     def apply(self, native: faiss.Index, setting: Mapping) -> None:
         """Set the query parameters on the index itself (its default for calls without parameters)."""
 
+    def bare(self, native: faiss.Index, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        return native.search(queries, k, params=self.parameters(setting))
+
+    def results(self, found, k: int):
+        return found
+
     def searcher(self, native: Any, setting: Mapping, device: str = "cpu") -> SearchIndex:
         self.apply(native, setting)
         return on_device(native, setting, device, self.parameters(setting), self.gpu)

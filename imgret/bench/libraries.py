@@ -1,0 +1,102 @@
+"""The libraries part: for every ANN method whose library is installed, imgret's timed search against a bare loop of
+the library's own calls (`Method.bare`) on the same built index, queries and setting, interleaved over rounds; batch
+and one query per call, on one thread (ann-benchmarks' protocol). Each figure is the median of its rounds."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from imgret.bench.machine import Context
+from imgret.bench.search import search_data
+from imgret.bench.verdicts import verdict
+from imgret.errors import ConfigError
+from imgret.index.build import build_index
+from imgret.index.methods import METHODS
+from imgret.measure.search import search_threads, timed_search
+from imgret.measure.timing import best_seconds, interleaved, spread
+
+NEEDS_IMAGES = False
+LEVEL = 5  # each method's middle query setting (conf/method/<name>.yaml, `levels`)
+
+
+def method_config(name: str, nlist: int):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="imgret.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"method={name}", f"nlist={nlist}"])
+        if "levels" in cfg.method:
+            cfg.level = LEVEL
+        return cfg.method
+
+
+def bench_method(name: str, gallery: np.ndarray, queries: np.ndarray, single_queries: int, rounds: int,
+                 nlist: int, k: int = 10) -> dict:
+    cfg = method_config(name, nlist)
+    method = METHODS[name]
+    built = build_index(cfg, gallery)
+    setting = method.query_setting(cfg)
+    sample = np.random.default_rng(0).choice(len(queries), min(single_queries, len(queries)), replace=False)
+
+    def imgret_round() -> tuple[float, float]:
+        run = timed_search(built.index, queries, k, latency_queries=len(sample), warmup_queries=20, repeats=1,
+                           progress=False)
+        return run.best_batch_seconds, float(np.median(run.latencies_ms))
+
+    def bare_round() -> tuple[float, float]:
+        batch = best_seconds(lambda: method.bare(built.native, queries, k, setting, 1), 1)
+        times = []
+        for i in sample:
+            one = queries[i:i + 1]
+            start = time.perf_counter()
+            method.bare(built.native, one, k, setting, 1)
+            times.append((time.perf_counter() - start) * 1000)
+        return batch, float(np.median(times))
+
+    with search_threads(1):
+        figures = interleaved({"imgret": imgret_round, "bare": bare_round}, rounds)
+    (mine_batch, mine_p50), (bare_batch, bare_p50) = (list(zip(*figures[who])) for who in ("imgret", "bare"))
+    batch_ratios = [a / b for a, b in zip(mine_batch, bare_batch)]
+    single_ratios = [a / b for a, b in zip(mine_p50, bare_p50)]
+    return {"method": name, "setting": setting, "build_s": built.build_s, "rounds": rounds,
+            "imgret_batch_s": spread(mine_batch)[0], "bare_batch_s": spread(bare_batch)[0],
+            "imgret_single_ms_p50": spread(mine_p50)[0], "bare_single_ms_p50": spread(bare_p50)[0],
+            "batch_ratios": batch_ratios, "single_ratios": single_ratios,
+            "batch_overhead": spread(batch_ratios)[0] - 1, "single_overhead": spread(single_ratios)[0] - 1}
+
+
+def run(ctx: Context) -> dict:
+    gallery, queries, label = ctx.search_data(search_data)
+    gallery, queries = gallery[:ctx.args.libraries_gallery], queries[:ctx.args.libraries_queries]
+    results, skipped = [], {}
+    for name, method in METHODS.items():
+        if method.exact and not method.module:
+            continue  # imgret's own brute force and FAISS Flat: no library call to compare against but faiss's
+        try:
+            method.library()
+        except ConfigError as missing:
+            skipped[name] = str(missing)
+            print(f"libraries: {name} skipped: {missing}", flush=True)
+            continue
+        print(f"libraries: {name} over {len(gallery):,} x {gallery.shape[1]} ({label}) ...", flush=True)
+        results.append(bench_method(name, gallery, queries, ctx.args.single_queries, ctx.args.rounds,
+                                    min(ctx.args.nlist, len(gallery) // 39)))
+    return {"data": label, "gallery": len(gallery), "queries": len(queries), "methods": results, "skipped": skipped,
+            "libraries_harness_overhead": max((max(r["batch_overhead"], r["single_overhead"]) for r in results),
+                                              default=float("nan"))}
+
+
+def rows(result: dict, row) -> None:
+    for v in result["methods"]:
+        batch, single = spread(v["batch_ratios"]), spread(v["single_ratios"])
+        setting = " ".join(f"{k}={x}" for k, x in v["setting"].items())
+        row("libraries", f"{v['method']} {setting}: imgret batch vs bare library calls, median of {v['rounds']}",
+            f"{v['imgret_batch_s'] * 1000:.1f} ms", f"{v['batch_overhead']:+.1%}",
+            verdict("ivf_harness_overhead", v["batch_overhead"], (batch[1] - 1, batch[2] - 1)) +
+            f"; ratios {batch[1]:.3f}-{batch[2]:.3f}")
+        row("libraries", f"{v['method']}: imgret single-query p50 vs bare", f"{v['imgret_single_ms_p50']:.3f} ms",
+            f"{v['single_overhead']:+.1%}", verdict("ivf_harness_overhead", v["single_overhead"],
+                                                    (single[1] - 1, single[2] - 1)) +
+            f"; ratios {single[1]:.3f}-{single[2]:.3f}")
+    for name, why in result.get("skipped", {}).items():
+        row("libraries", f"{name}: not measured", "-", "-", why)
