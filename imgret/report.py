@@ -23,18 +23,16 @@ import re
 import sys
 from pathlib import Path
 
-import matplotlib
+import mlflow
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")  # files only: no display here, nor on a cluster node
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from imgret.index.methods import METHODS, is_exact, method_label, method_marker, method_order  # noqa: E402
-from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key,  # noqa: E402
+from imgret.index.methods import METHODS, is_exact, method_label, method_order
+from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key,
                                   gallery_words, growth_exponent, markdown_table, operating_point_rows,
-                                  pareto_frontier, provenance_lines, representative)
-from imgret.track.study_rows import load_runs  # noqa: E402
+                                  provenance_lines, representative)
+from imgret.plots import (end_to_end_plot, features_of, ivf_nprobe_plot, libraries_plot, pareto_plot, scaling_plot,
+                          series_label, single_query_qps)
+from imgret.track.study_rows import load_runs
 
 log = logging.getLogger(__name__)
 
@@ -136,70 +134,6 @@ def end_to_end(runs: list[dict], out: Path) -> tuple[str, dict]:
 # --------------------------------------------------------------------------- plots
 
 
-def _build_order(item):
-    """Methods in their table order, then build settings by their numbers (nlist=64 before nlist=512)."""
-    (method, build), _ = item
-    return method_order(method), [int(v) if v.isdigit() else v for v in re.findall(r"\d+|\D+", build)]
-
-
-def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    panels = [("search_qps_batch", "queries per second, all queries in one call (log scale)", 1),
-              ("search_ms_p99", "p99 single-query latency, ms (log scale)", -1)]
-    for axis, (key, label, direction) in zip(axes, panels):
-        for (method, build), group in sorted(by_key(runs, "method", "build").items(), key=_build_order):
-            exact = is_exact(method)
-            several_builds = len({r["build"] for r in runs if r["method"] == method}) > 1
-            series = method_label(method) + (f" {build}" if several_builds else "") + (" (exact)" if exact else "")
-            axis.scatter([r[key] for r in group], [r["recall_at_10"] for r in group],
-                         marker=method_marker(method), s=160 if exact else 36, alpha=0.85, label=series,
-                         edgecolors="black" if exact else "none", zorder=3)
-        frontier = pareto_frontier([r["recall_at_10"] for r in runs], [direction * r[key] for r in runs])
-        axis.plot([runs[i][key] for i in frontier], [runs[i]["recall_at_10"] for i in frontier],
-                  color="black", linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
-        for i in frontier:  # say which setting each frontier point is (its build is in the legend)
-            query_setting = " ".join(p for p in runs[i]["setting"].split() if p not in runs[i]["build"].split())
-            axis.annotate(query_setting or method_label(runs[i]["method"]), (runs[i][key], runs[i]["recall_at_10"]),
-                          textcoords="offset points", xytext=(4, -9), fontsize=7, color="#333333")
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("recall@10 (vs exact top-10)")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left" if direction > 0 else "lower right", ncol=2)
-    axes[0].set_title("recall against throughput (up and right is better)")
-    axes[1].set_title("recall against tail latency (up and left is better)")
-    figure.suptitle(f"{model}: accuracy vs speed, {gallery_words(runs)}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
-    models = list(breakdown)
-    methods = sorted({m for b in breakdown.values() for m in b["search_ms"]}, key=method_order)
-    bars = [("extraction, batch 1", lambda b: b["extract_ms"]),
-            ("extraction, batched end to end", lambda b: b["extract_throughput_ms"])]
-    bars += [(f"search: {method_label(m)}", lambda b, m=m: b["search_ms"].get(m, float("nan"))) for m in methods]
-    figure, axis = plt.subplots(figsize=(max(9, 2.6 * len(models)), 5.2))
-    width = 0.8 / len(bars)
-    for i, (label, value) in enumerate(bars):
-        axis.bar([x + i * width for x in range(len(models))], [value(breakdown[m]) for m in models], width,
-                 label=label)
-    axis.set_xticks([x + width * (len(bars) - 1) / 2 for x in range(len(models))], models)
-    axis.set_yscale("log")
-    axis.set_ylabel("ms per image or per query (log scale)")
-    axis.set_title(f"Where the time goes: extraction per image vs search per query\n{gallery_words(runs)}")
-    axis.grid(True, axis="y", which="both", alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def _series_label(method: str, build: str, setting: str) -> str:
-    return f"{method_label(method)} {setting}".strip()
-
-
 def scaling_table(runs: list[dict], out: Path) -> str:
     """Per model and method setting: each metric at every gallery size, and its growth exponent."""
     sizes = sorted({int(r["gallery_size"]) for r in runs})
@@ -211,75 +145,10 @@ def scaling_table(runs: list[dict], out: Path) -> str:
             scale = 1e-9 if key == "peak_rss_bytes" else 1.0
             cells = [f"{at_size[n].get(key, float('nan')) * scale:.4g}" if n in at_size else "" for n in sizes]
             exponent = growth_exponent(list(at_size), [r.get(key, float("nan")) for r in at_size.values()])
-            rows.append([model, _series_label(method, "", setting), label, *cells,
+            rows.append([model, series_label(method, "", setting), label, *cells,
                          "" if exponent != exponent else f"{exponent:+.2f}"])
     header = ["model", "index", "metric", *[f"{n:,}" for n in sizes], "exponent b (∝ size^b)"]
     return write_table(out / "scaling", header, rows)
-
-
-def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
-    """One log-log panel per metric, each series one index setting; the last panel names the settings."""
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8.6))
-    series = sorted(by_key(runs, "method", "setting").items(), key=lambda item: method_order(item[0][0]))
-    for axis, (key, label) in zip(axes.flat, SCALING_METRICS):
-        scale = 1e-9 if key == "peak_rss_bytes" else 1.0
-        for (method, setting), group in series:
-            group = sorted(group, key=lambda r: r["gallery_size"])
-            sizes, values = [r["gallery_size"] for r in group], [r.get(key, float("nan")) * scale for r in group]
-            exponent = growth_exponent(sizes, values)
-            axis.plot(sizes, values, marker=method_marker(method),
-                      label=method_label(method) + ("" if exponent != exponent else f": b = {exponent:+.2f}"))
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel("gallery size, vectors (log scale)")
-        axis.set_title(label + " (log scale)", fontsize=10)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    legend_axis = axes.flat[len(SCALING_METRICS)]
-    legend_axis.axis("off")
-    for (method, setting), _ in series:
-        legend_axis.plot([], [], marker=method_marker(method), label=_series_label(method, "", setting))
-    legend_axis.legend(loc="center", fontsize=9, title="each point is one run of", title_fontsize=9)
-    dims = sorted({int(r["dim"]) for r in runs})
-    queries = sorted({int(r["query_size"]) for r in runs})
-    figure.suptitle(f"{model}: cost and accuracy against gallery size ({'/'.join(map(str, dims))}-d, "
-                    f"{'/'.join(f'{q:,}' for q in queries)} queries); b is the fitted exponent (metric ∝ size^b)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def single_query_qps(run: dict) -> float:
-    """Queries per second one query per call (ann-benchmarks' QPS): from the median single-query latency."""
-    return 1000.0 / run["search_ms_p50"]
-
-
-def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
-    """One Pareto frontier per method (each library's own best settings), recall@10 against single-query QPS and
-    against batch QPS: where each library stands, at every recall."""
-    figure, axes = plt.subplots(1, 2, figsize=(14, 5.6))
-    panels = [(single_query_qps, "queries per second, one query per call (log scale)"),
-              (lambda r: r["search_qps_batch"], "queries per second, all queries in one call (log scale)")]
-    for axis, (speed, label) in zip(axes, panels):
-        for (method,), group in sorted(by_key(runs, "method").items(), key=lambda item: method_order(item[0][0])):
-            frontier = pareto_frontier([r["recall_at_10"] for r in group], [speed(r) for r in group])
-            points = sorted((speed(group[i]), group[i]["recall_at_10"]) for i in frontier)
-            axis.plot([x for x, _ in points], [y for _, y in points], marker=method_marker(method),
-                      markersize=9 if is_exact(method) else 5, linewidth=1.2,
-                      label=method_label(method) + (" (exact)" if is_exact(method) else ""))
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("recall@10 (vs exact top-10)")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left", ncol=2)
-    threads = sorted({str(r["search_threads"]) for r in runs})
-    axes[0].set_title("one query per call: each point a library's query setting on its frontier")
-    axes[1].set_title("all queries in one call")
-    figure.suptitle(f"{model}: ANN libraries, each one's Pareto frontier; {gallery_words(runs)}; "
-                    f"{'/'.join(threads)} search thread(s)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def libraries_table(runs: list[dict], out: Path) -> str:
@@ -330,13 +199,20 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         parts += ["\n## End to end: extraction per image against search per query\n", e2e_markdown,
                   "\n![end to end](end_to_end.png)\n"]
         end_to_end_plot(breakdown, extracted, out / "end_to_end.png")
-    if len({r["method"] for r in runs if not is_exact(r["method"])}) >= 3:
+    libraries = {METHODS[r["method"]].module or "faiss" for r in runs if r["method"] in METHODS}
+    if len(libraries) >= 2:  # FAISS's own indexes alone: the Pareto plots below say it
         parts += ["\n## Libraries: each method's frontier, build cost and operating points\n",
                   "The fastest setting (by single-query QPS) reaching each recall@10; peak RSS is the run's whole "
                   "process (the store, the index and the search).\n", libraries_table(runs, out)]
         for (model,), group in sorted(by_key(runs, "model").items()):
             libraries_plot(model, group, out / f"libraries_{model}.png")
             parts.append(f"![libraries {model}](libraries_{model}.png)\n")
+    ivf_features = {features_of(r) for r in runs if r["method"] == "ivf"}
+    if len(ivf_features) > 1:
+        parts += ["\n## IVF on trained and on random features\n",
+                  f"Recall@10 against nprobe for {' and for '.join(sorted(ivf_features))}.\n",
+                  "![IVF recall against nprobe](ivf_nprobe.png)\n"]
+        ivf_nprobe_plot(runs, out / "ivf_nprobe.png")
     parts.append("\n## Pareto frontiers\n")
     for (model,), group in sorted(by_key(runs, "model").items()):
         pareto_plot(model, group, out / f"pareto_{model}.png")

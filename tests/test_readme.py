@@ -337,7 +337,7 @@ def test_the_demo_curl_load_and_the_python_api(work, subset, tiny_subset_zip):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    in_conf = documented("python -m imgret.serve data.gallery_limit=50 model.pretrained=false model.image_size=64")
+    in_conf = documented("python -m imgret.serve data.gallery_limit=20")
     assert in_conf.split("serve ", 1)[1] in serve, "the config comment's example is the README's without the archive"
 
     api = documented("from imgret.api import load_image, open_retriever")

@@ -31,7 +31,7 @@ from imgret.serve.load import run_load
 
 PYTHON = sys.executable
 K = 5
-SERVE_OVERRIDES = ("model.pretrained=false", "model.image_size=32", "batch_size=16", "nlist=4", "nprobe=2",
+SERVE_OVERRIDES = ("model=resnet18", "model.pretrained=false", "model.image_size=32", "batch_size=16", "nlist=4", "nprobe=2",
                    "serve.nprobe=[1,4]", "serve.ef_search=[1,64]", "serve.indexes.hnsw.hnsw_m=4", f"k={K}",
                    "extract.progress=false", "extract.latency_images=2", "num_workers=0")
 

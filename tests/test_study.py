@@ -227,3 +227,13 @@ def test_the_ann_libraries_study_builds_each_index_once_and_reports_each_library
     for label in ("hnswlib HNSW", "Annoy", "Voyager HNSW", "FAISS Flat"):
         assert label in table
     assert (out / "libraries_efficientnet_lite0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_draws_ivf_recall_against_nprobe_per_set_of_features(tmp_path):
+    result, uri = imgret_multirun(tmp_path, "model=resnet18,mobilenet", "method=ivf", "nlist=4", "nprobe=1,2,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = report_main(["--tracking-uri", uri, "--all-runs", "--out", str(tmp_path / "report")])
+    page = (out / "report.md").read_text()
+    assert "Recall@10 against nprobe for mobilenet, random weights and for resnet18, random weights" in page
+    header = (out / "ivf_nprobe.png").read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 1000  # two panels

@@ -33,6 +33,7 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
                               if k not in executing and params.get(f"method.{k}", "null") != "null"),
             "index_built": tags.get("index_built", ""),
             "search_threads": tags.get("search_threads", "?"),
+            "weights": tags.get("weights", ""),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),
             "provenance": tags.get(PROVENANCE_TAG, "unknown"),
