@@ -1,3 +1,4 @@
+import re
 import faiss
 import numpy as np
 import pytest
@@ -5,11 +6,11 @@ from omegaconf import OmegaConf
 
 import imgret.index.groundtruth
 from conftest import clustered_vectors, write_store
-from imgret.errors import ConfigError
+from imgret.errors import ConfigError, allowed
 from imgret.index.groundtruth import exact_ground_truth, ground_truth_path
 from imgret.index.build import build_index
 from imgret.index.brute import BruteForceIndex
-from imgret.index.methods import validate_search
+from imgret.index.methods import METHODS, validate_search
 from imgret.measure.metrics import AT_10_METRICS, latency_percentiles, precision_at, recall_at
 from imgret.measure.search import latency_sample, search_threads, timed_search
 
@@ -65,9 +66,7 @@ def test_build_reports_time_and_size():
     (method("ivf", nlist=16, nprobe=32), 10, "^nprobe=32: a whole number from 1 to nlist \\(16\\)$"),
     (method("ivf", nlist=5000, nprobe=1), 10, "^nlist=5000: a whole number from 1 to the gallery size \\(4000\\)$"),
     (method("flat"), 4001, "^k=4001: a whole number from 1 to the gallery size \\(4000\\)$"),
-    (method("scann"), 10, "^method=scann: one of 'brute', 'flat', 'usearch_exact', 'ivf', 'ivfpq', 'hnsw', 'factory', "
-                          "'annoy', 'diskann_disk', 'diskann', 'hnswlib', 'ngt', 'nmslib', 'pynndescent', 'usearch', "
-                          "'voyager'$"),
+    (method("scann"), 10, "^method=scann: one of " + re.escape(allowed(METHODS)) + "$"),
     (method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=20), 10, "^method.pq_nbits=20: a whole number of bits from 1 to 16$"),
     (method("hnsw", hnsw_m=0, ef_construction=40, ef_search=16), 10, "^method.hnsw_m=0: a whole number >= 1$"),
     (method("factory", index_factory="IVF16,Flatt", search_params=""), 10, "^method.index_factory=IVF16,Flatt: a faiss"),
