@@ -65,6 +65,11 @@ def _diskann(folder_index, queries, setting, threads):
                                            num_threads=threads).identifiers
 
 
+def _diskann_disk(folder_index, queries, setting, threads):
+    return folder_index.index.batch_search(queries, k_neighbors=K, complexity=setting["complexity"],
+                                           num_threads=threads, beam_width=setting["beam_width"]).identifiers
+
+
 def _faiss(index, queries, setting, threads):
     import faiss
 
@@ -82,6 +87,7 @@ def _brute(gallery, queries, setting, threads):
 
 BARE = {"hnswlib": _hnswlib, "voyager": _voyager, "usearch": _usearch, "usearch_exact": _usearch_exact,
         "annoy": _annoy, "nmslib": _nmslib, "pynndescent": _pynndescent, "ngt": _ngt, "diskann": _diskann,
+        "diskann_disk": _diskann_disk,
         "flat": _faiss, "ivf": _faiss, "ivfpq": _faiss, "hnsw": _faiss, "brute": _brute}
 # IVF-PQ compares codes, not vectors: its recall is bounded by the quantisation, not by a search setting.
 NOT_EXACT_AT_ANY_LEVEL = {"ivfpq": "product-quantised codes", "factory": "whatever the string builds"}

@@ -1,0 +1,66 @@
+"""Microsoft's DiskANN, its SSD index: a Vamana graph whose full vectors stay on disk, navigated by product-quantised
+codes kept in memory (`search_memory_gb`), metric "l2" (on the store's unit rows, |a - b|² = 2 - 2 a·b: the inner
+product's order). The index is read from its folder while it searches, so the folder lives as long as the index."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.errors import bad_value
+from imgret.index.base import FolderIndex, Method, new_folder, pack_folder, search_threads_now, unpack_folder, whole_params
+
+
+class DiskANNDisk(Method):
+    name, label, marker = "diskann_disk", "DiskANN (SSD index)", "H"
+    module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
+    build_params = ("graph_degree", "build_complexity", "search_memory_gb")
+    query_params = ("complexity", "beam_width", "cache_nodes")
+    execution_params = ("cache_nodes",)
+    variant_param = "complexity"
+    file_suffix = ".diskann-ssd.tar"
+    ordering = "inner product (distance_metric 'l2' on unit rows)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("graph_degree", "build_complexity", "beam_width"))
+        whole_params(opts, ("cache_nodes",), 0)
+        whole_params(opts, ("complexity",), prefix="")
+        memory = opts.get("search_memory_gb")
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
+            raise bad_value("method.search_memory_gb", memory, "a number of GB > 0 for the in-memory PQ codes")
+
+    def check_k(self, opts: Mapping, k: int) -> None:
+        if isinstance(opts.get("complexity"), int) and opts["complexity"] < k:
+            raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long")
+
+    def _open(self, folder, opts: Mapping) -> FolderIndex:
+        index = self.library().StaticDiskIndex(index_directory=folder.name, num_threads=search_threads_now(),
+                                               num_nodes_to_cache=int(opts["cache_nodes"]), distance_metric="l2",
+                                               vector_dtype=np.float32)
+        return FolderIndex(index, folder, "ann")
+
+    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+        folder = new_folder(path)
+        self.library().build_disk_index(
+            data=np.require(gallery, np.float32, ["C", "W", "E"]), distance_metric="l2", index_directory=folder.name,
+            complexity=int(opts["build_complexity"]), graph_degree=int(opts["graph_degree"]),
+            search_memory_maximum=float(opts["search_memory_gb"]), build_memory_maximum=4.0, num_threads=threads,
+            vector_dtype=np.float32)
+        return self._open(folder, opts)
+
+    def save(self, native: FolderIndex, path: Path) -> None:
+        pack_folder(native.path, path)
+
+    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+        return self._open(unpack_folder(path), opts)
+
+    def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        return native.index.batch_search(queries, k_neighbors=k, complexity=int(setting["complexity"]),
+                                         num_threads=threads, beam_width=int(setting["beam_width"]))
+
+    def results(self, found, k: int):
+        return (1 - np.asarray(found.distances, dtype=np.float32) / 2), np.asarray(found.identifiers, dtype=np.int64)
+
+
+METHODS = (DiskANNDisk(),)
