@@ -288,7 +288,8 @@ def test_the_study_experiments_and_the_report(work, subset):
     for command, extra in [(documented("+experiment=seed_table model.image_size=64"), ()),
                            (documented("+experiment=seed_table data.archive="), ()),
                            (documented("+experiment=ivf_study model.image_size=64"), ivf_study),
-                           (documented("+experiment=ivf_study data.archive="), ivf_study)]:
+                           (documented("python -m imgret.run -m +experiment=ivf_study data.archive=../shared/data/"
+                                       "tiny-imagenet-200.zip model.pretrained=false model.image_size=64"), ivf_study)]:
         run_command(offline(command, subset, *extra), work)
     zoo = documented("+experiment=index_zoo model.image_size=64")
     run_command(smaller(zoo, None, ("data=synthetic", "model.pretrained=false", "data.gallery_per_class=30", "nlist=4",
@@ -296,6 +297,25 @@ def test_the_study_experiments_and_the_report(work, subset):
     result = run_command(documented("python -m imgret.report"), work)
     assert "report" in result.stdout + result.stderr
     assert any((work / "outputs").rglob("report.html")) or any(work.rglob("report.html"))
+
+
+@pytest.mark.slow
+def test_the_real_feature_studies(work, subset):
+    """The README's results on trained features, each command at the subset's size: the full-gallery run, the seed
+    table, the IVF study on trained and random features and its report, and the index zoo."""
+    run_command(offline(documented("python -m imgret.run model=efficientnet_lite0 data.archive="), subset), work)
+    run_command(offline(documented("+experiment=seed_table model=efficientnet_lite0"), subset), work)
+    narrow = {"'256,1024'": "'2,8'", "'1,2,4,8,16,32,64'": "'1,8'"}
+    for command in (documented("+experiment=ivf_study model=efficientnet_lite0"),
+                    documented("model.image_size=64 tracking.experiment=")):
+        run_command(smaller(offline(command, subset), narrow), work)
+    printed = run_command(documented("python -m imgret.report --experiment ivf_features --all-runs"), work).stdout
+    assert "Recall@10 against nprobe for efficientnet_lite0, trained weights" in printed
+    assert "and for resnet18, random weights" in printed
+    zoo = documented("+experiment=index_zoo model=efficientnet_lite0")
+    run_command(smaller(zoo, {OFFLINE_ARCHIVE: "data=synthetic data.gallery_per_class=30"},
+                        ("nlist=4", "hydra.sweeper.params.effort='1,4'", *QUICK)), work)
+    assert "FAISS IVF-PQ" in run_command(documented("python -m imgret.report"), work).stdout
 
 
 # --------------------------------------------------------------------------- the demo and the API
