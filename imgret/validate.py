@@ -18,8 +18,23 @@ def number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_level(cfg) -> None:
+    """`level` picks a rung of the method's `levels` (its query knob, cheap to exhaustive): checked before anything
+    reads the knob, whose interpolation would otherwise fail deep inside OmegaConf."""
+    level = cfg.get("level")
+    if level is None:
+        return
+    levels = cfg.method.get("levels") if "method" in cfg else None
+    top = len(levels) - 1 if levels else None
+    if not whole(level, 0, top):
+        rungs = f"a whole number from 0 to {top} (method={cfg.method.name}'s levels: {list(levels)})" if levels \
+            else "a whole number >= 0, or null"
+        raise bad_value("level", level, rungs)
+
+
 def check_run_settings(cfg) -> None:
     """The keys of config.yaml itself: devices, sizes, seeds, and the extract and search groups."""
+    check_level(cfg)
     if cfg.device not in DEVICES:
         raise bad_value("device", cfg.device, f"one of {', '.join(DEVICES)}")
     if cfg.device == "cuda":
