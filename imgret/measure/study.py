@@ -91,7 +91,8 @@ def gallery_words(runs: list[dict]) -> str:
     galleries = sorted({int(r["gallery_size"]) for r in runs})
     queries = sorted({int(r["query_size"]) for r in runs})
     sizes = sorted({str(r["image_size"]) for r in runs})
-    size = "native size" if sizes == ["null"] else f"{'/'.join(sizes)} px"
+    size = "native size" if sizes == ["null"] else \
+        " / ".join("the model's own size" if s == "null" else f"{s} px" for s in sizes)
     return (f"gallery {'/'.join(f'{g:,}' for g in galleries)} images, "
             f"{'/'.join(f'{q:,}' for q in queries)} queries, {size}")
 
