@@ -67,7 +67,9 @@ def bench_method(name: str, gallery: np.ndarray, queries: np.ndarray, single_que
 
 def run(ctx: Context) -> dict:
     gallery, queries, label = ctx.search_data(search_data)
-    gallery, queries = gallery[:ctx.args.libraries_gallery], queries[:ctx.args.libraries_queries]
+    gallery = gallery[:ctx.args.libraries_gallery]
+    # writable rows for both sides: some bindings (Voyager's) refuse a read-only memory map's rows in their own call
+    queries = np.require(queries[:ctx.args.libraries_queries], np.float32, ["C", "W", "E"])
     results, skipped = [], {}
     for name, method in METHODS.items():
         if method.exact and not method.module:
