@@ -15,6 +15,21 @@ from imgret.measure.study import (SCALING_METRICS, by_key, gallery_words, growth
                                   pareto_frontier)
 
 
+def recall_axis(axis, xlabel: str, base: int = 10, **legend) -> None:
+    """A log x axis of speed or effort against recall@10, gridded, with its legend."""
+    axis.set_xscale("log", base=base)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("recall@10 (vs exact top-10)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, **legend)
+
+
+def save(figure, path: Path, dpi: int = 110) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+
+
 def _build_order(item):
     """Methods in their table order, then build settings by their numbers (nlist=64 before nlist=512)."""
     (method, build), _ = item
@@ -40,17 +55,11 @@ def pareto_plot(model: str, runs: list[dict], path: Path) -> None:
             query_setting = " ".join(p for p in runs[i]["setting"].split() if p not in runs[i]["build"].split())
             axis.annotate(query_setting or method_label(runs[i]["method"]), (runs[i][key], runs[i]["recall_at_10"]),
                           textcoords="offset points", xytext=(4, -9), fontsize=7, color="#333333")
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("recall@10 (vs exact top-10)")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left" if direction > 0 else "lower right", ncol=2)
+        recall_axis(axis, label, loc="lower left" if direction > 0 else "lower right", ncol=2)
     axes[0].set_title("recall against throughput (up and right is better)")
     axes[1].set_title("recall against tail latency (up and left is better)")
     figure.suptitle(f"{model}: accuracy vs speed, {gallery_words(runs)}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
 
 
 def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
@@ -70,9 +79,7 @@ def end_to_end_plot(breakdown: dict, runs: list[dict], path: Path) -> None:
     axis.set_title(f"Where the time goes: extraction per image vs search per query\n{gallery_words(runs)}")
     axis.grid(True, axis="y", which="both", alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
 
 
 def series_label(method: str, build: str, setting: str) -> str:
@@ -106,9 +113,7 @@ def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
     queries = sorted({int(r["query_size"]) for r in runs})
     figure.suptitle(f"{model}: cost and accuracy against gallery size ({'/'.join(map(str, dims))}-d, "
                     f"{'/'.join(f'{q:,}' for q in queries)} queries); b is the fitted exponent (metric ∝ size^b)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save(figure, path, dpi=100)
 
 
 def single_query_qps(run: dict) -> float:
@@ -129,19 +134,13 @@ def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
             axis.plot([x for x, _ in points], [y for _, y in points], marker=method_marker(method),
                       markersize=9 if is_exact(method) else 5, linewidth=1.2,
                       label=method_label(method) + (" (exact)" if is_exact(method) else ""))
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("recall@10 (vs exact top-10)")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left", ncol=2)
+        recall_axis(axis, label, loc="lower left", ncol=2)
     threads = sorted({str(r["search_threads"]) for r in runs})
     axes[0].set_title("one query per call: each point a library's query setting on its frontier")
     axes[1].set_title("all queries in one call")
     figure.suptitle(f"{model}: ANN libraries, each one's Pareto frontier; {gallery_words(runs)}; "
                     f"{'/'.join(threads)} search thread(s)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
 
 
 def _nprobe(run: dict) -> int:
@@ -166,13 +165,8 @@ def ivf_nprobe_plot(runs: list[dict], path: Path) -> None:
         for (build,), lists in sorted(by_key(group, "build").items(), key=lambda i: int(i[0][0].split("=")[1])):
             points = sorted((_nprobe(r), r["recall_at_10"]) for r in lists)
             axis.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=4, label=build)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("nprobe: inverted lists visited per query (log scale)")
-        axis.set_ylabel("recall@10 (vs exact top-10)")
         axis.set_title(features_of(group[0]) + f", {int(group[0]['dim'])}-d", fontsize=9)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, title="IVF-Flat", title_fontsize=7, loc="lower right")
+        recall_axis(axis, "nprobe: inverted lists visited per query (log scale)", base=2, title="IVF-Flat",
+                    title_fontsize=7, loc="lower right")
     figure.suptitle(f"IVF recall@10 against nprobe, trained and random features; {gallery_words(ivf)}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)

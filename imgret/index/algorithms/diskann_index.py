@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import FolderIndex, Method, new_folder, pack_folder, unpack_folder, whole_params
+from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, search_threads_now, unpack_folder,
+                               whole_params)
 
 
 class DiskANN(Method):
@@ -50,8 +51,6 @@ class DiskANN(Method):
         pack_folder(native.path, path)
 
     def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
-        from imgret.index.base import search_threads_now
-
         return self._open(unpack_folder(path), search_threads_now())
 
     def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):
