@@ -15,7 +15,6 @@ whole configuration.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgret.embed.extract import (EmbeddingModule, Embeddings, ensure_embeddings, ensure_stores, normalised_rows,
-                                  resolve_device, resolve_precision)
+from imgret.embed.backends import precision_context
+from imgret.embed.extract import (EmbeddingModule, Embeddings, backend_forward, ensure_embeddings, ensure_stores,
+                                  normalised_rows, resolve_device, resolve_precision)
 from imgret.embed.models import Encoder, build_encoder
 from imgret.embed.options import ExtractSettings
 from imgret.embed.preprocess import DEFAULT_DECODER
@@ -79,36 +79,31 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.I
     return open_image(str(path), max_pixels)
 
 
-def precision_context(precision: str, device: str):
-    """What Lightning's `precision` does around a forward pass, for forwards outside its Trainer."""
-    if precision == "bf16-mixed":
-        return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 class Embedder:
     """Images in, L2-normalised rows out: the same transform, module, precision and normalisation as
     extraction (`EmbeddingModule`), without Lightning. A row embedded here matches the store's row of that image."""
 
     def __init__(self, encoder: Encoder, device: str = "cpu", precision: str = "32-true", channels_last: bool = True,
-                 decoder: str = DEFAULT_DECODER):
+                 decoder: str = DEFAULT_DECODER, forward=None):
         self.name = encoder.name
         self.description = encoder.description
         self.preprocessing = encoder.preprocessing(decoder)
         self.module = EmbeddingModule(encoder.network, self.preprocessing.mean, self.preprocessing.std,
-                                      channels_last).to(device).eval()
+                                      channels_last, forward).to(device).eval()
         self.device = device
-        self.precision = precision
+        # another backend runs at its own precision (imgret.embed.backends): no autocast around it
+        self.precision = precision if forward is None else "32-true"
+        self.backend_precision = precision
 
     @classmethod
-    def from_settings(cls, settings: ExtractSettings, encoder: Encoder | None = None) -> "Embedder":
-        """The extraction's model (or `encoder`, already built from it), device, precision, memory format and
-        decoder."""
+    def from_settings(cls, settings: ExtractSettings, encoder: Encoder | None = None, gallery=None) -> "Embedder":
+        """The extraction's model (or `encoder`, already built from it), device, precision, backend, memory format
+        and decoder. `gallery` (its ImageSet): what int8 calibrated on, to find the very model the store used."""
         device = resolve_device(settings.device)
-        return cls(encoder or build_encoder(settings.model, settings.seed), device,
-                   resolve_precision(settings.precision, device), settings.channels_last, settings.decoder)
+        encoder = encoder or build_encoder(settings.model, settings.seed)
+        forward = backend_forward(settings, encoder, gallery) if settings.backend != "torch" else None
+        return cls(encoder, device, resolve_precision(settings, device), settings.channels_last, settings.decoder,
+                   forward)
 
     @classmethod
     def from_config(cls, cfg, encoder: Encoder | None = None) -> "Embedder":
@@ -258,5 +253,5 @@ def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | 
     for method_cfg in methods:
         built = open_index(method_cfg, gallery, settings.cache_dir, device)
         choices += index_choices(method_cfg, built, variants)
-    embedder = Embedder.from_settings(settings)
+    embedder = Embedder.from_settings(settings, gallery=splits.gallery)
     return Retriever(gallery, choices, embedder, splits.gallery.class_names, dict(splits.titles), splits.queries)

@@ -19,7 +19,7 @@ from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
 from imgret.options import Options
-from imgret.embed.extract import resolve_device
+from imgret.embed.extract import precision_choice, resolve_device
 from imgret.index.groundtruth import exact_ground_truth
 from imgret.measure.metrics import (latency_percentiles, map_at, precision_at, recall_at, recall_at_ties,
                                     results_table, similarities_of)
@@ -80,6 +80,10 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
     threads = configure_threads(settings.threads)
     search, cache_dir, k = settings.search, settings.extract.cache_dir, settings.search.k
     stages = StageTimes(memory)
+    precision = None
+    if splits is not None:  # images to embed (a vector source has no model): say which precision and why
+        precision = precision_choice(settings.extract, resolve_device(settings.extract.device))
+        log.info("extraction precision %s: %s (CPU flags: %s)", precision.precision, precision.reason, precision.flags)
     with stages.measure("stores_s"), watch_stores():
         embeddings = open_stores(settings.extract, settings.data, splits)
     gallery, queries = embeddings.gallery, embeddings.queries
@@ -132,6 +136,7 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
         "gallery_store": str(gallery.path),
         "query_store": str(queries.path),
         "weights": gallery.meta["key"].get("encoder", {}).get("weights", "none (vectors, no model)"),
+        **(precision.tags() if precision else {}),
         "index_built": str(not built.reused).lower(),
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),

@@ -123,6 +123,9 @@ def validate_config(cfg) -> None:
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)
     else:
         description = describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
+        if cfg.model.get("bf16_pays") not in (True, False, None):
+            raise bad_value("model.bf16_pays", cfg.model.bf16_pays, "true or false (what `python -m imgret.bench "
+                            "--parts precision` measured for this model), or null if nobody measured it")
         if cfg.extract.get("decoder", DEFAULT_DECODER) == "torchvision":
             from imgret.embed.preprocess import check_tensor_preprocessing
 

@@ -142,7 +142,7 @@ def test_bad_distributed_settings_are_refused_before_any_work(make_cfg, tmp_path
 
 
 def test_bf16_precision_changes_the_store_key_and_stays_close(make_cfg):
-    cfg32 = make_cfg(*SMALL)
+    cfg32 = make_cfg(*SMALL, "extract.precision=32-true")  # not auto: that is bf16 on a CPU with avx512_bf16
     cfg16 = make_cfg(*SMALL, "extract.precision=bf16-mixed")
     fp32 = ensure_embeddings(load_splits(cfg32.data, cfg32.seed), ExtractSettings.from_config(cfg32)).gallery
     bf16 = ensure_embeddings(load_splits(cfg16.data, cfg16.seed), ExtractSettings.from_config(cfg16)).gallery

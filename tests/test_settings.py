@@ -25,7 +25,8 @@ HAND_MADE = textwrap.dedent("""
 
     data = Options(name="synthetic", num_classes=4, gallery_per_class=12, query_per_class=3, image_size=32,
                    gallery_limit=None, query_limit=None, on_bad_image="skip", max_image_pixels=89478485)
-    model = Options(name="resnet18", family="timm", arch="resnet18", pretrained=False, checkpoint=None, image_size=32)
+    model = Options(name="resnet18", family="timm", arch="resnet18", pretrained=False, checkpoint=None, image_size=32,
+                    bf16_pays=True)
     settings = RunSettings(data=data, method=Options(name="ivf", nlist=4, nprobe=4, train_size=None, on_disk=False),
                            extract=ExtractSettings(model=model, cache_dir=Path(sys.argv[1]), latency_images=2,
                                                    progress=False),

@@ -37,6 +37,8 @@ from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from imgret.errors import BadImage, ConfigError, DataUnavailable
 from imgret.embed.models import Encoder, build_encoder, describe_encoder
 from imgret.embed.options import ExtractSettings
+from imgret.embed.backends import NormalisedNetwork, make_forward, precision_context
+from imgret.embed.precision import PrecisionChoice, choose_precision
 from imgret.embed.preprocess import Preprocessing
 from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
@@ -80,21 +82,20 @@ class ImageDataset(Dataset):
 
 
 class EmbeddingModule(pl.LightningModule):
-    """uint8 image batches in, features out: the batch half of the encoder's preprocessing runs here."""
+    """uint8 image batches in, features out, through PyTorch eager (`NormalisedNetwork`) or the backend's
+    `forward` (imgret.embed.backends) when one is given."""
 
-    def __init__(self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False):
+    def __init__(self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False,
+                 forward=None):
         super().__init__()
-        # oneDNN's convolutions run faster on NHWC tensors (measured by `python -m imgret.bench`)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.network = network.to(memory_format=self.memory_format)
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.normalised = NormalisedNetwork(network, mean, std, channels_last)
+        self.backend_forward = forward
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) in, features out (not yet normalised): every use of the model goes through here."""
-        # the same operations, in the same order, as ToTensor then Normalize on each image
-        x = images.to(dtype=torch.float32, memory_format=self.memory_format).div_(255).sub_(self.mean).div_(self.std)
-        return self.network(x)
+        if self.backend_forward is not None:
+            return self.backend_forward(images)
+        return self.normalised(images)
 
     def predict_step(self, batch, batch_idx):
         images, indices, bad = batch
@@ -200,8 +201,9 @@ def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, Embe
         encoder = build_encoder(settings.model, settings.seed)
         device = resolve_device(settings.device)
         rank = launch.process_rank()
-        latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], settings.latency_images, device,
-                                        settings.max_image_pixels) \
+        gallery = next((s for s in image_sets if s.split == "gallery"), image_sets[0])
+        forward = backend_forward(settings, encoder, gallery)
+        latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], settings, device, forward) \
             if rank == 0 else float("nan")
         for split in missing:
             image_set, key = wanted[split]
@@ -213,7 +215,7 @@ def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, Embe
                 stores[split] = EmbeddingStore.open(final_dir) if rank == 0 else None
                 if stores[split] is None:
                     remove_stale_staging(final_dir)
-                    stores[split] = extract_store(encoder, image_set, key, settings, latency_ms)
+                    stores[split] = extract_store(encoder, image_set, key, settings, latency_ms, forward=forward)
                     extracted.append(split)
     else:
         log.info("reusing embedding stores %s", ", ".join(str(store.path) for store in stores.values()))
@@ -238,25 +240,39 @@ def resolve_num_workers(num_workers, device: str) -> int:
     return num_workers
 
 
-def forward_latency_ms(encoder: Encoder, image_set: ImageSet, sample: int, device: str,
-                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> float:
-    """Median model-forward time at batch size 1 (the seed's measure): preprocessing excluded."""
-    count = max(1, min(sample, len(image_set)))
+def backend_forward(settings: ExtractSettings, encoder: Encoder, gallery: ImageSet):
+    """The forward of `extract.backend` (None: PyTorch eager); int8 calibrates on `gallery`'s images."""
+    preprocessing = encoder.preprocessing(settings.decoder)
+    module = NormalisedNetwork(encoder.network, preprocessing.mean, preprocessing.std, settings.channels_last)
+    return make_forward(settings.backend, resolve_precision(settings, resolve_device(settings.device)), module,
+                        store_encoder_description(settings), settings.cache_dir, gallery, preprocessing,
+                        settings.max_image_pixels)
+
+
+def forward_latency_ms(encoder: Encoder, image_set: ImageSet, settings: ExtractSettings, device: str,
+                       forward=None) -> float:
+    """Median model-forward time at batch size 1 (the seed's measure) through the extraction's module, backend
+    and precision: preprocessing excluded."""
+    count = max(1, min(settings.latency_images, len(image_set)))
+    preprocessing = encoder.preprocessing(settings.decoder)
     inputs = []
     for i in np.unique(np.linspace(0, len(image_set) - 1, count).astype(int)):
         with contextlib.suppress(BadImage):  # extraction reports unusable images; the probe only needs good ones
-            inputs.append(encoder.transform(image_set.open(int(i), max_pixels)).unsqueeze(0).to(device))
+            image = preprocessing.load(image_set.paths[int(i)], settings.max_image_pixels)
+            inputs.append(preprocessing.batch([image]).to(device))
     if not inputs:
         raise DataUnavailable(f"none of the {count} {image_set.split} images sampled for the latency probe could be "
                               "read: is this the right folder?")
-    network = encoder.network.to(device)
+    module = EmbeddingModule(encoder.network, preprocessing.mean, preprocessing.std, settings.channels_last,
+                             forward).to(device).eval()
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), precision_context(resolve_precision(settings, device) if forward is None else "32-true",
+                                                   device):
         for x in inputs[: min(5, count)]:  # warm-up: first calls allocate and pick kernels
-            network(x)
+            module.embed(x)
         for x in inputs:
             start = time.perf_counter()
-            network(x)
+            module.embed(x)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
@@ -269,18 +285,23 @@ def resolve_devices(devices, device: str) -> int:
     return int(devices)
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto`: fp16 mixed precision on a GPU, fp32 on the CPU."""
-    if precision == "auto":
-        return "16-mixed" if device == "cuda" else "32-true"
-    return str(precision)
+def precision_choice(settings: ExtractSettings, device: str) -> PrecisionChoice:
+    """The precision extraction runs at, and why (imgret.embed.precision: the CPU's flags and the model's
+    `bf16_pays`)."""
+    return choose_precision(settings.precision, device, settings.model.get("bf16_pays"))
+
+
+def resolve_precision(settings: ExtractSettings, device: str) -> str:
+    return precision_choice(settings, device).precision
 
 
 def store_encoder_description(settings: ExtractSettings) -> dict:
     """The encoder's description, the decoder (its pixels differ), and the extraction precision whenever it
     changes the vectors."""
     description = {**describe_encoder(settings.model, settings.seed), "decoder": settings.decoder}
-    precision = resolve_precision(settings.precision, resolve_device(settings.device))
+    precision = resolve_precision(settings, resolve_device(settings.device))
+    if settings.backend != "torch":
+        description["backend"] = settings.backend
     return description if precision == "32-true" else {**description, "precision": precision}
 
 
@@ -291,7 +312,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_ranks(settings: ExtractSettings, image_set: ImageSet, final_dir: Path, devices: int):
+def local_ranks(settings: ExtractSettings, image_set: ImageSet, final_dir: Path, devices: int, forward=None):
     """Ranks 1..devices-1 of a one-machine extraction, each a process running only the extraction
     (`python -m imgret.embed.extract SPEC`), and this process as rank 0 among them.
 
@@ -302,7 +323,9 @@ def local_ranks(settings: ExtractSettings, image_set: ImageSet, final_dir: Path,
     np.save(spec.parent / "labels.npy", image_set.labels)
     spec.write_text(json.dumps({"settings": settings.to_json(), "final_dir": str(final_dir), "dataset": image_set.dataset,
                                 "split": image_set.split, "class_names": list(image_set.class_names),
-                                "source_id": image_set.source_id}))
+                                "source_id": image_set.source_id,
+                                # the backend's model as rank 0 converted (and, for int8, calibrated) it
+                                "model_file": str(getattr(forward, "model_file", None) or "") or None}))
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices), "NODE_RANK": "0"}
     ranks = [subprocess.Popen([sys.executable, "-m", "imgret.embed.extract", str(spec)],
                               env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -332,7 +355,7 @@ def local_ranks(settings: ExtractSettings, image_set: ImageSet, final_dir: Path,
 
 
 def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, settings: ExtractSettings,
-                 callbacks: Sequence[pl.Callback] = ()) -> tuple:
+                 callbacks: Sequence[pl.Callback] = (), forward=None) -> tuple:
     """Run Lightning's prediction loop over the images `todo` (rank 0's choice, broadcast to every rank),
     streaming rows into the store's staging folder. Returns (writer, seconds, is_global_zero)."""
     device = resolve_device(settings.device)
@@ -351,13 +374,14 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
                         pin_memory=device == "cuda",  # page-locked buffers let the host-to-GPU copy run asynchronously
                         persistent_workers=False)
     try:
-        with local_ranks(settings, image_set, final_dir, devices) if start_ranks else contextlib.nullcontext():
+        with local_ranks(settings, image_set, final_dir, devices, forward) if start_ranks else contextlib.nullcontext():
             trainer = pl.Trainer(
                 accelerator="gpu" if device == "cuda" else "cpu",
                 devices=devices,
                 num_nodes=num_nodes,
                 strategy=str(settings.strategy),
-                precision=resolve_precision(settings.precision, device),
+                # another backend runs its own precision: Lightning's autocast would only wrap the calls into it
+                precision=resolve_precision(settings, device) if forward is None else "32-true",
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
@@ -371,7 +395,7 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
                          encoder.name, final_dir, devices * num_nodes, "es" if devices * num_nodes > 1 else "")
             start = time.perf_counter()
             module = EmbeddingModule(encoder.network, preprocessing.mean, preprocessing.std,
-                                     settings.channels_last)
+                                     settings.channels_last, forward)
             trainer.predict(module, dataloaders=loader, return_predictions=False)
             return writer, time.perf_counter() - start, trainer.is_global_zero
     finally:
@@ -389,7 +413,7 @@ def wait_for_commit(final_dir: Path, timeout_s: float = 3600) -> EmbeddingStore:
 
 
 def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, settings: ExtractSettings,
-                  latency_ms: float, callbacks: Sequence[pl.Callback] = ()) -> EmbeddingStore:
+                  latency_ms: float, callbacks: Sequence[pl.Callback] = (), forward=None) -> EmbeddingStore:
     """Extract the images a killed earlier attempt did not finish, then merge and commit the store.
     Rank 0 holds the store's lock, decides what is left to do, merges and commits; other ranks (started by
     a launcher) extract their share and wait for the commit. `callbacks` join the prediction loop's (the
@@ -399,7 +423,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, settings: Ex
     count = len(image_set)
     rank = launch.process_rank()
     if rank != 0:  # never touch the staging folder: rank 0 validates it, and broadcasts what is left to do
-        predict_rows(encoder, image_set, np.empty(0, dtype=np.int64), final_dir, settings)
+        predict_rows(encoder, image_set, np.empty(0, dtype=np.int64), final_dir, settings, forward=forward)
         return wait_for_commit(final_dir)
     progress = StagedStore(final_dir, "resume").resume(count)
     finished = np.union1d(progress.done, np.fromiter(progress.bad, dtype=np.int64, count=len(progress.bad)))
@@ -409,7 +433,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, settings: Ex
                  final_dir.name, finished.size, todo.size)
     writer, seconds = None, 0.0
     if todo.size or launch.launched_externally():  # under a launcher every rank must join the loop
-        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, settings, callbacks)
+        writer, seconds, _ = predict_rows(encoder, image_set, todo, final_dir, settings, callbacks, forward)
     staged = StagedStore(final_dir, "merge")
     dim = (writer.dim if writer else None) or progress.dim or staged.resume(count).dim
     if dim is None:
@@ -432,7 +456,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, settings: Ex
             "num_workers": resolve_num_workers(settings.num_workers, device),
             "device": device,
             "processes": devices,
-            "precision": resolve_precision(settings.precision, device),
+            "precision": resolve_precision(settings, device),
             "threads": torch.get_num_threads(),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -448,8 +472,14 @@ def worker_main(spec_path: str) -> None:
     image_set = ImageSet(spec["dataset"], spec["split"], tuple(paths), np.load(folder / "labels.npy"),
                          tuple(spec["class_names"]), spec["source_id"])
     settings = ExtractSettings.from_json(spec["settings"])
+    forward = None
+    if spec.get("model_file"):
+        from imgret.embed.backends import OpenVinoForward
+
+        threads = max(1, (os.cpu_count() or 1) // resolve_devices(settings.devices, "cpu"))
+        forward = OpenVinoForward(spec["model_file"], resolve_precision(settings, "cpu"), threads, spec["model_file"])
     predict_rows(build_encoder(settings.model, settings.seed), image_set, np.empty(0, dtype=np.int64),
-                 Path(spec["final_dir"]), settings)
+                 Path(spec["final_dir"]), settings, forward=forward)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgret.errors import bad_value, check_bool, check_whole, whole
+from imgret.errors import ConfigError, bad_value, check_bool, check_whole, whole
 from imgret.options import Options
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "int8")  # int8: extract.backend=openvino
 DECODERS = ("torchvision", "pil")  # imgret/embed/preprocess.py
 DEFAULT_DECODER = DECODERS[0]
+BACKENDS = ("torch", "openvino")  # imgret/embed/backends.py
 
 
 def check_extract(extract, device: str) -> None:
@@ -30,6 +31,7 @@ def check_extract(extract, device: str) -> None:
     if extract.get("precision") == "16-mixed" and device != "cuda":
         raise bad_value("extract.precision", "16-mixed", "a precision this device runs: 16-mixed needs device=cuda; "
                         "on the CPU use bf16-mixed or 32-true")
+    check_backend(extract.get("backend", "torch"), extract.get("precision", "auto"))
     if extract.get("decoder", DEFAULT_DECODER) not in DECODERS:
         raise bad_value("extract.decoder", extract.get("decoder"), f"one of {', '.join(DECODERS)}")
     strategy = extract.get("strategy", "auto")
@@ -38,6 +40,29 @@ def check_extract(extract, device: str) -> None:
 
         if strategy not in StrategyRegistry.available_strategies():
             raise bad_value("extract.strategy", strategy, "auto, ddp, or another of Lightning's registered strategies")
+
+
+def check_backend(backend: str, precision: str) -> None:
+    """Before any work: the backend exists, is installed, and runs the precision asked for."""
+    if backend not in BACKENDS:
+        raise bad_value("extract.backend", backend, f"one of {', '.join(BACKENDS)}")
+    if precision == "int8" and backend != "openvino":
+        raise bad_value("extract.precision", "int8", "a precision of this backend: int8 runs on extract.backend="
+                        "openvino (NNCF's post-training quantization); PyTorch eager runs 32-true or bf16-mixed")
+    if backend == "openvino":
+        if precision == "16-mixed":
+            raise bad_value("extract.precision", precision, "32-true, bf16-mixed, int8 or auto with extract.backend="
+                            "openvino (CPU)")
+        missing = [name for name in ("openvino", "nncf") if not _importable(name)]
+        if missing:
+            raise ConfigError(f"extract.backend=openvino: {' and '.join(missing)} not installed; pip install "
+                              "'openvino==2026.4.1' 'nncf==3.4.0' (or imgret[openvino])", key="extract.backend")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,7 @@ class ExtractSettings:
     channels_last: bool = True
     decoder: str = DEFAULT_DECODER
     precision: str = "auto"
+    backend: str = "torch"  # imgret.embed.backends: torch | openvino
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -69,8 +95,8 @@ class ExtractSettings:
         return cls(model=Options.of(cfg.model), cache_dir=Path(str(cfg.paths.cache)), seed=int(cfg.seed),
                    device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
                    **{key: extract.get(key, defaults[key]) for key in (
-                       "latency_images", "channels_last", "decoder", "precision", "devices", "num_nodes", "strategy",
-                       "progress")},
+                       "latency_images", "channels_last", "decoder", "precision", "backend", "devices", "num_nodes",
+                       "strategy", "progress")},
                    max_image_pixels=int(data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
                    skip_bad_images=data.get("on_bad_image", "skip") == "skip")
 

@@ -12,10 +12,11 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import subprocess
 from importlib import metadata, resources
 from pathlib import Path
+
+from imgret.embed.precision import cpu_info
 
 PROVENANCE_TAG = "imgret.provenance"
 CODE_TAG = "imgret.code_digest"
@@ -59,21 +60,6 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[library] = metadata.version(library)
     return versions
-
-
-def cpu_info(cpuinfo: str | None = None) -> dict[str, str]:
-    """The CPU's model name and flags, from /proc/cpuinfo (or the text given)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
-            "flags": fields.get("flags", "")}
 
 
 @functools.lru_cache(maxsize=1)

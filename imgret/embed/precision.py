@@ -1,0 +1,76 @@
+"""Which precision extraction runs at: what the CPU's flags (or the GPU) offer, and what pays for the model.
+
+`extract.precision=auto` reads /proc/cpuinfo rather than assuming: bf16 runs in hardware only where the CPU lists
+AVX512-BF16 or AMX-BF16; elsewhere PyTorch emulates it, several times slower than fp32 (the README's bf16 figures
+from a CPU without them: 0.07-0.17x). And bf16 does not pay for every model: `model.bf16_pays` records what
+`python -m imgret.bench --parts precision` measured for it (true: the CNNs, about 2x; false: CLIP's ViT-B/32, 0.85x);
+a model nobody measured stays fp32. The choice, its reason and the CPU's relevant flags become the run's tags.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# Instructions that run bf16 and int8 matrix products natively (x86: AVX512 / AVX-VNNI / AMX)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+PRECISION_FLAGS = ("avx2", "fma", "avx512f", *BF16_FLAGS, *INT8_FLAGS)
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, str]:
+    """The CPU's model name and flags, from /proc/cpuinfo (or the text given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "flags": fields.get("flags", "")}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags (empty where /proc/cpuinfo cannot be read)."""
+    return frozenset(cpu_info()["flags"].split())
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str  # what Lightning's Trainer and the Embedder run: 32-true | bf16-mixed | 16-mixed
+    reason: str     # one line: why, for the log and the run's tags
+    flags: str      # the CPU's flags that decide it, as listed in /proc/cpuinfo ("none" if none)
+
+    def tags(self) -> dict[str, str]:
+        return {"extract_precision": self.precision, "extract_precision_reason": self.reason,
+                "cpu_precision_flags": self.flags}
+
+
+def choose_precision(requested: str, device: str, bf16_pays: bool | None,
+                     flags: frozenset[str] | set[str] | None = None) -> PrecisionChoice:
+    """The precision for `requested` (a precision, or auto) on `device`, for a model whose bf16 speed-up was
+    measured (`bf16_pays`: true, false, or None when never measured), given the CPU's `flags` (this machine's
+    by default: tests feed their own)."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    listed = " ".join(flag for flag in PRECISION_FLAGS if flag in flags) or "none"
+    if requested != "auto":
+        return PrecisionChoice(str(requested), "asked for (extract.precision)", listed)
+    if device == "cuda":
+        return PrecisionChoice("16-mixed", "auto on a GPU: fp16 mixed precision", listed)
+    native = [flag for flag in BF16_FLAGS if flag in flags]
+    if not native:
+        return PrecisionChoice("32-true", "auto: fp32, the CPU lists no bf16 instructions (avx512_bf16, amx_bf16), "
+                               "so bf16 would be emulated and slower", listed)
+    if bf16_pays is None:
+        return PrecisionChoice("32-true", f"auto: fp32, the CPU has {native[0]} but bf16 was never measured for this "
+                               "model (set model.bf16_pays after `python -m imgret.bench --parts precision`)", listed)
+    if not bf16_pays:
+        return PrecisionChoice("32-true", f"auto: fp32, the CPU has {native[0]} but bf16 measured slower than fp32 "
+                               "for this model (model.bf16_pays=false)", listed)
+    return PrecisionChoice("bf16-mixed", f"auto: bf16-mixed, the CPU has {native[0]} and bf16 measured faster for "
+                           "this model (model.bf16_pays=true)", listed)
