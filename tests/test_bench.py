@@ -11,6 +11,7 @@ from documented import documented
 from conftest import clustered_vectors, subset_zip, write_store
 from imgret.bench.cli import main
 from imgret.bench.verdicts import TARGETS, verdict
+from imgret.embed.precision import PRECISION_FLAGS, cpu_flags
 from imgret.index.brute import BruteForceIndex
 
 
@@ -96,7 +97,8 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     tiny = ["--archive", str(archive), "--archive-checksum", checksum, "--cache", str(tmp_path / "cache"), "--images", "64", "--clip-images", "8",
             "--batch-size", "16", "--gallery", "2000", "--queries", "100", "--single-queries", "20", "--nlist", "16",
             "--nprobe", "4", "--memory-sizes", "40,80", "--ddp-images", "48", "--scale-gallery", "3000",
-            "--scale-nlist", "16", "--rounds", "2", "--precision-images", "16"]
+            "--scale-nlist", "16", "--rounds", "2", "--precision-images", "16",
+            "--precision-models", "resnet18,efficientnet_lite0"]
     # the README's two commands: the extract and search parts (written to bench-<time>.json), then the rest
     first = main(shlex.split(documented("python -m imgret.bench --parts extract,search"))[3:] + tiny)
     [written] = (tmp_path / "outputs" / "bench").glob("bench-*.json")
@@ -124,7 +126,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
         assert row["extract_vs_forward_rounds"] == pytest.approx(
             [e2e / forward for e2e, forward in zip(row["imgret_images_per_s_rounds"], row["forward_only_images_per_s_rounds"])])
         assert row["extract_vs_forward"] == pytest.approx(sum(row["extract_vs_forward_rounds"]) / 2)
-        assert row["precision"] == "32-true" and row["decoder"] == "torchvision"
+        assert row["precision"] == "32-true" and row["decoder"] == "torchvision"  # pinned: the fp32 peak's
         # the reference decoder in the same rounds, and how much the default one changes the rows
         assert len(row["pil_decoder_images_per_s_rounds"]) == len(row["decoder_vs_pil_rounds"]) == 2
         assert 0.99 < row["decoder_vs_pil_cosine_min"] <= row["decoder_vs_pil_cosine_mean"] < 1.0001
@@ -134,12 +136,23 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     assert "clip 224px, batch 16: end to end, pil decoder (the reference), interleaved" in tables
     assert "torchvision recall@10 vs pil neighbours" in tables and "target >= 0.6" in tables
     assert "end to end, median of 2 (min-max)" in tables and "; ratios " in tables
-    assert [r["model"] for r in saved["precision"]] == ["resnet18", "mobilenet", "clip"]
+    variants = [(r["backend"], r["precision"]) for r in saved["precision"]]
+    assert variants == [("torch", "32-true"), ("torch", "bf16-mixed"), ("openvino", "32-true"),
+                        ("openvino", "bf16-mixed"), ("openvino", "int8")] * 2
+    assert [r["model"] for r in saved["precision"][::5]] == ["resnet18", "efficientnet_lite0"]
+    assert [r["weights"] for r in saved["precision"][::5]] == ["random", "trained"]
     for row in saved["precision"]:
-        assert len(row["bf16_images_per_s_rounds"]) == len(row["fp32_images_per_s_rounds"]) == 2
+        assert len(row["images_per_s_rounds"]) == len(row["vs_fp32_eager_rounds"]) == 2
         assert 0.9 < row["cosine_mean"] <= 1.0001 and row["cosine_min"] <= row["cosine_mean"]
-        assert 0 < row["recall_at_10_vs_fp32"] <= 1.0 and row["queries"] >= 1
-    assert "bf16 recall@10 vs fp32 neighbours" in tables
+        assert 0 < row["recall_at_10"] <= 1.0 and row["queries"] >= 1
+        # each precision against the peak of its own kind, the same figure a ratio of
+        assert row["peak_of_precision"] == {"32-true": "fp32", "bf16-mixed": "bf16", "int8": "int8"}[row["precision"]]
+        assert row["peak_gops"] == saved["machine"][f"{row['peak_of_precision']}_peak_gops"]
+        assert row["vs_peak"] == pytest.approx(row["achieved_gops"] / row["peak_gops"])
+        assert row["cpu_flags"] == " ".join(f for f in PRECISION_FLAGS if f in cpu_flags()) or "none"
+    openvino_fp32 = [r for r in saved["precision"] if r["backend"] == "openvino" and r["precision"] == "32-true"]
+    assert all(r["cosine_min"] > 0.9999 for r in openvino_fp32)  # the bound for an fp32 backend
+    assert "openvino int8: rows cosine min / mean; recall@10 vs fp32" in tables
     search = saved["search"]
     assert search["source"] == "clustered random vectors" and search["gallery"] == 2000
     assert "  data: clustered random vectors" in tables

@@ -33,7 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=3200, help="images per 64 px model for the extract part")
     parser.add_argument("--clip-images", type=int, default=384, help="images for clip at 224 px")
     parser.add_argument("--precision-images", type=int, default=640,
-                        help="images per 64 px model for the precision part (clip: a tenth, at least 8)")
+                        help="images per 64 px model for the precision part (clip: a tenth, at least 8; "
+                             "efficientnet_lite0: a half)")
+    parser.add_argument("--precision-models", default="resnet18,mobilenet,clip,efficientnet_lite0",
+                        help="the precision part's models, from resnet18, mobilenet, clip, efficientnet_lite0 (trained)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of interleaved measurements (extract: forward only, end to end, ...; search: "

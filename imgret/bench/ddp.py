@@ -26,7 +26,7 @@ def bench_ddp(archive: Archive, work: Path, count: int, batch_size: int, rounds:
         for devices in (1, 2):
             cfg = compose_cfg("model.pretrained=false", "model.image_size=64", f"paths.cache={work / 'cache'}",
                               f"batch_size={batch_size}", "extract.progress=false", f"extract.devices={devices}",
-                              f"extract.strategy={'ddp' if devices > 1 else 'auto'}")
+                              f"extract.strategy={'ddp' if devices > 1 else 'auto'}", "extract.precision=32-true")
             settings = ExtractSettings.from_config(cfg)
             encoder = build_encoder(settings.model, settings.seed)
             key = store_key(images, describe_encoder(settings.model, settings.seed)) | {"bench": uuid.uuid4().hex}

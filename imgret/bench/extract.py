@@ -124,7 +124,8 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
         cfg = compose_cfg(f"model={model}", "model.pretrained=false", f"model.image_size={image_size}",
                           f"paths.cache={work / 'cache'}", f"batch_size={batch_size}",
                           f"num_workers={num_workers}", f"extract.channels_last={channels_last}",
-                          "extract.progress=false")
+                          # fp32, as the matmul peak it is measured against: the precision part measures the others
+                          "extract.precision=32-true", "extract.progress=false")
         images = real_images(archive, work / "cache", count)
         settings = ExtractSettings.from_config(cfg)
         encoder = build_encoder(settings.model, settings.seed)

@@ -1,58 +1,115 @@
-"""The precision part: per model, the forward in bf16-mixed against fp32, interleaved, and what it changes
-(cosine of each image's two rows, recall@10 of the bf16 rows against the fp32 rows' exact neighbours)."""
+"""The precision part: per model, each backend and precision (PyTorch eager bf16-mixed; OpenVINO fp32, bf16 and
+int8) against PyTorch eager fp32, interleaved; the rate each achieves against the matmul peak of its own precision;
+and what it changes: the cosine of each image's two rows, recall@10 of its rows' exact search against the fp32
+rows' exact neighbours, and (labelled images: every tenth a query) precision@10 and mAP@10 beside fp32's."""
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from imgret.api import Embedder
+from imgret.embed.backends import NormalisedNetwork, make_forward
 from imgret.embed.models import build_encoder
+from imgret.embed.precision import PRECISION_FLAGS, cpu_flags
+from imgret.measure.metrics import map_at, precision_at
 from imgret.measure.timing import interleaved, spread
 from imgret.bench.machine import Archive, Context, compose_cfg
-from imgret.bench.extract import forward_only_images_per_s, real_images, rows_agreement
+from imgret.bench.extract import flops_per_image, forward_only_images_per_s, real_images, rows_agreement
+
+# (backend, precision) pairs measured against PyTorch eager fp32, the reference
+VARIANTS = (("torch", "bf16-mixed"), ("openvino", "32-true"), ("openvino", "bf16-mixed"), ("openvino", "int8"))
+REFERENCE = ("torch", "32-true")
+PEAK_OF = {"32-true": "fp32", "bf16-mixed": "bf16", "int8": "int8"}
 
 
-def cpu_flag(flag: str) -> bool | None:
-    """Whether /proc/cpuinfo lists `flag` (None where there is no /proc/cpuinfo)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return flag in cpuinfo.read_text().split() if cpuinfo.is_file() else None
+def precision_peaks_gops(seconds: float = 2.0, n: int = 2048) -> dict[str, float]:
+    """The best rate of square products in each precision through torch (oneDNN): fp32 and bf16 GEMM, int8 GEMM
+    (torch._int_mm, int32 sums): what each precision's forward is measured against."""
+    def best_rate(a, b, product) -> float:
+        product(a, b)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            product(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        return best
 
-def bench_precision(archive: Archive, work: Path, models: list[tuple[str, int, int]], batch_size: int,
-                    rounds: int = 3) -> list[dict]:
-    """bf16-mixed against fp32 for each model: forward-only throughput interleaved over `rounds`, then the rows
-    each precision gives for the same images: their cosine, and recall@10 of bf16 search (the last tenth of the
-    images as queries, the rest as gallery) against the fp32 rows' exact top 10."""
+    peaks = {name: best_rate(torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype), torch.matmul)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    ints = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    peaks["int8"] = best_rate(ints, ints.clone(), torch._int_mm)
+    return peaks
+
+
+def labelled_quality(rows: np.ndarray, labels: np.ndarray) -> dict:
+    """precision@10 and mAP@10 of exact search, every tenth image a query over the others."""
+    queries = np.arange(len(rows)) % 10 == 9
+    queries[-1] |= not queries.any()  # fewer than ten images: the last one
+    gallery_rows, query_rows = rows[~queries], rows[queries]
+    found = np.argsort(-(query_rows @ gallery_rows.T), axis=1)[:, :10]
+    return {"precision_at_10": precision_at(found, labels[~queries], labels[queries], 10),
+            "map_at_10": map_at(found, labels[~queries], labels[queries], 10)}
+
+
+def variant_embedder(encoder, backend: str, precision: str, work: Path, images) -> Embedder:
+    preprocessing = encoder.preprocessing()
+    module = NormalisedNetwork(encoder.network, preprocessing.mean, preprocessing.std, channels_last=True)
+    forward = make_forward(backend, precision, module, {**encoder.description, "bench": True}, work / "cache",
+                           images, preprocessing, 89_478_485)
+    return Embedder(encoder, "cpu", precision, True, forward=forward)
+
+
+def bench_precision(archive: Archive, work: Path, models: list[tuple[str, int, int, bool]], batch_size: int,
+                    rounds: int = 3, peaks: dict | None = None) -> list[dict]:
+    """Every variant against PyTorch eager fp32 for each model (name, image size, images, trained weights)."""
+    peaks = peaks or precision_peaks_gops()
+    flags = cpu_flags()
     rows = []
-    for model, image_size, count in models:
-        cfg = compose_cfg(f"model={model}", "model.pretrained=false", f"model.image_size={image_size}",
+    for model, image_size, count, trained in models:
+        size = [f"model.image_size={image_size}"] if image_size else []
+        cfg = compose_cfg(f"model={model}", f"model.pretrained={str(trained).lower()}", *size,
                           f"paths.cache={work / 'cache'}")
         images = real_images(archive, work / "cache", count)
         encoder = build_encoder(cfg.model, cfg.seed)
-        fp32, bf16 = Embedder(encoder, "cpu", "32-true"), Embedder(encoder, "cpu", "bf16-mixed")
+        size = encoder.description["image_size"]
+        print(f"  precision {model} {size}px ({'trained' if trained else 'random'} weights): converting and "
+              f"quantizing ...", flush=True)
+        embedders = {REFERENCE: Embedder(encoder, "cpu", "32-true")}
+        embedders.update({variant: variant_embedder(encoder, *variant, work, images) for variant in VARIANTS})
         batch = min(batch_size, count)
         batches = math.ceil(count / batch)
-        print(f"  precision {model} {image_size}px: {rounds} rounds of fp32 / bf16-mixed forwards, {count} images each",
+        print(f"  precision {model} {size}px: {rounds} rounds of {len(embedders)} forwards, {count} images each",
               flush=True)
-        figures = interleaved({"fp32": lambda: forward_only_images_per_s(fp32, images, batch, batches),
-                               "bf16": lambda: forward_only_images_per_s(bf16, images, batch, batches)}, rounds)
-        ratios = [b / f for f, b in zip(figures["fp32"], figures["bf16"])]
-        prepared = [fp32.prepare([images.open(i) for i in range(start, min(start + batch, count))])
+        names = {variant: "/".join(variant) for variant in embedders}
+        figures = interleaved({names[v]: (lambda e=e: forward_only_images_per_s(e, images, batch, batches))
+                               for v, e in embedders.items()}, rounds)
+        prepared = [embedders[REFERENCE].prepare([images.open(i) for i in range(start, min(start + batch, count))])
                     for start in range(0, count, batch)]
-        exact = np.concatenate([fp32.embed_prepared(ready) for ready in prepared])
-        rounded = np.concatenate([bf16.embed_prepared(ready) for ready in prepared])
-        agreement = rows_agreement(exact, rounded)
-        rows.append({
-            "model": model, "image_size": image_size, "images": count, "batch_size": batch, "rounds": rounds,
-            "fp32_images_per_s_rounds": figures["fp32"], "bf16_images_per_s_rounds": figures["bf16"],
-            "bf16_vs_fp32_rounds": ratios, "bf16_vs_fp32": spread(ratios)[0],
-            "cosine_min": agreement["cosine_min"], "cosine_mean": agreement["cosine_mean"],
-            "recall_at_10_vs_fp32": agreement["recall_at_10"], "queries": agreement["queries"],
-            "cpu_has_avx512_bf16": cpu_flag("avx512_bf16"),
-            "load_average": os.getloadavg(),
-        })
+        vectors = {v: np.concatenate([e.embed_prepared(ready) for ready in prepared]) for v, e in embedders.items()}
+        gflops = flops_per_image(encoder, size) / 1e9
+        labels = np.asarray(images.labels)
+        reference = figures[names[REFERENCE]]
+        for variant, embedder in embedders.items():
+            ratios = [v / f for f, v in zip(reference, figures[names[variant]])]
+            rate = spread(figures[names[variant]])[0]
+            peak_name = PEAK_OF[variant[1]]
+            rows.append({
+                "model": model, "image_size": size, "weights": "trained" if trained else "random",
+                "backend": variant[0], "precision": variant[1], "images": count, "batch_size": batch,
+                "rounds": rounds, "images_per_s_rounds": figures[names[variant]],
+                "vs_fp32_eager_rounds": ratios, "vs_fp32_eager": spread(ratios)[0],
+                "gflops_per_image": gflops, "achieved_gops": rate * gflops, "peak_of_precision": peak_name,
+                "peak_gops": peaks[peak_name], "vs_peak": rate * gflops / peaks[peak_name],
+                **rows_agreement(vectors[REFERENCE], vectors[variant]),
+                **labelled_quality(vectors[variant], labels),
+                "cpu_flags": " ".join(f for f in PRECISION_FLAGS if f in flags) or "none",
+                "load_average": os.getloadavg(),
+            })
     return rows
 
 
@@ -60,23 +117,33 @@ NEEDS_IMAGES = True
 
 
 def run(ctx: Context) -> list[dict]:
-    print("precision: bf16-mixed against fp32 forwards ...", flush=True)
-    # bf16 without the CPU's BF16 instructions is emulated and several times slower: fewer images
+    print("precision: each backend and precision against PyTorch eager fp32 ...", flush=True)
     count = ctx.args.precision_images
-    models = [("resnet18", 64, count), ("mobilenet", 64, count), ("clip", 224, max(8, count // 10))]
-    return bench_precision(ctx.archive, ctx.work, models, ctx.args.batch_size, ctx.args.rounds)
+    small = max(8, count // 10)  # 224 px forwards cost ~12x a 64 px one
+    known = {"resnet18": (64, count, False), "mobilenet": (64, count, False), "clip": (None, small, False),
+             "efficientnet_lite0": (None, max(small, count // 2), True)}
+    wanted = [name for name in ctx.args.precision_models.split(",") if name]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(f"--precision-models: {', '.join(unknown)} unknown; allowed: {', '.join(known)}")
+    models = [(name, *known[name]) for name in wanted]
+    peaks = precision_peaks_gops()
+    ctx.machine.update({f"{name}_peak_gops": rate for name, rate in peaks.items()})
+    return bench_precision(ctx.archive, ctx.work, models, ctx.args.batch_size, ctx.args.rounds, peaks)
 
 
 def rows(result: list, row) -> None:
+    if result:
+        row("precision", "CPU flags that decide precision", result[0]["cpu_flags"])
     for r in result:
-        name = f"{r['model']} {r['image_size']}px, batch {r['batch_size']}"
-        fp32, bf16, ratios = (spread(r[key]) for key in ("fp32_images_per_s_rounds", "bf16_images_per_s_rounds",
-                                                          "bf16_vs_fp32_rounds"))
-        row("precision", f"{name}: forward fp32, median of {r['rounds']} (min-max)",
-            f"{fp32[0]:.0f} ({fp32[1]:.0f}-{fp32[2]:.0f}) img/s")
-        row("precision", f"{name}: forward bf16-mixed, interleaved", f"{bf16[0]:.0f} ({bf16[1]:.0f}-{bf16[2]:.0f}) img/s",
-            f"{r['bf16_vs_fp32']:.2f}x", f"ratios {ratios[1]:.2f}-{ratios[2]:.2f}, load {r['load_average'][0]:.2f}")
-        row("precision", f"{name}: bf16 rows vs fp32: cosine min / mean",
-            f"{r['cosine_min']:.4f} / {r['cosine_mean']:.4f}")
-        row("precision", f"{name}: bf16 recall@10 vs fp32 neighbours ({r['queries']} queries)",
-            f"{r['recall_at_10_vs_fp32']:.4f}")
+        name = f"{r['model']} {r['image_size']}px {r['weights']}, {r['backend']} {r['precision']}"
+        rate, ratios = spread(r["images_per_s_rounds"]), spread(r["vs_fp32_eager_rounds"])
+        row("precision", f"{name}: img/s, median of {r['rounds']}", f"{rate[0]:.0f} ({rate[1]:.0f}-{rate[2]:.0f})",
+            f"{r['vs_fp32_eager']:.2f}x", f"vs eager fp32, ratios {ratios[1]:.2f}-{ratios[2]:.2f}, "
+                                         f"load {r['load_average'][0]:.2f}")
+        row("precision", f"{name}: vs {r['peak_of_precision']} matmul peak", f"{r['achieved_gops']:.0f} G/s",
+            f"{r['vs_peak']:.2f}x", f"peak {r['peak_gops']:.0f} G/s")
+        row("precision", f"{name}: rows cosine min / mean; recall@10 vs fp32",
+            f"{r['cosine_min']:.4f}/{r['cosine_mean']:.4f}", f"{r['recall_at_10']:.4f}")
+        row("precision", f"{name}: precision@10 / mAP@10 ({r['images'] // 10} queries)",
+            f"{r['precision_at_10']:.4f}/{r['map_at_10']:.4f}")
