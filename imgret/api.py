@@ -16,6 +16,7 @@ whole configuration.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -189,6 +190,7 @@ class Retriever:
         if len(self.indexes) != len(self.choices):
             raise ConfigError(f"two indexes have the same name: {[c.name for c in self.choices]}")
         self.reference = BruteForceIndex(self.gallery.vectors)  # exact cosine, for the recall of every answer
+        self.root = dataset_root([*self.gallery.paths, *(self.queries.paths if self.queries is not None else ())])
 
     @property
     def default_index(self) -> str:
@@ -229,9 +231,21 @@ class Retriever:
         return str(label)
 
     def describe(self, row: int) -> dict:
-        """A gallery row as people see it."""
+        """A gallery row as people see it: its path relative to the dataset's root (an answer never carries the
+        server's own file layout)."""
         label = int(self.gallery.labels[row])
-        return {"id": int(row), "path": self.gallery.paths[row], "label": label, "class_name": self.class_name(label)}
+        return {"id": int(row), "path": self.relative_path(self.gallery.paths[row]), "label": label,
+                "class_name": self.class_name(label)}
+
+    def relative_path(self, path: str) -> str:
+        return os.path.relpath(path, self.root) if self.root and os.path.isabs(path) else path
+
+
+def dataset_root(paths: Sequence[str]) -> str | None:
+    """The folder every absolute path lies under (Tiny-ImageNet: the folder that holds train/ and val/), or None
+    when there are none (generated images: their addresses hold no file layout)."""
+    folders = {os.path.dirname(path) for path in paths if os.path.isabs(path)}
+    return os.path.commonpath(sorted(folders)) if folders else None
 
 
 def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | None = None,

@@ -19,10 +19,10 @@ from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
 from imgret.options import Options
-from imgret.embed.extract import precision_choice, resolve_device
+from imgret.embed.extract import fp32_reference_stores, precision_choice, resolve_device
 from imgret.index.groundtruth import exact_ground_truth
-from imgret.measure.metrics import (latency_percentiles, map_at, precision_at, recall_at, recall_at_ties,
-                                    results_table, similarities_of)
+from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at, recall_at,
+                                    recall_at_ties, results_table, similarities_of)
 from imgret.measure.search import SearchSettings, search_threads, timed_search
 from imgret.measure.timing import PeakResidentSet, StageTimes
 
@@ -76,6 +76,20 @@ def run_experiment(settings: RunSettings, splits: Splits | None,
     return result
 
 
+def against_fp32_rows(settings: RunSettings, splits: Splits, embeddings, found_ids: np.ndarray,
+                      depth: int) -> dict[str, float]:
+    """recall@10 against the exact neighbours of PyTorch eager fp32's rows of the same images (its stores cached,
+    e.g. made first by the same sweep): what a cheaper precision or another backend costs in retrieval."""
+    reference = fp32_reference_stores(settings.extract, splits)
+    if reference is None:
+        return {}
+    if reference.gallery.paths != embeddings.gallery.paths or reference.queries.paths != embeddings.queries.paths:
+        log.warning("the fp32 stores hold other images (unusable ones left out differently): no recall@10 vs fp32")
+        return {}
+    truth = exact_ground_truth(reference.gallery, reference.queries, depth, settings.extract.cache_dir)
+    return {VS_FP32_METRIC: recall_at(found_ids, truth.ids, 10)}
+
+
 def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakResidentSet, watch_stores) -> RunResult:
     threads = configure_threads(settings.threads)
     search, cache_dir, k = settings.search, settings.extract.cache_dir, settings.search.k
@@ -113,6 +127,8 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
                  "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
                  "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, 10),
                  "map_at_10": map_at(found.ids, gallery.labels, queries.labels, 10)}
+        if splits is not None:
+            at_10.update(against_fp32_rows(settings, splits, embeddings, found.ids, depth))
     metrics = {
         "recall_at_1": recall_at(found.ids, truth.ids, 1),
         **at_10,

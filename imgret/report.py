@@ -26,7 +26,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from imgret.index.methods import METHODS, is_exact, method_label, method_order
+from imgret.index.methods import METHODS, method_label, method_order
+from imgret.measure.metrics import VS_FP32_METRIC
 from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key,
                                   gallery_words, growth_exponent, markdown_table, operating_point_rows,
                                   provenance_lines, representative)
@@ -170,6 +171,24 @@ def libraries_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "libraries", header, rows)
 
 
+def precision_table(runs: list[dict], out: Path) -> str:
+    """Per model, backend and precision: the extraction's speed as each store was made, and what the rows give in
+    retrieval (exact search: a method without an index's own error), beside PyTorch eager fp32's."""
+    header = ["model", "backend", "precision", "extraction img/s (as the stores were made)", "ms/image (batch 1)",
+              "method", "precision@10", "mAP@10", "recall@10 vs fp32 neighbours"]
+    rows = []
+    order = {"32-true": 0, "bf16-mixed": 1, "int8": 2}
+    for r in sorted(runs, key=lambda r: (r["model"], r["method"], r["backend"] != "torch", r["backend"],
+                                         order.get(r["precision"], 9))):
+        vs_fp32 = r.get(VS_FP32_METRIC)
+        reference = r["backend"] == "torch" and r["precision"] == "32-true"
+        rows.append([r["model"], r["backend"], r["precision"], f"{r['extract_images_per_s']:.1f}",
+                     f"{r['extract_ms_per_image']:.2f}", method_label(r["method"]), f"{r['precision_at_10']:.4f}",
+                     f"{r['map_at_10']:.4f}", "(the reference)" if reference else
+                     f"{vs_fp32:.4f}" if vs_fp32 is not None else "no fp32 stores"])
+    return write_table(out / "precision", header, rows)
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -207,6 +226,13 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         for (model,), group in sorted(by_key(runs, "model").items()):
             libraries_plot(model, group, out / f"libraries_{model}.png")
             parts.append(f"![libraries {model}](libraries_{model}.png)\n")
+    extractions = {(r["backend"], r["precision"]) for r in extracted}
+    if len(extractions) > 1:
+        parts += ["\n## Precision and backend: what a cheaper extraction costs in retrieval\n",
+                  "recall@10 vs fp32: the search over each run's rows against the exact neighbours of PyTorch eager "
+                  "fp32's rows of the same images. Extraction speed is each store's own, under the load of its time; "
+                  "`python -m imgret.bench --parts precision` measures the speeds interleaved.\n",
+                  precision_table(extracted, out)]
     ivf_features = {features_of(r) for r in runs if r["method"] == "ivf"}
     if len(ivf_features) > 1:
         parts += ["\n## IVF on trained and on random features\n",

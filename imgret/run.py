@@ -22,10 +22,9 @@ log = logging.getLogger(__name__)
 def run_tracked(cfg: DictConfig) -> dict[str, float]:
     """Check everything, then run and record one point; in a sweep, a point that already finished is
     linked rather than run again (unless force=true)."""
-    from imgret.index.methods import invalid_combination
-    from imgret.validate import validate_config
+    from imgret.validate import invalid_point, validate_config
 
-    reason = invalid_combination(cfg.method)
+    reason = invalid_point(cfg)
     if reason and cfg.get("skip_invalid"):
         log.warning("skipping this job (skip_invalid=true): %s", reason)
         return {}

@@ -49,14 +49,13 @@ def check_sweep(config: DictConfig, points: list[list[str]]) -> list[list[str]]:
     """Compose and check every point before the first job runs; return the points skip_invalid skips."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from imgret.index.methods import invalid_combination
-    from imgret.validate import validate_config
+    from imgret.validate import invalid_point, validate_config
 
     loader = GlobalHydra.instance().config_loader()
     skipped = []
     for point in points:
         job_cfg = loader.load_sweep_config(config, list(point))
-        if invalid_combination(job_cfg.method) and job_cfg.get("skip_invalid"):
+        if invalid_point(job_cfg) and job_cfg.get("skip_invalid"):
             skipped.append(point)
             continue
         try:

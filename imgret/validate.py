@@ -105,6 +105,17 @@ def check_writable(key: str, folder: Path, value=None) -> None:
                         f"a folder this process can write to ({getattr(error, 'strerror', None) or error})") from error
 
 
+def invalid_point(cfg) -> str | None:
+    """Why this combination of settings cannot run (a sweep with skip_invalid=true skips it), or None: a method's
+    own combinations (nprobe > nlist, ...), and a precision its extraction backend does not run."""
+    from imgret.embed.options import invalid_extract_combination
+    from imgret.index.methods import invalid_combination
+
+    extract = cfg.get("extract") or {}
+    return invalid_combination(cfg.method) or invalid_extract_combination(extract.get("backend", "torch"),
+                                                                         extract.get("precision", "auto"))
+
+
 def validate_config(cfg) -> None:
     """Every group and key of one run's composed config. Cheap: nothing is built, listed or downloaded.
     The light checks come first, so that they answer before torch, faiss and timm are imported."""

@@ -71,3 +71,15 @@ def test_a_missing_openvino_is_named_with_what_to_install(make_cfg, monkeypatch)
     monkeypatch.setattr(options, "_importable", lambda name: name != "nncf")
     with pytest.raises(ConfigError, match=r"^extract.backend=openvino: nncf not installed; pip install"):
         validate_config(make_cfg(*SMALL, "extract.backend=openvino"))
+
+
+def test_a_run_at_another_precision_is_measured_against_the_fp32_rows(make_cfg):
+    """The fp32 eager run first (its stores cached), then bf16: recall@10 against the fp32 rows' neighbours."""
+    from imgret.run import run_tracked
+
+    common = (*SMALL, "method=flat", "search.latency_queries=5", "search.warmup_queries=1")
+    fp32 = run_tracked(make_cfg(*common, "extract.precision=32-true"))
+    assert "recall_at_10_vs_fp32" not in fp32
+    bf16 = run_tracked(make_cfg(*common, "extract.precision=bf16-mixed"))
+    assert 0.5 < bf16["recall_at_10_vs_fp32"] <= 1.0
+    assert bf16["recall_at_10"] == 1.0  # flat over its own rows: exact

@@ -14,7 +14,9 @@ from imgret.embed.store import EmbeddingStore, StagedStore
 
 @pytest.mark.parametrize("decoder", ["pil", "torchvision"])
 def test_lightning_extraction_writes_a_normalised_store_that_matches_the_model(make_cfg, decoder):
-    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=5", "data.query_per_class=2", f"extract.decoder={decoder}")
+    # fp32, as the rows recomputed below (auto is bf16 where the CPU has it)
+    cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=5", "data.query_per_class=2", f"extract.decoder={decoder}",
+                   "extract.precision=32-true")
     splits = load_splits(cfg.data, cfg.seed)
     embeddings = ensure_embeddings(splits, ExtractSettings.from_config(cfg))
     gallery = embeddings.gallery
@@ -84,7 +86,7 @@ def test_bad_images_are_skipped_and_ids_labels_paths_stay_aligned(make_cfg, tmp_
     (images / "a" / "2.png").write_bytes(b"")  # zero bytes
     (images / "b" / "3.png").write_bytes((images / "b" / "4.png").read_bytes()[:60])  # truncated
     cfg = make_cfg("data=folder", f"data.gallery_dir={images}", "data.query_fraction=0.25",
-                   "model.pretrained=false", "model.image_size=32", "batch_size=3")
+                   "model.pretrained=false", "model.image_size=32", "batch_size=3", "extract.precision=32-true")
     splits = load_splits(cfg.data, cfg.seed)
     embeddings = ensure_embeddings(splits, ExtractSettings.from_config(cfg))
     bad = {line.split("\t")[2] for line in embeddings.bad_images}

@@ -3,6 +3,7 @@ random weights), every bad input, concurrent requests, and a real server process
 by headless Chromium."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -126,7 +127,10 @@ def test_an_uploaded_gallery_image_finds_itself_with_every_field(served):
     first = body["results"][0]
     assert set(first) >= {"id", "path", "label", "class_name", "score"}
     assert first["id"] == row and first["score"] == pytest.approx(1.0, abs=1e-4)
-    assert first["path"] == retriever.gallery.paths[row] and first["label"] == int(retriever.gallery.labels[row])
+    # relative to the dataset's root: the server's own file layout never leaves it
+    assert not first["path"].startswith("/") and retriever.gallery.paths[row].endswith("/" + first["path"])
+    assert first["path"].startswith("train/") and first["label"] == int(retriever.gallery.labels[row])
+    assert not any(r["path"].startswith("/") for r in body["results"] + body["exact"])
     # words.txt's name, not the WordNet id
     assert not first["class_name"].startswith("n0") and first["class_name"] == retriever.class_name(first["label"])
     assert len(body["results"]) == K and body["recall"] == 1.0 and body["missed"] == []
@@ -356,3 +360,80 @@ def test_the_page_in_headless_chromium(server, tiny_subset_zip, tmp_path):
             expect(page.get_by_test_id("error")).to_contain_text("400: k=0")
         finally:
             browser.close()
+
+
+def test_a_full_decode_budget_answers_503_with_retry_after(served):
+    from imgret.serve.app import Busy, DecodeBudget
+
+    retriever, client, _ = served
+    demo = client.app.state.demo
+    saved, demo.budget = demo.budget, DecodeBudget(pixels=1000, wait_s=0.05)
+    try:
+        with demo.budget.hold(1000):  # another request's decode holds all of it
+            response = search(client, image=jpeg_bytes(retriever.gallery.paths[0]), k=K)
+        assert response.status_code == 503 and response.headers["Retry-After"].isdigit()
+        assert "busy decoding other images" in response.json()["detail"]
+        assert search(client, image=jpeg_bytes(retriever.gallery.paths[0]), k=K).status_code == 200  # released
+        with pytest.raises(Busy), demo.budget.hold(600), demo.budget.hold(600):
+            pass
+    finally:
+        demo.budget = saved
+
+
+def test_a_large_image_is_decoded_reduced_within_its_hold(tmp_path):
+    """libjpeg's scaled decode and the reduction: a 4,000 px JPEG needed at 256 px decodes at 1/8 (500 px) and is
+    not reduced further (250 px would be below 256); a PNG is decoded whole, then reduced by 11 (4000/256)."""
+    from imgret.sources.decode import decode_image
+
+    big = tmp_path / "big.jpg"
+    Image.radial_gradient("L").resize((4000, 3000)).convert("RGB").save(big, quality=90)
+    held = []
+
+    def hold(pixels):
+        held.append(pixels)
+        return contextlib.nullcontext()
+
+    image = decode_image(str(big), "big.jpg", 25_000_000, needed_side=256, hold=hold)
+    assert held == [500 * 375] and image.size == (500, 375)  # 1/8 scale: only that was ever decoded
+    png = tmp_path / "big.png"
+    Image.radial_gradient("L").resize((4000, 3000)).save(png)
+    held.clear()
+    image = decode_image(str(png), "big.png", 25_000_000, needed_side=256, hold=hold)
+    assert held == [4000 * 3000] and image.size == (364, 273) and image.mode == "RGB"
+
+
+# The demo's memory under hostile load: a 24-megapixel PNG compresses to a few KB (one colour) but decodes to 72 MB.
+# Before the decode budget, 100 of them at once took the server from 0.95 GB to 16.88 GB resident here (14.60 GB
+# after); with it, to 1.61 GB (see README).
+PEAK_RSS_GROWTH_BOUND = 1 << 30  # the default budget, 100 megapixels, is 0.3-0.4 GB decoded
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's resident high-water mark since it started (Linux: VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.slow
+def test_a_hundred_concurrent_24_megapixel_pngs_keep_the_server_within_its_memory(server, tmp_path, tiny_subset_zip):
+    url, process, log_path = server
+    bomb = tmp_path / "24mp.png"
+    Image.new("RGB", (6000, 4000), (90, 140, 200)).save(bomb)
+    assert bomb.stat().st_size < 1 << 20  # under serve.max_upload_mb=1: only the decode is large
+    before = psutil.Process(process.pid).memory_info().rss
+    hostile = run_load(url, requests=100, concurrency=100, max_seconds=180, image=bomb, k=K)
+    peak = peak_rss_bytes(process.pid)
+    print(f"\n24 MP PNGs: {hostile.describe()}; server RSS before {before / 2**30:.2f} GB, peak "
+          f"{peak / 2**30:.2f} GB, after {psutil.Process(process.pid).memory_info().rss / 2**30:.2f} GB")
+    assert hostile.requests == 100
+    assert set(hostile.statuses) <= {"200", "503"}, hostile.statuses  # served, or told to come back
+    assert hostile.statuses.get("200", 0) >= 10
+    assert peak - before < PEAK_RSS_GROWTH_BOUND, f"peak resident set {peak / 2**30:.2f} GB from {before / 2**30:.2f}"
+    # and it still answers, at once
+    with zipfile.ZipFile(tiny_subset_zip[0]) as archive:
+        small = tmp_path / "small.jpg"
+        small.write_bytes(archive.read(next(n for n in archive.namelist() if n.endswith(".JPEG"))))
+    after = run_load(url, requests=5, concurrency=1, max_seconds=30, image=small, k=K)
+    assert after.errors == 0, after.statuses

@@ -8,6 +8,7 @@ under DDP; the store is committed only once every row is in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -220,6 +221,17 @@ def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, Embe
     else:
         log.info("reusing embedding stores %s", ", ".join(str(store.path) for store in stores.values()))
     return stores, tuple(extracted)
+
+
+def fp32_reference_stores(settings: ExtractSettings, splits: Splits) -> Embeddings | None:
+    """The stores of the same images and model made by PyTorch eager in fp32, when the cache holds them: what
+    a run at another precision or backend is compared with (None for such a run itself, or when there are none)."""
+    if settings.backend == "torch" and resolve_precision(settings, resolve_device(settings.device)) == "32-true":
+        return None
+    description = store_encoder_description(dataclasses.replace(settings, precision="32-true", backend="torch"))
+    stores = [EmbeddingStore.open(store_dir(settings.cache_dir, store_key(image_set, description)))
+              for image_set in (splits.gallery, splits.queries)]
+    return Embeddings(stores[0], stores[1], ()) if all(stores) else None
 
 
 def resolve_device(device: str) -> str:

@@ -46,9 +46,9 @@ def check_backend(backend: str, precision: str) -> None:
     """Before any work: the backend exists, is installed, and runs the precision asked for."""
     if backend not in BACKENDS:
         raise bad_value("extract.backend", backend, f"one of {', '.join(BACKENDS)}")
-    if precision == "int8" and backend != "openvino":
-        raise bad_value("extract.precision", "int8", "a precision of this backend: int8 runs on extract.backend="
-                        "openvino (NNCF's post-training quantization); PyTorch eager runs 32-true or bf16-mixed")
+    reason = invalid_extract_combination(backend, precision)
+    if reason:
+        raise bad_value("extract.precision", precision, reason)
     if backend == "openvino":
         if precision == "16-mixed":
             raise bad_value("extract.precision", precision, "32-true, bf16-mixed, int8 or auto with extract.backend="
@@ -57,6 +57,14 @@ def check_backend(backend: str, precision: str) -> None:
         if missing:
             raise ConfigError(f"extract.backend=openvino: {' and '.join(missing)} not installed; pip install "
                               "'openvino==2026.4.1' 'nncf==3.4.0' (or imgret[openvino])", key="extract.backend")
+
+
+def invalid_extract_combination(backend: str, precision: str) -> str | None:
+    """Why this backend does not run this precision (a sweep with skip_invalid=true skips such a point), or None."""
+    if precision == "int8" and backend != "openvino":
+        return ("a precision of this backend: int8 runs on extract.backend=openvino (NNCF's post-training "
+                "quantization); PyTorch eager runs 32-true or bf16-mixed")
+    return None
 
 
 def _importable(name: str) -> bool:

@@ -68,6 +68,10 @@ class Preprocessing:
         self.mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
         geometric = steps[:-2]
+        # the shorter side the model's resize makes (or its crop, without a resize): a decode needs no more
+        sides = [step.size for step in geometric if isinstance(step, (T.Resize, T.CenterCrop))]
+        first = sides[0] if sides else None
+        self.needed_side = (max(first) if isinstance(first, (tuple, list)) else first) if first is not None else None
         if decoder == "pil":
             self.per_image = T.Compose(geometric + [T.PILToTensor()])
             self.per_batch = None

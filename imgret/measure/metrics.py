@@ -18,6 +18,10 @@ RUN_METRICS = (
     "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
 )
 
+# Only at another precision or backend than PyTorch eager fp32, when the cache holds fp32's stores of the same
+# images: recall@10 against the exact neighbours of the fp32 rows (what the cheaper rows cost in retrieval).
+VS_FP32_METRIC = "recall_at_10_vs_fp32"
+
 # What was searched: part of a run's result dict, but logged as MLflow params (they describe the run; as metrics
 # they crowded recall and QPS out of MLflow's charts).
 RUN_SIZES = ("gallery_size", "query_size", "dim")

@@ -24,7 +24,7 @@ def serve_settings(cfg: DictConfig):
         raise bad_value("serve.host", serve.host, "an address to listen on, such as 127.0.0.1")
     if not isinstance(serve.port, int) or not 0 <= serve.port <= 65535:
         raise bad_value("serve.port", serve.port, "a port number from 0 to 65535 (0: any free port)")
-    for key in ("max_upload_mb", "max_image_pixels", "max_k"):
+    for key in ("max_upload_mb", "max_image_pixels", "max_k", "decode_budget_mp", "decode_wait_s"):
         value = serve.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise bad_value(f"serve.{key}", value, "a number > 0")
@@ -35,7 +35,8 @@ def serve_settings(cfg: DictConfig):
     if not serve.get("indexes"):
         raise bad_value("serve.indexes", serve.get("indexes"), "at least one method config, e.g. serve.indexes.flat")
     return ServeSettings(host=serve.host, port=int(serve.port), max_upload_bytes=int(serve.max_upload_mb * 2**20),
-                         max_image_pixels=int(serve.max_image_pixels), max_k=int(serve.max_k), default_k=int(cfg.k))
+                         max_image_pixels=int(serve.max_image_pixels), max_k=int(serve.max_k), default_k=int(cfg.k),
+                         decode_budget_pixels=int(serve.decode_budget_mp * 1e6), decode_wait_s=float(serve.decode_wait_s))
 
 
 def start(cfg: DictConfig) -> None:

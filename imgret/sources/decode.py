@@ -3,9 +3,10 @@ is plain (the size read first, so a decompression bomb is refused before decodin
 Paths are plain files, or `synthetic://...` addresses that fully describe a generated image."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import BinaryIO
+from typing import BinaryIO, Callable, ContextManager
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -113,16 +114,27 @@ def open_pixels(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
 
 
 def decode_image(source: str | BinaryIO, name: str, max_pixels: int,
-                 limit_key: str = "data.max_image_pixels") -> Image.Image:
+                 limit_key: str = "data.max_image_pixels", needed_side: int | None = None,
+                 hold: Callable[[int], ContextManager] | None = None) -> Image.Image:
     """`open_image` for a path or an open file (an upload): the pixel count is checked from the header,
-    before decoding, so a decompression bomb is refused without allocating its pixels."""
+    before decoding, so a decompression bomb is refused without allocating its pixels.
+
+    `needed_side`: the shorter side the consumer resizes to (the model's). A JPEG at least twice that is decoded
+    at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow's draft), and any image at least twice that is reduced (a box
+    filter, by a whole factor) as soon as it is decoded, so that only the decode itself is ever full size.
+    `hold(pixels)`: a context (a budget of pixels decoded at once) held while the decode's pixels exist."""
     try:
         with Image.open(source) as image:
             if image.width * image.height > max_pixels:
                 raise BadImage(name, f"{image.width}x{image.height} pixels is over {limit_key}={max_pixels}",
                                "too_many_pixels")
-            image.load()  # decode now: a truncated file fails here, not later inside a batch
-            return to_rgb(image)
+            if needed_side and image.format == "JPEG" and min(image.size) >= 2 * needed_side:
+                image.draft("RGB", (needed_side, needed_side))  # the smallest scale still >= needed_side a side
+            with hold(image.width * image.height) if hold else contextlib.nullcontext():
+                image.load()  # decode now: a truncated file fails here, not later inside a batch
+                if needed_side and image.mode in REDUCIBLE_MODES:
+                    return to_rgb(reduced(image, needed_side))
+                return reduced(to_rgb(image), needed_side) if needed_side else to_rgb(image)
     except BadImage:
         raise
     except UnidentifiedImageError as error:  # not an image, or zero bytes
@@ -130,6 +142,15 @@ def decode_image(source: str | BinaryIO, name: str, max_pixels: int,
     except (OSError, ValueError, SyntaxError) as error:
         # Pillow: OSError (truncated), SyntaxError (broken header)
         raise BadImage(name, f"{type(error).__name__}: {error}") from error
+
+
+REDUCIBLE_MODES = ("RGB", "RGBA", "L", "LA")  # Image.reduce's modes that to_rgb converts afterwards
+
+
+def reduced(image: Image.Image, needed_side: int) -> Image.Image:
+    """`image` made smaller by the largest whole factor that keeps its shorter side >= `needed_side`."""
+    factor = min(image.size) // needed_side
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

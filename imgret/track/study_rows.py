@@ -34,6 +34,9 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "index_built": tags.get("index_built", ""),
             "search_threads": tags.get("search_threads", "?"),
             "weights": tags.get("weights", ""),
+            # the extraction's backend and precision as it ran (auto resolved: the tag), for image sources
+            "backend": params.get("extract.backend", "torch"),
+            "precision": tags.get("extract_precision", params.get("extract.precision", "")),
             "reused_run_id": tags.get("imgret.reused_run_id", ""),
             "image_size": params.get("model.image_size", ""),
             "provenance": tags.get(PROVENANCE_TAG, "unknown"),
