@@ -95,3 +95,45 @@ def exit_with(error: ImgretError) -> NoReturn:
         "tracking error" if isinstance(error, (TrackingUnavailable, TrackingRefused)) else "error"
     print(f"{kind}: {error}", file=sys.stderr)
     sys.exit(exit_code(error))
+
+
+class StorageError(ImgretError):
+    """A folder imgret writes to is full, read-only, or vanished while a run wrote to it."""
+
+
+def storage_error(error: BaseException, folder, key: str) -> StorageError | None:
+    """`error` as one line naming the path, what happened to the folder under `key` (paths.cache) and what to do,
+    when something in its chain says the folder cannot take writes (no space, over quota, read-only, gone);
+    None for any other error."""
+    import errno
+    import os
+    import shutil
+
+    seen, link = set(), error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno is not None:
+            path = link.filename or folder
+            if link.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+                return StorageError(f"{path}: no space left on the disk of {key}={folder} ({free / 2**20:,.1f} MB "
+                                    f"free): free space there or set {key} to a folder on a larger disk; started "
+                                    "again, the run resumes from what was written")
+            if link.errno == errno.EROFS:
+                return StorageError(f"{path}: the file system of {key}={folder} is read-only: remount it writable or "
+                                    f"set {key} to a writable folder")
+            if link.errno == errno.ENOENT and not os.path.isdir(folder):
+                return StorageError(f"{path}: {key}={folder} vanished while the run wrote to it (removed or "
+                                    "unmounted?): keep it in place during a run and start the run again")
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def free_space_check(folder, needed_bytes: int, key: str, what: str) -> None:
+    """Before a write of about `needed_bytes` under `folder`: StorageError naming both sizes if they do not fit."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise StorageError(f"{folder}: {what} need about {needed_bytes / 2**20:,.1f} MB and the disk of {key} has "
+                           f"{free / 2**20:,.1f} MB free: free space there or set {key} to a folder on a larger disk")

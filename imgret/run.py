@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from imgret.track import lifecycle
-from imgret.errors import ImgretError, exit_with
+from imgret.errors import ImgretError, exit_with, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,13 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     validate_search(cfg.method, cfg.k, gallery_size)
     with tracked_run(cfg, experiment_id) as recorder:
         interval = cfg.tracking.get("system_metrics_s")
-        result = run_experiment(RunSettings.from_config(cfg), splits, lambda: recorder.system_metrics(interval))
+        try:
+            result = run_experiment(RunSettings.from_config(cfg), splits, lambda: recorder.system_metrics(interval))
+        except Exception as error:  # a full, read-only or vanished cache: one line, and the run FAILED with it
+            unwritable = storage_error(error, str(cfg.paths.cache), "paths.cache")
+            if unwritable is None:
+                raise
+            raise unwritable from error
         log_results(recorder, result.metrics, result.info, result.texts)
     return result.metrics
 

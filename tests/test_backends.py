@@ -35,6 +35,7 @@ def test_openvino_fp32_rows_are_eager_fp32_rows(make_cfg):
     assert cosine(openvino.queries, eager.queries).min() > 0.9999
 
 
+@pytest.mark.slow  # NNCF's calibration: about 15 s
 def test_int8_is_calibrated_on_the_gallery_once_and_embeds_uploads_alike(make_cfg, tmp_path):
     from imgret.api import Embedder
 

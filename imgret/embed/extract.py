@@ -35,8 +35,8 @@ from imgret.embed import launch
 from imgret.cache import file_lock
 from imgret.sources.base import ImageSet, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
-from imgret.errors import BadImage, ConfigError, DataUnavailable
-from imgret.embed.models import Encoder, build_encoder, describe_encoder
+from imgret.errors import BadImage, ConfigError, DataUnavailable, free_space_check
+from imgret.embed.models import Encoder, build_encoder, describe_encoder, output_dim
 from imgret.embed.options import ExtractSettings
 from imgret.embed.backends import NormalisedNetwork, make_forward, precision_context
 from imgret.embed.precision import PrecisionChoice, choose_precision
@@ -199,9 +199,14 @@ def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, Embe
     missing = [split for split, store in stores.items() if store is None]
     extracted = []
     if missing:
+        rank = launch.process_rank()
+        if rank == 0:  # before any work: a store is written twice over (its parts, then merged) before it commits
+            rows = sum(len(wanted[split][0]) for split in missing)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            free_space_check(cache_dir, 2 * rows * (4 * output_dim(settings.model) + 8), "paths.cache",
+                             f"the embedding stores of {rows:,} images (written in parts, then merged)")
         encoder = build_encoder(settings.model, settings.seed)
         device = resolve_device(settings.device)
-        rank = launch.process_rank()
         gallery = next((s for s in image_sets if s.split == "gallery"), image_sets[0])
         forward = backend_forward(settings, encoder, gallery)
         latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], settings, device, forward) \

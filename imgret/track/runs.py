@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from imgret.errors import TrackingRefused, TrackingUnavailable, exit_with, one_line
 from imgret.track import lifecycle
 from imgret.track.provenance import PROVENANCE_TAG, provenance_tags
-from imgret.track.store import is_connection_failure, run_link
+from imgret.track.store import is_connection_failure, run_link, unwritable_store
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class RunRecorder:
         self.client, self.run_id, self.folder = client, run_id, Path(folder)
         self.record = {"params": {}, "tags": {}, "metrics": {}, "status": None, **record, "run_id": run_id}
         self.lost: str | None = None
+        self.lost_reason = "tracking server lost"  # or: the store's disk is full / read-only
         self.temporary = False  # a folder made for this run alone, removed once the server has everything
         (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
 
@@ -122,11 +123,12 @@ class RunRecorder:
                         raise
                     time.sleep(0.2 * (attempt + 1))
         except Exception as error:
-            if not is_connection_failure(error):
+            reason = lost_reason(error)
+            if reason is None:
                 raise TrackingRefused(f"the tracking store refused {getattr(call, '__name__', 'a call')} for run "
                                       f"{self.run_id}: {one_line(error)}") from error
-            self.lost = one_line(error)
-            log.error("tracking server lost (%s): the run goes on and keeps its results in %s", self.lost, self.folder)
+            self.lost, self.lost_reason = one_line(error), reason
+            log.error("%s (%s): the run goes on and keeps its results in %s", reason, self.lost, self.folder)
 
     def log_params(self, params: dict[str, str]) -> None:
         self.record["params"].update(params)
@@ -197,8 +199,18 @@ class RunRecorder:
         if self.lost:
             self.record["lost"] = self.lost
             (self.folder / RECORD).write_text(json.dumps(self.record, indent=1))
-            print(f"tracking server lost ({self.lost}); this run's results are kept in {self.folder}. Log them "
+            print(f"{self.lost_reason} ({self.lost}); this run's results are kept in {self.folder}. Log them "
                   f"later with: python -m imgret.track.runs sync {self.folder}", file=sys.stderr)
+
+
+def lost_reason(error: BaseException) -> str | None:
+    """Why the tracking store stopped taking this run's records, when the run should go on and keep them for
+    `sync`: its disk is full or read-only, or its server is unreachable. None: it refused a request (a bug, a
+    bad value), which fails the run."""
+    unwritable = unwritable_store(error)
+    if unwritable:
+        return f"tracking store {mlflow.get_tracking_uri()} is {unwritable}"
+    return "tracking server lost" if is_connection_failure(error) else None
 
 
 def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = None) -> RunRecorder:
@@ -222,13 +234,15 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     client = MlflowClient()
     record = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": experiment_id,
               "experiment": str(cfg.tracking.experiment), "run_name": tags["mlflow.runName"]}
+    reason = None
     try:
         run_id, lost = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id, None
     except Exception as error:  # the server went away before this job (in a sweep): run it, keep it locally
-        if not is_connection_failure(error):
+        reason = lost_reason(error)
+        if reason is None:
             raise TrackingRefused(f"the tracking store refused to create the run: {one_line(error)}") from error
         run_id, lost = None, one_line(error)
-        log.error("tracking server lost (%s): this run keeps its results locally", lost)
+        log.error("%s (%s): this run keeps its results locally", reason, lost)
     if run_id:
         log.info("MLflow run %s (%s); to see it: %s", run_id, tags["mlflow.runName"],
                  run_link(mlflow.get_tracking_uri(), experiment_id, run_id))
@@ -236,6 +250,7 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     recorder = RunRecorder(client, run_id, folder, record)
     recorder.temporary = temporary
     recorder.lost = lost
+    recorder.lost_reason = reason or recorder.lost_reason
     recorder.record["tags"].update(tags)
     return recorder
 

@@ -180,6 +180,25 @@ def probe_server(uri: str, seconds: float = 12.0) -> None:
                     "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlruns/mlflow.db")
 
 
+def unwritable_store(error: BaseException) -> str | None:
+    """"full" or "read-only" when `error` says the tracking store's disk refused a write (sqlite's "database or
+    disk is full", "attempt to write a readonly database", or the OSError beneath), else None: such a store is
+    named as what it is, not as a lost server, and the run's results are kept for `sync` all the same."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        text = str(error).lower()
+        number = getattr(error, "errno", None) if isinstance(error, OSError) else None
+        if "database or disk is full" in text or number in (errno.ENOSPC, errno.EDQUOT):
+            return "full"
+        if "readonly database" in text or "read-only file system" in text or number == errno.EROFS:
+            return "read-only"
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def is_connection_failure(error: BaseException) -> bool:
     """True when `error` says the tracking server could not be reached (refused, reset, timed out, or kept
     failing after MLflow's retries); False for an answer that refuses a request, which is not a lost server."""
