@@ -131,3 +131,27 @@ def test_the_decoder_is_part_of_the_stores_key(make_cfg):
     second = ensure_embeddings(load_splits(again.data), ExtractSettings.from_config(again))
     assert second.extracted == ("gallery", "queries") and second.gallery.path != first.gallery.path
     assert np.sum(first.gallery.vectors * second.gallery.vectors, axis=1).min() > 0.999
+
+
+def test_a_large_image_is_resized_as_soon_as_it_is_decoded_to_the_same_pixels(tmp_path):
+    """Extraction's bound on decoded pixels in flight: a loader resizes a large image at once (only small images
+    wait in its batches), and its row's pixels are exactly those of the batch resize of the full decode."""
+    from PIL import Image
+
+    from imgret.embed.models import build_encoder
+    from imgret.options import Options
+    from imgret.sources.decode import open_pixels
+
+    encoder = build_encoder(Options(name="resnet18", family="timm", arch="resnet18", pretrained=False,
+                                    checkpoint=None, image_size=None), 0)
+    preprocessing = encoder.preprocessing("torchvision")
+    assert preprocessing.needed_side == 235  # timm's resnet18: resize to 224 / 0.95, crop 224
+    big = tmp_path / "big.jpg"
+    Image.radial_gradient("L").resize((2400, 1800)).convert("RGB").save(big, quality=92)
+    loaded = preprocessing.load(str(big), 10_000_000)
+    assert tuple(loaded.shape) == (3, 235, 313)  # resized in the loader, not held at 2400 x 1800
+    full = open_pixels(str(big), 10_000_000)
+    assert torch.equal(preprocessing.batch([loaded]), preprocessing.batch([full]))
+    small = tmp_path / "small.jpg"
+    Image.radial_gradient("L").resize((300, 260)).convert("RGB").save(small)
+    assert tuple(preprocessing.load(str(small), 10_000_000).shape) == (3, 260, 300)  # as decoded: batched later

@@ -74,16 +74,23 @@ class Preprocessing:
         self.needed_side = (max(first) if isinstance(first, (tuple, list)) else first) if first is not None else None
         if decoder == "pil":
             self.per_image = T.Compose(geometric + [T.PILToTensor()])
-            self.per_batch = None
+            self.per_batch = self.early_resize = None
         else:
             self.per_image = None
-            self.per_batch = v2.Compose([tensor_step(step) for step in geometric if _name(step) not in RGB_STEPS])
+            steps = [tensor_step(step) for step in geometric if _name(step) not in RGB_STEPS]
+            self.per_batch = v2.Compose(steps)
+            # run on one large image as soon as it is decoded: the same pixels as in its batch (resize works image by
+            # image, and resizing to the size an image has is the identity), and only small images wait in batches
+            self.early_resize = steps[0] if steps and isinstance(steps[0], v2.Resize) else None
 
     def load(self, path: str, max_pixels: int) -> torch.Tensor:
         """One image file as a uint8 (3, H, W) tensor: at the model's size for `pil`, as decoded otherwise."""
         if self.per_image is not None:
             return self.per_image(open_image(path, max_pixels))
-        return open_pixels(path, max_pixels)
+        pixels = open_pixels(path, max_pixels)
+        if self.early_resize is not None and self.needed_side and min(pixels.shape[-2:]) >= 2 * self.needed_side:
+            return self.early_resize(pixels)  # a loader holds one full-size decode at a time, never a batch of them
+        return pixels
 
     def from_image(self, image: Image.Image) -> torch.Tensor:
         from torchvision.transforms.functional import pil_to_tensor
