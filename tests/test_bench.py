@@ -88,6 +88,22 @@ def test_the_libraries_part_times_every_installed_library_against_its_own_calls(
         assert f"libraries {r['method']}: imgret single-query p50 vs bare" in printed
 
 
+@pytest.mark.slow  # converts and quantizes the trained EfficientNet-Lite0: about 60 s
+def test_the_readme_precision_command_measures_the_trained_model(tmp_path, monkeypatch, capsys):
+    archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)
+    monkeypatch.chdir(tmp_path)
+    command = shlex.split(documented("python -m imgret.bench --parts precision --precision-images 320 --rounds 3"))[3:]
+    result = main(command + ["--archive", str(archive), "--archive-checksum", checksum, "--cache", str(tmp_path / "c"),
+                             "--precision-images", "16", "--rounds", "1", "--batch-size", "8",
+                             "--precision-models", "efficientnet_lite0"])
+    rows = result["precision"]
+    assert [(r["backend"], r["precision"]) for r in rows][0] == ("torch", "32-true") and len(rows) == 5
+    assert all(r["weights"] == "trained" and r["image_size"] == 224 for r in rows)
+    printed = capsys.readouterr().out
+    assert "efficientnet_lite0 224px trained, openvino int8: img/s, median of 1" in printed
+    assert "CPU flags that decide precision" in printed
+
+
 @pytest.mark.slow  # every part in real processes: about 100 s
 def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeypatch, capsys):
     # 10 classes x 10 real images in the official layout: the parts read real JPEGs without unpacking 110,000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +23,8 @@ class Nmslib(Method):
     ordering = "inner product (space 'negdotprod', distance -a·b)"
 
     def library(self):
+        # its first index registers ~60 spaces and methods at INFO on the logger "nmslib": a run's log is not for them
+        logging.getLogger("nmslib").setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):  # its SIMD notice, printed on import
             return super().library()
 
