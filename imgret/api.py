@@ -29,7 +29,8 @@ from PIL import Image
 
 from imgret.embed.backends import precision_context
 from imgret.embed.extract import (EmbeddingModule, Embeddings, backend_forward, ensure_embeddings, ensure_stores,
-                                  normalised_rows, resolve_device, resolve_precision)
+                                  normalised_rows)
+from imgret.embed.resolve import resolve_device, resolve_precision
 from imgret.embed.models import Encoder, build_encoder
 from imgret.embed.options import ExtractSettings
 from imgret.embed.preprocess import DEFAULT_DECODER

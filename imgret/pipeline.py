@@ -19,7 +19,8 @@ from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
 from imgret.options import Options
-from imgret.embed.extract import fp32_reference_stores, precision_choice, resolve_device
+from imgret.embed.extract import fp32_reference_stores
+from imgret.embed.resolve import precision_choice, resolve_device
 from imgret.index.groundtruth import exact_ground_truth
 from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at, recall_at,
                                     recall_at_ties, results_table, similarities_of)

@@ -35,11 +35,12 @@ from imgret.embed import launch
 from imgret.cache import file_lock
 from imgret.sources.base import ImageSet, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
-from imgret.errors import BadImage, ConfigError, DataUnavailable, free_space_check
-from imgret.embed.models import Encoder, build_encoder, describe_encoder, output_dim
+from imgret.errors import BadImage, DataUnavailable, free_space_check
+from imgret.embed.models import Encoder, build_encoder, output_dim
 from imgret.embed.options import ExtractSettings
 from imgret.embed.backends import NormalisedNetwork, make_forward, precision_context
-from imgret.embed.precision import PrecisionChoice, choose_precision
+from imgret.embed.resolve import (resolve_device, resolve_devices, resolve_num_workers, resolve_precision,
+                                  store_encoder_description)
 from imgret.embed.preprocess import Preprocessing
 from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
@@ -239,24 +240,6 @@ def fp32_reference_stores(settings: ExtractSettings, splits: Splits) -> Embeddin
     return Embeddings(stores[0], stores[1], ()) if all(stores) else None
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but torch sees no CUDA device; use device=cpu or device=auto")
-    return device
-
-
-def resolve_num_workers(num_workers, device: str) -> int:
-    """`auto`: none on the CPU, where loader processes only take cores from the model (measured by the
-    benchmark on 2 cores; the loading then runs between batches), up to 8 beside a GPU, which waits on them."""
-    if num_workers == "auto":
-        return min(8, os.cpu_count() or 1) if device == "cuda" else 0
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(f"num_workers={num_workers!r} must be 'auto' or a whole number >= 0")
-    return num_workers
-
-
 def backend_forward(settings: ExtractSettings, encoder: Encoder, gallery: ImageSet):
     """The forward of `extract.backend` (None: PyTorch eager); int8 calibrates on `gallery`'s images."""
     preprocessing = encoder.preprocessing(settings.decoder)
@@ -294,32 +277,6 @@ def forward_latency_ms(encoder: Encoder, image_set: ImageSet, settings: ExtractS
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-def resolve_devices(devices, device: str) -> int:
-    if devices == "auto":
-        return torch.cuda.device_count() if device == "cuda" else 1
-    return int(devices)
-
-
-def precision_choice(settings: ExtractSettings, device: str) -> PrecisionChoice:
-    """The precision extraction runs at, and why (imgret.embed.precision: the CPU's flags and the model's
-    `bf16_pays`)."""
-    return choose_precision(settings.precision, device, settings.model.get("bf16_pays"))
-
-
-def resolve_precision(settings: ExtractSettings, device: str) -> str:
-    return precision_choice(settings, device).precision
-
-
-def store_encoder_description(settings: ExtractSettings) -> dict:
-    """The encoder's description, the decoder (its pixels differ), and the extraction precision whenever it
-    changes the vectors."""
-    description = {**describe_encoder(settings.model, settings.seed), "decoder": settings.decoder}
-    precision = resolve_precision(settings, resolve_device(settings.device))
-    if settings.backend != "torch":
-        description["backend"] = settings.backend
-    return description if precision == "32-true" else {**description, "precision": precision}
 
 
 def free_port() -> int:
