@@ -93,9 +93,18 @@ def test_the_readme_precision_command_measures_the_trained_model(tmp_path, monke
     archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)
     monkeypatch.chdir(tmp_path)
     command = shlex.split(documented("python -m imgret.bench --parts precision --precision-images 320 --rounds 3"))[3:]
-    result = main(command + ["--archive", str(archive), "--archive-checksum", checksum, "--cache", str(tmp_path / "c"),
-                             "--precision-images", "16", "--rounds", "1", "--batch-size", "8",
-                             "--precision-models", "efficientnet_lite0"])
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = main(command + ["--archive", str(archive), "--archive-checksum", checksum, "--cache",
+                                 str(tmp_path / "c"), "--precision-images", "16", "--rounds", "1", "--batch-size", "8",
+                                 "--precision-models", "efficientnet_lite0"])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets them for the whole process
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
     rows = result["precision"]
     assert [(r["backend"], r["precision"]) for r in rows][0] == ("torch", "32-true") and len(rows) == 5
     assert all(r["weights"] == "trained" and r["image_size"] == 224 for r in rows)
@@ -232,3 +241,12 @@ def test_the_search_data_says_what_made_it(tmp_path):
     encoder = {"name": "resnet18", "arch": "resnet18", "weights": "random:seed0:torch2.14.1", "image_size": 64}
     assert store_label({"dataset": "tiny_imagenet", "encoder": encoder}) == \
         "embeddings of tiny_imagenet images by resnet18 (resnet18, weights random:seed0:torch2.14.1, 64 px)"
+
+
+def test_the_default_archive_is_the_shared_data_beside_the_checkout():
+    """`python -m imgret.bench --parts precision` without --archive reads ../shared/data (it once looked inside the
+    checkout and refused every image part)."""
+    from conftest import PROJECT_ROOT
+    from imgret.bench.machine import DEFAULT_ARCHIVE
+
+    assert DEFAULT_ARCHIVE == PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"

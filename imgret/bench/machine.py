@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # imgret/bench/machine.py -> the checkout
 
 DEFAULT_ARCHIVE = PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
 
