@@ -318,6 +318,16 @@ def test_the_real_feature_studies(work, subset):
     assert "FAISS IVF-PQ" in run_command(documented("python -m imgret.report"), work).stdout
 
 
+@pytest.mark.slow
+def test_the_libraries_study_on_real_features_and_its_report(work, subset):
+    """The README's ANN-libraries study over the real stores, at the subset's size: two libraries, two levels."""
+    command = documented("+experiment=ann_libraries model=efficientnet_lite0 data.archive=")
+    run_command(offline(command, subset, "method=flat,hnswlib", "level=0,9"), work)
+    printed = run_command(documented("python -m imgret.report --experiment ann_libraries_real --all-runs"),
+                          work).stdout
+    assert "hnswlib HNSW" in printed and "FAISS Flat" in printed
+
+
 # --------------------------------------------------------------------------- the demo and the API
 
 

@@ -210,7 +210,7 @@ def test_scale_study_sweeps_gallery_sizes_and_the_report_fits_exponents(tmp_path
 def test_the_ann_libraries_study_builds_each_index_once_and_reports_each_library_s_frontier(tmp_path):
     """experiments/ann_libraries.yaml, small: three libraries and FAISS Flat at the cheapest and the most exhaustive
     level of each one's ladder."""
-    command = documented("+experiment=ann_libraries model=efficientnet_lite0")
+    command = documented("python -m imgret.run -m +experiment=ann_libraries model=efficientnet_lite0")
     overrides = command.split("python -m imgret.run -m ", 1)[1].split()
     result, uri = imgret_multirun(tmp_path, *overrides, "nlist=4", "data.gallery_per_class=30",
                                   "method=flat,hnswlib,annoy,voyager", "level=0,9")
