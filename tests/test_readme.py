@@ -328,6 +328,17 @@ def test_the_libraries_study_on_real_features_and_its_report(work, subset):
     assert "hnswlib HNSW" in printed and "FAISS Flat" in printed
 
 
+@pytest.mark.slow
+def test_the_precision_study_and_its_report(work, subset):
+    """The README's precision study at the subset's size (64 px): PyTorch eager fp32 and bf16, OpenVINO fp32, bf16
+    and int8 (int8 on PyTorch skipped), then the report's table with recall@10 against the fp32 rows."""
+    command = documented("python -m imgret.run -m +experiment=precision_study data.archive=")
+    run_command(offline(command, subset, "model.image_size=64", "data.gallery_limit=null"), work)
+    printed = run_command(documented("python -m imgret.report --experiment precision_study"), work).stdout
+    assert "Precision and backend: what a cheaper extraction costs in retrieval" in printed
+    assert "(the reference)" in printed and printed.count("| efficientnet_lite0 | openvino |") == 3
+
+
 # --------------------------------------------------------------------------- the demo and the API
 
 

@@ -237,3 +237,12 @@ def test_the_report_draws_ivf_recall_against_nprobe_per_set_of_features(tmp_path
     assert "Recall@10 against nprobe for mobilenet, random weights and for resnet18, random weights" in page
     header = (out / "ivf_nprobe.png").read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 1000  # two panels
+
+
+def test_a_vector_study_is_described_as_vectors_not_images():
+    from imgret.measure.study import gallery_words
+
+    rows = [{"model": "vectors", "gallery_size": 1e6, "query_size": 1e4, "dim": 128.0, "image_size": ""}]
+    assert gallery_words(rows) == "gallery 1,000,000 vectors of 128 dimensions, 10,000 queries"
+    rows = [{"model": "resnet18", "gallery_size": 100.0, "query_size": 10.0, "dim": 512.0, "image_size": "64"}]
+    assert gallery_words(rows) == "gallery 100 images, 10 queries, 64 px"

@@ -90,6 +90,10 @@ def by_key(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 def gallery_words(runs: list[dict]) -> str:
     galleries = sorted({int(r["gallery_size"]) for r in runs})
     queries = sorted({int(r["query_size"]) for r in runs})
+    if all(r["model"] == "vectors" for r in runs):  # a vector source: no images, no model, no input size
+        dims = sorted({int(r["dim"]) for r in runs if "dim" in r})
+        return (f"gallery {'/'.join(f'{g:,}' for g in galleries)} vectors of {'/'.join(map(str, dims))} dimensions, "
+                f"{'/'.join(f'{q:,}' for q in queries)} queries")
     sizes = sorted({str(r["image_size"]) for r in runs})
     size = "native size" if sizes == ["null"] else \
         " / ".join("the model's own size" if s == "null" else f"{s} px" for s in sizes)
