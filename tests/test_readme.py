@@ -339,6 +339,17 @@ def test_the_precision_study_and_its_report(work, subset):
     assert "(the reference)" in printed and printed.count("| efficientnet_lite0 | openvino |") == 3
 
 
+@pytest.mark.slow
+def test_the_libraries_study_on_a_million_vectors_and_its_report(work):
+    """The README's million-vector libraries study at 5,000 vectors: FAISS IVF and hnswlib, two levels each."""
+    command = documented("data.gallery_size=1000000 data.query_size=10000 data.dim=128 nlist=4096")
+    run_command(smaller(command, {"data.gallery_size=1000000": "data.gallery_size=5000",
+                                  "data.query_size=10000": "data.query_size=100", "nlist=4096": "nlist=32"},
+                        ("method=ivf,hnswlib", "level=0,9", *QUICK)), work)
+    printed = run_command(documented("python -m imgret.report --experiment ann_libraries_1m --all-runs"), work).stdout
+    assert "gallery 5,000 vectors of 128 dimensions, 100 queries" in printed and "hnswlib HNSW" in printed
+
+
 # --------------------------------------------------------------------------- the demo and the API
 
 
