@@ -26,6 +26,7 @@ def cosine(a, b) -> np.ndarray:
     return (np.asarray(a.vectors) * np.asarray(b.vectors)).sum(axis=1)
 
 
+@pytest.mark.slow  # converts a model to OpenVINO: about 15 s
 def test_openvino_fp32_rows_are_eager_fp32_rows(make_cfg):
     eager, _, _ = stores(make_cfg, "extract.precision=32-true")
     openvino, _, _ = stores(make_cfg, "extract.precision=32-true", "extract.backend=openvino")
@@ -74,6 +75,7 @@ def test_a_missing_openvino_is_named_with_what_to_install(make_cfg, monkeypatch)
         validate_config(make_cfg(*SMALL, "extract.backend=openvino"))
 
 
+@pytest.mark.slow  # two runs
 def test_a_run_at_another_precision_is_measured_against_the_fp32_rows(make_cfg):
     """The fp32 eager run first (its stores cached), then bf16: recall@10 against the fp32 rows' neighbours."""
     from imgret.run import run_tracked
