@@ -95,7 +95,6 @@ class Embedder:
         self.device = device
         # another backend runs at its own precision (imgret.embed.backends): no autocast around it
         self.precision = precision if forward is None else "32-true"
-        self.backend_precision = precision
 
     @classmethod
     def from_settings(cls, settings: ExtractSettings, encoder: Encoder | None = None, gallery=None) -> "Embedder":
