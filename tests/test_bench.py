@@ -86,6 +86,7 @@ def test_the_libraries_part_times_every_installed_library_against_its_own_calls(
     for r in result["methods"]:
         assert len(r["batch_ratios"]) == len(r["single_ratios"]) == 2 and min(r["batch_ratios"]) > 0, r
         assert f"libraries {r['method']}: imgret single-query p50 vs bare" in printed
+        assert f"libraries: {r['method']}: imgret vs bare, batch " in printed  # as each one finished
 
 
 @pytest.mark.slow  # converts and quantizes the trained EfficientNet-Lite0: about 60 s

@@ -83,6 +83,9 @@ def run(ctx: Context) -> dict:
         print(f"libraries: {name} over {len(gallery):,} x {gallery.shape[1]} ({label}) ...", flush=True)
         results.append(bench_method(name, gallery, queries, ctx.args.single_queries, ctx.args.rounds,
                                     min(ctx.args.nlist, len(gallery) // 39)))
+        done = results[-1]  # on screen as it finishes: a long run stopped midway still said these
+        print(f"libraries: {name}: imgret vs bare, batch {done['batch_overhead']:+.1%}, single query "
+              f"{done['single_overhead']:+.1%} (medians of {done['rounds']} rounds)", flush=True)
     return {"data": label, "gallery": len(gallery), "queries": len(queries), "methods": results, "skipped": skipped,
             "libraries_harness_overhead": max((max(r["batch_overhead"], r["single_overhead"]) for r in results),
                                               default=float("nan"))}
