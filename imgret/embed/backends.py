@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgret.cache import Unreadable, load_checked, save_checked
 from imgret.errors import BadImage, ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,13 +91,14 @@ class OpenVinoForward:
 def openvino_model(module: NormalisedNetwork, image_size: int, precision: str, cache_file: Path | None,
                    calibration: Callable[[], Iterable[torch.Tensor]] | None):
     """The OpenVINO model of `module` (int8: quantized on the batches `calibration` yields), read from
-    `cache_file` when it is there, else converted, and written there (atomically: a temporary folder renamed)."""
+    `cache_file` when it is there and matches its recorded checksums, else converted and saved there (imgret's
+    checked cache files: a damaged one is moved aside and made again)."""
     import openvino as ov
 
-    if cache_file is not None and cache_file.is_file():
-        with contextlib.suppress(RuntimeError):  # a damaged file: converted again below
-            return ov.Core().read_model(cache_file)
-        log.warning("%s could not be read: converting the model again", cache_file)
+    if cache_file is not None:
+        found = load_checked(cache_file, _read_model, {"weights": ".bin"})  # verified: size and sha256 of both
+        if found is not None:
+            return found
     module = module.eval()
     example = torch.zeros((1, 3, image_size, image_size), dtype=torch.uint8)
     with torch.inference_mode(False), torch.no_grad():
@@ -114,15 +114,23 @@ def openvino_model(module: NormalisedNetwork, image_size: int, precision: str, c
                  sum(len(batch) for batch in batches))
         model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{cache_file.stem}-", dir=cache_file.parent))
-        try:
-            ov.save_model(model, staging / cache_file.name, compress_to_fp16=False)
-            (staging / cache_file.with_suffix(".bin").name).replace(cache_file.with_suffix(".bin"))
-            (staging / cache_file.name).replace(cache_file)  # last: the .xml's presence means both are whole
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        weights = cache_file.with_suffix(".bin")
+
+        def write(partial: Path) -> None:  # the .xml names its weights by its own stem: they go in place first
+            ov.save_model(model, partial, compress_to_fp16=False)
+            os.replace(partial.with_suffix(".bin"), weights)
+
+        save_checked(cache_file, write, {"backend": "openvino", "precision": precision}, {"weights": weights})
     return model
+
+
+def _read_model(path: Path, meta: dict):
+    import openvino as ov
+
+    try:
+        return ov.Core().read_model(path)
+    except RuntimeError as error:
+        raise Unreadable(f"OpenVINO cannot read it: {error}") from error
 
 
 def model_cache_file(cache_dir: Path, description: dict, calibration_id: str | None) -> Path:
