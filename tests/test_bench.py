@@ -60,8 +60,26 @@ def test_alternatives_are_measured_in_turn():
 
     order = []
     figures = interleaved({"a": lambda: order.append("a") or 1.0, "b": lambda: order.append("b") or 2.0}, 3)
-    assert order == ["a", "b", "a", "b", "a", "b"] and figures == {"a": [1.0] * 3, "b": [2.0] * 3}
+    assert order == ["a", "b", "b", "a", "a", "b"] and figures == {"a": [1.0] * 3, "b": [2.0] * 3}
     assert spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0) and spread([4.0, 1.0]) == (2.5, 1.0, 4.0)
+
+
+def test_imgret_and_the_bare_calls_are_timed_on_the_same_queries_in_the_same_order():
+    from imgret.bench.harness import BareCalls, against_bare
+
+    seen = {"imgret": [], "bare": []}
+
+    class RecordingIndex:  # imgret's side: anything with search(queries, k) -> (scores, ids)
+        def search(self, rows, k):
+            seen["imgret"].append(rows.copy())
+            return np.zeros((len(rows), k), np.float32), np.zeros((len(rows), k), np.int64)
+
+    queries = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    figures = against_bare(RecordingIndex(), BareCalls(lambda rows, k: seen["bare"].append(rows.copy())), queries,
+                           10, single_queries=7, rounds=2)
+    assert len(seen["imgret"]) == len(seen["bare"]) == 2 * (1 + 1 + 20 + 7)  # warm-up, batch, warm-ups, timed
+    assert all(np.array_equal(a, b) for a, b in zip(seen["imgret"], seen["bare"]))
+    assert len(figures["batch_ratios"]) == len(figures["single_ratios"]) == 2
 
 
 def test_unknown_part_is_refused(capsys):

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from imgret.index.build import build_index
-from imgret.measure.search import timed_search
-from imgret.measure.timing import best_seconds, interleaved, spread
+from imgret.measure.timing import spread
+from imgret.bench.harness import against_bare
 from imgret.bench.machine import Context
 from imgret.bench.verdicts import verdict
-from imgret.bench.search import search_data, single_query_ms
+from imgret.bench.search import search_data
 
 
 def bench_ivf(gallery: np.ndarray, queries: np.ndarray, nlist: int, nprobe: int, single_queries: int,
@@ -18,26 +18,13 @@ def bench_ivf(gallery: np.ndarray, queries: np.ndarray, nlist: int, nprobe: int,
     from omegaconf import OmegaConf
 
     built = build_index(OmegaConf.create({"name": "ivf", "nlist": nlist, "nprobe": nprobe}), gallery)
-    bare = built.index.index
-
-    def imgret_round() -> tuple[float, float]:  # one batch call per round, as for bare faiss: the rounds interleave
-        run = timed_search(built.index, queries, k, latency_queries=single_queries, warmup_queries=20, repeats=1,
-                           progress=False)
-        return run.best_batch_seconds, float(np.median(run.latencies_ms))
-
-    def bare_round() -> tuple[float, float]:
-        return best_seconds(lambda: bare.search(queries, k), 1), single_query_ms(bare, queries, single_queries, k)
-
-    figures = interleaved({"imgret": imgret_round, "bare": bare_round}, rounds)
-    (imgret_batch, imgret_p50), (bare_batch, bare_p50) = (list(zip(*figures[name])) for name in ("imgret", "bare"))
-    batch_ratios = [mine / theirs for mine, theirs in zip(imgret_batch, bare_batch)]
-    single_ratios = [mine / theirs for mine, theirs in zip(imgret_p50, bare_p50)]
-    batch_overhead, single_overhead = spread(batch_ratios)[0] - 1, spread(single_ratios)[0] - 1
+    figures = against_bare(built.index, built.index.index, queries, k, single_queries, rounds)
+    batch_overhead, single_overhead = figures["batch_overhead"], figures["single_overhead"]
     return {
         "nlist": nlist, "nprobe": nprobe, "build_s": built.build_s, "rounds": rounds,
-        "imgret_batch_s": spread(imgret_batch)[0], "bare_faiss_batch_s": spread(bare_batch)[0],
-        "imgret_single_ms_p50": spread(imgret_p50)[0], "bare_faiss_single_ms_p50": spread(bare_p50)[0],
-        "batch_ratios": batch_ratios, "single_ratios": single_ratios,
+        "imgret_batch_s": figures["imgret_batch_s"], "bare_faiss_batch_s": figures["bare_batch_s"],
+        "imgret_single_ms_p50": figures["imgret_single_ms_p50"], "bare_faiss_single_ms_p50": figures["bare_single_ms_p50"],
+        "batch_ratios": figures["batch_ratios"], "single_ratios": figures["single_ratios"],
         "ivf_batch_overhead": batch_overhead, "ivf_single_overhead": single_overhead,
         "ivf_harness_overhead": max(batch_overhead, single_overhead),
     }

@@ -3,18 +3,17 @@ the library's own calls (`Method.bare`) on the same built index, queries and set
 and one query per call, on one thread (ann-benchmarks' protocol). Each figure is the median of its rounds."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
+from imgret.bench.harness import BareCalls, against_bare
 from imgret.bench.machine import Context
 from imgret.bench.search import search_data
 from imgret.bench.verdicts import verdict
 from imgret.errors import ConfigError
 from imgret.index.build import build_index
 from imgret.index.methods import METHODS
-from imgret.measure.search import search_threads, timed_search
-from imgret.measure.timing import best_seconds, interleaved, spread
+from imgret.measure.search import search_threads
+from imgret.measure.timing import spread
 
 NEEDS_IMAGES = False
 LEVEL = 5  # each method's middle query setting (conf/method/<name>.yaml, `levels`)
@@ -36,33 +35,10 @@ def bench_method(name: str, gallery: np.ndarray, queries: np.ndarray, single_que
     method = METHODS[name]
     built = build_index(cfg, gallery)
     setting = method.query_setting(cfg)
-    sample = np.random.default_rng(0).choice(len(queries), min(single_queries, len(queries)), replace=False)
-
-    def imgret_round() -> tuple[float, float]:
-        run = timed_search(built.index, queries, k, latency_queries=len(sample), warmup_queries=20, repeats=1,
-                           progress=False)
-        return run.best_batch_seconds, float(np.median(run.latencies_ms))
-
-    def bare_round() -> tuple[float, float]:
-        batch = best_seconds(lambda: method.bare(built.native, queries, k, setting, 1), 1)
-        times = []
-        for i in sample:
-            one = queries[i:i + 1]
-            start = time.perf_counter()
-            method.bare(built.native, one, k, setting, 1)
-            times.append((time.perf_counter() - start) * 1000)
-        return batch, float(np.median(times))
-
+    bare = BareCalls(lambda rows, k: method.bare(built.native, rows, k, setting, 1))
     with search_threads(1):
-        figures = interleaved({"imgret": imgret_round, "bare": bare_round}, rounds)
-    (mine_batch, mine_p50), (bare_batch, bare_p50) = (list(zip(*figures[who])) for who in ("imgret", "bare"))
-    batch_ratios = [a / b for a, b in zip(mine_batch, bare_batch)]
-    single_ratios = [a / b for a, b in zip(mine_p50, bare_p50)]
-    return {"method": name, "setting": setting, "build_s": built.build_s, "rounds": rounds,
-            "imgret_batch_s": spread(mine_batch)[0], "bare_batch_s": spread(bare_batch)[0],
-            "imgret_single_ms_p50": spread(mine_p50)[0], "bare_single_ms_p50": spread(bare_p50)[0],
-            "batch_ratios": batch_ratios, "single_ratios": single_ratios,
-            "batch_overhead": spread(batch_ratios)[0] - 1, "single_overhead": spread(single_ratios)[0] - 1}
+        figures = against_bare(built.index, bare, queries, k, single_queries, rounds)
+    return {"method": name, "setting": setting, "build_s": built.build_s, **figures}
 
 
 def run(ctx: Context) -> dict:

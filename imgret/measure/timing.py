@@ -105,12 +105,13 @@ def best_seconds(function, repeats: int) -> float:
 
 
 def interleaved(alternatives: dict, rounds: int) -> dict[str, list]:
-    """Each alternative's figure (a callable's return: a number, or a tuple of them), measured A, B, A, B, ... for
-    `rounds` rounds, so that a change in the machine's load during the measurement falls on every alternative
-    alike."""
+    """Each alternative's figure (a callable's return: a number, or a tuple of them), measured A, B, B, A, A, B, ...
+    for `rounds` rounds, so that a change in the machine's load during the measurement falls on every alternative
+    alike, and going first (or right after the other) favours none of them."""
     figures: dict[str, list] = {name: [] for name in alternatives}
-    for _ in range(rounds):
-        for name, measure in alternatives.items():
+    for round_ in range(rounds):
+        turn = list(alternatives.items())
+        for name, measure in (turn if round_ % 2 == 0 else turn[::-1]):
             figures[name].append(measure())
     return figures
 
