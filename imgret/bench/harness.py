@@ -1,15 +1,23 @@
-"""What imgret's search harness costs: imgret's timed search of an index against the very same protocol (warm-ups,
-query sample, timer: `timed_search`) run on the library's own call on the same index, so that the two sides differ
-only in what a search call does. Used by the ivf and libraries parts."""
+"""What imgret's search harness costs: the call imgret times (its searcher's `search`, as `timed_search` makes it)
+against the library's own call on the same index, queries and setting, so that the two sides differ only in what a
+search call does. Used by the ivf and libraries parts.
+
+Both sides are timed as `timed_search` times a run: a perf_counter around one batch call of every query, and around
+each one-query call of the same random sample after the same warm-ups. The two sides alternate closely, so that the
+other core's work and the clock's drift fall on both alike: the batch calls A B, then B A in the next round; the
+one-query calls in pairs, query by query, the first of each pair alternating. Each ratio is imgret / bare."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
 
 from imgret.index.base import SearchIndex
-from imgret.measure.search import timed_search
-from imgret.measure.timing import interleaved, spread
+from imgret.measure.search import latency_sample
+from imgret.measure.timing import spread
+
+WARMUP_QUERIES = 20
 
 
 class BareCalls:
@@ -22,18 +30,41 @@ class BareCalls:
         return self.call(queries, k), None
 
 
+def _seconds(target, queries: np.ndarray, k: int) -> float:
+    start = time.perf_counter()
+    target.search(queries, k)
+    return time.perf_counter() - start
+
+
+def _one_round(sides: list, queries: np.ndarray, k: int, warmup: np.ndarray, sample: np.ndarray,
+               first: int) -> dict[str, tuple[float, float]]:
+    """{side: (batch seconds, single-query p50 ms)} for one round; `first`: which side goes first in it."""
+    order = sides[first:] + sides[:first]
+    batch = {name: _seconds(target, queries, k) for name, target in order}
+    for i in warmup:
+        for _, target in order:
+            target.search(queries[i:i + 1], k)
+    single: dict[str, list] = {name: [] for name, _ in sides}
+    for n, i in enumerate(sample):
+        one = queries[i:i + 1]
+        for name, target in (order if n % 2 == 0 else order[::-1]):
+            single[name].append(_seconds(target, one, k) * 1000)
+    return {name: (batch[name], float(np.median(single[name]))) for name, _ in sides}
+
+
 def against_bare(index: SearchIndex, bare: Any, queries: np.ndarray, k: int, single_queries: int,
                  rounds: int) -> dict:
-    """imgret's `index` against `bare` (anything with the library's `search(queries, k)`), interleaved over `rounds`:
-    one batch call of every query and `single_queries` timed one-query calls per round; each figure is the median
-    of its rounds, each ratio imgret / bare."""
-    def one_round(target) -> tuple[float, float]:
-        run = timed_search(target, queries, k, latency_queries=single_queries, warmup_queries=20, repeats=1,
-                           progress=False)
-        return run.best_batch_seconds, float(np.median(run.latencies_ms))
-
-    figures = interleaved({"imgret": lambda: one_round(index), "bare": lambda: one_round(bare)}, rounds)
-    (mine_batch, mine_p50), (bare_batch, bare_p50) = (list(zip(*figures[who])) for who in ("imgret", "bare"))
+    """imgret's `index` against `bare` (anything with the library's `search(queries, k)`) over `rounds` rounds of
+    one batch call of every query and `single_queries` one-query calls each; each figure is the median of its
+    rounds, each ratio imgret / bare."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    warmup, sample = latency_sample(len(queries), single_queries, WARMUP_QUERIES)
+    sides = [("imgret", index), ("bare", bare)]
+    for _, target in sides:  # the first call pays for allocations and thread start-up, as in timed_search
+        target.search(queries[:min(len(queries), 8)], k)
+    figures = [_one_round(sides, queries, k, warmup, sample, first=r % 2) for r in range(rounds)]
+    (mine_batch, mine_p50), (bare_batch, bare_p50) = (list(zip(*(f[who] for f in figures)))
+                                                      for who in ("imgret", "bare"))
     batch_ratios = [mine / theirs for mine, theirs in zip(mine_batch, bare_batch)]
     single_ratios = [mine / theirs for mine, theirs in zip(mine_p50, bare_p50)]
     return {"rounds": rounds, "imgret_batch_s": spread(mine_batch)[0], "bare_batch_s": spread(bare_batch)[0],
