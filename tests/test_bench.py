@@ -76,10 +76,10 @@ def test_imgret_and_the_bare_calls_are_timed_on_the_same_queries_in_the_same_ord
 
     queries = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
     figures = against_bare(RecordingIndex(), BareCalls(lambda rows, k: seen["bare"].append(rows.copy())), queries,
-                           10, single_queries=7, rounds=2)
-    assert len(seen["imgret"]) == len(seen["bare"]) == 1 + 2 * (1 + 20 + 7)  # warm-up; per round: batch, warm-ups, timed
-    assert all(np.array_equal(a, b) for a, b in zip(seen["imgret"], seen["bare"]))
-    assert [len(rows) for rows in seen["imgret"][:3]] == [8, 50, 1]
+                           10, single_queries=7, rounds=2, min_batch_s=0.0)
+    assert len(seen["imgret"]) == len(seen["bare"]) and all(np.array_equal(a, b) for a, b in zip(*seen.values()))
+    # a first warm-up; per round: one batch call (min_batch_s=0), 20 warm-up and 7 timed one-query calls
+    assert [len(rows) for rows in seen["imgret"]] == [8] + 2 * ([50] + [1] * (20 + 7))
     assert len(figures["batch_ratios"]) == len(figures["single_ratios"]) == 2
 
 

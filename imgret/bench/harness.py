@@ -2,10 +2,11 @@
 against the library's own call on the same index, queries and setting, so that the two sides differ only in what a
 search call does. Used by the ivf and libraries parts.
 
-Both sides are timed as `timed_search` times a run: a perf_counter around one batch call of every query, and around
-each one-query call of the same random sample after the same warm-ups. The two sides alternate closely, so that the
-other core's work and the clock's drift fall on both alike: the batch calls A B, then B A in the next round; the
-one-query calls in pairs, query by query, the first of each pair alternating. Each ratio is imgret / bare."""
+Both sides are timed as `timed_search` times a run: a perf_counter around a batch call of every query (the best of
+as many calls as fill a second, as `search.repeats` takes the best), and around each one-query call of the same
+random sample after the same warm-ups. The two sides alternate closely, so that the other core's work and the
+clock's drift fall on both alike: batch calls A B, B A, ...; one-query calls in pairs, query by query, the first of
+each pair alternating. Each ratio is imgret / bare."""
 from __future__ import annotations
 
 import time
@@ -18,6 +19,7 @@ from imgret.measure.search import latency_sample
 from imgret.measure.timing import spread
 
 WARMUP_QUERIES = 20
+MIN_BATCH_S = 1.0  # batch calls are repeated, in alternating pairs, until each side has spent this long
 
 
 class BareCalls:
@@ -37,10 +39,13 @@ def _seconds(target, queries: np.ndarray, k: int) -> float:
 
 
 def _one_round(sides: list, queries: np.ndarray, k: int, warmup: np.ndarray, sample: np.ndarray,
-               first: int) -> dict[str, tuple[float, float]]:
+               first: int, min_batch_s: float) -> dict[str, tuple[float, float]]:
     """{side: (batch seconds, single-query p50 ms)} for one round; `first`: which side goes first in it."""
     order = sides[first:] + sides[:first]
-    batch = {name: _seconds(target, queries, k) for name, target in order}
+    batch: dict[str, list] = {name: [] for name, _ in sides}
+    while not batch[order[0][0]] or min(sum(times) for times in batch.values()) < min_batch_s:
+        for name, target in (order if len(batch[order[0][0]]) % 2 == 0 else order[::-1]):
+            batch[name].append(_seconds(target, queries, k))
     for i in warmup:
         for _, target in order:
             target.search(queries[i:i + 1], k)
@@ -49,20 +54,21 @@ def _one_round(sides: list, queries: np.ndarray, k: int, warmup: np.ndarray, sam
         one = queries[i:i + 1]
         for name, target in (order if n % 2 == 0 else order[::-1]):
             single[name].append(_seconds(target, one, k) * 1000)
-    return {name: (batch[name], float(np.median(single[name]))) for name, _ in sides}
+    return {name: (min(batch[name]), float(np.median(single[name]))) for name, _ in sides}
 
 
 def against_bare(index: SearchIndex, bare: Any, queries: np.ndarray, k: int, single_queries: int,
-                 rounds: int) -> dict:
+                 rounds: int, min_batch_s: float = MIN_BATCH_S) -> dict:
     """imgret's `index` against `bare` (anything with the library's `search(queries, k)`) over `rounds` rounds of
-    one batch call of every query and `single_queries` one-query calls each; each figure is the median of its
-    rounds, each ratio imgret / bare."""
+    batch calls of every query and `single_queries` one-query calls each; each figure is the median of its rounds,
+    each ratio imgret / bare."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     warmup, sample = latency_sample(len(queries), single_queries, WARMUP_QUERIES)
     sides = [("imgret", index), ("bare", bare)]
     for _, target in sides:  # the first call pays for allocations and thread start-up, as in timed_search
         target.search(queries[:min(len(queries), 8)], k)
-    figures = [_one_round(sides, queries, k, warmup, sample, first=r % 2) for r in range(rounds)]
+    figures = [_one_round(sides, queries, k, warmup, sample, first=r % 2, min_batch_s=min_batch_s)
+               for r in range(rounds)]
     (mine_batch, mine_p50), (bare_batch, bare_p50) = (list(zip(*(f[who] for f in figures)))
                                                       for who in ("imgret", "bare"))
     batch_ratios = [mine / theirs for mine, theirs in zip(mine_batch, bare_batch)]
