@@ -5,8 +5,8 @@ search call does. Used by the ivf and libraries parts.
 Both sides are timed as `timed_search` times a run: a perf_counter around a batch call of every query (the best of
 as many calls as fill a second, as `search.repeats` takes the best), and around each one-query call of the same
 random sample after the same warm-ups. The two sides alternate closely, so that the other core's work and the
-clock's drift fall on both alike: batch calls A B, B A, ...; one-query calls in pairs, query by query, the first of
-each pair alternating. Each ratio is imgret / bare."""
+clock's drift fall on both alike: batch calls A B, B A, ...; one-query calls in pairs (A on one query, B on
+another, then B first), each side over the whole sample. Each ratio is imgret / bare."""
 from __future__ import annotations
 
 import time
@@ -50,10 +50,13 @@ def _one_round(sides: list, queries: np.ndarray, k: int, warmup: np.ndarray, sam
         for _, target in order:
             target.search(queries[i:i + 1], k)
     single: dict[str, list] = {name: [] for name, _ in sides}
-    for n, i in enumerate(sample):
-        one = queries[i:i + 1]
+    # the second of a pair takes the query half the sample away: the same query right after the other side's call
+    # would find its graph nodes or lists in the cache that call filled
+    rows = {order[0][0]: sample, order[1][0]: np.roll(sample, -(len(sample) // 2))}
+    for n in range(len(sample)):
         for name, target in (order if n % 2 == 0 else order[::-1]):
-            single[name].append(_seconds(target, one, k) * 1000)
+            row = rows[name][n]
+            single[name].append(_seconds(target, queries[row:row + 1], k) * 1000)
     return {name: (min(batch[name]), float(np.median(single[name]))) for name, _ in sides}
 
 
