@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, PROJECT_ROOT, subset_zip
 from imgret.index.base import search_threads_now
@@ -190,3 +191,16 @@ def test_each_method_module_registers_its_methods_and_every_method_has_a_config(
         cfg = compose_method(name).method
         assert cfg.name == name
         assert set(method.build_params + method.query_params) <= set(cfg), (name, set(cfg))
+
+
+def test_a_long_build_that_reports_nothing_shows_its_seconds_and_one_with_its_own_progress_is_left_alone(capsys):
+    from imgret.index.base import ADD_CHUNK_ROWS
+
+    rows = np.random.default_rng(0).standard_normal((ADD_CHUNK_ROWS + 1, 8)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    build_index(OmegaConf.create({"name": "annoy", "n_trees": 2, "search_k": 10}), rows)
+    assert f"building Annoy over {ADD_CHUNK_ROWS + 1:,} vectors: 00:" in capsys.readouterr().err
+    build_index(OmegaConf.create({"name": "ivf", "nlist": 4, "nprobe": 1}), rows)
+    assert "building FAISS IVF" not in capsys.readouterr().err  # faiss's training and adds have their own bars
+    build_index(OmegaConf.create({"name": "annoy", "n_trees": 2, "search_k": 10}), rows[:1000])
+    assert "building Annoy" not in capsys.readouterr().err  # a small gallery: done before a bar would say anything

@@ -7,6 +7,7 @@ not installed stay listed: they refuse in one line naming what to install, befor
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import tarfile
 import tempfile
@@ -18,10 +19,32 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from imgret.errors import ConfigError, bad_value, whole
 
 ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
+
+
+@contextlib.contextmanager
+def working(desc: str, enabled: bool = True):
+    """A bar that counts seconds while a library call that reports nothing (k-means, a graph build) runs; it
+    moves whenever the call lets Python run (between chunks, or throughout when the binding releases the GIL)."""
+    bar = tqdm(desc=desc, unit="s", disable=not enabled, bar_format="{desc}: {elapsed}", mininterval=5)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.update(1)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
 
 
 class MissingLibrary(ConfigError):
@@ -68,6 +91,7 @@ class Method:
     install: str | None = None  # what installs it (pip requirement), for the refusal
     file_suffix: str = ".index"
     ordering: str = "inner product"  # how it orders by cosine on the L2-normalised store
+    reports_progress: bool = False  # shows its own progress while building (else imgret counts the seconds)
 
     # ------------------------------------------------------------------ checks
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from imgret.cache import Unreadable, file_lock, load_checked, save_checked
-from imgret.index.base import BuiltIndex, Method, search_threads_now
+from imgret.index.base import ADD_CHUNK_ROWS, BuiltIndex, Method, search_threads_now, working
 from imgret.index.methods import method_of
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
 def _build(method: Method, method_cfg, gallery: np.ndarray, path: Path | None):
     log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
     start = time.perf_counter()
-    native = method.build(method_cfg, gallery, search_threads_now(), path)
+    with working(f"building {method.label} over {len(gallery):,} vectors",
+                 len(gallery) > ADD_CHUNK_ROWS and not method.reports_progress):
+        native = method.build(method_cfg, gallery, search_threads_now(), path)
     return native, time.perf_counter() - start
 
 

@@ -3,10 +3,8 @@ the gallery's memory map (each chunk's pages released after it), or, with `on_di
 memory-mapped `.ivfdata` file beside the cached index; a GPU copy when faiss-gpu and `device=cuda` say so."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -17,7 +15,7 @@ from tqdm.auto import tqdm
 
 from imgret.cache import gather_rows, release_pages, return_freed_memory
 from imgret.errors import ConfigError
-from imgret.index.base import ADD_CHUNK_ROWS
+from imgret.index.base import ADD_CHUNK_ROWS, working
 
 log = logging.getLogger(__name__)
 
@@ -108,26 +106,6 @@ def training_sample(gallery: np.ndarray, opts: Mapping) -> np.ndarray:
         return np.ascontiguousarray(gallery, dtype=np.float32)
     rows = np.sort(np.random.default_rng(0).choice(len(gallery), size, replace=False))
     return gather_rows(gallery, rows).astype(np.float32, copy=False)
-
-
-@contextlib.contextmanager
-def working(desc: str, enabled: bool = True):
-    """A bar that counts seconds while a faiss call that reports nothing (k-means) runs."""
-    bar = tqdm(desc=desc, unit="s", disable=not enabled, bar_format="{desc}: {elapsed}", mininterval=5)
-    stop = threading.Event()
-
-    def tick():
-        while not stop.wait(1.0):
-            bar.update(1)
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        ticker.join()
-        bar.close()
 
 
 def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, stop: int, desc: str,

@@ -15,6 +15,7 @@ from imgret.index.base import FolderIndex, Method, new_folder, pack_folder, sear
 class DiskANNDisk(Method):
     name, label, marker = "diskann_disk", "DiskANN (SSD index)", "H"
     module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
+    reports_progress = True  # prints its build's stages
     build_params = ("graph_degree", "build_complexity", "search_memory_gb")
     query_params = ("complexity", "beam_width", "cache_nodes")
     execution_params = ("cache_nodes",)

@@ -16,6 +16,7 @@ from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, sea
 class DiskANN(Method):
     name, label, marker = "diskann", "DiskANN (in memory)", "p"
     module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
+    reports_progress = True  # prints "N% of index build completed"
     build_params = ("graph_degree", "build_complexity", "alpha")
     query_params = ("complexity",)
     variant_param = "complexity"

@@ -21,6 +21,7 @@ class FaissMethod(Method):
     file_suffix = ".faiss"
     companions = {"lists_file": ".ivfdata"}  # on-disk inverted lists, beside the index
     gpu = True  # has a faiss-gpu copy
+    reports_progress = True  # its training and chunked adds have their own bars
 
     def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
         raise NotImplementedError
