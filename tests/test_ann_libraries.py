@@ -204,3 +204,14 @@ def test_a_long_build_that_reports_nothing_shows_its_seconds_and_one_with_its_ow
     assert "building FAISS IVF" not in capsys.readouterr().err  # faiss's training and adds have their own bars
     build_index(OmegaConf.create({"name": "annoy", "n_trees": 2, "search_k": 10}), rows[:1000])
     assert "building Annoy" not in capsys.readouterr().err  # a small gallery: done before a bar would say anything
+
+
+@pytest.mark.slow  # a real run in its own process (bounded: diskannpy 0.7.0 opened with one thread never returned)
+def test_a_single_thread_run_of_the_diskann_ssd_index_finishes(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "imgret.run", "method=diskann_disk", "data=synthetic_vectors",
+                          "data.gallery_size=3000", "data.query_size=50", "data.dim=16", "data.intrinsic_dim=8", "threads=1",
+                          "search.threads=1", f"paths.cache={tmp_path / 'cache'}",
+                          f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "recall@1 / @10" in run.stdout + run.stderr

@@ -36,7 +36,9 @@ class DiskANNDisk(Method):
             raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long")
 
     def _open(self, folder, opts: Mapping) -> FolderIndex:
-        index = self.library().StaticDiskIndex(index_directory=folder.name, num_threads=search_threads_now(),
+        # I/O contexts, not search threads (each search call says its own): diskannpy 0.7.0 opened with one spins
+        # forever in its warm-up (which takes a second context), so a single-thread run would hang here
+        index = self.library().StaticDiskIndex(index_directory=folder.name, num_threads=max(2, search_threads_now()),
                                                num_nodes_to_cache=int(opts["cache_nodes"]), distance_metric="l2",
                                                vector_dtype=np.float32)
         return FolderIndex(index, folder, "ann")
