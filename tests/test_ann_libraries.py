@@ -117,6 +117,9 @@ def real_store(tmp_path_factory):
     return np.array(stores.gallery.vectors), np.array(stores.queries.vectors)  # writable, as Voyager wants
 
 
+APPROXIMATE_SCORES = {"ivfpq": "distances to its product-quantised codes, not to the rows"}
+
+
 def _ids(found) -> np.ndarray:
     return np.asarray([np.asarray(row, dtype=np.int64) for row in found])
 
@@ -139,8 +142,11 @@ def test_a_method_gives_its_library_s_own_ids_reaches_0_99_at_its_top_level_and_
         assert np.array_equal(one_at_a_time, ids), f"{name}: one query per call gave other rows"
 
     exact_scores = np.sort(queries @ gallery.T, axis=1)[:, ::-1][:, :K]
-    found = built.index.search(queries, K)[1]
+    scores, found = built.index.search(queries, K)
     found_scores = np.where(found >= 0, np.take_along_axis(queries @ gallery.T, np.maximum(found, 0), 1), -np.inf)
+    if name not in APPROXIMATE_SCORES:  # imgret's scores are the cosines of the rows it returns
+        assert scores.dtype == np.float32 and found.dtype == np.int64
+        assert np.allclose(scores, found_scores, atol=1e-4) and np.array_equal(scores == -np.inf, found < 0), name
     recall = recall_at_ties(found_scores, exact_scores, K, 1e-6)
     if name in NOT_EXACT_AT_ANY_LEVEL:
         assert recall > 0.5, (name, recall)
@@ -215,3 +221,29 @@ def test_a_single_thread_run_of_the_diskann_ssd_index_finishes(tmp_path):
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "recall@1 / @10" in run.stdout + run.stderr
+
+
+def test_results_of_varying_length_are_padded_and_turned_into_scores_alike_on_both_paths():
+    from imgret.index.base import top_k_arrays
+
+    distances = [np.array([0.1, 0.3, 0.5], np.float32), np.array([0.2, 0.4, 0.6], np.float32)]
+    scores, ids = top_k_arrays([[4, 5, 6], [7, 8, 9]], distances, 3, lambda d: 1 - d)  # every query found k
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    assert np.array_equal(ids, [[4, 5, 6], [7, 8, 9]]) and np.allclose(scores, [[0.9, 0.7, 0.5], [0.8, 0.6, 0.4]])
+    scores, ids = top_k_arrays([[4, 5, 6], [7]], [distances[0], distances[1][:1]], 3, np.negative)  # one found less
+    assert np.array_equal(ids, [[4, 5, 6], [7, -1, -1]])
+    assert np.allclose(scores[0], [-0.1, -0.3, -0.5]) and scores[1, 0] == np.float32(-0.2)
+    assert np.all(scores[1, 1:] == -np.inf)  # padding stays -inf: not turned into a score
+
+
+def test_query_rows_are_passed_as_they_are_when_a_binding_takes_them_and_copied_when_not(tmp_path):
+    from imgret.index.base import plain_rows
+
+    rows = np.ones((3, 4), np.float32)
+    assert plain_rows(rows) is rows and plain_rows(rows[1:2]).base is rows
+    np.save(tmp_path / "rows.npy", rows)
+    mapped = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    for other in (mapped, mapped[:2], rows[:, :2], rows.astype(np.float64), rows.T):
+        plain = plain_rows(other)
+        assert type(plain) is np.ndarray and plain.dtype == np.float32 and plain.flags.c_contiguous
+        assert plain.flags.writeable and np.array_equal(plain, other)

@@ -10,6 +10,7 @@ from imgret.bench.machine import Context
 from imgret.bench.search import search_data
 from imgret.bench.verdicts import verdict
 from imgret.errors import ConfigError
+from imgret.index.base import plain_rows
 from imgret.index.build import build_index
 from imgret.index.methods import METHODS
 from imgret.measure.search import search_threads
@@ -45,7 +46,7 @@ def run(ctx: Context) -> dict:
     gallery, queries, label = ctx.search_data(search_data)
     gallery = gallery[:ctx.args.libraries_gallery]
     # writable rows for both sides: some bindings (Voyager's) refuse a read-only memory map's rows in their own call
-    queries = np.require(queries[:ctx.args.libraries_queries], np.float32, ["C", "W", "E"])
+    queries = plain_rows(queries[:ctx.args.libraries_queries])
     results, skipped = [], {}
     for name, method in METHODS.items():
         if method.exact and not method.module:
@@ -71,8 +72,9 @@ def rows(result: dict, row) -> None:
     for v in result["methods"]:
         batch, single = spread(v["batch_ratios"]), spread(v["single_ratios"])
         setting = " ".join(f"{k}={x}" for k, x in v["setting"].items())
-        row("libraries", f"{v['method']} {setting}: imgret batch vs bare library calls, median of {v['rounds']}",
-            f"{v['imgret_batch_s'] * 1000:.1f} ms", f"{v['batch_overhead']:+.1%}",
+        row("libraries", f"{v['method']} {setting}: imgret batch calls of {v.get('batch_rows', 'all')} queries vs "
+                         f"bare library calls, median of {v['rounds']}", f"{v['imgret_batch_s'] * 1000:.1f} ms",
+            f"{v['batch_overhead']:+.1%}",
             verdict("ivf_harness_overhead", v["batch_overhead"], (batch[1] - 1, batch[2] - 1)) +
             f"; ratios {batch[1]:.3f}-{batch[2]:.3f}")
         row("libraries", f"{v['method']}: imgret single-query p50 vs bare", f"{v['imgret_single_ms_p50']:.3f} ms",

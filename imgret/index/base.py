@@ -167,8 +167,7 @@ class LibrarySearcher:
         self.lock = self._locks.setdefault(id(native), threading.Lock())
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # a plain, writable, contiguous array: nanobind bindings (Voyager) refuse a read-only memory map's rows
-        queries = np.require(queries, np.float32, ["C", "W", "E"])
+        queries = plain_rows(queries)
         with self.lock:
             return self.method.search(self.native, queries, k, self.setting, search_threads_now())
 
@@ -201,13 +200,35 @@ class BuiltIndex:
         return self.method.searcher(self.native, setting, device)
 
 
-def top_k_arrays(rows: list[np.ndarray], scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query results of varying length as (scores, ids) arrays of width k, padded with -inf and -1."""
+FLOAT32 = np.dtype(np.float32)
+
+
+def plain_rows(queries: np.ndarray) -> np.ndarray:
+    """`queries` as a plain, writable, C-contiguous float32 array: nanobind bindings (Voyager) refuse a read-only
+    memory map's rows. Checked by hand rather than by np.require, which costs ~10 µs per one-query call once the
+    library's search has pushed numpy out of the CPU caches (1% of a 1 ms query)."""
+    flags = queries.flags
+    if type(queries) is np.ndarray and queries.dtype is FLOAT32 and flags.c_contiguous and flags.writeable:
+        return queries
+    return np.array(queries, dtype=np.float32, order="C")
+
+
+def top_k_arrays(rows: list, values: list, k: int, to_scores: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query results of varying length as (scores, ids) arrays of width k, padded with -inf and -1; `to_scores`
+    turns the library's values (distances) into similarities, applied once to all of them when it can be.
+
+    Each numpy call here runs after a search has pushed numpy out of the CPU caches, where one costs several µs:
+    when every query found k (the usual case), two or three calls make the answer."""
+    if all(len(ids) == k for ids in rows):
+        stacked = np.asarray(values, dtype=np.float32).reshape(len(rows), k)
+        return (to_scores(stacked) if to_scores else stacked), np.asarray(rows, dtype=np.int64).reshape(len(rows), k)
     out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
     out_ids = np.full((len(rows), k), -1, dtype=np.int64)
-    for i, (ids, values) in enumerate(zip(rows, scores)):
+    for i, (ids, found) in enumerate(zip(rows, values)):
         n = min(k, len(ids))
-        out_ids[i, :n], out_scores[i, :n] = ids[:n], values[:n]
+        found = np.asarray(found[:n], dtype=np.float32)
+        out_ids[i, :n], out_scores[i, :n] = ids[:n], to_scores(found) if to_scores else found
     return out_scores, out_ids
 
 

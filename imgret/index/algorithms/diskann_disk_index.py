@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import FolderIndex, Method, new_folder, pack_folder, search_threads_now, unpack_folder, whole_params
+from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
+                               unpack_folder, whole_params)
 
 
 class DiskANNDisk(Method):
@@ -46,7 +47,7 @@ class DiskANNDisk(Method):
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         folder = new_folder(path)
         self.library().build_disk_index(
-            data=np.require(gallery, np.float32, ["C", "W", "E"]), distance_metric="l2", index_directory=folder.name,
+            data=plain_rows(gallery), distance_metric="l2", index_directory=folder.name,
             complexity=int(opts["build_complexity"]), graph_degree=int(opts["graph_degree"]),
             search_memory_maximum=float(opts["search_memory_gb"]), build_memory_maximum=4.0, num_threads=threads,
             vector_dtype=np.float32)

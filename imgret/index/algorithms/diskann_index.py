@@ -9,8 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, search_threads_now, unpack_folder,
-                               whole_params)
+from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
+                               unpack_folder, whole_params)
 
 
 class DiskANN(Method):
@@ -43,7 +43,7 @@ class DiskANN(Method):
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         folder = new_folder(path)
         self.library().build_memory_index(
-            data=np.require(gallery, np.float32, ["C", "W", "E"]), distance_metric="mips", index_directory=folder.name,
+            data=plain_rows(gallery), distance_metric="mips", index_directory=folder.name,
             complexity=int(opts["build_complexity"]), graph_degree=int(opts["graph_degree"]),
             alpha=float(opts["alpha"]), num_threads=threads, vector_dtype=np.float32)
         return self._open(folder, threads)

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, whole_params
 
 
 class Hnswlib(Method):
@@ -28,7 +28,7 @@ class Hnswlib(Method):
                          ef_construction=int(opts["ef_construction"]), random_seed=0)
         index.set_num_threads(threads)
         for start in range(0, len(gallery), ADD_CHUNK_ROWS):
-            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            rows = plain_rows(gallery[start:start + ADD_CHUNK_ROWS])
             index.add_items(rows, np.arange(start, start + len(rows)))
         return index
 
@@ -48,8 +48,8 @@ class Hnswlib(Method):
         return native.knn_query(queries, k, num_threads=threads)
 
     def results(self, found, k: int):
-        ids, distances = found
-        return (1 - distances).astype(np.float32), ids.astype(np.int64)
+        ids, distances = found  # float32, and uint64 row numbers: viewed as int64, not copied
+        return 1 - distances, ids.view(np.int64)
 
 
 METHODS = (Hnswlib(),)

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import (ADD_CHUNK_ROWS, FolderIndex, Method, new_folder, pack_folder, run_in_threads,
-                               top_k_arrays, unpack_folder, whole_params)
+from imgret.index.base import (ADD_CHUNK_ROWS, FolderIndex, Method, new_folder, pack_folder, plain_rows,
+                               run_in_threads, top_k_arrays, unpack_folder, whole_params)
 
 
 class NGT(Method):
@@ -40,7 +40,7 @@ class NGT(Method):
                      distance_type="Normalized Cosine", object_type="Float")
         index = ngtpy.Index(anng, log_disabled=True)
         for start in range(0, len(gallery), ADD_CHUNK_ROWS):
-            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            rows = plain_rows(gallery[start:start + ADD_CHUNK_ROWS])
             index.batch_insert(rows, num_threads=threads)
         index.save()
         index.close()
@@ -71,8 +71,8 @@ class NGT(Method):
                               queries, threads)
 
     def results(self, found, k: int):
-        return top_k_arrays([np.array([row for row, _ in pairs], dtype=np.int64) for pairs in found],
-                            [1 - np.array([distance for _, distance in pairs], dtype=np.float32) for pairs in found], k)
+        return top_k_arrays([[row for row, _ in pairs] for pairs in found],
+                            [[distance for _, distance in pairs] for pairs in found], k, lambda d: 1 - d)
 
 
 METHODS = (NGT(),)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import Method, new_folder, pack_folder, top_k_arrays, unpack_folder, whole_params
+from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder, whole_params
 
 
 class Nmslib(Method):
@@ -38,7 +38,7 @@ class Nmslib(Method):
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self._new()
-        index.addDataPointBatch(np.require(gallery, np.float32, ["C", "W", "E"]))
+        index.addDataPointBatch(plain_rows(gallery))
         index.createIndex({"M": int(opts["hnsw_m"]), "efConstruction": int(opts["ef_construction"]), "post": 0,
                            "indexThreadQty": threads}, print_progress=False)
         return index
@@ -59,7 +59,7 @@ class Nmslib(Method):
         return native.knnQueryBatch(queries, k, num_threads=threads)
 
     def results(self, found, k: int):
-        return top_k_arrays([ids for ids, _ in found], [-distances for _, distances in found], k)
+        return top_k_arrays([ids for ids, _ in found], [distances for _, distances in found], k, np.negative)
 
 
 METHODS = (Nmslib(),)

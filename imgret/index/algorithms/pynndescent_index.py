@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import Method, whole_params
+from imgret.index.base import Method, plain_rows, whole_params
 
 
 class PyNNDescent(Method):
@@ -38,7 +38,7 @@ class PyNNDescent(Method):
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         self._threads(threads)
         index = self.library().NNDescent(
-            np.require(gallery, np.float32, ["C", "W", "E"]), metric="dot", n_neighbors=int(opts["n_neighbors"]),
+            plain_rows(gallery), metric="dot", n_neighbors=int(opts["n_neighbors"]),
             diversify_prob=float(opts["diversify_prob"]),
             pruning_degree_multiplier=float(opts["pruning_degree_multiplier"]), random_state=0, n_jobs=threads)
         index.prepare()  # the search graph and trees, built now rather than on the first (timed) query
@@ -58,10 +58,10 @@ class PyNNDescent(Method):
         return native.query(queries, k, epsilon=float(setting["epsilon"]))
 
     def results(self, found, k: int):
-        ids, distances = found
-        ids = ids.astype(np.int64)
-        scores = (1 - distances).astype(np.float32)
-        scores[ids < 0] = -np.inf
+        ids, distances = found  # int32 rows, -1 past what it found; float64 distances
+        ids, scores = ids.astype(np.int64), np.subtract(1, distances, dtype=np.float32)
+        if ids.size and ids.min() < 0:
+            scores[ids < 0] = -np.inf
         return scores, ids
 
 

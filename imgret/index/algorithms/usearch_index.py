@@ -7,18 +7,26 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, top_k_arrays, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays, whole_params
+
+
+def _similarity(distances: np.ndarray) -> np.ndarray:
+    return 1 - distances  # metric "ip": distance 1 - a·b
 
 
 def _matches(found, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """USearch's matches as (similarities, rows), -1 past each query's count."""
-    if not hasattr(found, "counts"):  # one query's Matches: as many keys as it found
-        return top_k_arrays([np.asarray(found.keys, dtype=np.int64)],
-                            [1 - np.asarray(found.distances, dtype=np.float32)], k)
-    keys = np.asarray(found.keys, dtype=np.int64).reshape(-1, k)
-    scores = (1 - np.asarray(found.distances, dtype=np.float32)).reshape(-1, k)
-    missing = np.arange(k)[None, :] >= np.asarray(found.counts).reshape(-1, 1)
-    keys[missing], scores[missing] = -1, -np.inf
+    """USearch's matches as (similarities, rows), -1 past each query's count. Its keys are uint64 row numbers:
+    viewed as int64, not copied (each numpy call after a search costs several µs, see `top_k_arrays`)."""
+    keys, distances = found.keys, found.distances
+    if keys.ndim == 1:  # one query's Matches: as many keys as it found
+        if len(keys) < k:
+            return top_k_arrays([keys.view(np.int64)], [distances], k, _similarity)
+        return _similarity(distances).reshape(1, k), keys.view(np.int64).reshape(1, k)
+    keys, scores = keys.view(np.int64), _similarity(distances)
+    counts = found.counts
+    if len(counts) and counts.min() < k:
+        missing = np.arange(k)[None, :] >= counts.reshape(-1, 1)
+        keys[missing], scores[missing] = -1, -np.inf
     return scores, keys
 
 
@@ -39,7 +47,7 @@ class USearch(Method):
         index = self.library().Index(ndim=gallery.shape[1], metric="ip", dtype="f32",
                                      connectivity=int(opts["connectivity"]), expansion_add=int(opts["expansion_add"]))
         for start in range(0, len(gallery), ADD_CHUNK_ROWS):
-            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            rows = plain_rows(gallery[start:start + ADD_CHUNK_ROWS])
             index.add(np.arange(start, start + len(rows)), rows, threads=threads)
         return index
 
@@ -64,7 +72,7 @@ class USearchExact(Method):
     ordering = "inner product (metric 'ip', exact=True: every row compared)"
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
-        return np.require(gallery, np.float32, ["C", "W", "E"])
+        return plain_rows(gallery)
 
     def save(self, native: Any, path: Path) -> None:
         np.save(path, native)  # only for its size: an exact scan keeps the gallery itself

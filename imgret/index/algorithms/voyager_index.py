@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, whole_params
 
 
 class Voyager(Method):
@@ -28,7 +28,7 @@ class Voyager(Method):
                               ef_construction=int(opts["ef_construction"]), random_seed=1,
                               max_elements=len(gallery), storage_data_type=voyager.StorageDataType.Float32)
         for start in range(0, len(gallery), ADD_CHUNK_ROWS):
-            rows = np.require(gallery[start:start + ADD_CHUNK_ROWS], np.float32, ["C", "W", "E"])
+            rows = plain_rows(gallery[start:start + ADD_CHUNK_ROWS])
             index.add_items(rows, ids=list(range(start, start + len(rows))), num_threads=threads)
         return index
 
@@ -42,8 +42,8 @@ class Voyager(Method):
         return native.query(queries, k, num_threads=threads, query_ef=int(setting["ef_search"]))
 
     def results(self, found, k: int):
-        ids, distances = found
-        return (1 - distances).astype(np.float32), ids.astype(np.int64)
+        ids, distances = found  # float32, and uint64 row numbers: viewed as int64, not copied
+        return 1 - distances, ids.view(np.int64)
 
 
 METHODS = (Voyager(),)
