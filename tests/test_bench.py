@@ -76,16 +76,29 @@ def test_imgret_and_the_bare_calls_are_timed_on_the_same_queries_after_the_same_
 
     queries = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
     figures = against_bare(RecordingIndex(), BareCalls(lambda rows, k: seen["bare"].append(rows.copy())), queries,
-                           10, single_queries=7, rounds=2, min_batch_s=0.0)
+                           10, single_queries=7, rounds=2, min_batch_s=0.0, batch_rows=20)
     assert len(seen["imgret"]) == len(seen["bare"])
-    for side in seen.values():  # the same batch and warm-ups in the same order; the same timed queries, each once
-        assert all(np.array_equal(a, b) for a, b in zip(side[:22], seen["imgret"][:22]))
-        assert sorted(map(bytes, side[22:29])) == sorted(map(bytes, seen["imgret"][22:29]))
+    for side in seen.values():  # the same batches and warm-ups in the same order; the same timed queries, each once
+        assert all(np.array_equal(a, b) for a, b in zip(side[:27], seen["imgret"][:27]))
+        assert sorted(map(bytes, side[27:34])) == sorted(map(bytes, seen["imgret"][27:34]))
     # the two calls of a pair take different queries (each side still times every one of the sample)
-    assert not any(np.array_equal(a, b) for a, b in zip(seen["imgret"][22:29], seen["bare"][22:29]))
-    # a first warm-up; per round: one batch call (min_batch_s=0), 20 warm-up and 7 timed one-query calls
-    assert [len(rows) for rows in seen["imgret"]] == [8] + 2 * ([50] + [1] * (20 + 7))
+    assert not any(np.array_equal(a, b) for a, b in zip(seen["imgret"][27:34], seen["bare"][27:34]))
+    # a first warm-up; per round: batch calls of 20 rows in whole sweeps over the 50 queries until the pairs are
+    # even (min_batch_s=0: two sweeps of three), 20 warm-up and 7 timed one-query calls
+    assert [len(rows) for rows in seen["imgret"]] == [8] + 2 * ([20, 20, 10] * 2 + [1] * (20 + 7))
     assert len(figures["batch_ratios"]) == len(figures["single_ratios"]) == 2
+
+
+def test_batch_pairs_alternate_which_side_goes_first_from_chunk_to_chunk():
+    from imgret.bench.harness import BareCalls, against_bare
+
+    calls = []
+    sides = [BareCalls(lambda rows, k, who=who: calls.append((who, len(rows)))) for who in ("imgret", "bare")]
+    queries = np.zeros((40, 4), np.float32)
+    against_bare(sides[0], sides[1], queries, 10, single_queries=0, rounds=2, min_batch_s=0.0, batch_rows=10)
+    batch = [who for who, rows in calls if rows == 10]
+    # round 1: imgret first on chunk 1, bare first on chunk 2, ...; round 2 starts with bare
+    assert batch == ["imgret", "bare", "bare", "imgret"] * 2 + ["bare", "imgret", "imgret", "bare"] * 2
 
 
 def test_unknown_part_is_refused(capsys):
