@@ -2,6 +2,7 @@
 with its epsilon (how far past the current k-th best the search keeps expanding)."""
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,6 +11,28 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import Method, plain_rows, whole_params
+
+
+@functools.cache
+def _finisher():
+    """PyNNDescent's answer as imgret's arrays in one compiled call: done with numpy, its three calls (cast the
+    rows, turn distances into similarities, mark what was not found) cost ~7 µs after a search has pushed numpy
+    out of the CPU caches, 3% of a 0.27 ms query; compiled, ~3 µs. Compiled when an index is built or loaded,
+    never in a timed search."""
+    import numba
+
+    @numba.njit(nogil=True)
+    def finish(ids, distances):
+        scores = np.empty(ids.shape, np.float32)
+        rows = np.empty(ids.shape, np.int64)
+        for i in range(ids.shape[0]):
+            for j in range(ids.shape[1]):
+                rows[i, j] = ids[i, j]
+                scores[i, j] = -np.inf if ids[i, j] < 0 else 1.0 - distances[i, j]
+        return scores, rows
+
+    finish(np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float64))  # the types its query returns
+    return finish
 
 
 class PyNNDescent(Method):
@@ -42,6 +65,7 @@ class PyNNDescent(Method):
             diversify_prob=float(opts["diversify_prob"]),
             pruning_degree_multiplier=float(opts["pruning_degree_multiplier"]), random_state=0, n_jobs=threads)
         index.prepare()  # the search graph and trees, built now rather than on the first (timed) query
+        _finisher()
         return index
 
     def save(self, native: Any, path: Path) -> None:
@@ -50,6 +74,7 @@ class PyNNDescent(Method):
 
     def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
         self.library()
+        _finisher()
         with open(path, "rb") as file:  # written by imgret's own cache, checked against its recorded sha256
             return pickle.load(file)
 
@@ -58,11 +83,7 @@ class PyNNDescent(Method):
         return native.query(queries, k, epsilon=float(setting["epsilon"]))
 
     def results(self, found, k: int):
-        ids, distances = found  # int32 rows, -1 past what it found; float64 distances
-        ids, scores = ids.astype(np.int64), np.subtract(1, distances, dtype=np.float32)
-        if ids.size and ids.min() < 0:
-            scores[ids < 0] = -np.inf
-        return scores, ids
+        return _finisher()(*found)  # int32 rows, -1 past what it found; float64 distances 1 - a·b
 
 
 METHODS = (PyNNDescent(),)
