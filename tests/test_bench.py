@@ -122,8 +122,13 @@ def test_the_libraries_part_times_every_installed_library_against_its_own_calls(
     assert measured == {name for name, method in METHODS.items() if method.module or not method.exact}
     assert not result["skipped"]
     printed = capsys.readouterr().out
+    flags = " ".join(f for f in PRECISION_FLAGS if f in cpu_flags()) or "none"
+    assert f"flags: {flags}" in printed  # the figures name the machine they were measured on
     for r in result["methods"]:
         assert len(r["batch_ratios"]) == len(r["single_ratios"]) == 2 and min(r["batch_ratios"]) > 0, r
+        library = METHODS[r["method"]].install.split()[-1].replace("==", " ") if METHODS[r["method"]].install \
+            else f"faiss {faiss.__version__}"
+        assert r["library"] == library and f"libraries {r['method']} ({library}) " in printed
         assert f"libraries {r['method']}: imgret single-query p50 vs bare" in printed
         assert f"libraries: {r['method']}: imgret vs bare, batch " in printed  # as each one finished
 

@@ -16,6 +16,7 @@ import torch
 from imgret.bench import ddp, extract, ivf, libraries, memory, precision, scale, search, verify
 from imgret.bench.machine import DEFAULT_ARCHIVE, Archive, Context, matmul_peak_gflops, memory_bandwidth_gbs
 from imgret.bench.verdicts import TARGETS
+from imgret.embed.precision import PRECISION_FLAGS, cpu_flags, cpu_info
 
 # The parts, in the order they run (memory last: it starts fresh processes of its own).
 PARTS = {"extract": extract, "precision": precision, "search": search, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
@@ -73,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def machine_limits() -> dict:
     print("measuring the machine's limits ...", flush=True)
     found = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-             "faiss": faiss.__version__}
+             "faiss": faiss.__version__, "cpu": cpu_info()["model"],
+             "cpu_flags": " ".join(flag for flag in PRECISION_FLAGS if flag in cpu_flags()) or "none"}
     rates = matmul_peak_gflops()
     found.update({f"matmul_{lib}_gflops": rate for lib, rate in rates.items()})
     found["matmul_peak_gflops"] = max(rates.values())
@@ -119,6 +121,8 @@ def table(results: dict) -> str:
     row("machine", f"fp32 matmul peak ({machine['threads']} threads; torch {machine['matmul_torch_gflops']:.0f}, "
                    f"numpy {machine['matmul_numpy_gflops']:.0f})", f"{machine['matmul_peak_gflops']:.0f} GFLOP/s")
     row("machine", "memory read bandwidth", f"{machine['memory_bandwidth_gbs']:.1f} GB/s")
+    if "cpu" in machine:
+        row("machine", f"{machine['cpu']}, {machine['cpu_count']} cores", "", "", f"flags: {machine['cpu_flags']}")
     for name, part in PARTS.items():
         if name in results:
             part.rows(results[name], row)

@@ -3,6 +3,9 @@ the library's own calls (`Method.bare`) on the same built index, queries and set
 and one query per call, on one thread (ann-benchmarks' protocol). Each figure is the median of its rounds."""
 from __future__ import annotations
 
+import importlib.metadata
+
+import faiss
 import numpy as np
 
 from imgret.bench.harness import BareCalls, against_bare
@@ -30,6 +33,14 @@ def method_config(name: str, nlist: int):
         return cfg.method
 
 
+def installed(method) -> str:
+    """The library and version a method's figures were measured with (FAISS's methods: faiss itself)."""
+    if not method.install:
+        return f"faiss {faiss.__version__}"
+    name = method.install.split()[-1].split("==")[0]
+    return f"{name} {importlib.metadata.version(name)}"
+
+
 def bench_method(name: str, gallery: np.ndarray, queries: np.ndarray, single_queries: int, rounds: int,
                  nlist: int, k: int = 10) -> dict:
     cfg = method_config(name, nlist)
@@ -39,7 +50,7 @@ def bench_method(name: str, gallery: np.ndarray, queries: np.ndarray, single_que
     bare = BareCalls(lambda rows, k: method.bare(built.native, rows, k, setting, 1))
     with search_threads(1):
         figures = against_bare(built.index, bare, queries, k, single_queries, rounds)
-    return {"method": name, "setting": setting, "build_s": built.build_s, **figures}
+    return {"method": name, "library": installed(method), "setting": setting, "build_s": built.build_s, **figures}
 
 
 def run(ctx: Context) -> dict:
@@ -72,8 +83,10 @@ def rows(result: dict, row) -> None:
     for v in result["methods"]:
         batch, single = spread(v["batch_ratios"]), spread(v["single_ratios"])
         setting = " ".join(f"{k}={x}" for k, x in v["setting"].items())
-        row("libraries", f"{v['method']} {setting}: imgret batch calls of {v.get('batch_rows', 'all')} queries vs "
-                         f"bare library calls, median of {v['rounds']}", f"{v['imgret_batch_s'] * 1000:.1f} ms",
+        library = f" ({v['library']})" if "library" in v else ""  # runs before it was recorded: not said
+        row("libraries", f"{v['method']}{library} {setting}: imgret batch calls of "
+                         f"{v.get('batch_rows', 'all')} queries vs bare library calls, median of {v['rounds']}",
+            f"{v['imgret_batch_s'] * 1000:.1f} ms",
             f"{v['batch_overhead']:+.1%}",
             verdict("ivf_harness_overhead", v["batch_overhead"], (batch[1] - 1, batch[2] - 1)) +
             f"; ratios {batch[1]:.3f}-{batch[2]:.3f}")
