@@ -133,6 +133,26 @@ def test_the_libraries_part_times_every_installed_library_against_its_own_calls(
         assert f"libraries: {r['method']}: imgret vs bare, batch " in printed  # as each one finished
 
 
+def test_the_readme_ivf_command_times_imgret_against_bare_faiss_on_one_thread(tmp_path, capsys):
+    import torch
+
+    command = shlex.split(documented("python -m imgret.bench --parts ivf --threads 1"))[3:]
+    threads = torch.get_num_threads()
+    try:
+        result = main(command + ["--cache", str(tmp_path / "c"), "--gallery", "2000", "--queries", "300", "--dim",
+                                 "16", "--nlist", "16", "--nprobe", "4", "--rounds", "2",
+                                 "--json", str(tmp_path / "ivf.json")])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets them for the whole process
+        faiss.omp_set_num_threads(threads)
+    assert result["parts"] == ["ivf"] and result["machine"]["threads"] == 1
+    ivf = result["ivf"]
+    assert ivf["batch_rows"] == 200 and len(ivf["batch_ratios"]) == len(ivf["single_ratios"]) == 2
+    printed = capsys.readouterr().out
+    assert "ivf: nlist=16 nprobe=4 over 2,000 x 16 (clustered random vectors), 300 queries" in printed
+    assert "imgret batch calls of 200 queries vs bare faiss, median of 2" in printed and "flags: " in printed
+
+
 @pytest.mark.slow  # converts and quantizes the trained EfficientNet-Lite0: about 60 s
 def test_the_readme_precision_command_measures_the_trained_model(tmp_path, monkeypatch, capsys):
     archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)
@@ -229,6 +249,7 @@ def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeyp
     assert len(search["single_query_vs_bandwidth_limit_rounds"]) == 2 == len(search["memory_bandwidth_gbs_rounds"])
     assert 0 < search["fp16_rounded_gallery_recall_at_10"] <= 1.0
     assert saved["ivf"]["nlist"] == 16 and saved["ivf"]["bare_faiss_batch_s"] > 0
+    assert saved["ivf"]["data"] == "clustered random vectors"  # what it searched, as the search part says
     assert [m["images"] for m in saved["memory"]] == [40, 80]
     assert all(m["peak_rss_gb"] > 0.3 for m in saved["memory"])  # a real process with torch loaded
     ddp = saved["ddp"]

@@ -36,10 +36,11 @@ NEEDS_IMAGES = False
 
 
 def run(ctx: Context) -> dict:
-    gallery, queries, _ = ctx.search_data(search_data)
-    print(f"ivf: nlist={ctx.args.nlist} nprobe={ctx.args.nprobe} ...", flush=True)
-    return bench_ivf(gallery, queries, ctx.args.nlist, ctx.args.nprobe, max(1000, ctx.args.single_queries),
-                     rounds=ctx.args.rounds)
+    gallery, queries, label = ctx.search_data(search_data)
+    print(f"ivf: nlist={ctx.args.nlist} nprobe={ctx.args.nprobe} over {len(gallery):,} x {gallery.shape[1]} "
+          f"({label}), {len(queries):,} queries ...", flush=True)
+    return {"data": label, **bench_ivf(gallery, queries, ctx.args.nlist, ctx.args.nprobe,
+                                       max(1000, ctx.args.single_queries), rounds=ctx.args.rounds)}
 
 
 def rows(result: dict, row) -> None:
