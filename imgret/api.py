@@ -93,6 +93,7 @@ class Embedder:
         self.module = EmbeddingModule(encoder.network, self.preprocessing.mean, self.preprocessing.std,
                                       channels_last, forward).to(device).eval()
         self.device = device
+        self.forward = forward  # None: PyTorch eager
         # another backend runs at its own precision (imgret.embed.backends): no autocast around it
         self.precision = precision if forward is None else "32-true"
 

@@ -77,3 +77,62 @@ def test_a_model_s_bf16_pays_must_be_a_bool(make_cfg):
 
     with pytest.raises(ConfigError, match=r"^model.bf16_pays=often: true or false"):
         validate_config(make_cfg("model.pretrained=false", "model.bf16_pays=often"))
+
+
+# --------------------------------------------------------------------------- CPUs without AVX-512, BF16 or VNNI
+
+ZEN3 = {"avx2", "fma", "sse4_2"}
+
+
+@pytest.mark.parametrize("cap, kept", [
+    ("AVX2", {"avx2", "fma", "sse4_2"}),  # what oneDNN may use on a Zen 4 capped like a Zen 3
+    ("avx512_core_vnni", {"avx2", "fma", "sse4_2", "avx512f", "avx512_vnni"}),  # the names are case-blind
+    ("AVX512_CORE_BF16", ZEN4), ("ALL", ZEN4), (None, ZEN4), ("NOT_AN_ISA", ZEN4)])
+def test_onednn_s_isa_cap_hides_the_flags_above_it(cap, kept):
+    from imgret.embed.precision import isa_capped
+
+    assert isa_capped(frozenset(ZEN4), cap) == kept
+    assert isa_capped(frozenset(SAPPHIRE_RAPIDS), "AVX512_CORE_AMX") == SAPPHIRE_RAPIDS
+
+
+def test_the_flags_extraction_reads_follow_onednn_max_cpu_isa_in_a_child_process():
+    import subprocess
+    import sys
+
+    code = "from imgret.embed.precision import cpu_flags; print(sorted(cpu_flags() & {'avx512f', 'avx512_bf16'}))"
+    capped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert capped.stdout.strip() == "[]"
+
+
+def test_a_precision_without_native_products_has_no_peak_and_says_so():
+    import time
+
+    from imgret.bench.precision import emulated, precision_peaks_gops
+
+    assert emulated("bf16", frozenset(ZEN3)) == "bf16: emulated on this CPU (no avx512_bf16 / amx_bf16), not a peak"
+    assert emulated("int8", frozenset(ZEN3)).startswith("int8: without VNNI on this CPU (no avx512_vnni")
+    assert emulated("bf16", frozenset(ZEN4)) is None and emulated("fp32", frozenset(ZEN3)) is None
+    start = time.perf_counter()
+    peaks = precision_peaks_gops(seconds=0.5, flags=frozenset(ZEN3))
+    assert peaks["bf16"] is None and peaks["int8"] is None and peaks["fp32"] > 0
+    assert time.perf_counter() - start < 5, "only fp32 is measured, within its budget"
+
+
+def test_a_rate_probe_never_starts_a_call_that_cannot_fit_its_budget():
+    import time
+
+    from imgret.measure.timing import best_rate
+
+    sizes = []
+
+    def cubic(n):  # a slow path: 1 ms at 256, 0.5 s at 2048, 4 s at 4096
+        sizes.append(n)
+        time.sleep(1e-3 * (n / 256) ** 3)
+
+    start = time.perf_counter()
+    rate = best_rate(cubic, lambda n: n ** 3, seconds=1.5)
+    took = time.perf_counter() - start
+    assert 4096 not in sizes and took < 2.5, (sorted(set(sizes)), took)
+    assert rate == pytest.approx(256 ** 3 / 1e-3, rel=0.3)  # the sleep's own rate, whatever the size
+    assert max(sizes) == 2048 and sizes.count(2048) >= 2, "the rest of the budget goes to the largest that fits"

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="imgret-bench-") as scratch:
         work = Path(scratch)
         (work / "cache").mkdir()
-        if (args.cache / "data").is_dir():  # reuse an extraction already made instead of repeating it
-            (work / "cache" / "data").symlink_to((args.cache / "data").resolve())
+        # the archive unpacked once, into imgret's own cache (as a run would), and reused from there
+        (args.cache / "data").mkdir(parents=True, exist_ok=True)
+        (work / "cache" / "data").symlink_to((args.cache / "data").resolve())
         context = Context(args, Archive(args.archive, args.archive_checksum), work, results["machine"])
         for name, part in PARTS.items():
             if name in args.parts:

@@ -39,16 +39,24 @@ def real_images(archive: Archive, cache: Path, count: int) -> ImageSet:
     return ImageSet(subset.dataset, subset.split, subset.paths[:count], subset.labels[:count],
                     subset.class_names, subset.source_id)
 
-def forward_only_images_per_s(embedder: Embedder, image_set: ImageSet, batch_size: int, batches: int) -> float:
-    """The model alone: extraction's module, memory format and precision (an `Embedder` of the same config), the
-    same batch size, tensors ready in memory; two untimed batches first."""
-    ready = embedder.prepare([image_set.open(i % len(image_set)) for i in range(batch_size)])
-    for _ in range(2):
-        embedder.embed_prepared(ready)
+def forward_only_images_per_s(embedder: Embedder, ready: torch.Tensor, seconds: float,
+                              rows: list | None = None) -> float:
+    """The model alone: extraction's module, memory format and precision (an `Embedder` of the same config) on a
+    batch already in memory (`Embedder.prepare`); one or two untimed calls first (one where a call takes more than
+    a quarter of `seconds`), then calls until `seconds` have passed (at least one). `rows`: the rows of the last
+    call are appended to it."""
     start = time.perf_counter()
-    for _ in range(batches):
+    embedder.embed_prepared(ready)
+    if time.perf_counter() - start < seconds / 4:
         embedder.embed_prepared(ready)
-    return batches * batch_size / (time.perf_counter() - start)
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < seconds:
+        found = embedder.embed_prepared(ready)
+        calls += 1
+    rate = calls * len(ready) / (time.perf_counter() - start)
+    if rows is not None:
+        rows.append(found)
+    return rate
 
 def seed_loop_images_per_s(encoder, image_set: ImageSet, count: int) -> float:
     """The seed's loop: open one image, preprocess it, run the model on it alone, next image."""

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgret.measure.timing import best_rate
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # imgret/bench/machine.py -> the checkout
 
@@ -23,31 +25,32 @@ def compose_cfg(*overrides: str):
 
 def matmul_peak_gflops(seconds: float = 4.0) -> dict[str, float]:
     """Best fp32 GEMM rate over square products, through torch (MKL) and numpy (OpenBLAS): the machine's
-    peak is the better of the two, so a ratio against it cannot flatter whichever one imgret uses."""
+    peak is the better of the two, so a ratio against it cannot flatter whichever one imgret uses. Each library
+    gets half of `seconds`, its product sizes grown only while they fit (`best_rate`)."""
+    makers = {"torch": torch.randn, "numpy": lambda *shape: np.random.rand(*shape).astype(np.float32)}
     rates = {}
-    for library, make in (("torch", torch.randn), ("numpy", lambda *shape: np.random.rand(*shape).astype(np.float32))):
-        best = 0.0
-        for n in (2048, 4096):
-            a, b = make(n, n), make(n, n)
+    for library, make in makers.items():
+        operands = {}
+
+        def product(n, make=make, operands=operands):
+            a, b = operands.setdefault(n, (make(n, n), make(n, n)))
             a @ b
-            deadline = time.perf_counter() + seconds / 4
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                a @ b
-                best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-        rates[library] = best
+
+        rates[library] = best_rate(product, lambda n: 2 * n ** 3 / 1e9, seconds / 2)
     return rates
 
-def memory_bandwidth_gbs(megabytes: int = 1024, repeats: int = 8) -> float:
-    """Read bandwidth: the best rate of summing a buffer far larger than every cache."""
+
+def memory_bandwidth_gbs(megabytes: int = 1024, seconds: float = 1.0) -> float:
+    """Read bandwidth: the best rate of summing a buffer far larger than every cache, over `seconds`."""
     buffer = torch.ones(megabytes * 1024 * 1024 // 4)
     buffer.sum()
-    best = 0.0
-    for _ in range(repeats):
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while True:
         start = time.perf_counter()
         buffer.sum()
         best = max(best, buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return best
+        if time.perf_counter() >= deadline:
+            return best
 
 @dataclass(frozen=True)
 class Archive:

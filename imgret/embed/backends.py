@@ -82,6 +82,8 @@ class OpenVinoForward:
                   "INFERENCE_NUM_THREADS": int(threads)}
         self.compiled = ov.Core().compile_model(model, "CPU", config)
         self.output = self.compiled.output(0)
+        # what OpenVINO compiled the float layers at: a bf16 hint on a CPU without bf16 instructions gives f32
+        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         pixels = np.ascontiguousarray(images.cpu().numpy())
@@ -120,7 +122,8 @@ def openvino_model(module: NormalisedNetwork, image_size: int, precision: str, c
             ov.save_model(model, partial, compress_to_fp16=False)
             os.replace(partial.with_suffix(".bin"), weights)
 
-        save_checked(cache_file, write, {"backend": "openvino", "precision": precision}, {"weights": weights})
+        save_checked(cache_file, write, {"backend": "openvino", "precision": "int8" if precision == "int8" else "float"},
+                     {"weights": weights})
     return model
 
 
@@ -165,7 +168,9 @@ def make_forward(backend: str, precision: str, module: NormalisedNetwork, descri
             raise ConfigError("extract.precision=int8 needs the gallery to calibrate on")
         calibration_id = f"{calibration_set.source_id}:{len(calibration_set)}:{CALIBRATION_IMAGES}"
         calibration = calibration_batches(calibration_set, preprocessing, max_pixels)
-    cache_file = model_cache_file(cache_dir, {**description, "backend": backend, "precision": precision},
+    # fp32 and bf16 are hints to one float model's compilation: they share its conversion
+    converted = "int8" if precision == "int8" else "float"
+    cache_file = model_cache_file(cache_dir, {**description, "backend": backend, "precision": converted},
                                   calibration_id) if cache_dir is not None else None
     model = openvino_model(module, int(description["image_size"]), precision, cache_file, calibration)
     return OpenVinoForward(model, precision, threads or torch.get_num_threads() or os.cpu_count() or 1, cache_file)

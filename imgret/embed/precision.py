@@ -9,6 +9,7 @@ a model nobody measured stays fp32. The choice, its reason and the CPU's relevan
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,32 @@ def cpu_info(cpuinfo: str | None = None) -> dict[str, str]:
             "flags": fields.get("flags", "")}
 
 
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, from least to most; DNNL_MAX_CPU_ISA is its older name) and the flags each
+# level adds to those the kernels may use: below a level, PyTorch's oneDNN never runs that level's instructions,
+# so bf16 is emulated under AVX2 even on a CPU that lists avx512_bf16.
+ONEDNN_ISA_ADDS = (("SSE41", ()), ("AVX", ()), ("AVX2", ("avx2", "fma")), ("AVX2_VNNI", ("avx_vnni",)),
+                   ("AVX2_VNNI_2", ()), ("AVX512_CORE", ("avx512f",)), ("AVX512_CORE_VNNI", ("avx512_vnni",)),
+                   ("AVX512_CORE_BF16", ("avx512_bf16",)), ("AVX10_1_512", ()), ("AVX512_CORE_FP16", ()),
+                   ("AVX10_1_512_AMX", ("amx_bf16", "amx_int8")), ("AVX512_CORE_AMX", ("amx_bf16", "amx_int8")))
+
+
+def isa_capped(flags: frozenset[str], cap: str | None) -> frozenset[str]:
+    """`flags` less those oneDNN may not use under the ISA cap `cap` (None, "", "ALL" or an unknown name: no cap)."""
+    names = [name for name, _ in ONEDNN_ISA_ADDS]
+    cap = (cap or "").strip().upper()
+    if cap not in names:
+        return flags
+    barred = {flag for name, added in ONEDNN_ISA_ADDS[names.index(cap) + 1:] for flag in added}
+    allowed = {flag for name, added in ONEDNN_ISA_ADDS[:names.index(cap) + 1] for flag in added}
+    return frozenset(flag for flag in flags if flag not in barred or flag in allowed)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """This machine's CPU flags (empty where /proc/cpuinfo cannot be read)."""
-    return frozenset(cpu_info()["flags"].split())
+    """The CPU flags extraction may use: this machine's (empty where /proc/cpuinfo cannot be read), less those
+    above the ISA cap that ONEDNN_MAX_CPU_ISA sets."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return isa_capped(frozenset(cpu_info()["flags"].split()), cap)
 
 
 @dataclass(frozen=True)

@@ -122,3 +122,29 @@ def spread(values) -> tuple[float, float, float]:
     middle = len(ordered) // 2
     median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return median, ordered[0], ordered[-1]
+
+
+def best_rate(call, work, seconds: float, smallest: int = 256, largest: int = 4096) -> float:
+    """The best `work(n)` per second of `call(n)` within `seconds`, at the largest size n = smallest, 2 x smallest,
+    ... up to `largest` that fits: one call a size while a call of the next size, estimated from this one's (a
+    first call, so no faster than those after it), fits twice in what is left; then calls of that size until the
+    budget is spent. No call starts that its predecessor says cannot end in time, however slow the path (a
+    precision the CPU emulates, say)."""
+    deadline = time.perf_counter() + seconds
+    size = smallest
+
+    def timed() -> float:
+        start = time.perf_counter()
+        call(size)
+        return time.perf_counter() - start
+
+    took = timed()
+    best = work(size) / took
+    while size * 2 <= largest and time.perf_counter() + 2 * took * work(size * 2) / work(size) <= deadline:
+        size *= 2
+        took = timed()
+        best = max(best, work(size) / took)
+    while time.perf_counter() + took <= deadline:
+        took = timed()
+        best = max(best, work(size) / took)
+    return best
