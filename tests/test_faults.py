@@ -644,3 +644,38 @@ def test_after_a_sweep_mlflow_ui_opens_on_the_runs_and_the_parent_page_states_th
                 browser.close()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_native_index_build_is_killed_within_10_s_and_caches_nothing(tmp_path):
+    # one chunk of 65,536 rows added to a single-thread hnswlib graph: one native call of tens of seconds that,
+    # unlike FAISS's (whose bindings check for signals inside), never lets Python run a signal handler
+    command = imgret_command(tmp_path, "data=synthetic_vectors", "data.gallery_size=65536", "data.query_size=20",
+                             "data.dim=64", "method=hnswlib", "threads=1")
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "building {'method': 'hnswlib'" in line:
+                break
+        else:
+            raise AssertionError("the run ended before its build: " + "".join(lines)[-2000:])
+        time.sleep(3)  # well inside the build
+        indexes = tmp_path / "cache" / "indexes"
+        assert not list(indexes.rglob("*.json")), "the build is still running when the signal comes"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        process.kill()
+    output = "".join(lines) + rest
+    assert process.returncode == 143, output[-2000:]
+    assert took < 10, f"the run took {took:.1f} s to end after SIGTERM"
+    assert output.strip().endswith("interrupted by SIGTERM: the run is marked KILLED")  # after the build's bar
+    assert "Traceback" not in output
+    assert [r.info.status for r in all_runs(sqlite_uri(tmp_path))] == ["KILLED"]
+    left = [p.name for p in indexes.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert left == [], f"an interrupted build left {left} in the index cache"

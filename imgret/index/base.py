@@ -248,7 +248,8 @@ class FolderIndex:
 
 def new_folder(near: Path | None) -> tempfile.TemporaryDirectory:
     """A working folder beside the index cache's file (same filesystem), or in the system's temp folder."""
-    return tempfile.TemporaryDirectory(dir=near.parent if near else None, prefix=".index-work.")
+    return tempfile.TemporaryDirectory(dir=near.parent if near else None,
+                                       prefix=f".{near.stem}.work." if near else ".index-work.")
 
 
 def pack_folder(folder: Path, path: Path) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from imgret.cache import Unreadable, file_lock, load_checked, save_checked
@@ -63,11 +66,54 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
 
 def _build(method: Method, method_cfg, gallery: np.ndarray, path: Path | None):
     log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
+    threads = search_threads_now()
+    before = _entries_of(path)
     start = time.perf_counter()
-    with working(f"building {method.label} over {len(gallery):,} vectors",
-                 len(gallery) > ADD_CHUNK_ROWS and not method.reports_progress):
-        native = method.build(method_cfg, gallery, search_threads_now(), path)
+    try:
+        with working(f"building {method.label} over {len(gallery):,} vectors",
+                     len(gallery) > ADD_CHUNK_ROWS and not method.reports_progress):
+            native = _in_worker_thread(lambda: method.build(method_cfg, gallery, threads, path), threads)
+    except BaseException:
+        _remove_partials(path, before)
+        raise
     return native, time.perf_counter() - start
+
+
+def _in_worker_thread(build, threads: int):
+    """`build()` in a daemon thread while this one waits in short joins: a signal (Ctrl-C, a scheduler's SIGTERM)
+    reaches the main thread's handler within a fraction of a second even while the library's native build runs,
+    where it would otherwise wait for the whole build to return. The abandoned thread ends with the process.
+    Bindings that keep the GIL through their build (none of the FAISS calls) still delay the handler."""
+    outcome: dict = {}
+
+    def work():
+        faiss.omp_set_num_threads(threads)  # OpenMP's thread count is per thread: a new one starts at every core
+        try:
+            outcome["native"] = build()
+        except BaseException as error:  # handed to the waiting thread, raised there
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, name="index-build", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.25)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["native"]
+
+
+def _entries_of(path: Path | None) -> set[Path]:
+    return set(path.parent.iterdir()) if path is not None and path.parent.is_dir() else set()
+
+
+def _remove_partials(path: Path | None, before: set[Path]) -> None:
+    """What an interrupted or failed build of `path` left beside it (its work folders, its on-disk lists): never
+    counted as built, and removed so the cache holds no part of it. Other entries' files are left alone."""
+    if path is None:
+        return
+    for entry in _entries_of(path) - before:
+        if entry.name.startswith(f".{path.stem}.") or entry.stem == path.stem:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _read(method: Method, path: Path, method_cfg, meta: dict):
