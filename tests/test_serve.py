@@ -334,10 +334,14 @@ def test_the_page_in_headless_chromium(server, tiny_subset_zip, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page()
+            thumbnails, held = [], []
+            page.on("response", lambda r: thumbnails.append(r.status) if "/api/thumbnails/" in r.url else None)
             page.goto(url)
             expect(page.get_by_test_id("index")).to_contain_text("ivf nlist=4 nprobe=1")
             expect(page.locator("#about")).to_contain_text("gallery images · resnet18 (random weights)")
 
+            # the thumbnails held back until the cards are read: a slow server, on any machine
+            page.route("**/api/thumbnails/*", lambda route: held.append(route))
             page.get_by_test_id("file").set_input_files(str(upload))
             cards = page.locator("#results .card")
             expect(cards).to_have_count(K)
@@ -345,7 +349,17 @@ def test_the_page_in_headless_chromium(server, tiny_subset_zip, tmp_path):
             for stage in ("decode", "embed", "search"):
                 expect(page.locator(f"#timings tr[data-stage={stage}]")).to_contain_text(" ms")
             expect(page.get_by_test_id("summary")).to_contain_text("this index is exact")
-            assert page.locator("#results .card img").first.evaluate("img => img.naturalWidth") > 0
+            first = page.locator("#results .card img").first
+            assert first.evaluate("img => img.complete") is False, "its thumbnail is still on its way"
+            for route in held:
+                route.continue_()
+            page.unroute("**/api/thumbnails/*")
+            # what is read is waited for: the image's load (its width) or its failure to load (-1)
+            width = first.evaluate("""img => img.complete ? (img.naturalWidth || -1) : new Promise(done => {
+                img.addEventListener("load", () => done(img.naturalWidth));
+                img.addEventListener("error", () => done(-1)); })""")
+            assert width > 0, f"the first result's thumbnail did not load; thumbnail answers: {thumbnails}"
+            assert thumbnails and set(thumbnails) == {200}
 
             page.get_by_test_id("index").select_option("ivf nlist=4 nprobe=1")
             expect(page.locator("#exact .card")).to_have_count(K)
