@@ -3,6 +3,8 @@ gallery (one cached model embeds the gallery, the queries and the demo's uploads
 one-line refusals of what a backend does not run."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,8 @@ def test_int8_is_calibrated_on_the_gallery_once_and_embeds_uploads_alike(make_cf
     agreement = cosine(int8.gallery, eager.gallery)
     assert agreement.mean() > 0.95 and not np.allclose(agreement, 1.0, atol=1e-6)  # int8: close, not the same
     models = sorted((tmp_path / "cache" / "models").glob("*.xml"))
-    assert len(models) == 1  # one quantized model for both splits
+    # one quantized model for both splits, quantized from the one float conversion
+    assert sorted(json.loads(m.with_suffix(".json").read_text())["precision"] for m in models) == ["float", "int8"]
     embedder = Embedder.from_settings(settings, gallery=splits.gallery)
     rows = embedder.embed([splits.queries.open(i) for i in range(3)])
     assert np.abs(rows - np.asarray(int8.queries.vectors[:3])).max() < 1e-4

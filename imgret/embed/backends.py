@@ -90,23 +90,24 @@ class OpenVinoForward:
         return torch.from_numpy(np.array(self.compiled(pixels)[self.output], dtype=np.float32))
 
 
-def openvino_model(module: NormalisedNetwork, image_size: int, precision: str, cache_file: Path | None,
-                   calibration: Callable[[], Iterable[torch.Tensor]] | None):
-    """The OpenVINO model of `module` (int8: quantized on the batches `calibration` yields), read from
-    `cache_file` when it is there and matches its recorded checksums, else converted and saved there (imgret's
-    checked cache files: a damaged one is moved aside and made again)."""
+def openvino_model(module: NormalisedNetwork, image_size: int, cache_file: Path | None):
+    """The float OpenVINO model of `module`, read from `cache_file` when it is there and matches its recorded
+    checksums, else converted and saved there (imgret's checked cache files: a damaged one is moved aside and made
+    again). fp32 and bf16 compile it with their own hint; int8 quantizes it (`quantized_model`)."""
     import openvino as ov
 
-    if cache_file is not None:
-        found = load_checked(cache_file, _read_model, {"weights": ".bin"})  # verified: size and sha256 of both
-        if found is not None:
-            return found
-    module = module.eval()
-    example = torch.zeros((1, 3, image_size, image_size), dtype=torch.uint8)
-    with torch.inference_mode(False), torch.no_grad():
-        model = ov.convert_model(module, example_input=example,
-                                 input=[(ov.PartialShape([-1, 3, image_size, image_size]), ov.Type.u8)])
-    if precision == "int8":
+    def convert():
+        example = torch.zeros((1, 3, image_size, image_size), dtype=torch.uint8)
+        with torch.inference_mode(False), torch.no_grad():
+            return ov.convert_model(module.eval(), example_input=example,
+                                    input=[(ov.PartialShape([-1, 3, image_size, image_size]), ov.Type.u8)])
+
+    return _cached_model(cache_file, convert, "float")
+
+
+def quantized_model(model, cache_file: Path | None, calibration: Callable[[], Iterable[torch.Tensor]] | None):
+    """`model` (float) quantized to int8 by NNCF on the batches `calibration` yields, cached like the float one."""
+    def quantize():
         import nncf
 
         batches = [batch.numpy() for batch in (calibration() if calibration else [])]
@@ -114,7 +115,19 @@ def openvino_model(module: NormalisedNetwork, image_size: int, precision: str, c
             raise ConfigError("extract.precision=int8 needs gallery images to calibrate on, and none could be read")
         log.info("quantizing the model to int8 (NNCF), calibrated on %d gallery images",
                  sum(len(batch) for batch in batches))
-        model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+
+    return _cached_model(cache_file, quantize, "int8")
+
+
+def _cached_model(cache_file: Path | None, make: Callable, kind: str):
+    import openvino as ov
+
+    if cache_file is not None:
+        found = load_checked(cache_file, _read_model, {"weights": ".bin"})  # verified: size and sha256 of both
+        if found is not None:
+            return found
+    model = make()
     if cache_file is not None:
         weights = cache_file.with_suffix(".bin")
 
@@ -122,8 +135,7 @@ def openvino_model(module: NormalisedNetwork, image_size: int, precision: str, c
             ov.save_model(model, partial, compress_to_fp16=False)
             os.replace(partial.with_suffix(".bin"), weights)
 
-        save_checked(cache_file, write, {"backend": "openvino", "precision": "int8" if precision == "int8" else "float"},
-                     {"weights": weights})
+        save_checked(cache_file, write, {"backend": "openvino", "precision": kind}, {"weights": weights})
     return model
 
 
@@ -161,16 +173,18 @@ def make_forward(backend: str, precision: str, module: NormalisedNetwork, descri
     the demo's uploads, then come from one quantized model."""
     if backend == "torch":
         return None
-    calibration_id = None
-    calibration = None
+
+    def cache_file(converted: str, calibration_id: str | None = None) -> Path | None:
+        return None if cache_dir is None else model_cache_file(
+            cache_dir, {**description, "backend": backend, "precision": converted}, calibration_id)
+
+    # fp32 and bf16 are hints to one float model's compilation: they share its conversion, which int8 quantizes
+    model = openvino_model(module, int(description["image_size"]), cache_file("float"))
     if precision == "int8":
         if calibration_set is None:
             raise ConfigError("extract.precision=int8 needs the gallery to calibrate on")
         calibration_id = f"{calibration_set.source_id}:{len(calibration_set)}:{CALIBRATION_IMAGES}"
-        calibration = calibration_batches(calibration_set, preprocessing, max_pixels)
-    # fp32 and bf16 are hints to one float model's compilation: they share its conversion
-    converted = "int8" if precision == "int8" else "float"
-    cache_file = model_cache_file(cache_dir, {**description, "backend": backend, "precision": converted},
-                                  calibration_id) if cache_dir is not None else None
-    model = openvino_model(module, int(description["image_size"]), precision, cache_file, calibration)
-    return OpenVinoForward(model, precision, threads or torch.get_num_threads() or os.cpu_count() or 1, cache_file)
+        model = quantized_model(model, cache_file("int8", calibration_id),
+                                calibration_batches(calibration_set, preprocessing, max_pixels))
+    return OpenVinoForward(model, precision, threads or torch.get_num_threads() or os.cpu_count() or 1,
+                           cache_file("int8", calibration_id) if precision == "int8" else cache_file("float"))
