@@ -13,13 +13,13 @@ from pathlib import Path
 import faiss
 import torch
 
-from imgret.bench import ddp, extract, ivf, libraries, memory, precision, scale, search, verify
+from imgret.bench import allocator, ddp, extract, ivf, libraries, memory, precision, scale, search, verify
 from imgret.bench.machine import DEFAULT_ARCHIVE, Archive, Context, matmul_peak_gflops, memory_bandwidth_gbs
 from imgret.bench.verdicts import TARGETS
 from imgret.embed.precision import PRECISION_FLAGS, cpu_flags, cpu_info
 
 # The parts, in the order they run (memory last: it starts fresh processes of its own).
-PARTS = {"extract": extract, "precision": precision, "search": search, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
+PARTS = {"extract": extract, "precision": precision, "allocator": allocator, "search": search, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
          "scale": scale, "memory": memory}
 
 
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision-models", default="resnet18,mobilenet,clip,efficientnet_lite0",
                         help="the precision part's models, from resnet18, mobilenet, clip, efficientnet_lite0 (trained)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--allocator-seconds", type=float, default=5.0,
+                        help="seconds of forwards each allocator probe times (allocator part)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of interleaved measurements (extract: forward only, end to end, ...; search: "
                              "memory bandwidth, single queries, ...)")

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from imgret.allocator import kept_freed_memory
 from imgret.api import Embedder
 from imgret.embed.options import ExtractSettings
 from imgret.embed.extract import extract_store
@@ -25,6 +26,7 @@ from imgret.embed.models import build_encoder, describe_encoder
 from imgret.embed.store import store_key
 from imgret.measure.metrics import recall_at
 from imgret.measure.timing import interleaved, spread
+from imgret.rusage import CpuUse
 from imgret.sources.base import ImageSet, stratified_subset
 from imgret.sources.registry import load_splits
 from imgret.bench.machine import Archive, Context, compose_cfg
@@ -40,23 +42,25 @@ def real_images(archive: Archive, cache: Path, count: int) -> ImageSet:
                     subset.class_names, subset.source_id)
 
 def forward_only_images_per_s(embedder: Embedder, ready: torch.Tensor, seconds: float,
-                              rows: list | None = None) -> float:
+                              rows: list | None = None) -> tuple[float, float, float]:
     """The model alone: extraction's module, memory format and precision (an `Embedder` of the same config) on a
-    batch already in memory (`Embedder.prepare`); one or two untimed calls first (one where a call takes more than
-    a quarter of `seconds`), then calls until `seconds` have passed (at least one). `rows`: the rows of the last
-    call are appended to it."""
-    start = time.perf_counter()
-    embedder.embed_prepared(ready)
-    if time.perf_counter() - start < seconds / 4:
+    batch already in memory (`Embedder.prepare`), its freed memory kept as extraction keeps it; one or two untimed
+    calls first (one where a call takes more than a quarter of `seconds`), then calls until `seconds` have passed
+    (at least one). (images/s, the kernel's share of their CPU time, minor page faults per image); `rows`: the
+    rows of the last call are appended to it."""
+    with kept_freed_memory():
+        start = time.perf_counter()
         embedder.embed_prepared(ready)
-    calls, start = 0, time.perf_counter()
-    while calls == 0 or time.perf_counter() - start < seconds:
-        found = embedder.embed_prepared(ready)
-        calls += 1
-    rate = calls * len(ready) / (time.perf_counter() - start)
+        if time.perf_counter() - start < seconds / 4:
+            embedder.embed_prepared(ready)
+        calls, start, used = 0, time.perf_counter(), CpuUse.now()
+        while calls == 0 or time.perf_counter() - start < seconds:
+            found = embedder.embed_prepared(ready)
+            calls += 1
+        elapsed, used = time.perf_counter() - start, CpuUse.now() - used
     if rows is not None:
         rows.append(found)
-    return rate
+    return calls * len(ready) / elapsed, used.kernel_share, used.minor_faults / (calls * len(ready))
 
 def seed_loop_images_per_s(encoder, image_set: ImageSet, count: int) -> float:
     """The seed's loop: open one image, preprocess it, run the model on it alone, next image."""
@@ -104,6 +108,7 @@ class ForwardBetweenBatches(pl.Callback):
         self.embedder, self.ready, self.warmup = embedder, ready, warmup
         self.seconds: list[float] = []
         self.warmup_seconds = 0.0
+        self.used = CpuUse(0.0, 0.0, 0)  # these forwards' CPU use, warm-ups included: not the extraction's own
 
     def on_predict_start(self, trainer, pl_module):
         for _ in range(self.warmup):  # inside the extraction's time too: subtracted, not counted
@@ -113,8 +118,9 @@ class ForwardBetweenBatches(pl.Callback):
         self.seconds.append(self._forward())
 
     def _forward(self) -> float:
-        start = time.perf_counter()
+        start, used = time.perf_counter(), CpuUse.now()
         self.embedder.embed_prepared(self.ready)
+        self.used = self.used + (CpuUse.now() - used)
         return time.perf_counter() - start
 
     @property
@@ -140,7 +146,7 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
         embedder = Embedder.from_settings(settings, encoder)  # the very module, memory format and precision extraction runs
         ready = embedder.prepare([images.open(i % len(images)) for i in range(batch_size)])
         decoder = embedder.preprocessing.decoder
-        last_rows, forward_rates = {}, {decoder: [], "pil": []}
+        last_rows, forward_rates, own_use = {}, {decoder: [], "pil": []}, {decoder: [], "pil": []}
 
         def end_to_end(decoder: str) -> float:
             """Extraction's images/s; the forward's images/s between its batches go to `forward_rates`."""
@@ -150,6 +156,7 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
                                   [forward])
             seconds = store.meta["extraction"]["seconds"] - sum(forward.seconds) - forward.warmup_seconds
             forward_rates[decoder].append(forward.images_per_s)
+            own_use[decoder].append(CpuUse.of_records([store.meta["extraction"]]) - forward.used)
             last_rows[decoder] = np.array(store.vectors)
             shutil.rmtree(store.path, ignore_errors=True)  # each round's store is new (its own key); none is reused
             return count / seconds
@@ -175,6 +182,9 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
             "decoder_vs_pil_cosine_min": agreement["cosine_min"], "decoder_vs_pil_cosine_mean": agreement["cosine_mean"],
             "decoder_vs_pil_recall_at_10": agreement["recall_at_10"], "decoder_vs_pil_queries": agreement["queries"],
             "imgret_images_per_s": pipeline, "forward_only_images_per_s": alone,
+            # the extraction's own CPU use (its workers' included, the interleaved forwards' taken out)
+            "kernel_share_rounds": [used.kernel_share for used in own_use[decoder]],
+            "minor_faults_per_image_rounds": [used.minor_faults / count for used in own_use[decoder]],
             "seed_loop_images_per_s": seed, "gflops_per_image": flops / 1e9,
             "achieved_gflops": pipeline * flops / 1e9, "forward_gflops": alone * flops / 1e9,
             "matmul_peak_gflops": peak, "extract_vs_forward": spread(ratios)[0], "extract_vs_seed_loop": pipeline / seed,
@@ -203,6 +213,11 @@ def rows(result: list, row) -> None:
                                 ("imgret_images_per_s", "forward_only_images_per_s", "extract_vs_forward"))
         row("extract", f"{name}: imgret end to end, median of {rounds} (min-max)",
             f"{e2e[0]:.0f} ({e2e[1]:.0f}-{e2e[2]:.0f}) img/s")
+        if "kernel_share_rounds" in r:
+            share, faults = spread(r["kernel_share_rounds"]), spread(r["minor_faults_per_image_rounds"])
+            row("extract", f"{name}: end to end, kernel share; minor faults per image",
+                f"{share[0]:.2f} ({share[1]:.2f}-{share[2]:.2f})", f"{faults[0]:,.0f}",
+                f"faults {faults[1]:,.0f}-{faults[2]:,.0f}")
         row("extract", f"{name}: forward only, interleaved with it",
             f"{forward[0]:.0f} ({forward[1]:.0f}-{forward[2]:.0f}) img/s",
             f"{r['extract_vs_forward']:.3f}x", verdict("extract_vs_forward", r["extract_vs_forward"], ratios[1:]) +

@@ -125,6 +125,8 @@ def bench_precision(archive: Archive, work: Path, models: list[tuple[str, int, i
                    np.concatenate([e.embed_prepared(ready) for ready in prepared]) for v, e in embedders.items()}
         print(f"  precision {model} {size}px: measured in {time.perf_counter() - began:.0f} s", flush=True)
         gflops = flops_per_image(encoder, size) / 1e9
+        use = {v: figures[names[v]] for v in embedders}  # (images/s, kernel share, faults per image) a round
+        figures = {names[v]: [rate for rate, _, _ in use[v]] for v in embedders}
         reference = figures[names[REFERENCE]]
         for variant, embedder in embedders.items():
             ratios = [v / f for f, v in zip(reference, figures[names[variant]])]
@@ -135,6 +137,8 @@ def bench_precision(archive: Archive, work: Path, models: list[tuple[str, int, i
                 "model": model, "image_size": size, "weights": "trained" if trained else "random",
                 "backend": variant[0], "precision": variant[1], "images": count, "batch_size": batches[variant],
                 "rounds": rounds, "seconds_per_measurement": seconds, "images_per_s_rounds": figures[names[variant]],
+                "kernel_share_rounds": [share for _, share, _ in use[variant]],
+                "minor_faults_per_image_rounds": [faults for _, _, faults in use[variant]],
                 "vs_fp32_eager_rounds": ratios, "vs_fp32_eager": spread(ratios)[0],
                 "gflops_per_image": gflops, "achieved_gops": rate * gflops, "peak_of_precision": peak_name,
                 "peak_gops": peak, "vs_peak": rate * gflops / peak if peak else None, "peak_note": notes[variant],
@@ -177,6 +181,9 @@ def rows(result: list, row) -> None:
         row("precision", f"{name}: img/s, median of {r['rounds']}", f"{rate[0]:.0f} ({rate[1]:.0f}-{rate[2]:.0f})",
             f"{r['vs_fp32_eager']:.2f}x", f"vs eager fp32, ratios {ratios[1]:.2f}-{ratios[2]:.2f}, "
                                          f"load {r['load_average'][0]:.2f}")
+        if "kernel_share_rounds" in r:
+            row("precision", f"{name}: kernel share; minor faults per image",
+                f"{spread(r['kernel_share_rounds'])[0]:.2f}", f"{spread(r['minor_faults_per_image_rounds'])[0]:,.0f}")
         if r["peak_gops"]:
             row("precision", f"{name}: vs {r['peak_of_precision']} matmul peak", f"{r['achieved_gops']:.0f} G/s",
                 f"{r['vs_peak']:.2f}x", f"peak {r['peak_gops']:.0f} G/s" + (

@@ -32,7 +32,9 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from imgret.embed import launch
+from imgret.allocator import kept_freed_memory
 from imgret.cache import file_lock
+from imgret.rusage import CpuUse
 from imgret.sources.base import ImageSet, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from imgret.errors import BadImage, DataUnavailable, free_space_check
@@ -141,6 +143,7 @@ class EmbeddingStoreWriter(BasePredictionWriter):
 
     def __init__(self, final_dir: Path, dataset: "ImageDataset"):
         super().__init__(write_interval="batch")
+        self.cpu_use: CpuUse | None = None  # what the prediction loop used, once it has run
         self.final_dir = final_dir
         self.dataset = dataset
         self.staged: StagedStore | None = None
@@ -367,10 +370,12 @@ def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_
             if trainer.is_global_zero:
                 log.info("extracting %d %s images with %s into %s (%d process%s)", len(todo), image_set.split,
                          encoder.name, final_dir, devices * num_nodes, "es" if devices * num_nodes > 1 else "")
-            start = time.perf_counter()
+            start, used = time.perf_counter(), CpuUse.now()
             module = EmbeddingModule(encoder.network, preprocessing.mean, preprocessing.std,
                                      settings.channels_last, forward)
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
+            with kept_freed_memory():  # each batch reuses the memory the last one freed (imgret.allocator)
+                trainer.predict(module, dataloaders=loader, return_predictions=False)
+            writer.cpu_use = CpuUse.now() - used
             return writer, time.perf_counter() - start, trainer.is_global_zero
     finally:
         torch.set_num_threads(threads)
@@ -432,6 +437,7 @@ def extract_store(encoder: Encoder, image_set: ImageSet, key: dict, settings: Ex
             "processes": devices,
             "precision": resolve_precision(settings, device),
             "threads": torch.get_num_threads(),
+            **(writer.cpu_use.record() if writer and writer.cpu_use else {}),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imgret.cache import damage, describe_files, move_aside
+from imgret.rusage import CpuUse
 from imgret.sources.base import ImageSet
 
 log = logging.getLogger(__name__)
@@ -260,9 +261,13 @@ class Embeddings:
         extractions = [self.gallery.meta["extraction"], self.queries.meta["extraction"]]
         images = sum(e["images"] for e in extractions)
         seconds = sum(e["seconds"] for e in extractions)
+        used = CpuUse.of_records(extractions)
         return {  # NaN when nothing was extracted (generated vectors)
             "extract_ms_per_image": self.gallery.meta["extraction"]["ms_per_image_batch1"],
             "extract_images_per_s": images / seconds if seconds > 0 and images else float("nan"),
+            # the kernel's share of the extraction's CPU time, and its pages faulted in, per image
+            "extract_kernel_share": used.kernel_share if images else float("nan"),
+            "extract_minor_faults_per_image": used.minor_faults / images if images else float("nan"),
         }
 
     @property

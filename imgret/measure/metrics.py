@@ -12,7 +12,8 @@ AT_10_METRICS = ("recall_at_10", "recall_at_10_ties", "precision_at_10", "map_at
 RUN_METRICS = (
     "recall_at_1", "recall_at_k", "recall_at_k_ties", *AT_10_METRICS,
     "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
-    "extract_ms_per_image", "extract_images_per_s", "bad_images",
+    "extract_ms_per_image", "extract_images_per_s", "extract_kernel_share", "extract_minor_faults_per_image",
+    "bad_images",
     # where the run's time went (seconds: stores extracted, generated or opened; exact ground truth computed or
     # loaded; index built or loaded; timed search) and its largest resident set while it worked
     "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
@@ -100,6 +101,8 @@ RESULT_ROWS = (
     ("search p50 / p99 (ms)", ("search_ms_p50", "search_ms_p99"), "{:.3f}"),
     ("batch search (queries/s)", ("search_qps_batch",), "{:,.0f}"),
     ("extraction (images/s)", ("extract_images_per_s",), "{:,.1f}"),
+    ("extraction: kernel share of its CPU time", ("extract_kernel_share",), "{:.2f}"),
+    ("extraction: minor page faults per image", ("extract_minor_faults_per_image",), "{:,.0f}"),
     ("index build (s) / size (MB)", ("build_s", "index_bytes"), None),
     ("stages: stores / truth / index / search (s)", ("stores_s", "groundtruth_s", "index_s", "search_s"), "{:.2f}"),
     ("peak resident set (GB)", ("peak_rss_bytes",), None),
