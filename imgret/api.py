@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgret.embed.backend_choice import with_backend
 from imgret.embed.backends import precision_context
 from imgret.embed.extract import (EmbeddingModule, Embeddings, backend_forward, ensure_embeddings, ensure_stores,
                                   normalised_rows)
@@ -103,6 +104,9 @@ class Embedder:
         and decoder. `gallery` (its ImageSet): what int8 calibrated on, to find the very model the store used."""
         device = resolve_device(settings.device)
         encoder = encoder or build_encoder(settings.model, settings.seed)
+        # auto: the backend the gallery's store was made by (without a gallery to check on, PyTorch eager)
+        settings = with_backend(settings, gallery) if gallery is not None else \
+            replace(settings, backend="torch") if settings.backend == "auto" else settings
         forward = backend_forward(settings, encoder, gallery) if settings.backend != "torch" else None
         return cls(encoder, device, resolve_precision(settings, device), settings.channels_last, settings.decoder,
                    forward)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ContextManager
 
 import faiss
@@ -20,6 +20,7 @@ from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
 from imgret.options import Options
 from imgret.embed.extract import fp32_reference_stores
+from imgret.embed.backend_choice import choose_backend
 from imgret.embed.resolve import precision_choice, resolve_device
 from imgret.index.groundtruth import exact_ground_truth
 from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at, recall_at,
@@ -95,10 +96,13 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
     threads = configure_threads(settings.threads)
     search, cache_dir, k = settings.search, settings.extract.cache_dir, settings.search.k
     stages = StageTimes(memory)
-    precision = None
+    precision = backend = None
     if splits is not None:  # images to embed (a vector source has no model): say which precision and why
         precision = precision_choice(settings.extract, resolve_device(settings.extract.device))
         log.info("extraction precision %s: %s (CPU flags: %s)", precision.precision, precision.reason, precision.flags)
+        backend = choose_backend(settings.extract, splits.gallery)
+        log.info("extraction backend %s: %s", backend.backend, backend.reason)
+        settings = replace(settings, extract=replace(settings.extract, backend=backend.backend))
     with stages.measure("stores_s"), watch_stores():
         embeddings = open_stores(settings.extract, settings.data, splits)
     gallery, queries = embeddings.gallery, embeddings.queries
@@ -154,6 +158,7 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
         "query_store": str(queries.path),
         "weights": gallery.meta["key"].get("encoder", {}).get("weights", "none (vectors, no model)"),
         **(precision.tags() if precision else {}),
+        **(backend.tags() if backend else {}),
         "index_built": str(not built.reused).lower(),
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),

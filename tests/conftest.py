@@ -71,6 +71,8 @@ def make_cfg(tmp_path):
             "search.latency_queries=50",
             "search.warmup_queries=5",
             "num_workers=0",
+            # PyTorch eager, not auto's one-off comparison with OpenVINO in every new cache (tests/test_backend_choice.py)
+            "extract.backend=torch",
         ]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=base + list(overrides))

@@ -59,7 +59,7 @@ def test_int8_is_calibrated_on_the_gallery_once_and_embeds_uploads_alike(make_cf
 @pytest.mark.parametrize("overrides, start", [
     (("extract.precision=int8",), "extract.precision=int8: a precision of this backend: int8 runs on "
                                   "extract.backend=openvino"),
-    (("extract.backend=onnx",), "extract.backend=onnx: one of torch, openvino"),
+    (("extract.backend=onnx",), "extract.backend=onnx: one of auto, torch, openvino"),
 ])
 def test_what_a_backend_cannot_run_is_refused_in_one_line(make_cfg, overrides, start):
     from imgret.validate import validate_config
@@ -74,7 +74,12 @@ def test_a_missing_openvino_is_named_with_what_to_install(make_cfg, monkeypatch)
     from imgret.validate import validate_config
 
     monkeypatch.setattr(options, "_importable", lambda name: name != "nncf")
-    with pytest.raises(ConfigError, match=r"^extract.backend=openvino: nncf not installed; pip install"):
+    validate_config(make_cfg(*SMALL, "extract.backend=openvino"))  # fp32 needs OpenVINO alone, a dependency
+    with pytest.raises(ConfigError, match=r"^extract.backend=openvino with extract.precision=int8: nncf not "
+                                          r"installed; pip install"):
+        validate_config(make_cfg(*SMALL, "extract.backend=openvino", "extract.precision=int8"))
+    monkeypatch.setattr(options, "_importable", lambda name: False)
+    with pytest.raises(ConfigError, match=r"^extract.backend=openvino: openvino not installed; pip install"):
         validate_config(make_cfg(*SMALL, "extract.backend=openvino"))
 
 

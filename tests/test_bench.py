@@ -207,6 +207,26 @@ def test_the_precision_part_under_onednn_s_avx2_cap_names_the_emulated_precision
     assert "avx512" not in result["precision"][0]["cpu_flags"]
 
 
+@pytest.mark.slow  # five fresh processes, each the trained EfficientNet-Lite0 at 224 px, batch 64
+def test_the_allocator_part_shows_kept_memory_ends_the_refaulting_without_changing_a_row(tmp_path, monkeypatch,
+                                                                                         capsys):
+    archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 4, 16, 1)
+    monkeypatch.chdir(tmp_path)
+    command = shlex.split(documented("python -m imgret.bench --parts allocator"))[3:] + ["--threads", "1"]
+    result = main(command + ["--archive", str(archive), "--archive-checksum", checksum, "--cache",
+                             str(tmp_path / "c"), "--rounds", "1", "--allocator-seconds", "0.1"])["allocator"]
+    found = result["alternatives"]
+    assert list(found) == ["glibc defaults", "GLIBC_TUNABLES before start", "kept_freed_memory (imgret)",
+                           "glibc defaults, batch 8", "imgret's default (auto backend)"]
+    defaults, kept = found["glibc defaults"], found["kept_freed_memory (imgret)"]
+    # counts far apart, not timings: glibc maps and unmaps every large activation again, kept memory does not
+    assert kept["minor_faults_per_image_rounds"][0] * 10 < defaults["minor_faults_per_image_rounds"][0]
+    assert kept["kernel_share_rounds"][0] < defaults["kernel_share_rounds"][0]
+    assert kept["same_rows_as_defaults"] and found["GLIBC_TUNABLES before start"]["same_rows_as_defaults"]
+    assert found["imgret's default (auto backend)"]["backend"] in ("torch", "openvino")
+    assert "kept_freed_memory (imgret): kernel share; minor faults per image" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # every part in real processes: about 100 s
 def test_every_part_runs_at_tiny_sizes_and_writes_every_figure(tmp_path, monkeypatch, capsys):
     # 10 classes x 10 real images in the official layout: the parts read real JPEGs without unpacking 110,000

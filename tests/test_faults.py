@@ -36,6 +36,7 @@ def imgret_command(tmp_path: Path, *overrides: str, multirun: bool = False, uri:
     return [PYTHON, "-m", "imgret.run", *(["-m"] if multirun else []), f"paths.cache={tmp_path / 'cache'}",
             f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"hydra.run.dir={tmp_path / 'run'}",
             "extract.progress=false", "search.latency_queries=50", "extract.latency_images=4", "num_workers=0",
+            "extract.backend=torch",
             *overrides]
 
 

@@ -29,7 +29,7 @@ HAND_MADE = textwrap.dedent("""
                     bf16_pays=True)
     settings = RunSettings(data=data, method=Options(name="ivf", nlist=4, nprobe=4, train_size=None, on_disk=False),
                            extract=ExtractSettings(model=model, cache_dir=Path(sys.argv[1]), latency_images=2,
-                                                   progress=False),
+                                                   progress=False, backend="torch"),  # as the tests' make_cfg
                            search=SearchSettings(k=10, latency_queries=20, warmup_queries=2, progress=False))
     result = run_experiment(settings, load_splits(data, 0))
     print(json.dumps({"metrics": result.metrics, "hydra": "hydra" in sys.modules,

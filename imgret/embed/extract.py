@@ -40,6 +40,7 @@ from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from imgret.errors import BadImage, DataUnavailable, free_space_check
 from imgret.embed.models import Encoder, build_encoder, output_dim
 from imgret.embed.options import ExtractSettings
+from imgret.embed.backend_choice import with_backend
 from imgret.embed.backends import NormalisedNetwork, make_forward, precision_context
 from imgret.embed.resolve import (resolve_device, resolve_devices, resolve_num_workers, resolve_precision,
                                   store_encoder_description)
@@ -196,6 +197,7 @@ def ensure_embeddings(splits: Splits, settings: ExtractSettings) -> Embeddings:
 
 def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, EmbeddingStore], tuple[str, ...]]:
     """The store of each image set (by split), reused from the cache or extracted; and the splits extracted."""
+    settings = with_backend(settings, next((s for s in image_sets if s.split == "gallery"), image_sets[0]))
     description = store_encoder_description(settings)
     cache_dir = settings.cache_dir
     wanted = {s.split: (s, store_key(s, description)) for s in image_sets}

@@ -14,7 +14,7 @@ from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "int8")  # int8: extract.backend=openvino
 DECODERS = ("torchvision", "pil")  # imgret/embed/preprocess.py
 DEFAULT_DECODER = DECODERS[0]
-BACKENDS = ("torch", "openvino")  # imgret/embed/backends.py
+BACKENDS = ("auto", "torch", "openvino")  # imgret/embed/backends.py; auto: imgret/embed/backend_choice.py
 
 
 def check_extract(extract, device: str) -> None:
@@ -49,19 +49,22 @@ def check_backend(backend: str, precision: str) -> None:
     reason = invalid_extract_combination(backend, precision)
     if reason:
         raise bad_value("extract.precision", precision, reason)
-    if backend == "openvino":
-        if precision == "16-mixed":
-            raise bad_value("extract.precision", precision, "32-true, bf16-mixed, int8 or auto with extract.backend="
-                            "openvino (CPU)")
-        missing = [name for name in ("openvino", "nncf") if not _importable(name)]
-        if missing:
-            raise ConfigError(f"extract.backend=openvino: {' and '.join(missing)} not installed; pip install "
-                              "'openvino==2026.4.1' 'nncf==3.4.0' (or imgret[openvino])", key="extract.backend")
+    if backend == "openvino" and precision == "16-mixed":
+        raise bad_value("extract.precision", precision, "32-true, bf16-mixed, int8 or auto with extract.backend="
+                        "openvino (CPU)")
+    # OpenVINO is a dependency of imgret; NNCF, which quantizes to int8, is in the extra imgret[openvino]
+    needed = (["openvino"] if backend == "openvino" or precision == "int8" else []) + \
+        (["nncf"] if precision == "int8" else [])
+    missing = [name for name in needed if not _importable(name)]
+    if missing:
+        what = f"extract.backend={backend}" + (" with extract.precision=int8" if precision == "int8" else "")
+        raise ConfigError(f"{what}: {' and '.join(missing)} not installed; pip install "
+                          "'openvino==2026.4.1' 'nncf==3.4.0' (or imgret[openvino])", key="extract.backend")
 
 
 def invalid_extract_combination(backend: str, precision: str) -> str | None:
     """Why this backend does not run this precision (a sweep with skip_invalid=true skips such a point), or None."""
-    if precision == "int8" and backend != "openvino":
+    if precision == "int8" and backend not in ("openvino", "auto"):
         return ("a precision of this backend: int8 runs on extract.backend=openvino (NNCF's post-training "
                 "quantization); PyTorch eager runs 32-true or bf16-mixed")
     return None
@@ -87,7 +90,7 @@ class ExtractSettings:
     channels_last: bool = True
     decoder: str = DEFAULT_DECODER
     precision: str = "auto"
-    backend: str = "torch"  # imgret.embed.backends: torch | openvino
+    backend: str = "auto"  # imgret.embed.backends: torch | openvino; auto: imgret.embed.backend_choice
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"

@@ -49,6 +49,8 @@ def resolve_precision(settings: ExtractSettings, device: str) -> str:
 def store_encoder_description(settings: ExtractSettings) -> dict:
     """The encoder's description, the decoder (its pixels differ), and the extraction precision whenever it
     changes the vectors."""
+    if settings.backend == "auto":
+        raise ValueError("extract.backend=auto is resolved (imgret.embed.backend_choice) before a store is keyed")
     description = {**describe_encoder(settings.model, settings.seed), "decoder": settings.decoder}
     precision = resolve_precision(settings, resolve_device(settings.device))
     if settings.backend != "torch":
