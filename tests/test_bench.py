@@ -188,9 +188,11 @@ def test_the_precision_part_under_onednn_s_avx2_cap_names_the_emulated_precision
     import time
 
     archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)
-    command = [sys.executable, "-m", "imgret.bench", "--parts", "precision", "--precision-images", "16",
-               "--precision-models", "resnet18", "--rounds", "1", "--threads", "1", "--archive", str(archive),
-               "--archive-checksum", checksum, "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "p.json")]
+    readme = shlex.split(documented("python -m imgret.bench --parts precision --precision-images 32 --rounds 1 "
+                                    "--threads 1"))
+    command = [sys.executable, *readme[1:], "--precision-images", "16", "--precision-models", "resnet18",
+               "--archive", str(archive), "--archive-checksum", checksum, "--cache", str(tmp_path / "cache"),
+               "--json", str(tmp_path / "p.json")]
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
