@@ -104,8 +104,8 @@ def test_batch_pairs_alternate_which_side_goes_first_from_chunk_to_chunk():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, precision, search, ivf, libraries, ddp, verify, scale, " \
-        "memory" in capsys.readouterr().err
+    assert "unknown part(s) ['warp']; allowed: extract, precision, allocator, search, ivf, libraries, ddp, verify, " \
+        "scale, memory" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # builds every library's index once (PyNNDescent compiles with numba first: about 60 s)

@@ -67,13 +67,18 @@ def choose_backend(settings: ExtractSettings, gallery) -> BackendChoice:
     if importlib.util.find_spec("openvino") is None:
         return BackendChoice("torch", "auto: PyTorch, OpenVINO is not installed")
     path = verdict_path(settings)
-    with file_lock(path, f"the backend comparison {path.name}"):
-        verdict = read_verdict(path)
-        if verdict is None:
-            verdict = compare_backends(settings, gallery)
-            if verdict is None:  # nothing to compare on: the extraction says what is wrong with the images
-                return BackendChoice("torch", "auto: PyTorch, no gallery image could be read to compare on")
-            write_verdict(path, verdict)
+    try:
+        with file_lock(path, f"the backend comparison {path.name}"):
+            verdict = read_verdict(path)
+            if verdict is None:
+                verdict = compare_backends(settings, gallery)
+                if verdict is None:  # nothing to compare on: the extraction says what is wrong with the images
+                    return BackendChoice("torch", "auto: PyTorch, no gallery image could be read to compare on")
+                write_verdict(path, verdict)
+    except (OSError, RuntimeError) as error:  # a full or unwritable cache: the stores' own checks then say so
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        log.warning("extract.backend=auto could not compare the backends (%s): PyTorch", first)
+        return BackendChoice("torch", f"auto: PyTorch, the comparison with OpenVINO failed: {first}")
     return BackendChoice(verdict["backend"], verdict["reason"])
 
 
