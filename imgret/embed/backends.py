@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from imgret.cache import Unreadable, load_checked, save_checked
+from imgret.embed.precision import BF16_FLAGS, cpu_flags
 from imgret.errors import BadImage, ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,13 @@ class OpenVinoForward:
         if isinstance(model, (str, Path)):
             model = ov.Core().read_model(model)
         self.precision, self.model_file = precision, model_file
-        config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
+        hint = OPENVINO_PRECISION[precision]
+        if hint == "bf16" and not cpu_flags().intersection(BF16_FLAGS):
+            # OpenVINO reads the CPU itself and gives f32 for a bf16 hint where it has no bf16 instructions; under
+            # oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) it still sees them and compiles kernels its capped oneDNN
+            # cannot run (a crash), so imgret asks for what OpenVINO would choose on such a CPU
+            hint = "f32"
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads)}
         self.compiled = ov.Core().compile_model(model, "CPU", config)
         self.output = self.compiled.output(0)
