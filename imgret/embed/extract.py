@@ -217,18 +217,19 @@ def ensure_stores(image_sets, settings: ExtractSettings) -> tuple[dict[str, Embe
         forward = backend_forward(settings, encoder, gallery)
         latency_ms = forward_latency_ms(encoder, wanted[missing[0]][0], settings, device, forward) \
             if rank == 0 else float("nan")
-        for split in missing:
-            image_set, key = wanted[split]
-            final_dir = store_dir(cache_dir, key)
-            # One extraction per store at a time: a concurrent run waits here, then finds the store made. Under a
-            # launcher only rank 0 takes the lock (the others must join its prediction loop, not wait for it).
-            with file_lock(final_dir, f"the {split} embedding store {final_dir.name}") if rank == 0 \
-                    else contextlib.nullcontext():
-                stores[split] = EmbeddingStore.open(final_dir) if rank == 0 else None
-                if stores[split] is None:
-                    remove_stale_staging(final_dir)
-                    stores[split] = extract_store(encoder, image_set, key, settings, latency_ms, forward=forward)
-                    extracted.append(split)
+        with kept_freed_memory():  # one block for every split: the queries reuse the pages the gallery faulted in
+            for split in missing:
+                image_set, key = wanted[split]
+                final_dir = store_dir(cache_dir, key)
+                # One extraction per store at a time: a concurrent run waits here, then finds the store made. Under
+                # a launcher only rank 0 takes the lock (the others must join its prediction loop, not wait for it).
+                with file_lock(final_dir, f"the {split} embedding store {final_dir.name}") if rank == 0 \
+                        else contextlib.nullcontext():
+                    stores[split] = EmbeddingStore.open(final_dir) if rank == 0 else None
+                    if stores[split] is None:
+                        remove_stale_staging(final_dir)
+                        stores[split] = extract_store(encoder, image_set, key, settings, latency_ms, forward=forward)
+                        extracted.append(split)
     else:
         log.info("reusing embedding stores %s", ", ".join(str(store.path) for store in stores.values()))
     return stores, tuple(extracted)
