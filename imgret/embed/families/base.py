@@ -1,0 +1,76 @@
+"""What a model family is (`Family`) and what families share: the offline refusal, the hub check, and loading a
+local state_dict into a headless network."""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from imgret.errors import ConfigError, WeightsUnavailable
+
+
+class Family:
+    """One library's models. Each method takes the model's config section (`model.*`)."""
+
+    name: str  # what `model.family` says
+
+    def preprocessing(self, model_cfg) -> dict:
+        """Everything about the input that decides the vectors (size, interpolation, mean, std, crop), as plain
+        values, known without building the network; its "size" is the input's side in pixels."""
+        raise NotImplementedError
+
+    def pretrained_id(self, model_cfg) -> str:
+        """Which published weights `pretrained: true` loads, as part of the store's key (checked: an unknown
+        architecture or tag, or weights that cannot be had offline, are refused here in one line)."""
+        raise NotImplementedError
+
+    def output_dim(self, arch: str) -> int:
+        """The embedding dimension, known without building the network or loading weights."""
+        raise NotImplementedError
+
+    def build(self, model_cfg, preprocessing: dict, trained: bool, checkpoint: Path | None) -> tuple[nn.Module, Callable]:
+        """The headless network ((B, 3, H, W) float -> (B, D) features) and its eval transform (PIL image ->
+        normalised tensor): with its published weights (`trained`), a local state_dict (`checkpoint`), or random
+        weights (the caller seeds torch)."""
+        raise NotImplementedError
+
+
+def offline_error(model_cfg, error: Exception) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"could not load the pretrained weights of model={model_cfg.name} ({model_cfg.arch}): {error}. "
+        "Offline? Use model.pretrained=false for random weights, or model.checkpoint=PATH for a local "
+        "weights file; with HF_HUB_OFFLINE=1 the hub fails at once instead of retrying."
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(seconds: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (HF_HUB_OFFLINE=1 says no without asking)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=seconds):
+            return True
+    except OSError:
+        return False
+
+
+def load_features_checkpoint(network: nn.Module, path: Path, head_prefix: str | None) -> None:
+    """Load a state_dict into a headless network; the classifier head's weights (keys under `head_prefix`) may be
+    present and are left out."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    expected = set(network.state_dict())
+    unexpected = [k for k in state if k not in expected and not (head_prefix and k.startswith(head_prefix))]
+    missing = sorted(expected - set(state))
+    if unexpected or missing:
+        raise ConfigError(
+            f"model.checkpoint={str(path)!r} does not fit {type(network).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    network.load_state_dict({k: v for k, v in state.items() if k in expected})
