@@ -48,16 +48,21 @@ def offline_error(model_cfg, error: Exception) -> WeightsUnavailable:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def hub_reachable(seconds: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all (HF_HUB_OFFLINE=1 says no without asking)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
+@functools.lru_cache(maxsize=8)
+def reachable(host: str, seconds: float = 3.0) -> bool:
+    """Whether `host` answers on HTTPS's port at all (asked once per process)."""
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=seconds):
+        with socket.create_connection((host, 443), timeout=seconds):
             return True
     except OSError:
         return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all (HF_HUB_OFFLINE=1 says no without asking)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    return reachable("huggingface.co")
 
 
 def load_features_checkpoint(network: nn.Module, path: Path, head_prefix: str | None) -> None:
