@@ -1,0 +1,122 @@
+"""torchvision's classification models (`family: torchvision`): any `torchvision.models.list_models()` name as
+`model.arch`, headless (its last linear layer, the classifier, replaced by the identity), with the eval transform
+its published weights define (resize, centre crop, ImageNet's mean and std). Trained weights come from torch's hub
+cache (`torch.hub.get_dir()/checkpoints`) or download.pytorch.org; offline and not cached, `pretrained` is refused
+in one line before any work."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from imgret.embed.families.base import Family, load_features_checkpoint, offline_error, reachable
+from imgret.errors import allowed, bad_value
+
+DOWNLOAD_HOST = "download.pytorch.org"
+
+
+def _models():
+    import torchvision.models
+
+    return torchvision.models
+
+
+def check_arch(arch: str) -> None:
+    if arch not in _models().list_models(module=_models()):
+        raise bad_value("model.arch", arch, "a torchvision classification model name (see "
+                        "torchvision.models.list_models(module=torchvision.models))")
+
+
+def published_weights(model_cfg):
+    """The weights entry `model.weights` names (DEFAULT: the architecture's recommended one)."""
+    check_arch(model_cfg.arch)
+    choices = _models().get_model_weights(model_cfg.arch)
+    tag = model_cfg.get("weights", "DEFAULT")
+    if tag == "DEFAULT":
+        return choices.DEFAULT
+    names = [entry.name for entry in choices]
+    if tag not in names:
+        raise bad_value("model.weights", tag, f"DEFAULT or weights published for {model_cfg.arch}: one of "
+                        f"{allowed(names)}")
+    return choices[tag]
+
+
+def cached_file(weights) -> Path:
+    """Where torch.hub keeps (or would keep) the weights' file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def classifier_of(network: nn.Module) -> str:
+    """The name of the network's last linear layer: its classifier."""
+    linear = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    if not linear:
+        raise bad_value("model.arch", type(network).__name__, "a torchvision model that ends in a linear classifier")
+    return linear[-1]
+
+
+def headless(network: nn.Module) -> tuple[nn.Module, str]:
+    """The network with its classifier replaced by the identity (the features before it), and the classifier's name."""
+    name = classifier_of(network)
+    parent, _, attribute = name.rpartition(".")
+    setattr(network.get_submodule(parent) if parent else network, attribute, nn.Identity())
+    return network, name
+
+
+class Torchvision(Family):
+    name = "torchvision"
+
+    def preprocessing(self, model_cfg) -> dict:
+        published = published_weights(model_cfg).transforms()
+        crop, resize = published.crop_size[0], published.resize_size[0]
+        size = model_cfg.get("image_size") or crop
+        return {
+            "size": size,
+            "resize": round(size * resize / crop),  # the published ratio of resize to crop, at any size
+            "interpolation": published.interpolation.value,
+            "mean": list(published.mean),
+            "std": list(published.std),
+            "crop_mode": "center",
+        }
+
+    def pretrained_id(self, model_cfg) -> str:
+        weights = published_weights(model_cfg)
+        file = cached_file(weights)
+        if not file.is_file() and not reachable(DOWNLOAD_HOST):
+            raise bad_value("model.pretrained", True, f"weights this machine has: {model_cfg.arch}'s {weights.name} "
+                            f"weights are not in torch's hub cache ({file}) and {DOWNLOAD_HOST} cannot be reached; "
+                            "put the file there, use model.checkpoint=PATH, or model.pretrained=false for random "
+                            "weights")
+        return f"pretrained:torchvision:{model_cfg.arch}:{weights.name}"
+
+    @functools.lru_cache(maxsize=32)
+    def output_dim(self, arch: str) -> int:
+        check_arch(arch)
+        with torch.device("meta"):  # the architecture only: no memory for weights
+            network = _models().get_model(arch, weights=None)
+        return int(network.get_submodule(classifier_of(network)).in_features)
+
+    def build(self, model_cfg, preprocessing: dict, trained: bool, checkpoint: Path | None):
+        from torchvision import transforms as T
+
+        weights = published_weights(model_cfg) if trained else None
+        try:
+            network = _models().get_model(model_cfg.arch, weights=weights)
+        except (OSError, RuntimeError) as error:  # a failed download is a URLError, an OSError
+            raise offline_error(model_cfg, error) from error
+        network, classifier = headless(network)
+        if checkpoint:
+            load_features_checkpoint(network, checkpoint, f"{classifier}.")
+        transform = T.Compose([
+            T.Resize(preprocessing["resize"], interpolation=T.InterpolationMode(preprocessing["interpolation"])),
+            T.CenterCrop(preprocessing["size"]),
+            T.ToTensor(),
+            T.Normalize(preprocessing["mean"], preprocessing["std"]),
+        ])
+        return network, transform
+
+
+FAMILY = Torchvision()
