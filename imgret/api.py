@@ -29,8 +29,8 @@ from PIL import Image
 
 from imgret.embed.backend_choice import with_backend
 from imgret.embed.backends import precision_context
-from imgret.embed.extract import (EmbeddingModule, Embeddings, backend_forward, ensure_embeddings, ensure_stores,
-                                  normalised_rows)
+from imgret.embed.extract import Embeddings, backend_forward, ensure_embeddings, ensure_stores
+from imgret.embed.loop import EmbeddingModule, normalised_rows
 from imgret.embed.resolve import resolve_device, resolve_precision
 from imgret.embed.models import Encoder, build_encoder
 from imgret.embed.options import ExtractSettings

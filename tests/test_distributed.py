@@ -58,7 +58,7 @@ def test_two_process_ddp_extraction_gives_the_store_one_process_gives(make_cfg, 
 @pytest.mark.slow
 def test_torchrun_starts_every_rank_and_only_rank_0_tracks(make_cfg, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
-    from imgret.embed.extract import free_port
+    from imgret.embed.ranks import free_port
 
     # one node of the README's two, two processes of its four; the same c10d rendezvous, on loopback
     one_node = {"--nnodes=2": "--nnodes=1", "--nproc-per-node=4": "--nproc-per-node=2",

@@ -355,7 +355,7 @@ def test_the_libraries_study_on_a_million_vectors_and_its_report(work):
 
 @pytest.mark.slow
 def test_the_demo_curl_load_and_the_python_api(work, subset, tiny_subset_zip):
-    from imgret.embed.extract import free_port
+    from imgret.embed.ranks import free_port
 
     port = free_port()
     serve = documented("python -m imgret.serve data.archive=")
@@ -409,7 +409,7 @@ def test_mlflow_ui_and_the_runs_table(work):
     if not mlflow_runs(work):
         run_command(smaller(documented("python -m imgret.run data=synthetic model.pretrained=false"), None, QUICK),
                     work)
-    from imgret.embed.extract import free_port
+    from imgret.embed.ranks import free_port
 
     port = free_port()
     ui = documented("mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")

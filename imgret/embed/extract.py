@@ -12,182 +12,37 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
-
 from pathlib import Path
 from typing import Sequence
 
-import faiss
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from imgret.embed import launch
 from imgret.allocator import kept_freed_memory
 from imgret.cache import file_lock
 from imgret.rusage import CpuUse
 from imgret.sources.base import ImageSet, Splits
-from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
-from imgret.errors import BadImage, DataUnavailable, free_space_check
+from imgret.errors import DataUnavailable, free_space_check
 from imgret.embed.models import Encoder, build_encoder, output_dim
 from imgret.embed.options import ExtractSettings
 from imgret.embed.backend_choice import with_backend
-from imgret.embed.backends import NormalisedNetwork, make_forward, precision_context
+from imgret.embed.backends import NormalisedNetwork, make_forward
+from imgret.embed.latency import forward_latency_ms
+from imgret.embed.loop import EmbeddingModule, EmbeddingStoreWriter, ExtractionProgressBar, ImageDataset
+from imgret.embed.ranks import local_ranks
 from imgret.embed.resolve import (resolve_device, resolve_devices, resolve_num_workers, resolve_precision,
                                   store_encoder_description)
-from imgret.embed.preprocess import Preprocessing
 from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
 # Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
-
-
-class ImageDataset(Dataset):
-    """The images `indices` of a set, each loaded by `preprocessing` (the decoder's per-image half); an unusable
-    image yields (None, index, why) when skipping bad images."""
-
-    def __init__(self, image_set: ImageSet, preprocessing: Preprocessing, indices: np.ndarray | None = None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, skip_bad: bool = True):
-        self.image_set = image_set
-        self.preprocessing = preprocessing
-        self.indices = np.arange(len(image_set)) if indices is None else np.asarray(indices)
-        self.max_pixels = max_pixels
-        self.skip_bad = skip_bad
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int):
-        index = int(self.indices[position])
-        try:
-            return self.preprocessing.load(self.image_set.paths[index], self.max_pixels), index, None
-        except BadImage as error:
-            if not self.skip_bad:
-                raise BadImage(error.path, f"{error.reason} (data.on_bad_image=fail; skip leaves such images out)") \
-                    from error
-            return None, index, f"{error.path}\t{error.reason}"
-
-    def collate(self, items):
-        """A batch of the usable images at the model's size, their indices, and (index, why) for each unusable one."""
-        usable = [(image, index) for image, index, _ in items if image is not None]
-        images = self.preprocessing.batch([image for image, _ in usable])
-        indices = torch.tensor([index for _, index in usable], dtype=torch.int64)
-        return images, indices, [(index, why) for image, index, why in items if image is None]
-
-
-class EmbeddingModule(pl.LightningModule):
-    """uint8 image batches in, features out, through PyTorch eager (`NormalisedNetwork`) or the backend's
-    `forward` (imgret.embed.backends) when one is given."""
-
-    def __init__(self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False,
-                 forward=None):
-        super().__init__()
-        self.normalised = NormalisedNetwork(network, mean, std, channels_last)
-        self.backend_forward = forward
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) in, features out (not yet normalised): every use of the model goes through here."""
-        if self.backend_forward is not None:
-            return self.backend_forward(images)
-        return self.normalised(images)
-
-    def predict_step(self, batch, batch_idx):
-        images, indices, bad = batch
-        if len(indices) == 0:  # every image of this batch was unusable
-            return indices, None, bad
-        return indices, self.embed(images), bad
-
-
-def normalised_rows(features: torch.Tensor) -> np.ndarray:
-    """Features as the store holds them: float32 rows of unit length, so inner product is cosine."""
-    rows = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
-    faiss.normalize_L2(rows)
-    return rows
-
-
-class ExtractionProgressBar(TQDMProgressBar):
-    """Lightning's bar, saying what it counts ("gallery · resnet18, batches of 64") instead of "Predicting DataLoader 0"."""
-
-    def __init__(self, label: str):
-        super().__init__()
-        self.label = label
-
-    @property
-    def predict_description(self) -> str:
-        return self.label
-
-    def init_predict_tqdm(self):
-        bar = super().init_predict_tqdm()
-        bar.unit = "batch"
-        return bar
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        self.predict_progress_bar.set_description(self.label)
-
-
-class EmbeddingStoreWriter(BasePredictionWriter):
-    """Streams each batch's normalised rows, and its unusable images, to this rank's part of a staged store.
-
-    Each batch is flushed as it is written, so a killed extraction leaves whole rows for the next attempt."""
-
-    def __init__(self, final_dir: Path, dataset: "ImageDataset"):
-        super().__init__(write_interval="batch")
-        self.cpu_use: CpuUse | None = None  # what the prediction loop used, once it has run
-        self.final_dir = final_dir
-        self.dataset = dataset
-        self.staged: StagedStore | None = None
-        self.dim: int | None = None
-        self._files = None
-
-    def setup(self, trainer, pl_module, stage):
-        # Rank 0 says which images are left (the distributed sampler is made after this hook, from the dataset)
-        # and names the attempt: every rank writes into the store's staging folder under that name.
-        self.dataset.indices = trainer.strategy.broadcast(self.dataset.indices, src=0)
-        attempt = trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0)
-        self.staged = StagedStore(self.final_dir, attempt)
-        self._files = self.staged.open_part(trainer.global_rank)
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        indices, features, bad = prediction
-        vectors_file, index_file, bad_file = self._files
-        if features is not None:
-            rows = normalised_rows(features)
-            if self.dim is None:
-                self.dim = rows.shape[1]
-                self.staged.record_dim(self.dim)
-            vectors_file.write(rows.tobytes())
-            index_file.write(indices.cpu().numpy().astype(np.int64).tobytes())
-        for index, why in bad:
-            log.warning("skipping a bad image: %s", why.replace("\t", ": "))
-            bad_file.write(f"{index}\t{why}\n".encode())
-        for handle in self._files:
-            handle.flush()
-
-    def on_predict_end(self, trainer, pl_module):
-        # Every rank's part must be complete before rank 0 merges them: close, then wait for the others.
-        self._close()
-        trainer.strategy.barrier("imgret-embedding-store-parts")
-
-    def teardown(self, trainer, pl_module, stage):
-        self._close()  # also after a failure, which skips on_predict_end
-
-    def _close(self):
-        if self._files:
-            for handle in self._files:
-                handle.close()
-            self._files = None
 
 
 def ensure_embeddings(splits: Splits, settings: ExtractSettings) -> Embeddings:
@@ -253,85 +108,6 @@ def backend_forward(settings: ExtractSettings, encoder: Encoder, gallery: ImageS
     return make_forward(settings.backend, resolve_precision(settings, resolve_device(settings.device)), module,
                         store_encoder_description(settings), settings.cache_dir, gallery, preprocessing,
                         settings.max_image_pixels)
-
-
-def forward_latency_ms(encoder: Encoder, image_set: ImageSet, settings: ExtractSettings, device: str,
-                       forward=None) -> float:
-    """Median model-forward time at batch size 1 (the seed's measure) through the extraction's module, backend
-    and precision: preprocessing excluded."""
-    count = max(1, min(settings.latency_images, len(image_set)))
-    preprocessing = encoder.preprocessing(settings.decoder)
-    inputs = []
-    for i in np.unique(np.linspace(0, len(image_set) - 1, count).astype(int)):
-        with contextlib.suppress(BadImage):  # extraction reports unusable images; the probe only needs good ones
-            image = preprocessing.load(image_set.paths[int(i)], settings.max_image_pixels)
-            inputs.append(preprocessing.batch([image]).to(device))
-    if not inputs:
-        raise DataUnavailable(f"none of the {count} {image_set.split} images sampled for the latency probe could be "
-                              "read: is this the right folder?")
-    module = EmbeddingModule(encoder.network, preprocessing.mean, preprocessing.std, settings.channels_last,
-                             forward).to(device).eval()
-    times = []
-    with torch.inference_mode(), precision_context(resolve_precision(settings, device) if forward is None else "32-true",
-                                                   device):
-        for x in inputs[: min(5, count)]:  # warm-up: first calls allocate and pick kernels
-            module.embed(x)
-        for x in inputs:
-            start = time.perf_counter()
-            module.embed(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_ranks(settings: ExtractSettings, image_set: ImageSet, final_dir: Path, devices: int, forward=None):
-    """Ranks 1..devices-1 of a one-machine extraction, each a process running only the extraction
-    (`python -m imgret.embed.extract SPEC`), and this process as rank 0 among them.
-
-    Lightning's own launcher would start the whole command again in every rank (a second MLflow run, a
-    second sweep under `-m`); these ranks get the extraction's settings and the image set, nothing else."""
-    spec = Path(tempfile.mkdtemp(prefix="imgret-ranks-")) / "spec.json"
-    (spec.parent / "paths.txt").write_text("\n".join(image_set.paths))
-    np.save(spec.parent / "labels.npy", image_set.labels)
-    spec.write_text(json.dumps({"settings": settings.to_json(), "final_dir": str(final_dir), "dataset": image_set.dataset,
-                                "split": image_set.split, "class_names": list(image_set.class_names),
-                                "source_id": image_set.source_id,
-                                # the backend's model as rank 0 converted (and, for int8, calibrated) it
-                                "model_file": str(getattr(forward, "model_file", None) or "") or None}))
-    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices), "NODE_RANK": "0"}
-    ranks = [subprocess.Popen([sys.executable, "-m", "imgret.embed.extract", str(spec)],
-                              env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-             for rank in range(1, devices)]
-    saved = {key: os.environ.get(key) for key in (*shared, "RANK", "LOCAL_RANK")}
-    os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})  # Lightning: the ranks exist, join them
-    failed = True
-    try:
-        yield
-        failed = False
-    except BaseException:
-        for rank in ranks:
-            rank.kill()
-        raise
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # the next extraction starts ranks of its own
-        codes = [rank.wait(timeout=600) for rank in ranks]
-        shutil.rmtree(spec.parent, ignore_errors=True)
-        if any(codes) and not failed:  # after a failure here, the ranks were killed: report that failure instead
-            raise RuntimeError(f"extraction ranks 1..{devices - 1} exited with {codes}; see their output above")
 
 
 def predict_rows(encoder: Encoder, image_set: ImageSet, todo: np.ndarray, final_dir: Path, settings: ExtractSettings,
