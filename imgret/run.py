@@ -5,10 +5,12 @@ Exit codes: 0 done; 2 a configuration error (one line, no run); 1 another error 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -36,14 +38,16 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     from imgret.index.methods import validate_search
     from imgret.pipeline import RunSettings, run_experiment
     from imgret.track.runs import PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, tracked_run
-    from imgret.track.store import open_tracking
+    from imgret.track.store import TrackingSettings, open_tracking
 
-    experiment_id = open_tracking(cfg.tracking)
+    tracking = TrackingSettings.of(cfg.tracking)
+    point = point_record(cfg)
+    experiment_id = open_tracking(tracking)
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent and not cfg.get("force", False):
-        done = finished_run_like(MlflowClient(), experiment_id, lifecycle.config_digest(cfg))
+        done = finished_run_like(MlflowClient(), experiment_id, point.digest)
         if done is not None:
-            link = link_finished_run(MlflowClient(), experiment_id, done, parent, cfg)
+            link = link_finished_run(MlflowClient(), experiment_id, done, parent, point)
             log.info("this point already finished as run %s: linked as %s, not run again (force=true reruns it)",
                      done.info.run_id, link)
             return dict(done.data.metrics)
@@ -55,10 +59,10 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
         splits = load_splits(cfg.data, cfg.seed)
         gallery_size = len(splits.gallery)
     validate_search(cfg.method, cfg.k, gallery_size)
-    with tracked_run(cfg, experiment_id) as recorder:
-        interval = cfg.tracking.get("system_metrics_s")
+    with tracked_run(point, experiment_id) as recorder:
         try:
-            result = run_experiment(RunSettings.from_config(cfg), splits, lambda: recorder.system_metrics(interval))
+            result = run_experiment(RunSettings.from_config(cfg), splits,
+                                    lambda: recorder.system_metrics(tracking.system_metrics_s))
         except Exception as error:  # a full, read-only or vanished cache: one line, and the run FAILED with it
             unwritable = storage_error(error, str(cfg.paths.cache), "paths.cache")
             if unwritable is None:
@@ -66,6 +70,23 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
             raise unwritable from error
         log_results(recorder, result.metrics, result.info, result.texts)
     return result.metrics
+
+
+def point_record(cfg: DictConfig):
+    """What the tracker records of this point (imgret.track.runs.PointRecord), read from the config once."""
+    from omegaconf import OmegaConf
+
+    from imgret.sources.registry import is_vector_source
+    from imgret.track.runs import PointRecord
+
+    overrides, output_dir = (), None
+    with contextlib.suppress(ValueError):  # outside a Hydra app (tests, notebooks): no overrides, no job folder
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides, output_dir = tuple(HydraConfig.get().overrides.task), Path(HydraConfig.get().runtime.output_dir)
+    return PointRecord(model="vectors" if is_vector_source(cfg.data) else str(cfg.model.name),
+                       method=str(cfg.method.name), dataset=str(cfg.data.name), experiment=str(cfg.tracking.experiment),
+                       config=OmegaConf.to_container(cfg, resolve=True), overrides=overrides, output_dir=output_dir)
 
 
 def extract_only(cfg: DictConfig) -> None:

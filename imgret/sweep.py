@@ -25,24 +25,40 @@ class MultirunParentRun(Callback):
         # on screen at once: checking every point imports torch, timm and faiss, opening the store MLflow
         log.info("checking every point of the sweep, then opening the parent run in %s ...", config.tracking.uri)
         from imgret.track import lifecycle
-        from imgret.track.parent import SweepParent, planned_points
+        from imgret.track.parent import SweepParent
+        from imgret.track.store import TrackingSettings
 
         lifecycle.install_signal_handlers()
         points = planned_points(config)
         try:
             skipped = check_sweep(config, points) if points else []
             self.parent = SweepParent()
-            self.parent.start(config, points, skipped)
+            self.parent.start(TrackingSettings.of(config.tracking), list(config.hydra.overrides.task),
+                              str(config.hydra.sweep.dir), points, skipped)
         except ImgretError as error:  # one line, before any job or run exists
             exit_with(error)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+
         if self.parent is not None:  # None in a launcher's worker process: the parent counts its children instead
-            self.parent.on_job_end(config, job_return, **kwargs)
+            self.parent.job_ended(job_return.status == JobStatus.FAILED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.parent is not None:
-            self.parent.on_multirun_end(config, **kwargs)
+            self.parent.end()
+
+
+def planned_points(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, as Hydra's basic sweeper will make them; None for other sweepers."""
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return [list(point) for batch in BasicSweeper.split_arguments(overrides, None) for point in batch]
 
 
 def check_sweep(config: DictConfig, points: list[list[str]]) -> list[list[str]]:

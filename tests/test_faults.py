@@ -17,7 +17,6 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 from PIL import Image
 
 import imgret.track.runs
@@ -26,7 +25,8 @@ from documented import documented, run_command, smaller
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from imgret.sources.decode import open_image
 from imgret.errors import BadImage, ConfigError, TrackingRefused, TrackingUnavailable
-from imgret.run import run_tracked
+from imgret.run import point_record, run_tracked
+from imgret.track.store import TrackingSettings
 
 PYTHON = sys.executable
 
@@ -256,14 +256,14 @@ def test_a_store_with_an_experiment_and_no_runs_is_never_moved_aside(tmp_path):
     locker.execute("begin exclusive")
     try:
         with pytest.raises(TrackingUnavailable, match="nothing was moved"):
-            imgret.track.store.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+            imgret.track.store.open_tracking(TrackingSettings(uri, "imgret"))
     finally:
         locker.rollback()
         locker.close()
     assert not list(db.parent.glob("mlflow.db.broken-*"))
     mlflow.tracking._tracking_service.utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
     imgret.track.store._open.cache_clear()
-    imgret.track.store.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+    imgret.track.store.open_tracking(TrackingSettings(uri, "imgret"))
     names = {e.name for e in MlflowClient(uri).search_experiments()}
     assert {"someone-elses", "imgret"} <= names, "the same store, opened once it was free"
 
@@ -274,16 +274,16 @@ def test_a_deleted_experiment_is_refused_not_moved_aside_or_logged_into(tmp_path
     client.delete_experiment(client.create_experiment("imgret"))
     with pytest.raises(TrackingRefused, match=r"tracking.experiment=imgret: this experiment is deleted .*\(`mlflow "
                                               r"experiments restore --experiment-id"):
-        imgret.track.store.open_tracking(OmegaConf.create({"uri": uri, "experiment": "imgret"}))
+        imgret.track.store.open_tracking(TrackingSettings(uri, "imgret"))
     assert not list(db.parent.glob("mlflow.db.broken-*")) and not client.search_runs(["1", "2"])
 
 
 def test_a_value_the_store_refuses_fails_the_run_and_is_not_taken_for_a_lost_server(make_cfg, tmp_path):
     """MLflow refuses to change a logged parameter: the run fails with that message; nothing is kept 'for later'."""
     cfg = make_cfg(*SYNTHETIC_FAST, "data.gallery_per_class=3", "data.query_per_class=1", "method=flat", "k=2")
-    experiment_id = imgret.track.store.open_tracking(cfg.tracking)
+    experiment_id = imgret.track.store.open_tracking(TrackingSettings.of(cfg.tracking))
     with pytest.raises(TrackingRefused, match="the tracking store refused log_batch .*Changing param values"):
-        with imgret.track.runs.tracked_run(cfg, experiment_id) as recorder:
+        with imgret.track.runs.tracked_run(point_record(cfg), experiment_id) as recorder:
             recorder.log_params({"k": "3"})  # logged as 2 already
     assert recorder.lost is None
     [run] = all_runs(cfg.tracking.uri)

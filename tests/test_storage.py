@@ -194,12 +194,12 @@ def test_the_command_line_says_one_line_and_exits_1(tmp_path, tmpfs):
 def test_a_full_tracking_store_is_named_as_such_and_the_results_are_kept_for_sync(make_cfg, tmpfs, tmp_path, capsys):
     from imgret.run import run_tracked
     from imgret.track.runs import sync
-    from imgret.track.store import open_tracking
+    from imgret.track.store import TrackingSettings, open_tracking
 
     store = tmpfs(4 * 1024)
     cfg = make_cfg(*IMAGES, f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
                    f"tracking.artifact_root={tmp_path / 'artifacts'}")
-    open_tracking(cfg.tracking)  # the store made while there was room
+    open_tracking(TrackingSettings.of(cfg.tracking))  # the store made while there was room
     filler = fill(store)
     metrics = run_tracked(cfg)
     printed = capsys.readouterr()

@@ -3,6 +3,7 @@ a sweep point that already finished is recognised by its effective configuration
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -11,7 +12,6 @@ import signal
 import socket
 
 import psutil
-from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ def close_runs_of_dead_processes(client, experiment_ids: list[str]) -> list[str]
     return closed
 
 
-def effective_config(cfg) -> dict:
-    """The resolved config minus the keys that cannot change the result."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+def effective_config(config: dict) -> dict:
+    """The resolved config (plain values) minus the keys that cannot change the result."""
+    resolved = copy.deepcopy(config)
     resolved.pop("hydra", None)
     for dotted in NOT_RESULT_KEYS:
         *parents, last = dotted.split(".")
@@ -108,5 +108,6 @@ def effective_config(cfg) -> dict:
     return resolved
 
 
-def config_digest(cfg) -> str:
-    return hashlib.sha256(json.dumps(effective_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:24]
+def config_digest(config: dict) -> str:
+    """A point's identity: the digest of its resolved config's effective part."""
+    return hashlib.sha256(json.dumps(effective_config(config), sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -12,28 +12,14 @@ import time
 import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
-
 from imgret.measure.study import parent_note, summary_metrics
 from imgret.track import lifecycle
 from imgret.track.provenance import provenance_tags
 from imgret.track.runs import PARENT_RUN_ENV
 from imgret.track.study_rows import load_runs
-from imgret.track.store import open_tracking, run_link
+from imgret.track.store import TrackingSettings, open_tracking, run_link
 
 log = logging.getLogger(__name__)
-
-
-def planned_points(config: DictConfig) -> list[list[str]] | None:
-    """Every job's overrides, as Hydra's basic sweeper will make them; None for other sweepers."""
-    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
-        return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return [list(point) for batch in BasicSweeper.split_arguments(overrides, None) for point in batch]
 
 
 class SweepParent:
@@ -47,16 +33,18 @@ class SweepParent:
         self.skipped_jobs = 0
         self.experiment_id: str | None = None
 
-    def start(self, config: DictConfig, points: list[list[str]] | None, skipped: list[list[str]]) -> None:
-        """Open the store and the parent run, once every point was checked (imgret.sweep)."""
-        experiment_id = open_tracking(config.tracking)
+    def start(self, tracking: TrackingSettings, sweep: list[str], sweep_dir: str, points: list[list[str]] | None,
+              skipped: list[list[str]]) -> None:
+        """Open the store and the parent run, once every point was checked (imgret.sweep): `sweep` the command
+        line's overrides, `points` every job's (None where the sweeper plans none ahead), `skipped` those
+        skip_invalid leaves out."""
+        experiment_id = open_tracking(tracking)
         self.client = MlflowClient()
         self.experiment_id, self.skipped_jobs = experiment_id, len(skipped)
-        sweep = " ".join(config.hydra.overrides.task)
         run = self.client.create_run(
             experiment_id,
             run_name=f"multirun {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            tags={"imgret.role": "multirun", "sweep": sweep, "sweep_dir": str(config.hydra.sweep.dir),
+            tags={"imgret.role": "multirun", "sweep": " ".join(sweep), "sweep_dir": sweep_dir,
                   "planned_jobs": str(len(points)) if points is not None else "unknown",
                   **lifecycle.process_tags(), **provenance_tags()},
         )
@@ -68,13 +56,11 @@ class SweepParent:
         # Hydra skips on_multirun_end when a job failed (the sweeper re-raises first): close the parent anyway.
         atexit.register(self._close, failed=True)
 
-    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        from hydra.core.utils import JobStatus
-
+    def job_ended(self, failed: bool) -> None:
         self.jobs += 1
-        self.failed_jobs += int(job_return.status == JobStatus.FAILED)
+        self.failed_jobs += int(failed)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+    def end(self) -> None:
         self._close(failed=self.failed_jobs > 0)
 
     def _close(self, failed: bool) -> None:

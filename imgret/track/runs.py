@@ -17,13 +17,14 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import mlflow
+import yaml
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
 
 from imgret.errors import TrackingRefused, TrackingUnavailable, exit_with, one_line
 from imgret.track import lifecycle
@@ -50,23 +51,35 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(method: Mapping, model: str) -> str:
     """e.g. resnet18-ivf-nlist256-nprobe8, mobilenet-hnsw-hnsw_m32-ef_construction40-ef_search64."""
     from imgret.index.methods import METHODS, execution_params
 
-    method = cfg.method
-    spec = METHODS.get(method.name)
+    spec = METHODS.get(method["name"])
     keys = (spec.build_params + spec.query_params) if spec else ()
-    settings = [str(method[key]) if method.name == "factory" else f"{key}{method[key]}"
+    settings = [str(method[key]) if method["name"] == "factory" else f"{key}{method[key]}"
                 for key in keys if key not in execution_params() and method.get(key) is not None]
-    return "-".join([model_label(cfg), method.name, *settings])
+    return "-".join([model, method["name"], *settings])
 
 
-def model_label(cfg: DictConfig) -> str:
-    """The model's name, or `vectors` for a source that has no model."""
-    from imgret.sources.registry import is_vector_source
+@dataclass(frozen=True)
+class PointRecord:
+    """What the tracker records of one point, as plain values: an entry point makes it once from its config."""
+    model: str  # the model's name, or `vectors` for a source that has no model
+    method: str
+    dataset: str
+    experiment: str  # tracking.experiment
+    config: dict  # the resolved config: the run's params and its config.yaml artifact
+    overrides: tuple[str, ...] = ()  # what the command line overrode (Hydra's task overrides)
+    output_dir: Path | None = None  # the job's output folder (Hydra's); None: a temporary one
 
-    return "vectors" if is_vector_source(cfg.data) else cfg.model.name
+    @property
+    def name(self) -> str:
+        return run_name(self.config["method"], self.model)
+
+    @property
+    def digest(self) -> str:
+        return lifecycle.config_digest(self.config)
 
 
 # Writers racing on one sqlite store: "database is locked" past the busy timeout, or two processes inserting the
@@ -86,13 +99,11 @@ def is_write_conflict(error: BaseException) -> bool:
     return "UNIQUE constraint failed" in str(error) or "database is locked" in str(error)
 
 
-def job_output_dir() -> tuple[Path, bool]:
-    """The Hydra job's output folder; outside a Hydra app, a new temporary folder (True: remove it unless
+def job_output_dir(point: PointRecord) -> tuple[Path, bool]:
+    """The job's output folder; without one (outside a Hydra app), a new temporary folder (True: remove it unless
     it must keep a run whose server was lost)."""
-    with contextlib.suppress(ValueError):
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir), False
+    if point.output_dir is not None:
+        return Path(point.output_dir), False
     return Path(tempfile.mkdtemp(prefix="imgret-run-")), True
 
 
@@ -213,27 +224,25 @@ def lost_reason(error: BaseException) -> str | None:
     return "tracking server lost" if is_connection_failure(error) else None
 
 
-def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = None) -> RunRecorder:
+def start_run(point: PointRecord, experiment_id: str, extra_tags: dict | None = None) -> RunRecorder:
     tags = {
-        "mlflow.runName": run_name(cfg),
-        "model": model_label(cfg),
-        "method": cfg.method.name,
-        "dataset": cfg.data.name,
-        lifecycle.DIGEST_TAG: lifecycle.config_digest(cfg),
+        "mlflow.runName": point.name,
+        "model": point.model,
+        "method": point.method,
+        "dataset": point.dataset,
+        lifecycle.DIGEST_TAG: point.digest,
         **lifecycle.process_tags(),
         **provenance_tags(),
         **(extra_tags or {}),
     }
-    with contextlib.suppress(ValueError):  # outside a Hydra app (tests, notebooks) there are no overrides
-        from hydra.core.hydra_config import HydraConfig
-
-        tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
+    if point.output_dir is not None:  # a Hydra job (outside one, in tests and notebooks, there are no overrides)
+        tags["overrides"] = " ".join(point.overrides)
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
     client = MlflowClient()
     record = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": experiment_id,
-              "experiment": str(cfg.tracking.experiment), "run_name": tags["mlflow.runName"]}
+              "experiment": point.experiment, "run_name": tags["mlflow.runName"]}
     reason = None
     try:
         run_id, lost = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id, None
@@ -246,7 +255,7 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
     if run_id:
         log.info("MLflow run %s (%s); to see it: %s", run_id, tags["mlflow.runName"],
                  run_link(mlflow.get_tracking_uri(), experiment_id, run_id))
-    folder, temporary = job_output_dir()
+    folder, temporary = job_output_dir(point)
     recorder = RunRecorder(client, run_id, folder, record)
     recorder.temporary = temporary
     recorder.lost = lost
@@ -256,13 +265,12 @@ def start_run(cfg: DictConfig, experiment_id: str, extra_tags: dict | None = Non
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: DictConfig, experiment_id: str) -> Iterator[RunRecorder]:
+def tracked_run(point: PointRecord, experiment_id: str) -> Iterator[RunRecorder]:
     """One job's MLflow run: params and tags up front; FAILED with the error if the body raises, KILLED when
     interrupted (Ctrl-C, SIGTERM)."""
-    recorder = start_run(cfg, experiment_id)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    recorder.log_params(flatten(resolved))
-    recorder.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+    recorder = start_run(point, experiment_id)
+    recorder.log_params(flatten(point.config))
+    recorder.log_text(yaml.safe_dump(point.config, sort_keys=False), "config.yaml")
     try:
         yield recorder
     except BaseException as error:
@@ -314,10 +322,10 @@ def finished_run_like(client: MlflowClient, experiment_id: str, digest: str):
 
 
 def link_finished_run(client: MlflowClient, experiment_id: str, original, parent_run_id: str,
-                      cfg: DictConfig | None = None) -> str:
+                      point: PointRecord | None = None) -> str:
     """A child of `parent_run_id` standing for `original`: its metrics and tags, and the tag
     `imgret.reused_run_id` naming it. The report then covers the whole sweep without running the point again.
-    With `cfg` (this point's config), the link keeps this point's own params and overrides: a flat point at
+    With `point` (this point's record), the link keeps this point's own params and overrides: a flat point at
     nprobe=4 linked to the flat run made at nprobe=1 still says nprobe=4."""
     skip = ("mlflow.parentRunId", lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG)
     tags = {k: v for k, v in original.data.tags.items() if k not in skip}
@@ -325,13 +333,11 @@ def link_finished_run(client: MlflowClient, experiment_id: str, original, parent
                  # what this run did itself: nothing was extracted or built for it, by this process
                  "embeddings_extracted": "none", "index_built": "false", **lifecycle.process_tags()})
     params = dict(original.data.params)
-    if cfg is not None:  # this point's config; what was searched is the original's
+    if point is not None:  # this point's config; what was searched is the original's
         params = {**{k: v for k, v in params.items() if k in ("gallery_size", "query_size", "dim")},
-                  **{k: str(v)[:6000] for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}}
-        with contextlib.suppress(ValueError):  # outside a Hydra app there are no overrides
-            from hydra.core.hydra_config import HydraConfig
-
-            tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
+                  **{k: str(v)[:6000] for k, v in flatten(point.config).items()}}
+        if point.output_dir is not None:  # a Hydra job: its own overrides
+            tags["overrides"] = " ".join(point.overrides)
     link = client.create_run(experiment_id, run_name=original.info.run_name, tags=tags)
     now = int(time.time() * 1000)
     items = [Param(k, v) for k, v in params.items()]

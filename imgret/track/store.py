@@ -16,13 +16,12 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
-
 from imgret.cache import file_lock
 from imgret.errors import TrackingRefused, TrackingUnavailable, bad_value, one_line
 from imgret.track import lifecycle
@@ -47,6 +46,22 @@ EXPERIMENT_DESCRIPTION = (
 # --------------------------------------------------------------------------- opening the store
 
 
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where a run's records go (the config's `tracking` group), as an entry point hands them down."""
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "imgret"
+    artifact_root: str | None = None  # where a new experiment keeps artifacts (None: beside the store)
+    system_metrics_s: float | None = 2  # seconds between system-metric samples while stores are made; None: none
+
+    @classmethod
+    def of(cls, tracking) -> "TrackingSettings":
+        """From the `tracking` group (any mapping of its keys)."""
+        defaults = cls()
+        return cls(str(tracking.get("uri", defaults.uri)), str(tracking.get("experiment", defaults.experiment)),
+                   tracking.get("artifact_root"), tracking.get("system_metrics_s", defaults.system_metrics_s))
+
+
 def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
@@ -55,29 +70,29 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-def artifact_location(tracking_cfg) -> str | None:
+def artifact_location(tracking: TrackingSettings) -> str | None:
     """Where a new experiment keeps artifacts: `tracking.artifact_root` if set; else beside a sqlite
     database (`artifacts/`), or the server's own (proxied) artifact store for an http(s) URI."""
-    root = tracking_cfg.get("artifact_root")
+    root = tracking.artifact_root
     if root:
         return root if "://" in str(root) else Path(str(root)).expanduser().resolve().as_uri()
-    db = sqlite_path(str(tracking_cfg.uri))
+    db = sqlite_path(tracking.uri)
     return (db.parent / "artifacts").resolve().as_uri() if db else None
 
 
-def _get_or_create_experiment(client: MlflowClient, tracking_cfg) -> str:
+def _get_or_create_experiment(client: MlflowClient, tracking: TrackingSettings) -> str:
     """The experiment's id, made if need be, tagged so that MLflow's UI opens it on the runs table (its "Model
     training" view) rather than on an empty GenAI traces page; experiments made before that get the tag too."""
-    name = str(tracking_cfg.experiment)
+    name = tracking.experiment
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(tracking_cfg),
+            return client.create_experiment(name, artifact_location=artifact_location(tracking),
                                             tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION, **EXPERIMENT_TAGS})
         except MlflowException:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage != "active":
-        raise TrackingRefused(f"tracking.experiment={name}: this experiment is deleted in {tracking_cfg.uri}; restore "
+        raise TrackingRefused(f"tracking.experiment={name}: this experiment is deleted in {tracking.uri}; restore "
                               f"it (`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or name "
                               "another experiment")
     for key, value in EXPERIMENT_TAGS.items():
@@ -99,11 +114,11 @@ def _records_in(db: Path) -> int | None:
         return 0 if "not a database" in str(error) else None
 
 
-def _open_sqlite(tracking_cfg, db: Path) -> str:
+def _open_sqlite(tracking: TrackingSettings, db: Path) -> str:
     """Open (or create) the store under the lock. Only a store that cannot be opened as one and holds no
     experiment or run (what an interrupted creation leaves) is moved aside and made again; an error after the
     store opened is not the store's fault and moves nothing."""
-    uri = str(tracking_cfg.uri)
+    uri = tracking.uri
     with file_lock(db, f"the tracking store {db}"):
         try:
             MlflowClient(uri)._tracking_client.store  # creates the tables, or checks the schema of existing ones
@@ -124,7 +139,7 @@ def _open_sqlite(tracking_cfg, db: Path) -> str:
             os.replace(db, aside)
             log.warning("tracking store %s could not be opened (%s) and held no experiment or run (an interrupted "
                         "creation): moved it to %s and made a new one", db, first_line, aside)
-        return _get_or_create_experiment(MlflowClient(), tracking_cfg)
+        return _get_or_create_experiment(MlflowClient(), tracking)
 
 
 def _forget_engine(uri: str) -> None:
@@ -136,8 +151,8 @@ def _forget_engine(uri: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _open(uri: str, experiment: str, artifact_root: str | None) -> str:
-    tracking_cfg = OmegaConf.create({"uri": uri, "experiment": experiment, "artifact_root": artifact_root})
+def _open(tracking: TrackingSettings) -> str:
+    uri = tracking.uri
     if is_remote(uri):
         probe_server(uri)
         for key, value in HTTP_RETRY_DEFAULTS.items():
@@ -146,18 +161,17 @@ def _open(uri: str, experiment: str, artifact_root: str | None) -> str:
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        experiment_id = _open_sqlite(tracking_cfg, db)
+        experiment_id = _open_sqlite(tracking, db)
     else:
-        experiment_id = _get_or_create_experiment(MlflowClient(), tracking_cfg)
+        experiment_id = _get_or_create_experiment(MlflowClient(), tracking)
     lifecycle.close_runs_of_dead_processes(MlflowClient(), [experiment_id])
     return experiment_id
 
 
-def open_tracking(tracking_cfg) -> str:
+def open_tracking(tracking: TrackingSettings) -> str:
     """Point MLflow at the configured store, ready for use, and return the experiment's id."""
-    uri = str(tracking_cfg.uri)
-    experiment_id = _open(uri, str(tracking_cfg.experiment), tracking_cfg.get("artifact_root"))
-    mlflow.set_tracking_uri(uri)
+    experiment_id = _open(tracking)
+    mlflow.set_tracking_uri(tracking.uri)
     return experiment_id
 
 
