@@ -19,7 +19,6 @@ import base64
 import csv
 import html
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -249,41 +248,24 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
 
 
 def markdown_page(markdown: str, folder: Path, title: str) -> str:
-    """report.md as one self-contained HTML page, its images inlined (data: URIs), so that MLflow's artifact
-    viewer, which shows an .html artifact but not the images beside it, renders the whole report. Covers the
-    Markdown this module writes: headings, paragraphs, pipe tables and images."""
-    body, table = [], []
+    """report.md as one self-contained HTML page (markdown-it-py, CommonMark with tables), its images inlined as
+    data: URIs, so that MLflow's artifact viewer, which shows an .html artifact but not the images beside it,
+    renders the whole report."""
+    from markdown_it import MarkdownIt
 
-    def flush_table():
-        if table:
-            rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table
-                    if not re.fullmatch(r"\|(\s*-+\s*\|)+", line.strip())]
-            head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
-                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rest)
-                        + "</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        image = re.fullmatch(r"!\[(.*)\]\((.+\.png)\)", line.strip())
-        if image:
-            data = base64.b64encode((folder / image.group(2)).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = renderer.parse(markdown)
+    for token in tokens:
+        for child in token.children or ():
+            source = child.attrGet("src") if child.type == "image" else None
+            if source and "://" not in source and (folder / source).is_file():
+                child.attrSet("src", "data:image/png;base64," + base64.b64encode((folder / source).read_bytes()).decode())
     style = ("body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d2330}table{border-collapse:collapse;"
              "margin:8px 0 16px}td,th{border:1px solid #d8dde6;padding:3px 8px;text-align:left}th{background:#f2f4f7}"
              "img{max-width:100%;margin:8px 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+            f"<style>{style}</style></head><body>" + renderer.renderer.render(tokens, renderer.options, {}) +
+            "</body></html>\n")
 
 
 def main(argv: list[str] | None = None) -> Path:
