@@ -156,7 +156,7 @@ NEEDS_IMAGES = True
 def run(ctx: Context) -> list[dict]:
     print("precision: each backend and precision against PyTorch eager fp32 ...", flush=True)
     count = ctx.args.precision_images
-    small = max(8, count // 10)  # 224 px forwards cost ~12x a 64 px one
+    small = max(8, count // 10)  # a 224 px forward costs about (224/64)^2 of a 64 px one
     known = {"resnet18": (64, count, False), "mobilenet": (64, count, False), "clip": (None, small, False),
              "efficientnet_lite0": (None, max(small, count // 2), True)}
     wanted = [name for name in ctx.args.precision_models.split(",") if name]

@@ -71,7 +71,7 @@ def single_queries_beside_reads(index, gallery: np.ndarray, queries: np.ndarray,
     close together, so the two see the same machine, and both medians (a best-of-few read against a median
     query would flatter the limit). Each block starts `settle_s` after the other: one library's idle threads
     spin for about 0.1 s after a call (OpenBLAS's after a query, OpenMP's after a read), and alternated call by
-    call they took each other's cores (the query came out 1.7x slower)."""
+    call they took each other's cores and slowed the query."""
     whole = torch.from_numpy(gallery)
     query_ms, read_ms = [], []
     for start in range(0, count, block):

@@ -1,10 +1,10 @@
 """Which precision extraction runs at: what the CPU's flags (or the GPU) offer, and what pays for the model.
 
 `extract.precision=auto` reads /proc/cpuinfo rather than assuming: bf16 runs in hardware only where the CPU lists
-AVX512-BF16 or AMX-BF16; elsewhere PyTorch emulates it, several times slower than fp32 (the README's bf16 figures
-from a CPU without them: 0.07-0.17x). And bf16 does not pay for every model: `model.bf16_pays` records what
-`python -m imgret.bench --parts precision` measured for it (true: the CNNs, about 2x; false: CLIP's ViT-B/32, 0.85x);
-a model nobody measured stays fp32. The choice, its reason and the CPU's relevant flags become the run's tags.
+AVX512-BF16 or AMX-BF16; elsewhere PyTorch emulates it, far slower than fp32. And bf16 does not pay for every
+model: `model.bf16_pays` records what `python -m imgret.bench --parts precision` measured for it (the README has
+the figures with that command); a model nobody measured stays fp32. The choice, its reason and the CPU's relevant
+flags become the run's tags.
 """
 from __future__ import annotations
 

@@ -210,7 +210,7 @@ class Demo:
                                 headers={"Retry-After": str(max(1, round(self.settings.decode_wait_s / 2)))}) \
                 from error
         finally:  # the full-size decode is garbage by now
-            return_freed_memory()  # glibc keeps freed heap otherwise: 14.6 GB stayed after one burst, from 0.95
+            return_freed_memory()  # glibc keeps a burst's freed heap otherwise, and the process stays at its peak
         return self.prepared(image)
 
     def prepared(self, image) -> tuple:

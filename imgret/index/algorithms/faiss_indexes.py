@@ -52,7 +52,7 @@ class FaissMethod(Method):
 
     @functools.lru_cache(maxsize=32)
     def _parameters_of(self, setting: tuple) -> faiss.SearchParameters | None:
-        # made once per setting, as a caller of faiss would: making one costs ~10 µs, an eighth of an IVF-PQ query
+        # made once per setting, as a caller of faiss would: making one per call is a visible share of a fast query
         return self.parameters(dict(setting))
 
     def results(self, found, k: int):
