@@ -41,27 +41,27 @@ from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.index.brute import BruteForceIndex
 from imgret.index.build import build_index
 from imgret.index.methods import execution_params, is_exact, method_of, validate_search
-from imgret.sources.base import ImageSet, Splits
+from imgret.sources.base import ImageSet, ImagesToEmbed, ReadyVectors, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- stores and indexes
 
-def open_stores(settings: ExtractSettings, data, splits: Splits | None) -> Embeddings:
-    """The gallery and query stores of a run, reused from the cache or made: extracted from images
-    (`splits`), or written from vectors (`splits` None: a vector source, `data` its settings)."""
-    if splits is None:
-        from imgret.embed.vector_stores import ensure_vector_stores
+def open_stores(settings: ExtractSettings, provided: ImagesToEmbed | ReadyVectors) -> Embeddings:
+    """The gallery and query stores of a run, reused from the cache or made: extracted from the images an image
+    source provides, or written from the vectors a vector source plans (`provide` in imgret.sources.registry)."""
+    if isinstance(provided, ImagesToEmbed):
+        return ensure_embeddings(provided.splits, settings)
+    from imgret.embed.vector_stores import ensure_vector_stores
 
-        stores = ensure_vector_stores(data, settings.seed, settings.cache_dir)
-        if data.name == "vectors":  # a file that carries its own neighbours: do they agree with imgret's?
-            from imgret.measure.reference import reference_check
+    stores = ensure_vector_stores(provided.data, provided.seed, settings.cache_dir)
+    if provided.source.has_reference:  # a file that carries its own neighbours: do they agree with imgret's?
+        from imgret.measure.reference import reference_check
 
-            found = reference_check(data, stores.gallery, stores.queries) or {}
-            stores = replace(stores, checks={f"reference_{key}": str(value) for key, value in found.items()})
-        return stores
-    return ensure_embeddings(splits, settings)
+        found = reference_check(provided.data, stores.gallery, stores.queries) or {}
+        stores = replace(stores, checks={f"reference_{key}": str(value) for key, value in found.items()})
+    return stores
 
 
 def open_gallery(settings: ExtractSettings, gallery: ImageSet) -> EmbeddingStore:
@@ -257,9 +257,9 @@ def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | 
                    splits: Splits | None = None) -> Retriever:
     """A Retriever over the run's gallery (images only: an upload must be embedded by the same model), with
     an index per method config, each reused from the index cache or built, and its query variants."""
-    from imgret.sources.registry import is_vector_source, load_splits
+    from imgret.sources.registry import has_model, load_splits
 
-    if is_vector_source(cfg.data):
+    if not has_model(cfg.data):
         raise bad_value("data", cfg.data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "
                         "queries are images, embedded by the model that made the gallery")
     splits = splits or load_splits(cfg.data, cfg.seed)

@@ -14,7 +14,7 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from imgret.sources.base import Splits
+from imgret.sources.base import ImagesToEmbed, ReadyVectors, Splits
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
@@ -65,13 +65,12 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def run_experiment(settings: RunSettings, splits: Splits | None,
+def run_experiment(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors,
                    watch_stores: Callable[[], ContextManager] = contextlib.nullcontext) -> RunResult:
-    """Every stage after the images are listed (and the config checked against their number); `splits` is
-    None for a vector source, whose stores are generated rather than extracted. `watch_stores` wraps the making
-    of the stores (the tracker's system metrics)."""
+    """Every stage after the source said what it provides (images listed, or vectors planned) and the config was
+    checked against its size. `watch_stores` wraps the making of the stores (the tracker's system metrics)."""
     with PeakResidentSet() as memory:
-        result = _run_stages(settings, splits, memory, watch_stores)
+        result = _run_stages(settings, provided, memory, watch_stores)
     result.metrics["peak_rss_bytes"] = float(memory.peak_bytes)
     log.info("results (all metrics are in MLflow and results.json):\n%s", results_table(result.metrics))
     log.info("peak resident set by stage: %s", result.info["peak_rss_by_stage"])
@@ -92,19 +91,21 @@ def against_fp32_rows(settings: RunSettings, splits: Splits, embeddings, found_i
     return {VS_FP32_METRIC: recall_at(found_ids, truth.ids, 10)}
 
 
-def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakResidentSet, watch_stores) -> RunResult:
+def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
+                watch_stores) -> RunResult:
     threads = configure_threads(settings.threads)
     search, cache_dir, k = settings.search, settings.extract.cache_dir, settings.search.k
     stages = StageTimes(memory)
     precision = backend = None
-    if splits is not None:  # images to embed (a vector source has no model): say which precision and why
+    images = provided if isinstance(provided, ImagesToEmbed) else None  # ready vectors have no model
+    if images:  # say which precision and backend embed them, and why
         precision = precision_choice(settings.extract, resolve_device(settings.extract.device))
         log.info("extraction precision %s: %s (CPU flags: %s)", precision.precision, precision.reason, precision.flags)
-        backend = choose_backend(settings.extract, splits.gallery)
+        backend = choose_backend(settings.extract, images.splits.gallery)
         log.info("extraction backend %s: %s", backend.backend, backend.reason)
         settings = replace(settings, extract=replace(settings.extract, backend=backend.backend))
     with stages.measure("stores_s"), watch_stores():
-        embeddings = open_stores(settings.extract, settings.data, splits)
+        embeddings = open_stores(settings.extract, provided)
     gallery, queries = embeddings.gallery, embeddings.queries
     if len(gallery) < k or len(queries) == 0:
         raise DataUnavailable(f"after leaving out {len(embeddings.bad_images)} unusable images, {len(gallery)} gallery "
@@ -132,8 +133,8 @@ def _run_stages(settings: RunSettings, splits: Splits | None, memory: PeakReside
                  "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
                  "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, 10),
                  "map_at_10": map_at(found.ids, gallery.labels, queries.labels, 10)}
-        if splits is not None:
-            at_10.update(against_fp32_rows(settings, splits, embeddings, found.ids, depth))
+        if images:
+            at_10.update(against_fp32_rows(settings, images.splits, embeddings, found.ids, depth))
     metrics = {
         "recall_at_1": recall_at(found.ids, truth.ids, 1),
         **at_10,

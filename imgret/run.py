@@ -34,7 +34,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
 
     from mlflow.tracking import MlflowClient
 
-    from imgret.sources.registry import is_vector_source, load_splits
+    from imgret.sources.registry import provide
     from imgret.index.methods import validate_search
     from imgret.pipeline import RunSettings, run_experiment
     from imgret.track.runs import PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, tracked_run
@@ -51,17 +51,11 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
             log.info("this point already finished as run %s: linked as %s, not run again (force=true reruns it)",
                      done.info.run_id, link)
             return dict(done.data.metrics)
-    if is_vector_source(cfg.data):
-        from imgret.sources.vectors import vector_shape
-
-        splits, gallery_size = None, vector_shape(cfg.data)[0]
-    else:
-        splits = load_splits(cfg.data, cfg.seed)
-        gallery_size = len(splits.gallery)
-    validate_search(cfg.method, cfg.k, gallery_size)
+    provided = provide(cfg.data, cfg.seed)  # images listed, or vectors planned
+    validate_search(cfg.method, cfg.k, provided.gallery_size)
     with tracked_run(point, experiment_id) as recorder:
         try:
-            result = run_experiment(RunSettings.from_config(cfg), splits,
+            result = run_experiment(RunSettings.from_config(cfg), provided,
                                     lambda: recorder.system_metrics(tracking.system_metrics_s))
         except Exception as error:  # a full, read-only or vanished cache: one line, and the run FAILED with it
             unwritable = storage_error(error, str(cfg.paths.cache), "paths.cache")
@@ -76,7 +70,7 @@ def point_record(cfg: DictConfig):
     """What the tracker records of this point (imgret.track.runs.PointRecord), read from the config once."""
     from omegaconf import OmegaConf
 
-    from imgret.sources.registry import is_vector_source
+    from imgret.sources.registry import has_model
     from imgret.track.runs import PointRecord
 
     overrides, output_dir = (), None
@@ -84,7 +78,7 @@ def point_record(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
 
         overrides, output_dir = tuple(HydraConfig.get().overrides.task), Path(HydraConfig.get().runtime.output_dir)
-    return PointRecord(model="vectors" if is_vector_source(cfg.data) else str(cfg.model.name),
+    return PointRecord(model=str(cfg.model.name) if has_model(cfg.data) else "vectors",
                        method=str(cfg.method.name), dataset=str(cfg.data.name), experiment=str(cfg.tracking.experiment),
                        config=OmegaConf.to_container(cfg, resolve=True), overrides=overrides, output_dir=output_dir)
 

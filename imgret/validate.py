@@ -121,16 +121,16 @@ def validate_config(cfg) -> None:
     The light checks come first, so that they answer before torch, faiss and timm are imported."""
     check_run_settings(cfg)
     check_tracking(cfg.tracking)
-    from imgret.sources.registry import check_data, is_vector_source
+    from imgret.sources.base import VectorSource
+    from imgret.sources.registry import check_data, source_of
     from imgret.index.methods import validate_search
     from imgret.embed.models import describe_encoder, output_dim
     from imgret.embed.options import DEFAULT_DECODER
 
     check_data(cfg.data)
-    if is_vector_source(cfg.data):  # no model: the vectors' own dimension and count
-        from imgret.sources.vectors import vector_shape
-
-        gallery_size, dim = vector_shape(cfg.data)
+    source = source_of(cfg.data)
+    if isinstance(source, VectorSource):  # no model: the vectors' own dimension and count
+        gallery_size, dim = source.shape(cfg.data)
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)
     else:
         description = describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag

@@ -104,7 +104,7 @@ def real_store(tmp_path_factory):
     """(gallery, queries) rows of real images, extracted once by the pipeline's own stores."""
     from imgret.api import open_stores
     from imgret.embed.options import ExtractSettings
-    from imgret.sources.registry import load_splits
+    from imgret.sources.registry import provide
 
     folder = tmp_path_factory.mktemp("libraries")
     archive, digest = subset_zip(folder / "twenty.zip", 20, 30, 2)
@@ -113,7 +113,7 @@ def real_store(tmp_path_factory):
             f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0",
             "model.image_size=112", f"paths.cache={folder / 'cache'}", "extract.progress=false",
             "extract.latency_images=2", "num_workers=0"])
-    stores = open_stores(ExtractSettings.from_config(cfg), cfg.data, load_splits(cfg.data, cfg.seed))
+    stores = open_stores(ExtractSettings.from_config(cfg), provide(cfg.data, cfg.seed))
     return np.array(stores.gallery.vectors), np.array(stores.queries.vectors)  # writable, as Voyager wants
 
 

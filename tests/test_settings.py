@@ -21,7 +21,7 @@ HAND_MADE = textwrap.dedent("""
     from imgret.measure.search import SearchSettings
     from imgret.options import Options
     from imgret.pipeline import RunSettings, run_experiment
-    from imgret.sources.registry import load_splits
+    from imgret.sources.registry import provide
 
     data = Options(name="synthetic", num_classes=4, gallery_per_class=12, query_per_class=3, image_size=32,
                    gallery_limit=None, query_limit=None, on_bad_image="skip", max_image_pixels=89478485)
@@ -31,7 +31,7 @@ HAND_MADE = textwrap.dedent("""
                            extract=ExtractSettings(model=model, cache_dir=Path(sys.argv[1]), latency_images=2,
                                                    progress=False, backend="torch"),  # as the tests' make_cfg
                            search=SearchSettings(k=10, latency_queries=20, warmup_queries=2, progress=False))
-    result = run_experiment(settings, load_splits(data, 0))
+    result = run_experiment(settings, provide(data, 0))
     print(json.dumps({"metrics": result.metrics, "hydra": "hydra" in sys.modules,
                       "gallery_store": result.info["gallery_store"]}))
 """)
@@ -53,9 +53,9 @@ def test_a_run_from_typed_settings_alone_without_hydra(tmp_path, make_cfg):
                    "nprobe=4", f"paths.cache={tmp_path / 'cache'}", "search.latency_queries=20",
                    "search.warmup_queries=2")
     from imgret.pipeline import run_experiment
-    from imgret.sources.registry import load_splits
+    from imgret.sources.registry import provide
 
-    composed = run_experiment(RunSettings.from_config(cfg), load_splits(cfg.data, cfg.seed))
+    composed = run_experiment(RunSettings.from_config(cfg), provide(cfg.data, cfg.seed))
     assert composed.info["gallery_store"] == hand["gallery_store"] and composed.info["embeddings_extracted"] == "none"
     for key in ("recall_at_1", "recall_at_10", "precision_at_10", "recall_at_k_ties"):
         assert composed.metrics[key] == hand["metrics"][key], key

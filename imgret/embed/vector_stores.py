@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from imgret.cache import file_lock
 from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, store_dir
-from imgret.sources.registry import SOURCES
+from imgret.sources.registry import source_of
 from imgret.sources.vectors import CHUNK_ROWS, SPLITS, SplitPlan
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore
 def ensure_vector_stores(data, seed: int, cache_dir: Path) -> Embeddings:
     """The gallery and query stores of a vector source (`data`: its settings), written once (under their locks)
     and reused."""
-    plans = SOURCES[data.name].plan(data, int(seed))
+    plans = source_of(data).plan(data, int(seed))
     stores, made = {}, []
     for split in SPLITS:
         plan = plans[split]

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from imgret.errors import allowed, bad_value, whole
+from imgret.options import Options
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,58 @@ class Splits:
 
 
 @dataclass(frozen=True)
-class DataSource:
-    """One kind of data, one module and one conf/data/<name>.yaml: `check` validates its keys before any work;
-    an image source's `load` lists its splits; a vector source (no images, no model) has `plan` instead, which
-    says what each split's store holds (imgret.embed.vector_stores writes it)."""
-
+class ImageSource:
+    """A source of images to embed, one module and one conf/data/<name>.yaml: `check` validates its keys before any
+    work, `load` lists its splits."""
+    name: str
     check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
-    load: Callable[..., Splits] | None = None  # (data_cfg, seed) -> Splits
-    plan: Callable[..., dict] | None = None  # (data_cfg, seed) -> {split: SplitPlan}
+    load: Callable[..., Splits]  # (data_cfg, seed) -> Splits
+
+    def provide(self, data_cfg, seed: int) -> "ImagesToEmbed":
+        return ImagesToEmbed(self.load(data_cfg, seed))
+
+
+@dataclass(frozen=True)
+class VectorSource:
+    """A source of ready vectors, no images and no model: `plan` says what each split's store holds
+    (imgret.embed.vector_stores writes it), `shape` the gallery's size and dimension before any work (from
+    settings or file headers); `has_reference`: its files may carry their own neighbours to check imgret's exact
+    ground truth against."""
+    name: str
+    check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
+    plan: Callable[..., dict]  # (data_cfg, seed) -> {split: SplitPlan}
+    shape: Callable[..., tuple[int, int]]  # (data_cfg) -> (gallery size, dimension)
+    has_reference: bool = False
+
+    def provide(self, data_cfg, seed: int) -> "ReadyVectors":
+        size, dim = self.shape(data_cfg)
+        return ReadyVectors(self, Options.of(data_cfg), seed, size, dim)
+
+
+@dataclass(frozen=True)
+class ImagesToEmbed:
+    """What an image source provides: its splits' images, for a model to embed."""
+    splits: Splits
+
+    @property
+    def gallery_size(self) -> int:
+        return len(self.splits.gallery)
+
+
+@dataclass(frozen=True)
+class ReadyVectors:
+    """What a vector source provides: stores it plans from its settings (`data`), of a known size and dimension."""
+    source: VectorSource
+    data: Options  # the source's settings
+    seed: int
+    gallery_size: int
+    dim: int
+
+    def plans(self) -> dict:
+        return self.source.plan(self.data, int(self.seed))
+
+
+DataSource = ImageSource | VectorSource
 
 
 def stratified_subset(image_set: ImageSet, per_class: int | None) -> ImageSet:

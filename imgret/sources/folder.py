@@ -11,7 +11,7 @@ import numpy as np
 
 from imgret.errors import DataUnavailable, bad_value
 
-from imgret.sources.base import DataSource, ImageSet, Splits, natural_key
+from imgret.sources.base import ImageSource, ImageSet, Splits, natural_key
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +83,4 @@ def check_folder(data_cfg) -> None:
         raise bad_value("data.extensions", extensions, "a list of file endings such as [.jpg, .png]")
 
 
-SOURCE = DataSource(check_folder, folder_splits)
+SOURCES = (ImageSource("folder", check_folder, folder_splits),)

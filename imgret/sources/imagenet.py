@@ -10,7 +10,7 @@ import numpy as np
 
 from imgret.errors import DataUnavailable, bad_value
 
-from imgret.sources.base import DataSource, ImageSet, Splits, natural_key
+from imgret.sources.base import ImageSource, ImageSet, Splits, natural_key
 from imgret.sources.folder import list_class_folder, listing_id
 from imgret.sources.tiny_imagenet import synset_titles
 
@@ -106,4 +106,4 @@ def check_imagenet(data_cfg) -> None:
         raise bad_value("data.val_labels", setting, f"auto, the path of {VAL_SOLUTION}, or the devkit folder {DEVKIT}")
 
 
-SOURCE = DataSource(check_imagenet, imagenet_splits)
+SOURCES = (ImageSource("imagenet", check_imagenet, imagenet_splits),)

@@ -1,35 +1,62 @@
-"""Every data source by name (conf/data/<name>.yaml): image sources list their splits, vector sources plan their
-stores. A new source is one module with its `SOURCE` and one yaml, named here."""
+"""Every data source by name (conf/data/<name>.yaml), found where it lives: the `SOURCES` of each module of
+imgret/sources (one module per source, or per family of sources, as vectors.py holds two). An image source lists
+its splits for a model to embed; a vector source plans ready stores. A new source is one module and one yaml."""
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
+from functools import cache
 
+from imgret import sources
 from imgret.errors import DataUnavailable, allowed, bad_value
-
-from imgret.sources import folder, imagenet, synthetic, tiny_imagenet, vectors
-from imgret.sources.base import DataSource, Splits, check_common, stratified_subset
+from imgret.sources.base import (DataSource, ImagesToEmbed, ReadyVectors, Splits, VectorSource, check_common,
+                                 stratified_subset)
 
 log = logging.getLogger(__name__)
 
-
-SOURCES: dict[str, DataSource] = {
-    "tiny_imagenet": tiny_imagenet.SOURCE,
-    "folder": folder.SOURCE,
-    "imagenet": imagenet.SOURCE,
-    "synthetic": synthetic.SOURCE,
-    "synthetic_vectors": vectors.SYNTHETIC_VECTORS,
-    "vectors": vectors.VECTORS,
-}
+NOT_SOURCES = ("base", "decode", "registry", "vector_files")  # the modules that hold what sources share
 
 
-def is_vector_source(data_cfg) -> bool:
-    return data_cfg.get("name") in SOURCES and SOURCES[data_cfg.name].plan is not None
+@cache
+def registry() -> dict[str, DataSource]:
+    found: dict[str, DataSource] = {}
+    for module in sorted(pkgutil.iter_modules(sources.__path__), key=lambda m: m.name):
+        if module.name in NOT_SOURCES:
+            continue
+        for source in getattr(importlib.import_module(f"{sources.__name__}.{module.name}"), "SOURCES", ()):
+            if source.name in found:
+                raise RuntimeError(f"two data sources are named {source.name!r} ({module.name} and another module)")
+            found[source.name] = source
+    return found
+
+
+def source_of(data_cfg) -> DataSource:
+    """The source `data.name` names (its keys unchecked), or one line naming those there are."""
+    name = data_cfg.get("name")
+    if name not in registry():
+        raise bad_value("data.name", name, f"one of {allowed(registry())}")
+    return registry()[name]
+
+
+def has_model(data_cfg) -> bool:
+    """Whether the source's vectors come from a model (images to embed), not ready-made."""
+    return not isinstance(source_of(data_cfg), VectorSource)
+
+
+def provide(data_cfg, seed: int = 0) -> ImagesToEmbed | ReadyVectors:
+    """What the source provides, checked: its images' splits (listed) or its ready vectors (planned)."""
+    source = source_of(data_cfg)
+    if isinstance(source, VectorSource):
+        check_data(data_cfg)
+        return source.provide(data_cfg, seed)
+    return ImagesToEmbed(load_splits(data_cfg, seed))
 
 
 def load_splits(data_cfg, seed: int = 0) -> Splits:
     check_data(data_cfg)
     name = data_cfg.name
-    splits = SOURCES[name].load(data_cfg, seed)
+    splits = source_of(data_cfg).load(data_cfg, seed)
     gallery = stratified_subset(splits.gallery, data_cfg.get("gallery_limit"))
     queries = stratified_subset(splits.queries, data_cfg.get("query_limit"))
     for image_set in (gallery, queries):
@@ -40,8 +67,6 @@ def load_splits(data_cfg, seed: int = 0) -> Splits:
 
 def check_data(data_cfg) -> None:
     """Every data key, before any download, listing or extraction."""
-    name = data_cfg.get("name")
-    if name not in SOURCES:
-        raise bad_value("data.name", name, f"one of {allowed(SOURCES)}")
+    source = source_of(data_cfg)
     check_common(data_cfg)
-    SOURCES[name].check(data_cfg)
+    source.check(data_cfg)

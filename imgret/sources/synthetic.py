@@ -8,7 +8,7 @@ import numpy as np
 
 from imgret.errors import bad_value, whole
 
-from imgret.sources.base import DataSource, ImageSet, Splits
+from imgret.sources.base import ImageSource, ImageSet, Splits
 from imgret.sources.decode import SYNTHETIC_SCHEME
 
 log = logging.getLogger(__name__)
@@ -34,4 +34,4 @@ def check_synthetic(data_cfg) -> None:
             raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
 
 
-SOURCE = DataSource(check_synthetic, synthetic_splits)
+SOURCES = (ImageSource("synthetic", check_synthetic, synthetic_splits),)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from imgret.errors import ConfigError, DataUnavailable, allowed, bad_value
 
-from imgret.sources.base import DataSource, ImageSet, Splits, natural_key
+from imgret.sources.base import ImageSource, ImageSet, Splits, natural_key
 
 log = logging.getLogger(__name__)
 
@@ -210,4 +210,4 @@ def check_tiny_imagenet(data_cfg) -> None:
             raise bad_value("data.checksums", checksum, "entries reading '<algorithm>:<hex>', e.g. 'sha256:...'")
 
 
-SOURCE = DataSource(check_tiny_imagenet, tiny_imagenet_splits)
+SOURCES = (ImageSource("tiny_imagenet", check_tiny_imagenet, tiny_imagenet_splits),)

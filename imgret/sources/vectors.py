@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from imgret.errors import bad_value, whole
-from imgret.sources.base import DataSource
+from imgret.sources.base import VectorSource
 from imgret.sources.decode import SPLITS
 from imgret.sources.vector_files import VectorFile, clip_retrieval_names, open_vectors
 
@@ -219,14 +219,18 @@ def check_vectors(data_cfg) -> None:
                             f"of the gallery as queries, from 1 to {gallery.count - 1}")
 
 
-SYNTHETIC_VECTORS = DataSource(check_synthetic_vectors, plan=synthetic_plans)
-VECTORS = DataSource(check_vectors, plan=file_plans)
+def synthetic_shape(data_cfg) -> tuple[int, int]:
+    """(gallery size, dimension): the settings say."""
+    return int(data_cfg.gallery_size), int(data_cfg.dim)
 
 
-def vector_shape(data_cfg) -> tuple[int, int]:
-    """(gallery size, dimension) of a vector source, from its settings or its files' headers: nothing is read."""
-    if data_cfg.name == "synthetic_vectors":
-        return int(data_cfg.gallery_size), int(data_cfg.dim)
+def file_shape(data_cfg) -> tuple[int, int]:
+    """(gallery size, dimension), from the files' headers: nothing is read."""
     gallery = open_vectors(Path(str(data_cfg.gallery)).expanduser())  # headers: no labels, names or sampling
     held_out = 0 if data_cfg.get("queries") or "queries" in gallery.extras else int(data_cfg.query_size)
     return gallery.count - held_out, gallery.dim
+
+
+SOURCES = (VectorSource("synthetic_vectors", check_synthetic_vectors, synthetic_plans, synthetic_shape),
+           # an ann-benchmarks file carries its own neighbours: imgret's ground truth is checked against them
+           VectorSource("vectors", check_vectors, file_plans, file_shape, has_reference=True))
