@@ -4,7 +4,7 @@ The pipeline (`imgret.run`), the benchmark and the web server (`imgret.serve`) a
 preprocessing, index loading and search are each written once:
 
     from imgret import api
-    retriever = api.open_retriever(cfg, [cfg.method])  # a composed config: stores and indexes reused or built
+    retriever = api.open_retriever(settings, data, [method])  # stores and indexes reused or built
     rows = retriever.embedder.embed([api.load_image("cat.jpg")])
     found = retriever.search(rows, k=10, index=retriever.default_index)
     exact = retriever.exact(rows, k=10)
@@ -110,11 +110,6 @@ class Embedder:
         forward = backend_forward(settings, encoder, gallery) if settings.backend != "torch" else None
         return cls(encoder, device, resolve_precision(settings, device), settings.channels_last, settings.decoder,
                    forward)
-
-    @classmethod
-    def from_config(cls, cfg, encoder: Encoder | None = None) -> "Embedder":
-        """The same, from a run's composed config."""
-        return cls.from_settings(ExtractSettings.from_config(cfg), encoder)
 
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The loader's half of the preprocessing (resize, crop) as one uint8 batch, as extraction makes it."""
@@ -253,19 +248,19 @@ def dataset_root(paths: Sequence[str]) -> str | None:
     return os.path.commonpath(sorted(folders)) if folders else None
 
 
-def open_retriever(cfg, methods: Sequence, variants: dict[str, Sequence[int]] | None = None,
+def open_retriever(settings: ExtractSettings, data, methods: Sequence, variants: dict[str, Sequence[int]] | None = None,
                    splits: Splits | None = None) -> Retriever:
-    """A Retriever over the run's gallery (images only: an upload must be embedded by the same model), with
-    an index per method config, each reused from the index cache or built, and its query variants."""
+    """A Retriever over the gallery of the image source `data` (its settings; an upload must be embedded by the same
+    model), extracted as `settings` say, with an index per method config, each reused from the index cache or
+    built, and its query variants."""
     from imgret.sources.registry import has_model, load_splits
 
-    if not has_model(cfg.data):
-        raise bad_value("data", cfg.data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "
+    if not has_model(data):
+        raise bad_value("data", data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "
                         "queries are images, embedded by the model that made the gallery")
-    splits = splits or load_splits(cfg.data, cfg.seed)
+    splits = splits or load_splits(data, settings.seed)
     for method_cfg in methods:
         validate_search(method_cfg, 1, len(splits.gallery))
-    settings = ExtractSettings.from_config(cfg)
     gallery = open_gallery(settings, splits.gallery)
     device = resolve_device(settings.device)
     choices = []

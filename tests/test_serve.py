@@ -26,6 +26,7 @@ from PIL import Image
 
 from conftest import CONF_DIR, PROJECT_ROOT
 from imgret.api import Embedder, open_retriever
+from imgret.embed.options import ExtractSettings
 from imgret.errors import ConfigError
 from imgret.serve.app import ServeSettings, create_app
 from imgret.serve.load import run_load
@@ -48,7 +49,8 @@ def serve_config(tmp: Path, archive: Path, digest: str, *overrides: str):
 def served(tmp_path_factory, tiny_subset_zip):
     tmp = tmp_path_factory.mktemp("serve")
     cfg = serve_config(tmp, *tiny_subset_zip)
-    retriever = open_retriever(cfg, list(cfg.serve.indexes.values()), {"nprobe": [1, 4], "ef_search": [1, 64]})
+    retriever = open_retriever(ExtractSettings.from_config(cfg), cfg.data, list(cfg.serve.indexes.values()),
+                               {"nprobe": [1, 4], "ef_search": [1, 64]})
     settings = ServeSettings(max_upload_bytes=1 << 20, max_image_pixels=1_000_000, default_k=K)
     return retriever, TestClient(create_app(retriever, settings)), cfg
 
@@ -71,7 +73,8 @@ def test_embedder_reproduces_the_stores_rows(served):
     assert rows.shape == stored.shape
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
     assert np.min(np.sum(rows * stored, axis=1)) > 0.9999  # the same preprocessing, module and normalisation
-    other = Embedder.from_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["model.image_size=48"])))
+    other = Embedder.from_settings(ExtractSettings.from_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist(
+        ["model.image_size=48"]))))
     moved = other.embed([Image.open(retriever.gallery.paths[0]).convert("RGB")])
     assert float(moved[0] @ stored[0]) < 0.9999  # and the check can fail: another input size gives other rows
 
@@ -96,7 +99,7 @@ def test_index_choices_share_one_built_index_and_differ_in_recall(served):
 def test_vector_sources_cannot_be_served(tmp_path, make_cfg):
     cfg = make_cfg("data=synthetic_vectors", "data.gallery_size=500", "data.query_size=10", "data.dim=16")
     with pytest.raises(ConfigError, match="data=synthetic_vectors: an image source"):
-        open_retriever(cfg, [cfg.method])
+        open_retriever(ExtractSettings.from_config(cfg), cfg.data, [cfg.method])
     assert not (tmp_path / "cache").exists()
 
 

@@ -54,10 +54,13 @@ def start(cfg: DictConfig) -> None:
     import uvicorn
 
     from imgret.api import open_retriever
+    from imgret.embed.options import ExtractSettings
+    from imgret.options import Options
     from imgret.serve.app import create_app
 
     variants = {"nprobe": list(cfg.serve.get("nprobe") or []), "ef_search": list(cfg.serve.get("ef_search") or [])}
-    retriever = open_retriever(cfg, methods, variants)
+    retriever = open_retriever(ExtractSettings.from_config(cfg), Options.of(cfg.data), [Options.of(m) for m in methods],
+                               variants)
     retriever.warm_up(int(cfg.k))
     app = create_app(retriever, settings)
     log.info("gallery: %d images (%s); indexes: %s", len(retriever.gallery), retriever.gallery.path.name,
