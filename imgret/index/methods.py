@@ -8,24 +8,18 @@ parameters, whether it is exact and how to search it.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from functools import cache
 from typing import Mapping
 
 from imgret.errors import allowed, bad_value, whole
 from imgret.index import algorithms
 from imgret.index.base import Method
+from imgret.plugins import found_in
 
 
 @cache
 def registry() -> dict[str, Method]:
-    found: dict[str, Method] = {}
-    for module in sorted(pkgutil.iter_modules(algorithms.__path__), key=lambda m: m.name):
-        for method in getattr(importlib.import_module(f"{algorithms.__name__}.{module.name}"), "METHODS", ()):
-            if method.name in found:
-                raise RuntimeError(f"two methods are named {method.name!r} ({module.name} and another module)")
-            found[method.name] = method
+    found: dict[str, Method] = found_in(algorithms, "METHODS", "methods")
     # exact first, then FAISS's (always installed), then the optional libraries; in each, as their modules list them
     return dict(sorted(found.items(), key=lambda item: (not item[1].exact, item[1].module is not None)))
 

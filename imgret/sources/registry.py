@@ -3,13 +3,12 @@ imgret/sources (one module per source, or per family of sources, as vectors.py h
 its splits for a model to embed; a vector source plans ready stores. A new source is one module and one yaml."""
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 from functools import cache
 
 from imgret import sources
 from imgret.errors import DataUnavailable, allowed, bad_value
+from imgret.plugins import found_in
 from imgret.sources.base import (DataSource, ImagesToEmbed, ReadyVectors, Splits, VectorSource, check_common,
                                  stratified_subset)
 
@@ -20,15 +19,7 @@ NOT_SOURCES = ("base", "decode", "registry", "vector_files")  # the modules that
 
 @cache
 def registry() -> dict[str, DataSource]:
-    found: dict[str, DataSource] = {}
-    for module in sorted(pkgutil.iter_modules(sources.__path__), key=lambda m: m.name):
-        if module.name in NOT_SOURCES:
-            continue
-        for source in getattr(importlib.import_module(f"{sources.__name__}.{module.name}"), "SOURCES", ()):
-            if source.name in found:
-                raise RuntimeError(f"two data sources are named {source.name!r} ({module.name} and another module)")
-            found[source.name] = source
-    return found
+    return found_in(sources, "SOURCES", "data sources", skip=NOT_SOURCES)
 
 
 def source_of(data_cfg) -> DataSource:

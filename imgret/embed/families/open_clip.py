@@ -88,4 +88,4 @@ class OpenClip(Family):
         return network, transform
 
 
-FAMILY = OpenClip()
+FAMILIES = (OpenClip(),)

@@ -83,4 +83,4 @@ class Timm(Family):
         return network, transform
 
 
-FAMILY = Timm()
+FAMILIES = (Timm(),)

@@ -119,4 +119,4 @@ class Torchvision(Family):
         return network, transform
 
 
-FAMILY = Torchvision()
+FAMILIES = (Torchvision(),)
