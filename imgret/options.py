@@ -3,7 +3,9 @@
 conf/method/<name>.yaml) and checks them itself; no stage below the entry points sees Hydra's config."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any, Iterator
 
 
@@ -58,3 +60,12 @@ class Options(Mapping):
     def plain(self) -> dict:
         """Nested plain dicts, for JSON."""
         return {key: value.plain() if isinstance(value, Options) else value for key, value in self._values.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def config_defaults() -> Options:
+    """conf/config.yaml's own values (as shipped in imgret.conf): the one place a default is written. The settings
+    types below the entry points take theirs from here, so a library user's defaults are the command line's."""
+    import yaml
+
+    return Options(yaml.safe_load(resources.files("imgret.conf").joinpath("config.yaml").read_text()))

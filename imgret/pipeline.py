@@ -18,7 +18,7 @@ from imgret.sources.base import ImagesToEmbed, ReadyVectors, Splits
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
-from imgret.options import Options
+from imgret.options import Options, config_defaults
 from imgret.embed.extract import fp32_reference_stores
 from imgret.embed.backend_choice import choose_backend
 from imgret.embed.resolve import precision_choice, resolve_device
@@ -40,7 +40,7 @@ class RunSettings:
     method: Options
     extract: ExtractSettings
     search: SearchSettings = field(default_factory=SearchSettings)
-    threads: int | None = None
+    threads: int | None = config_defaults().threads
 
     @classmethod
     def from_config(cls, cfg) -> "RunSettings":

@@ -1,16 +1,12 @@
-"""Typed settings below the entry points: a run made from hand-written settings, without Hydra, and the settings'
-defaults held equal to conf/config.yaml's (the two places a default is written)."""
-import dataclasses
+"""Typed settings below the entry points: a run made from hand-written settings, without Hydra, and a library
+user's defaults equal to the command line's (both read from conf/config.yaml)."""
 import json
 import subprocess
 import sys
 import textwrap
 
-from omegaconf import OmegaConf
-
 from conftest import CONF_DIR
 from imgret.embed.options import ExtractSettings
-from imgret.measure.search import SearchSettings
 from imgret.options import Options
 from imgret.pipeline import RunSettings
 
@@ -61,21 +57,17 @@ def test_a_run_from_typed_settings_alone_without_hydra(tmp_path, make_cfg):
         assert composed.metrics[key] == hand["metrics"][key], key
 
 
-def test_the_settings_defaults_are_config_yaml_s():
-    """Where a default is written twice (the dataclass for library users, the yaml for the command line), the two
-    agree."""
-    config = OmegaConf.load(CONF_DIR / "config.yaml")
-    extract = {field.name: field.default for field in dataclasses.fields(ExtractSettings)
-               if field.default is not dataclasses.MISSING}
-    for key in ("latency_images", "channels_last", "decoder", "precision", "devices", "num_nodes", "strategy",
-                "progress"):
-        assert extract[key] == config.extract[key], f"extract.{key}"
-    for key in ("batch_size", "num_workers", "seed", "device"):
-        assert extract[key] == config[key], key
-    search = SearchSettings()
-    for key in ("latency_queries", "warmup_queries", "repeats", "threads", "tie_epsilon"):
-        assert getattr(search, key) == config.search[key], f"search.{key}"
-    assert search.k == config.k and RunSettings.__dataclass_fields__["threads"].default == config.threads
+def test_a_library_user_s_defaults_are_the_command_line_s(tmp_path):
+    """Settings made by hand with only what has no default equal those the entry point makes from the composed
+    config with nothing overridden: both come from conf/config.yaml (the dataclasses read it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"paths.cache={tmp_path}"])
+    composed = RunSettings.from_config(cfg)
+    by_hand = RunSettings(data=composed.data, method=composed.method,
+                          extract=ExtractSettings(model=composed.extract.model, cache_dir=tmp_path))
+    assert by_hand == composed
 
 
 def test_settings_reach_a_rank_process_as_json_and_back(tmp_path):

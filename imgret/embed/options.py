@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgret.errors import ConfigError, bad_value, check_bool, check_whole, whole
-from imgret.options import Options
+from imgret.options import Options, config_defaults
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "int8")  # int8: extract.backend=openvino
@@ -76,25 +76,28 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+_RUN, _EXTRACT = config_defaults(), config_defaults().extract
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """How images become an embedding store: the model (its config section, which its family reads) and the
-    extraction's own settings. The defaults are conf/config.yaml's (tests/test_settings.py holds them equal)."""
+    extraction's own settings. The defaults are conf/config.yaml's, read from it."""
     model: Options
     cache_dir: Path
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 64
-    num_workers: int | str = "auto"
-    latency_images: int = 64
-    channels_last: bool = True
-    decoder: str = DEFAULT_DECODER
-    precision: str = "auto"
-    backend: str = "auto"  # imgret.embed.backends: torch | openvino; auto: imgret.embed.backend_choice
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    progress: bool = True
+    seed: int = _RUN.seed
+    device: str = _RUN.device
+    batch_size: int = _RUN.batch_size
+    num_workers: int | str = _RUN.num_workers
+    latency_images: int = _EXTRACT.latency_images
+    channels_last: bool = _EXTRACT.channels_last
+    decoder: str = _EXTRACT.decoder
+    precision: str = _EXTRACT.precision
+    backend: str = _EXTRACT.backend  # imgret.embed.backends: torch | openvino; auto: imgret.embed.backend_choice
+    devices: int | str = _EXTRACT.devices
+    num_nodes: int = _EXTRACT.num_nodes
+    strategy: str = _EXTRACT.strategy
+    progress: bool = _EXTRACT.progress
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # the data source's data.max_image_pixels
     skip_bad_images: bool = True  # the data source's data.on_bad_image == skip
 

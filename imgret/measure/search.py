@@ -18,20 +18,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imgret.index.base import SearchIndex
+from imgret.options import config_defaults
+
+_RUN, _SEARCH = config_defaults(), config_defaults().search
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     """How a run searches and times: at k, with these sample sizes, threads and tie tolerance. The defaults are
-    conf/config.yaml's (tests/test_settings.py holds them equal)."""
-    k: int = 10
-    latency_queries: int = 1000
-    warmup_queries: int = 50
-    repeats: int = 3
-    threads: int | None = None
-    tie_epsilon: float = 1e-6
-    seed: int = 0  # which queries are timed one at a time
-    progress: bool = True
+    conf/config.yaml's, read from it."""
+    k: int = _RUN.k
+    latency_queries: int = _SEARCH.latency_queries
+    warmup_queries: int = _SEARCH.warmup_queries
+    repeats: int = _SEARCH.repeats
+    threads: int | None = _SEARCH.threads
+    tie_epsilon: float = _SEARCH.tie_epsilon
+    seed: int = _RUN.seed  # which queries are timed one at a time
+    progress: bool = _RUN.extract.progress
 
     @classmethod
     def from_config(cls, cfg) -> "SearchSettings":
