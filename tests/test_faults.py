@@ -680,3 +680,31 @@ def test_sigterm_during_a_native_index_build_is_killed_within_10_s_and_caches_no
     assert [r.info.status for r in all_runs(sqlite_uri(tmp_path))] == ["KILLED"]
     left = [p.name for p in indexes.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert left == [], f"an interrupted build left {left} in the index cache"
+
+
+def test_a_write_that_raced_another_writer_is_tried_again_and_a_refusal_is_not(tmp_path):
+    """sqlite's "database is locked" (another process writing) is retried, with a growing pause, until it goes
+    through; any other error is the store's answer at once."""
+    from sqlalchemy.exc import OperationalError
+
+    recorder = imgret.track.runs.RunRecorder(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "run", tmp_path, {})
+    calls = []
+
+    def locked_twice():
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+
+    recorder._remote(locked_twice)
+    assert len(calls) == 3 and recorder.lost is None
+    assert calls[2] - calls[1] > calls[1] - calls[0] >= 0.2
+
+    refused = []
+
+    def refuse():
+        refused.append(1)
+        raise ValueError("Changing param values is not allowed")
+
+    with pytest.raises(TrackingRefused, match="refused refuse for run run: ValueError: Changing param values"):
+        recorder._remote(refuse)
+    assert len(refused) == 1

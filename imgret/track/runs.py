@@ -25,6 +25,7 @@ import mlflow
 import yaml
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_incrementing
 
 from imgret.errors import TrackingRefused, TrackingUnavailable, exit_with, one_line
 from imgret.track import lifecycle
@@ -125,14 +126,10 @@ class RunRecorder:
         if self.lost or self.run_id is None:
             return
         try:
-            for attempt in range(CONFLICT_RETRIES + 1):
-                try:
+            for attempt in Retrying(retry=retry_if_exception(is_write_conflict), reraise=True,
+                                    stop=stop_after_attempt(CONFLICT_RETRIES + 1), wait=wait_incrementing(0.2, 0.2)):
+                with attempt:
                     call(*args, **kwargs)
-                    break
-                except Exception as error:
-                    if attempt == CONFLICT_RETRIES or not is_write_conflict(error):
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
         except Exception as error:
             reason = lost_reason(error)
             if reason is None:
