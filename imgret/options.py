@@ -69,3 +69,10 @@ def config_defaults() -> Options:
     import yaml
 
     return Options(yaml.safe_load(resources.files("imgret.conf").joinpath("config.yaml").read_text()))
+
+
+def default_cache_dir() -> str:
+    """paths.cache as conf/config.yaml sets it: $IMGRET_CACHE, else .cache/imgret (its interpolation, resolved)."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.create({"cache": config_defaults().paths.cache}).cache)

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from imgret.index.methods import METHODS, method_label, method_order
 from imgret.measure.metrics import VS_FP32_METRIC
+from imgret.options import config_defaults
 from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key,
                                   gallery_words, growth_exponent, markdown_table, operating_point_rows,
                                   provenance_lines, representative)
@@ -270,8 +271,10 @@ def markdown_page(markdown: str, folder: Path, title: str) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m imgret.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
-    parser.add_argument("--experiment", default="imgret", help="MLflow experiment name (default: imgret)")
+    tracking = config_defaults().tracking  # the defaults of imgret.run's tracking group
+    parser.add_argument("--tracking-uri", default=tracking.uri, help=f"the tracking store (default: {tracking.uri})")
+    parser.add_argument("--experiment", default=tracking.experiment,
+                        help=f"MLflow experiment name (default: {tracking.experiment})")
     parser.add_argument("--parent", help="the multirun's parent run id (default: the latest multirun)")
     parser.add_argument("--all-runs", action="store_true", help="every finished run of the experiment instead")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/report/<parent id>)")

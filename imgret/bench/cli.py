@@ -17,6 +17,7 @@ from imgret.bench import allocator, ddp, extract, ivf, libraries, memory, precis
 from imgret.bench.machine import DEFAULT_ARCHIVE, Archive, Context, matmul_peak_gflops, memory_bandwidth_gbs
 from imgret.bench.verdicts import TARGETS
 from imgret.embed.precision import PRECISION_FLAGS, cpu_flags, cpu_info
+from imgret.options import default_cache_dir
 
 # The parts, in the order they run (memory last: it starts fresh processes of its own).
 PARTS = {"extract": extract, "precision": precision, "allocator": allocator, "search": search, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
@@ -29,8 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="the Tiny-ImageNet zip")
     parser.add_argument("--archive-checksum", default=None,
                         help="sha256:<hex> of --archive when it is not the official zip (a subset of it, for tests)")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("IMGRET_CACHE", ".cache/imgret")),
-                        help="imgret's cache: the extracted data and any real embeddings for the search parts")
+    parser.add_argument("--cache", type=Path, default=Path(default_cache_dir()),
+                        help="imgret's cache (imgret.run's paths.cache): the extracted data and any real embeddings "
+                        "for the search parts")
     parser.add_argument("--images", type=int, default=3200, help="images per 64 px model for the extract part")
     parser.add_argument("--clip-images", type=int, default=384, help="images for clip at 224 px")
     parser.add_argument("--precision-images", type=int, default=640,

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from imgret.cache import file_lock
 from imgret.errors import TrackingRefused, TrackingUnavailable, bad_value, one_line
+from imgret.options import config_defaults
 from imgret.track import lifecycle
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ EXPERIMENT_DESCRIPTION = (
 @dataclass(frozen=True)
 class TrackingSettings:
     """Where a run's records go (the config's `tracking` group), as an entry point hands them down."""
-    uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "imgret"
-    artifact_root: str | None = None  # where a new experiment keeps artifacts (None: beside the store)
-    system_metrics_s: float | None = 2  # seconds between system-metric samples while stores are made; None: none
+    uri: str = config_defaults().tracking.uri
+    experiment: str = config_defaults().tracking.experiment
+    artifact_root: str | None = config_defaults().tracking.artifact_root  # None: beside the store
+    system_metrics_s: float | None = config_defaults().tracking.system_metrics_s  # None: no samples
 
     @classmethod
     def of(cls, tracking) -> "TrackingSettings":
