@@ -158,11 +158,9 @@ def index_choices(method_cfg, built: BuiltIndex, variants: dict[str, Sequence[in
     values = [v for v in (variants or {}).get(param) or [] if param
               and method.invalid_combination({**method_cfg, param: v}) is None]
     if not values:
-        label = " ".join([method.name, *(f"{k}={v}" for k, v in setting.items() if k != "index_factory")])
-        return [IndexChoice(label if method.name != "factory" else f"factory {method_cfg.index_factory}",
-                            method.name, setting, built, built.index)]
-    return [IndexChoice(" ".join([method.name, *(f"{k}={v}" for k, v in {**setting, param: value}.items())]),
-                        method.name, {**setting, param: int(value)}, built, built.at({param: int(value)}))
+        return [IndexChoice(method.choice_label(setting), method.name, setting, built, built.index)]
+    return [IndexChoice(method.choice_label({**setting, param: value}), method.name, {**setting, param: int(value)},
+                        built, built.at({param: int(value)}))
             for value in values]
 
 

@@ -169,3 +169,22 @@ def test_hnsw_is_searched_at_the_ef_search_it_is_labelled_with_every_zoo_effort_
         assert labelled == searched and np.array_equal(ids, bare_ids), effort
         counts.append(labelled)
     assert counts == sorted(set(counts)), f"efforts {efforts} gave distance counts {counts}"
+
+
+def test_each_method_names_its_own_settings(tmp_path):
+    """Run names, the demo's labels and cache file names come from the method, which alone knows how its settings
+    read (a factory string names itself, commas and all)."""
+    from imgret.index.build import index_cache_path
+    from imgret.index.methods import METHODS
+    from imgret.options import Options
+    from imgret.track.runs import run_name
+
+    ivf = Options(name="ivf", nlist=256, nprobe=8, train_size=None, on_disk=False)
+    factory = Options(name="factory", index_factory="IVF16,PQ8", train_size=None, on_disk=False,
+                      search_params="nprobe=4")
+    assert run_name(ivf, "resnet18") == "resnet18-ivf-nlist256-nprobe8"
+    assert run_name(factory, "resnet18") == "resnet18-factory-IVF16,PQ8-nprobe=4"
+    assert METHODS["ivf"].choice_label({"nlist": 256, "nprobe": 8}) == "ivf nlist=256 nprobe=8"
+    assert METHODS["factory"].choice_label(dict(factory)) == "factory IVF16,PQ8"
+    assert index_cache_path(tmp_path, "g", ivf).name.startswith("ivf-nlist256-")
+    assert "," not in index_cache_path(tmp_path, "g", factory).name

@@ -92,6 +92,16 @@ class Method:
     file_suffix: str = ".index"
     ordering: str = "inner product"  # how it orders by cosine on the L2-normalised store
     reports_progress: bool = False  # shows its own progress while building (else imgret counts the seconds)
+    companions: dict[str, str] = {}  # files that belong to a cached index: meta key -> suffix beside it
+    unnamed_params: tuple[str, ...] = ()  # build parameters a cache file's name leaves out (they name themselves)
+
+    def setting_words(self, opts: Mapping, keys) -> list[str]:
+        """How a run's name shows these settings: each key run together with its value (nlist256)."""
+        return [f"{key}{opts[key]}" for key in keys]
+
+    def choice_label(self, setting: Mapping) -> str:
+        """How the demo and the API name one searchable setting: "ivf nlist=256 nprobe=16"."""
+        return " ".join([self.name, *(f"{key}={value}" for key, value in setting.items())])
 
     # ------------------------------------------------------------------ checks
 
@@ -192,8 +202,8 @@ class BuiltIndex:
         """The serialised size: a saved index's files, rather than serialising it again on every run."""
         if self.path is None:
             return self.index.nbytes
-        on_disk_lists = self.path.with_suffix(".ivfdata")
-        return self.path.stat().st_size + (on_disk_lists.stat().st_size if on_disk_lists.exists() else 0)
+        beside = [self.path.with_suffix(suffix) for suffix in (self.method.companions if self.method else {}).values()]
+        return self.path.stat().st_size + sum(path.stat().st_size for path in beside if path.exists())
 
     def at(self, setting: Mapping, device: str = "cpu") -> SearchIndex:
         """The same index searched at another query setting."""

@@ -27,9 +27,10 @@ def build_params(method_cfg) -> dict:
 def index_cache_path(cache_dir: Path, gallery_id: str, method_cfg) -> Path:
     params = build_params(method_cfg)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    method = method_of(method_cfg)
     readable = "-".join(f"{key}{value}" for key, value in params.items()
-                        if key not in ("method", "index_factory") and value not in (None, False))
-    suffix = method_of(method_cfg).file_suffix
+                        if key != "method" and key not in method.unnamed_params and value not in (None, False))
+    suffix = method.file_suffix
     return Path(cache_dir) / "indexes" / gallery_id / f"{params['method']}{'-' + readable if readable else ''}-{digest}{suffix}"
 
 
@@ -50,13 +51,13 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
     # One build per index at a time: a concurrent run waits, then loads what the first one saved.
     with file_lock(path, f"the index {path.name}"):
         loaded = load_checked(path, lambda file, meta: (_read(method, file, method_cfg, meta), meta),
-                              companions=getattr(method, "companions", None))
+                              companions=method.companions or None)
         if loaded is not None:
             native, meta = loaded
             log.info("reusing index %s", path)
             return BuiltIndex(method.searcher(native, setting, device), meta["build_s"], True, path, method, native)
         native, build_s = _build(method, method_cfg, gallery, path)
-        companions = {key: path.with_suffix(suffix) for key, suffix in getattr(method, "companions", {}).items()
+        companions = {key: path.with_suffix(suffix) for key, suffix in method.companions.items()
                       if path.with_suffix(suffix).exists()}
         save_checked(path, lambda partial: method.save(native, partial),
                      {"build_s": build_s, "params": build_params(method_cfg), **method.meta(native)},

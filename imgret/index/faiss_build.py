@@ -76,19 +76,19 @@ def on_device(faiss_index: faiss.Index, setting: Mapping, device: str, params: f
 
 
 def build_faiss(faiss_index: faiss.Index, opts: Mapping, gallery: np.ndarray, path: Path | None,
-                name: str) -> faiss.Index:
+                name: str, lists_path: Path | None = None) -> faiss.Index:
     """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
     one chunk and the sample, never a second copy of the whole gallery. With `on_disk`, not even the index:
-    its inverted lists are filled shard by shard and merged into a memory-mapped file beside it."""
+    its inverted lists are filled shard by shard and merged into a memory-mapped file, `lists_path`."""
     if not faiss_index.is_trained:
         sample = training_sample(gallery, opts)
         with working(f"training {name} on {len(sample):,} sampled vectors", len(gallery) > ADD_CHUNK_ROWS):
             faiss_index.train(sample)
         del sample
     if opts.get("on_disk"):
-        if path is None:
+        if path is None or lists_path is None:
             raise ConfigError("method.on_disk=true needs the index cache (paths.cache) to hold its inverted lists")
-        _fill_on_disk(faiss_index, gallery, path, name)
+        _fill_on_disk(faiss_index, gallery, path, lists_path, name)
     else:
         _reserve_codes(faiss_index, len(gallery))
         _add_in_chunks(faiss_index, gallery, 0, len(gallery), f"adding to {name}")
@@ -133,14 +133,13 @@ def _reserve_codes(faiss_index: faiss.Index, rows: int) -> None:
         storage.codes.resize(0)
 
 
-def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, name: str) -> None:
+def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, lists_path: Path, name: str) -> None:
     """faiss's recipe for indexes larger than memory (contrib/ondisk.py): copies of the trained, empty index
-    each take a shard of the gallery and are written out; their inverted lists are merged into one
-    `.ivfdata` file that the index memory-maps. Memory holds one shard's lists."""
+    each take a shard of the gallery and are written out; their inverted lists are merged into one file,
+    `lists_path`, that the index memory-maps. Memory holds one shard's lists."""
     from faiss.contrib.ondisk import merge_ondisk
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    lists_path = path.with_suffix(".ivfdata")
     lists_path.unlink(missing_ok=True)  # left by a build that was interrupted: never counted as built
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.shards.") as shards_dir:
         shard_paths = []

@@ -58,8 +58,8 @@ def run_name(method: Mapping, model: str) -> str:
 
     spec = METHODS.get(method["name"])
     keys = (spec.build_params + spec.query_params) if spec else ()
-    settings = [str(method[key]) if method["name"] == "factory" else f"{key}{method[key]}"
-                for key in keys if key not in execution_params() and method.get(key) is not None]
+    shown = [key for key in keys if key not in execution_params() and method.get(key) is not None]
+    settings = spec.setting_words(method, shown) if spec else []
     return "-".join([model, method["name"], *settings])
 
 

@@ -27,7 +27,8 @@ class FaissMethod(Method):
         raise NotImplementedError
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
-        return build_faiss(self.new_index(opts, gallery.shape[1]), opts, gallery, path, self.name)
+        lists = path.with_suffix(self.companions["lists_file"]) if path is not None else None
+        return build_faiss(self.new_index(opts, gallery.shape[1]), opts, gallery, path, self.name, lists)
 
     def save(self, native: faiss.Index, path: Path) -> None:
         faiss.write_index(native, str(path))
@@ -156,6 +157,13 @@ class Factory(FaissMethod):
     build_params = ("index_factory", "train_size", "on_disk")
     query_params = ("search_params",)
     execution_params = ("on_disk",)
+    unnamed_params = ("index_factory",)  # commas and slashes: the cache file's digest stands for it
+
+    def setting_words(self, opts: Mapping, keys) -> list[str]:
+        return [str(opts[key]) for key in keys]  # the factory string names itself
+
+    def choice_label(self, setting: Mapping) -> str:
+        return f"factory {setting['index_factory']}"
 
     def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
         try:
