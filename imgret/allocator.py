@@ -77,3 +77,12 @@ def kept_freed_memory():
 def keeping() -> bool:
     """Whether a `kept_freed_memory` block is running in this process."""
     return _depth > 0
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand memory freed inside its heap back to the system. Filling an index frees many buffers
+    (each inverted list grows by reallocation) and the heap would otherwise keep them resident; a server's burst
+    of decodes likewise. A no-op where the C library is not glibc."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import psutil
 
-from imgret.cache import gather_rows, release_pages
+from imgret.mapped import gather_rows, release_pages
 
 
 def mapped(tmp_path, rows: int = 3000, dim: int = 1024) -> tuple[np.ndarray, np.ndarray]:

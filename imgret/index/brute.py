@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imgret.cache import release_pages
+from imgret.mapped import release_pages
 from imgret.index.base import ADD_CHUNK_ROWS
 
 

@@ -13,7 +13,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from imgret.cache import gather_rows, release_pages, return_freed_memory
+from imgret.allocator import return_freed_memory
+from imgret.mapped import gather_rows, release_pages
 from imgret.errors import ConfigError
 from imgret.index.base import ADD_CHUNK_ROWS, working
 

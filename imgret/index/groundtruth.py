@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgret.cache import Unreadable, file_lock, gather_rows, load_checked, save_checked
+from imgret.cache import Unreadable, file_lock, load_checked, save_checked
+from imgret.mapped import gather_rows
 from imgret.embed.store import EmbeddingStore
 from imgret.index.brute import streamed_top_k
 

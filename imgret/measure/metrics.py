@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgret.cache import gather_rows
+from imgret.mapped import gather_rows
 
 # Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
 # Figures at depth 10, from the timed search: a run searched at k < 10 has none of them (not a deeper, untimed

@@ -24,7 +24,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from imgret.api import Retriever
-from imgret.cache import return_freed_memory
+from imgret.allocator import return_freed_memory
 from imgret.errors import BadImage, ImgretError, bad_value
 from imgret.measure.metrics import precision_at, recall_at
 from imgret.sources.decode import decode_image, open_image
