@@ -37,7 +37,8 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
     from imgret.sources.registry import provide
     from imgret.index.methods import validate_search
     from imgret.pipeline import RunSettings, run_experiment
-    from imgret.track.runs import PARENT_RUN_ENV, finished_run_like, link_finished_run, log_results, tracked_run
+    from imgret.track.links import finished_run_like, link_finished_run
+    from imgret.track.runs import PARENT_RUN_ENV, log_results, tracked_run
     from imgret.track.store import TrackingSettings, open_tracking
 
     tracking = TrackingSettings.of(cfg.tracking)
