@@ -20,7 +20,7 @@ def number(value) -> bool:
 
 def check_level(cfg) -> None:
     """`level` picks a rung of the method's `levels` (its query knob, cheap to exhaustive): checked before anything
-    reads the knob, whose interpolation would otherwise fail deep inside OmegaConf."""
+    reads the knob, whose interpolation would otherwise fail deep inside the config library."""
     level = cfg.get("level")
     if level is None:
         return
