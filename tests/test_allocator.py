@@ -30,6 +30,7 @@ def test_the_block_nests_and_restores_glibc_s_settings():
 BIG_ALLOCATIONS = """
 import contextlib, ctypes, sys
 from imgret import allocator
+from imgret.rusage import CpuUse
 
 libc = allocator.glibc()
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
