@@ -63,9 +63,6 @@ class ImageSource:
     check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
     load: Callable[..., Splits]  # (data_cfg, seed) -> Splits
 
-    def provide(self, data_cfg, seed: int) -> "ImagesToEmbed":
-        return ImagesToEmbed(self.load(data_cfg, seed))
-
 
 @dataclass(frozen=True)
 class VectorSource:
@@ -102,9 +99,6 @@ class ReadyVectors:
     seed: int
     gallery_size: int
     dim: int
-
-    def plans(self) -> dict:
-        return self.source.plan(self.data, int(self.seed))
 
 
 DataSource = ImageSource | VectorSource
