@@ -47,3 +47,29 @@ def help_text(command: str = "imgret-run", primary: str = "config.yaml") -> str:
     lines += ["  " + line for line in _without_hydra_section(conf.joinpath(primary).read_text())]
     lines += ["", "Hydra's flags:", "$FLAGS_HELP"]
     return "\n".join(line.replace("$", "$$") if "$FLAGS_HELP" not in line else line for line in lines)
+
+
+def reference_markdown() -> str:
+    """docs/reference/configuration.md: every config group with its options, and every option's keys with their
+    defaults and comments, read from the configs as `--help` reads them (`python -m imgret.cli > FILE` writes it)."""
+    conf = resources.files("imgret.conf")
+    lines = ["# Configuration reference", "",
+             "Generated from `conf/` by `python -m imgret.cli` (the code behind `imgret-run --help`); "
+             "tests/test_docs.py fails when it is stale. Any key can be set on the command line, e.g. "
+             "`k=5 method.nprobe=16`; a group's option is chosen with `group=option`.", "",
+             "## The run's own keys (conf/config.yaml)", "", "```yaml",
+             *_without_hydra_section(conf.joinpath("config.yaml").read_text()), "```", ""]
+    for group in sorted((d for d in conf.iterdir() if d.is_dir() and not d.name.startswith(("_", *GROUPS_SKIPPED))),
+                        key=lambda d: d.name):
+        prefix = "+" if group.name == "experiment" else ""
+        lines += [f"## {prefix}{group.name}=", ""]
+        for option in sorted((f for f in group.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name):
+            lines += [f"### {prefix}{group.name}={option.name[:-5]}", "",
+                      "```yaml", *option.read_text().rstrip("\n").splitlines(), "```", ""]
+    lines += ["## The web demo's keys (conf/serve.yaml)", "", "```yaml",
+              *_without_hydra_section(conf.joinpath("serve.yaml").read_text()), "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

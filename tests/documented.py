@@ -1,4 +1,4 @@
-"""The commands that the README and the config comments document, for the tests that run them.
+"""The commands that the README, the docs (docs/**/*.md) and the config comments document, for the tests that run them.
 
 A test runs a documented command by naming a fragment of it: `documented("hydra/launcher=joblib")` returns the one
 documented command that holds that fragment, and fails when none or several do, so a README edit that changes a
@@ -17,6 +17,17 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 README = PROJECT_ROOT / "README.md"
+DOCS = PROJECT_ROOT / "docs"
+
+
+def pages() -> list[Path]:
+    """The README and every page of the docs, where commands are documented."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def documentation_text() -> str:
+    """The README and the docs, one after the other."""
+    return "\n".join(page.read_text() for page in pages())
 SHARED = (PROJECT_ROOT / ".." / "shared").resolve()
 # Where a code span in the README's prose is a command rather than a key, a value or a file name.
 COMMAND_START = re.compile(r"^(python3? |\.venv/bin/|imgret-\w+ |mlflow |curl |torchrun |srun |/usr/bin/time |"
@@ -42,27 +53,27 @@ def _bash_line(line: str) -> str:
     return line.strip()
 
 
-def readme_commands(text: str) -> list[tuple[str, str]]:
-    """(command, where) for every command in the README: bash blocks line by line, `$ ` lines of transcripts,
-    python blocks whole, and code spans in the prose that start like a command."""
+def readme_commands(text: str, name: str = "README.md") -> list[tuple[str, str]]:
+    """(command, where) for every command in a page (`name`: the README, or a docs page): bash blocks line by line,
+    `$ ` lines of transcripts, python blocks whole, and code spans in the prose that start like a command."""
     found = []
     for block in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.M | re.S):
         lang, body = block.group(1), block.group(2)
         line_no = text.count("\n", 0, block.start()) + 2
         if lang == "python":
-            found.append((body, f"README.md:{line_no}"))
+            found.append((body, f"{name}:{line_no}"))
             continue
         for offset, line in enumerate(body.splitlines()):
             line = line.strip()
             if lang == "bash" and line and not line.startswith("#"):
-                found.append((_bash_line(line), f"README.md:{line_no + offset}"))
+                found.append((_bash_line(line), f"{name}:{line_no + offset}"))
             elif not lang and line.startswith("$ "):
-                found.append((line[2:], f"README.md:{line_no + offset}"))
+                found.append((line[2:], f"{name}:{line_no + offset}"))
     prose = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.M | re.S)
     for match in re.finditer(r"`([^`\n]+)`", prose):
         span = match.group(1)
         if COMMAND_START.match(span) and span not in NAMES:
-            found.append((span, f"README.md:{prose.count(chr(10), 0, match.start()) + 1}"))
+            found.append((span, f"{name}:{prose.count(chr(10), 0, match.start()) + 1}"))
     return found
 
 
@@ -88,7 +99,8 @@ def config_examples() -> list[tuple[str, str]]:
 def documented_commands() -> dict[str, list[str]]:
     """Every documented command, once, with every place that shows it."""
     commands: dict[str, list[str]] = {}
-    for command, where in readme_commands(README.read_text()) + config_examples():
+    documented_pages = [readme_commands(page.read_text(), page.relative_to(PROJECT_ROOT).as_posix()) for page in pages()]
+    for command, where in [found for page in documented_pages for found in page] + config_examples():
         commands.setdefault(command, []).append(where)
     return commands
 

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from conftest import write_images
-from documented import (NAMES, PROJECT_ROOT, QUICK, documented, documented_commands, environment, run_command,
-                        run_python, sandbox, smaller)
+from documented import (NAMES, PROJECT_ROOT, QUICK, documentation_text, documented, documented_commands, environment,
+                        run_command, run_python, sandbox, smaller)
 
 OFFLINE_ARCHIVE = "data.archive=../shared/data/tiny-imagenet-200.zip"
 QUICKSTART_PRECISION = 0.4  # the 4-class subset, chance 0.25: trained features gave 0.642 here (mAP@10 0.553)
@@ -96,10 +96,10 @@ def test_names_in_the_prose_are_real_commands():
     import importlib.util
     import shutil
 
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = documentation_text()
     path = environment()["PATH"]
     for name in sorted(NAMES):
-        assert f"`{name}`" in readme, f"{name!r} is no longer named in the README: drop it from NAMES"
+        assert f"`{name}`" in readme, f"{name!r} is no longer named in the README or the docs: drop it from NAMES"
         words = name.split()
         if words[:2] == ["python", "-m"]:
             assert importlib.util.find_spec(words[2].removesuffix(".X")) is not None, name
@@ -249,7 +249,7 @@ def test_embeddings_you_already_have(work):
 
 
 def test_a_bad_value_prints_the_documented_line(work):
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = documentation_text()
     command = documented("method=ivfpq method.pq_m=7")
     shown = readme.split(f"$ {command}\n", 1)[1].split("\n", 1)[0]
     result = run_command(command, work, check=False)
