@@ -179,6 +179,7 @@ def test_one_run_and_the_config_comments_example(work, subset):
     assert len({r.data.tags["gallery_store"] for r in runs}) == 1, "the second run reuses the first one's store"
 
 
+@pytest.mark.slow  # two README sweeps of several runs each
 def test_the_seed_table_and_the_ivf_sweep(work, subset):
     run_command(offline(documented("-m model=resnet18,mobilenet,clip method=brute,flat,ivf"), subset), work)
     sweep = smaller(documented("method=ivf nprobe=1,4,16,64"), {"nprobe=1,4,16,64": "nprobe=1,4,8"})
@@ -283,6 +284,7 @@ def test_the_srun_command_composes_and_passes_the_checks(work):
 # --------------------------------------------------------------------------- the study
 
 
+@pytest.mark.slow  # the README's study sweeps and their report
 def test_the_study_experiments_and_the_report(work, subset):
     ivf_study = ("hydra.sweeper.params.nlist='2,8'", "hydra.sweeper.params.nprobe='1,8'")
     for command, extra in [(documented("+experiment=seed_table model.image_size=64"), ()),
