@@ -251,11 +251,12 @@ def open_retriever(settings: ExtractSettings, data, methods: Sequence, variants:
     """A Retriever over the gallery of the image source `data` (its settings; an upload must be embedded by the same
     model), extracted as `settings` say, with an index per method config, each reused from the index cache or
     built, and its query variants."""
-    from imgret.sources.registry import has_model, load_splits
+    from imgret.sources.registry import has_model, load_splits, registry
 
     if not has_model(data):
-        raise bad_value("data", data.name, "an image source (tiny_imagenet, imagenet, folder, synthetic): "
-                        "queries are images, embedded by the model that made the gallery")
+        images = [name for name in registry() if has_model({"name": name})]
+        raise bad_value("data", data.name, f"an image source ({', '.join(images)}): queries are images, embedded by "
+                        "the model that made the gallery")
     splits = splits or load_splits(data, settings.seed)
     for method_cfg in methods:
         validate_search(method_cfg, 1, len(splits.gallery))
