@@ -25,7 +25,9 @@ from imgret.embed.resolve import precision_choice, resolve_device
 from imgret.index.groundtruth import exact_ground_truth
 from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at, recall_at,
                                     recall_at_ties, results_table, similarities_of)
-from imgret.measure.search import SearchSettings, search_threads, timed_search
+from imgret.index.base import BuiltIndex
+from imgret.measure.search import (ClientsRun, SearchRun, SearchSettings, concurrent_clients, search_threads,
+                                   timed_search)
 from imgret.measure.timing import PeakResidentSet, StageTimes
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,27 @@ def against_fp32_rows(settings: RunSettings, splits: Splits, embeddings, found_i
     return {VS_FP32_METRIC: recall_at(found_ids, truth.ids, 10)}
 
 
+def clients_metrics(run: ClientsRun) -> dict[str, float]:
+    return {f"qps_clients_{run.clients}": run.qps,
+            f"search_ms_p99_clients_{run.clients}": float(np.percentile(run.latencies_ms, 99))}
+
+
+def _search_stage(built: BuiltIndex, search: SearchSettings, query_vectors: np.ndarray, stages: StageTimes,
+                  memory: PeakResidentSet) -> tuple[SearchRun, list[ClientsRun], dict[str, float]]:
+    """The timed search, then the concurrent clients, and what the index adds (a database's ingest time, its
+    server's memory); the index closed after, however it ends (a database's server stopped)."""
+    k = search.k
+    try:
+        with stages.measure("search_s"), search_threads(search.threads), memory.paused():
+            found = timed_search(built.index, query_vectors, k, search.latency_queries, search.warmup_queries,
+                                 search.repeats, search.seed, progress=search.progress)
+            under_load = [concurrent_clients(built.index, query_vectors, k, count, search.clients_s, search.seed)
+                          for count in search.clients]
+        return found, under_load, built.run_metrics()
+    finally:
+        built.close()
+
+
 def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
                 watch_stores) -> RunResult:
     threads = configure_threads(settings.threads)
@@ -119,9 +142,7 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         truth = exact_ground_truth(gallery, queries, depth, cache_dir)
     with stages.measure("index_s"):
         built = open_index(settings.method, gallery, cache_dir, resolve_device(settings.extract.device))
-    with stages.measure("search_s"), search_threads(search.threads), memory.paused():
-        found = timed_search(built.index, query_vectors, k, search.latency_queries, search.warmup_queries,
-                             search.repeats, search.seed, progress=search.progress)
+    found, under_load, index_metrics = _search_stage(built, search, query_vectors, stages, memory)
 
     latency = latency_percentiles(found.latencies_ms)
     found_similarities = similarities_of(found.ids, gallery_vectors, query_vectors)
@@ -146,6 +167,8 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         "search_qps_batch": max(batch_qps),  # the best of search.repeats calls; all of them in a tag
         "build_s": built.build_s,
         "index_bytes": float(built.nbytes),
+        **index_metrics,
+        **{name: value for run in under_load for name, value in clients_metrics(run).items()},
         **embeddings.timings,
         "gallery_size": float(len(gallery)),
         "query_size": float(len(queries)),

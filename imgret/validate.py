@@ -70,6 +70,12 @@ def check_run_settings(cfg) -> None:
     check_whole("search.repeats", search.get("repeats", 3), 1, " of batch calls (the best is reported)")
     if search.get("threads") is not None:
         check_whole("search.threads", search.threads, 1, " of search threads, or null for `threads`")
+    clients = search.get("clients")
+    for count in ([] if clients is None else [clients] if isinstance(clients, int) else clients):
+        if not whole(count, 1, 64):
+            raise bad_value("search.clients", clients, "null, or client counts from 1 to 64 such as [1,2,4]")
+    if not number(search.get("clients_s")) or not 0 < search.clients_s <= 600:
+        raise bad_value("search.clients_s", search.get("clients_s"), "seconds per client count, more than 0, at most 600")
 
 
 def check_tracking(tracking) -> None:

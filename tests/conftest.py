@@ -117,3 +117,21 @@ def write_images(folder: Path, classes=("a", "b"), per_class: int = 6) -> Path:
         for i in range(per_class):
             Image.new("RGB", (32, 32), (i * 30 % 256, 40 * len(cls), 0)).save(folder / cls / f"{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    """(gallery, queries) rows of real images, extracted once by the pipeline's own stores."""
+    from imgret.api import open_stores
+    from imgret.embed.options import ExtractSettings
+    from imgret.sources.registry import provide
+
+    folder = tmp_path_factory.mktemp("real_store")
+    archive, digest = subset_zip(folder / "twenty.zip", 20, 30, 2)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0",
+            "model.image_size=112", f"paths.cache={folder / 'cache'}", "extract.progress=false",
+            "extract.latency_images=2", "num_workers=0"])
+    stores = open_stores(ExtractSettings.from_config(cfg), provide(cfg.data, cfg.seed))
+    return np.array(stores.gallery.vectors), np.array(stores.queries.vectors)  # writable, as Voyager wants

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, PROJECT_ROOT, subset_zip
+from conftest import CONF_DIR, PROJECT_ROOT
 from imgret.index.base import search_threads_now
 from imgret.index.build import build_index
 from imgret.index.methods import METHODS
@@ -98,24 +98,6 @@ NOT_EXACT_AT_ANY_LEVEL = {"ivfpq": "product-quantised codes", "factory": "whatev
 def compose_method(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[f"method={name}", "nlist=16", *overrides])
-
-
-@pytest.fixture(scope="module")
-def real_store(tmp_path_factory):
-    """(gallery, queries) rows of real images, extracted once by the pipeline's own stores."""
-    from imgret.api import open_stores
-    from imgret.embed.options import ExtractSettings
-    from imgret.sources.registry import provide
-
-    folder = tmp_path_factory.mktemp("libraries")
-    archive, digest = subset_zip(folder / "twenty.zip", 20, 30, 2)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0",
-            "model.image_size=112", f"paths.cache={folder / 'cache'}", "extract.progress=false",
-            "extract.latency_images=2", "num_workers=0"])
-    stores = open_stores(ExtractSettings.from_config(cfg), provide(cfg.data, cfg.seed))
-    return np.array(stores.gallery.vectors), np.array(stores.queries.vectors)  # writable, as Voyager wants
 
 
 APPROXIMATE_SCORES = {"ivfpq": "distances to its product-quantised codes, not to the rows"}

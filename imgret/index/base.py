@@ -47,6 +47,9 @@ def working(desc: str, enabled: bool = True):
         bar.close()
 
 
+EXTRAS = {"ann": "ANN library", "db": "vector database"}  # imgret's extras that install methods' libraries
+
+
 class MissingLibrary(ConfigError):
     """A method whose library is not installed: one line saying what to install."""
 
@@ -89,11 +92,14 @@ class Method:
     variant_param: str | None = None  # the query parameter the demo and the benchmark vary per call
     module: str | None = None  # the Python module it needs
     install: str | None = None  # what installs it (pip requirement), for the refusal
+    also_needs: tuple[str, ...] = ()  # other modules it needs (a database's client, its server's package)
+    extra: str = "ann"  # the extra of imgret that installs it with its kind
     file_suffix: str = ".index"
     ordering: str = "inner product"  # how it orders by cosine on the L2-normalised store
     reports_progress: bool = False  # shows its own progress while building (else imgret counts the seconds)
     companions: dict[str, str] = {}  # files that belong to a cached index: meta key -> suffix beside it
     unnamed_params: tuple[str, ...] = ()  # build parameters a cache file's name leaves out (they name themselves)
+    concurrent_searches: bool = True  # several threads may search one index at once (at one setting)
 
     def setting_words(self, opts: Mapping, keys) -> list[str]:
         """How a run's name shows these settings: each key run together with its value (nlist256)."""
@@ -106,14 +112,18 @@ class Method:
     # ------------------------------------------------------------------ checks
 
     def library(self) -> ModuleType | None:
+        """The module it searches with, imported; a missing one (or one it `also_needs`) refused in one line."""
         if self.module is None:
             return None
-        try:
-            return importlib.import_module(self.module)
-        except ImportError as error:
-            raise MissingLibrary(
-                f"method={self.name} needs the Python module {self.module} ({error.msg}): install it with "
-                f"`pip install {self.install}`, or `pip install 'imgret[ann]'` for every ANN library") from None
+        for module in (*self.also_needs, self.module):
+            try:
+                found = importlib.import_module(module)
+            except ImportError as error:
+                raise MissingLibrary(
+                    f"method={self.name} needs the Python module {module} ({error.msg}): install it with "
+                    f"`pip install {self.install}`, or `pip install 'imgret[{self.extra}]'` for every "
+                    f"{EXTRAS[self.extra]}") from None
+        return found
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
         """Refuse parameters it cannot run with (raise bad_value), before any work. Bounds that depend on the
@@ -143,6 +153,13 @@ class Method:
         """What the index cache records beside the file (companion files, counts)."""
         return {}
 
+    def run_metrics(self, native: Any) -> dict[str, float]:
+        """What a run logs of this index beyond the common metrics (a database's ingest time, server memory)."""
+        return {}
+
+    def close(self, native: Any) -> None:
+        """Release what the index holds beyond memory (a server process, connections) at the end of a run."""
+
     # ------------------------------------------------------------------ search
 
     def query_setting(self, opts: Mapping) -> dict:
@@ -166,19 +183,45 @@ class Method:
         return LibrarySearcher(self, native, dict(setting))
 
 
-class LibrarySearcher:
-    """A built index searched at one query setting. Several searchers share an index (the demo's variants):
-    libraries that keep the query setting on the index (not per call) are searched under the index's lock."""
+class SettingGate:
+    """Searches of one index at the same query setting run at once (concurrent clients); a search at another
+    setting waits until they are done, for libraries that keep the setting on the index rather than per call
+    (the demo's variants share an index). A method that cannot search from several threads at once admits one."""
 
-    _locks: dict[int, threading.Lock] = {}
+    def __init__(self, concurrent: bool):
+        self.concurrent = concurrent
+        self.condition = threading.Condition()
+        self.setting: dict | None = None
+        self.active = 0
+
+    @contextlib.contextmanager
+    def at(self, setting: dict):
+        with self.condition:
+            self.condition.wait_for(lambda: self.active == 0 or (self.concurrent and self.setting == setting))
+            self.setting, self.active = setting, self.active + 1
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.active -= 1
+                self.condition.notify_all()
+
+
+class LibrarySearcher:
+    """A built index searched at one query setting. Several searchers share an index (the demo's variants, and
+    concurrent clients) through its `SettingGate`."""
+
+    _gates: dict[int, SettingGate] = {}
+    _gates_lock = threading.Lock()
 
     def __init__(self, method: Method, native: Any, setting: dict):
         self.method, self.native, self.setting = method, native, setting
-        self.lock = self._locks.setdefault(id(native), threading.Lock())
+        with self._gates_lock:
+            self.gate = self._gates.setdefault(id(native), SettingGate(method.concurrent_searches))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = plain_rows(queries)
-        with self.lock:
+        with self.gate.at(self.setting):
             return self.method.search(self.native, queries, k, self.setting, search_threads_now())
 
     @property
@@ -208,6 +251,13 @@ class BuiltIndex:
     def at(self, setting: Mapping, device: str = "cpu") -> SearchIndex:
         """The same index searched at another query setting."""
         return self.method.searcher(self.native, setting, device)
+
+    def run_metrics(self) -> dict[str, float]:
+        return self.method.run_metrics(self.native) if self.method else {}
+
+    def close(self) -> None:
+        if self.method is not None:
+            self.method.close(self.native)
 
 
 FLOAT32 = np.dtype(np.float32)
@@ -269,9 +319,10 @@ def pack_folder(folder: Path, path: Path) -> None:
             packed.add(item, arcname=item.name)
 
 
-def unpack_folder(path: Path) -> tempfile.TemporaryDirectory:
-    """The folder `pack_folder` packed, unpacked into a working folder beside it for the library to load from."""
-    folder = new_folder(path)
+def unpack_folder(path: Path, folder: tempfile.TemporaryDirectory | None = None) -> tempfile.TemporaryDirectory:
+    """The folder `pack_folder` packed, unpacked into a working folder beside it (or `folder`) for the library to
+    load from."""
+    folder = folder or new_folder(path)
     with tarfile.open(path) as packed:
         packed.extractall(folder.name, filter="data")
     return folder

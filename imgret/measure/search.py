@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -35,13 +36,23 @@ class SearchSettings:
     tie_epsilon: float = _SEARCH.tie_epsilon
     seed: int = _RUN.seed  # which queries are timed one at a time
     progress: bool = _RUN.extract.progress
+    clients: tuple[int, ...] = ()  # client counts whose throughput is measured (search.clients)
+    clients_s: float = _SEARCH.clients_s
 
     @classmethod
     def from_config(cls, cfg) -> "SearchSettings":
         search = cfg.search
         return cls(k=int(cfg.k), latency_queries=int(search.latency_queries), warmup_queries=int(search.warmup_queries),
                    repeats=int(search.get("repeats", 3)), threads=search.get("threads"),
-                   tie_epsilon=float(search.tie_epsilon), seed=int(cfg.seed), progress=bool(cfg.extract.progress))
+                   tie_epsilon=float(search.tie_epsilon), seed=int(cfg.seed), progress=bool(cfg.extract.progress),
+                   clients=client_counts(search.get("clients")), clients_s=float(search.get("clients_s", 5)))
+
+
+def client_counts(clients) -> tuple[int, ...]:
+    """search.clients as a tuple of counts: null, one count, or a list of them."""
+    if clients is None:
+        return ()
+    return (int(clients),) if isinstance(clients, int) else tuple(int(count) for count in clients)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,68 @@ def timed_search(index: SearchIndex, queries: np.ndarray, k: int, latency_querie
         latencies[n] = (time.perf_counter() - start) * 1000
     return SearchRun(ids=ids, scores=scores, batch_seconds=tuple(batch_seconds), latencies_ms=latencies,
                      latency_sample=sample)
+
+
+@dataclass(frozen=True)
+class ClientsRun:
+    clients: int
+    queries: int  # answered within the time
+    seconds: float  # from the first call to the last answer
+    latencies_ms: np.ndarray
+
+    @property
+    def qps(self) -> float:
+        return self.queries / self.seconds
+
+
+def concurrent_clients(index: SearchIndex, queries: np.ndarray, k: int, clients: int, seconds: float,
+                       seed: int = 0) -> ClientsRun:
+    """`clients` threads, each sending one query at a time (its own random order of the queries) until `seconds`
+    have passed: how many were answered, and each one's latency. Libraries search the shared index from each
+    thread (their searches release the GIL); a database gives each thread its own connection."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    start_line = threading.Barrier(clients + 1)
+
+    errors: list[BaseException] = []
+    stop = threading.Event()  # set when the caller is interrupted: the clients end at their next query
+
+    def client(number: int) -> None:
+        try:
+            order = np.random.default_rng((seed, number)).permutation(len(queries))
+            mine = latencies[number]
+            index.search(queries[order[0]:order[0] + 1], k)  # its connection opened, untimed
+            start_line.wait()
+            deadline = time.perf_counter() + seconds
+            position = 0
+            while (began := time.perf_counter()) < deadline and not stop.is_set():
+                i = order[position % len(order)]
+                index.search(queries[i:i + 1], k)
+                mine.append((time.perf_counter() - began) * 1000)
+                position += 1
+        except BaseException as error:  # raised in the calling thread once every client has ended
+            errors.append(error)
+            start_line.abort()
+
+    threads = [threading.Thread(target=client, args=(number,), name=f"client-{number}", daemon=True)
+               for number in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            start_line.wait()
+        began = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - began
+    finally:
+        stop.set()
+        start_line.abort()
+    real = [error for error in errors if not isinstance(error, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    every = np.array([value for mine in latencies for value in mine], dtype=np.float64)
+    return ClientsRun(clients, len(every), elapsed, every)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ class DiskANNDisk(Method):
     execution_params = ("cache_nodes",)
     variant_param = "complexity"
     file_suffix = ".diskann-ssd.tar"
+    concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
     ordering = "inner product (distance_metric 'l2' on unit rows)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:

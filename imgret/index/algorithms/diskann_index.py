@@ -21,6 +21,7 @@ class DiskANN(Method):
     query_params = ("complexity",)
     variant_param = "complexity"
     file_suffix = ".diskann.tar"
+    concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
     ordering = "inner product (distance_metric 'mips')"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:

@@ -23,6 +23,7 @@ class NGT(Method):
     query_params = ("epsilon", "edge_size")
     variant_param = "epsilon"
     file_suffix = ".ngt.tar"
+    concurrent_searches = False  # its Python binding documents no thread safety for searches of one index
     ordering = "inner product (distance type 'Normalized Cosine', 1 - a·b on unit rows)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:

@@ -1,0 +1,136 @@
+"""LanceDB (embedded, on disk: the Lance columnar format), its vector indexes with distance type "dot" (distance
+1 - a·b: the inner product's order), searched through its client API (`table.search(query)...limit(k)`):
+
+- `lancedb`: IVF_PQ, product-quantised codes per partition, `nprobes` partitions visited, then `refine_factor`
+  times k candidates re-ranked on the full vectors read from disk (0: no re-ranking, the PQ distances' order).
+- `lancedb_hnsw_sq`: IVF_HNSW_SQ, an HNSW graph over scalar-quantised rows in each partition, `ef` its candidate
+  list.
+
+Lance sizes its own thread pools (its Rust runtime): `threads` does not bound its builds.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.errors import bad_value
+from imgret.index.base import ADD_CHUNK_ROWS, whole_params
+from imgret.index.databases import Database, DatabaseMethod
+
+TABLE = "items"
+
+
+class Lance(DatabaseMethod):
+    module, extra, install = "lancedb", "db", "lancedb==0.40.0"
+    query_path = "client API"
+    execution_params = ()
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        whole_params(opts, ("num_partitions",))
+        whole_params(opts, ("nprobes",), prefix="")
+        if gallery_size is not None and opts["num_partitions"] > gallery_size:
+            raise bad_value("method.num_partitions", opts["num_partitions"], f"at most the gallery size ({gallery_size})")
+
+    def invalid_combination(self, opts: Mapping) -> str | None:
+        if isinstance(opts.get("nprobes"), int) and isinstance(opts.get("num_partitions"), int) \
+                and opts["nprobes"] > opts["num_partitions"]:
+            return f"nprobes={opts['nprobes']} > num_partitions={opts['num_partitions']}"
+        return None
+
+    def index_config(self, opts: Mapping):
+        raise NotImplementedError
+
+    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
+        database.handle = self.library().connect(str(database.path / "lance"))
+
+    def ingest(self, database: Database, gallery: np.ndarray) -> None:
+        import pyarrow as pa
+
+        dim = gallery.shape[1]
+        schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
+
+        def batches():
+            for start in range(0, len(gallery), ADD_CHUNK_ROWS):
+                rows = gallery[start:start + ADD_CHUNK_ROWS]
+                yield pa.record_batch([pa.array(np.arange(start, start + len(rows)), pa.int64()),
+                                       pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim)], schema=schema)
+
+        database.handle.create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
+
+    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+        database.handle.open_table(TABLE).create_index("vector", config=self.index_config(opts))
+
+    def open(self, database: Database, opts: Mapping) -> None:
+        database.handle = self.library().connect(str(database.path / "lance"))
+
+    def shut(self, database: Database) -> None:
+        database.handle = None  # Lance's files are complete once written: nothing to flush
+
+    def connect(self, database: Database) -> Any:
+        return database.handle.open_table(TABLE)
+
+    def disconnect(self, session: Any) -> None:
+        pass
+
+    def request(self, session: Any, query: np.ndarray, k: int, setting: Mapping):
+        return (session.search(query).distance_type("dot").nprobes(int(setting["nprobes"])).limit(k)
+                .select(["id", "_distance"]))
+
+    def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        found = self.request(session, query, k, setting).to_arrow()
+        return found["id"].to_pylist(), [1 - value for value in found["_distance"].to_pylist()]
+
+
+class LanceIvfPq(Lance):
+    name, label, marker = "lancedb", "LanceDB IVF_PQ (client API)", "$L$"
+    build_params = ("num_partitions", "num_sub_vectors")
+    query_params = ("nprobes", "refine_factor")
+    variant_param = "nprobes"
+    ordering = "inner product (distance type 'dot', 1 - a·b), re-ranked on the full rows when refine_factor > 0"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
+        whole_params(opts, ("num_sub_vectors",))
+        whole_params(opts, ("refine_factor",), 0, prefix="")
+        if dim is not None and dim % opts["num_sub_vectors"]:
+            raise bad_value("method.num_sub_vectors", opts["num_sub_vectors"], f"a divisor of the dimension ({dim})")
+
+    def index_config(self, opts: Mapping):
+        from lancedb.index import IvfPq
+
+        return IvfPq(distance_type="dot", num_partitions=int(opts["num_partitions"]),
+                     num_sub_vectors=int(opts["num_sub_vectors"]))
+
+    def request(self, session: Any, query: np.ndarray, k: int, setting: Mapping):
+        search = super().request(session, query, k, setting)
+        return search.refine_factor(int(setting["refine_factor"])) if setting.get("refine_factor") else search
+
+
+class LanceHnswSq(Lance):
+    name, label, marker = "lancedb_hnsw_sq", "LanceDB IVF_HNSW_SQ (client API)", "$l$"
+    build_params = ("num_partitions", "hnsw_m", "ef_construction")
+    query_params = ("nprobes", "ef")
+    variant_param = "ef"
+    ordering = "inner product (distance type 'dot', 1 - a·b, on scalar-quantised rows)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
+        whole_params(opts, ("hnsw_m", "ef_construction"))
+        whole_params(opts, ("ef",), prefix="")
+
+    def check_k(self, opts: Mapping, k: int) -> None:
+        if opts["ef"] < k:
+            raise bad_value("ef", opts["ef"], f"at least k ({k})")
+
+    def index_config(self, opts: Mapping):
+        from lancedb.index import HnswSq
+
+        return HnswSq(distance_type="dot", num_partitions=int(opts["num_partitions"]), m=int(opts["hnsw_m"]),
+                      ef_construction=int(opts["ef_construction"]))
+
+    def request(self, session: Any, query: np.ndarray, k: int, setting: Mapping):
+        return super().request(session, query, k, setting).ef(int(setting["ef"]))
+
+
+METHODS = (LanceIvfPq(), LanceHnswSq())

@@ -1,0 +1,203 @@
+"""pgvector in a real PostgreSQL server: the PostgreSQL 16 and pgvector 0.6 that the `pgserver` wheel carries,
+started by imgret for the run on a unix socket only (no TCP), as `nobody` when imgret runs as root (PostgreSQL
+refuses root). Rows are ingested with COPY in binary; the index is HNSW or IVFFlat with `vector_ip_ops`, searched by
+`ORDER BY embedding <#> query LIMIT k` (negative inner product: the inner product's order), one SQL query per
+query vector, each client on its own connection.
+"""
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.errors import bad_value
+from imgret.index.base import whole_params
+from imgret.index.databases import Database, DatabaseMethod
+from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
+
+SOCKET_NAME = ".s.PGSQL.5432"
+SOCKET_PATH_MAX = 100  # a unix socket's path must fit sockaddr_un (107 bytes)
+SQL = "SELECT id, embedding <#> %(query)s FROM items ORDER BY embedding <#> %(query)s LIMIT %(k)s"
+
+
+def psycopg():
+    import psycopg
+
+    return psycopg
+
+
+def postgres_bin() -> Path:
+    return Path(importlib.util.find_spec("pgserver").submodule_search_locations[0]) / "pginstall" / "bin"
+
+
+def reachable_by(folder: Path, uid: int) -> bool:
+    """Whether the user `uid` may enter `folder` (every folder above it searchable by others, or theirs)."""
+    for step in (folder.resolve(), *folder.resolve().parents):
+        mode = step.stat()
+        if not (mode.st_mode & 0o001 or mode.st_uid == uid):
+            return False
+    return True
+
+
+class Postgres(DatabaseMethod):
+    """What both pgvector indexes share: the server, the table, COPY, and the query."""
+
+    module, also_needs, extra = "pgvector.psycopg", ("pgserver", "psycopg"), "db"
+    install = "pgserver==0.1.4 pgvector 'psycopg[binary]'"
+    concurrent_searches = True
+    execution_params = ("shared_buffers", "maintenance_work_mem")
+    knob = ""  # the session setting the query parameter sets (hnsw.ef_search, ivfflat.probes)
+    query_key = ""
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        for key in self.execution_params:
+            value = opts.get(key)
+            if not isinstance(value, str) or not value[:-2].isdigit() or value[-2:] not in ("kB", "MB", "GB"):
+                raise bad_value(f"method.{key}", value, "a PostgreSQL size such as 256MB or 2GB")
+        if dim is not None and dim > 2000:
+            raise bad_value("dim", dim, "at most 2000 dimensions (pgvector 0.6 indexes no wider vectors)")
+
+    # ------------------------------------------------------------------ the server
+
+    def working_folder(self, near: Path | None) -> tempfile.TemporaryDirectory:
+        owner = unprivileged()
+        if owner is None or near is None or reachable_by(near.parent, owner[0]):
+            return super().working_folder(near)
+        # the cache lies under a folder only root may enter (pytest's, a home folder): the server's copy in /tmp
+        return tempfile.TemporaryDirectory(prefix=f"imgret-{near.stem}.work.")
+
+    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
+        owner = unprivileged()
+        pgdata = database.path / "pgdata"
+        pgdata.mkdir()
+        hand_over(database.path, owner)
+        done = subprocess.run([postgres_bin() / "initdb", "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                               "--encoding=UTF8", "--no-instructions"], capture_output=True, text=True,
+                              user=owner[0] if owner else None, group=owner[1] if owner else None)
+        if done.returncode != 0:
+            raise ServerFailed(f"PostgreSQL's initdb failed (exit {done.returncode}): "
+                               f"{' | '.join(done.stderr.strip().splitlines()[-3:])}")
+        self.open(database, opts)
+        with psycopg().connect(**self._address(database), autocommit=True) as connection:
+            connection.execute("CREATE EXTENSION vector")
+            connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}))")
+
+    def _socket_folder(self, database: Database) -> Path:
+        if len(str(database.path / SOCKET_NAME)) <= SOCKET_PATH_MAX:
+            return database.path
+        if not hasattr(database, "socket_folder"):  # a deep cache folder: a short folder of its own in /tmp
+            database.socket_folder = tempfile.TemporaryDirectory(prefix="imgret-pg-")
+            hand_over(Path(database.socket_folder.name), unprivileged())
+        return Path(database.socket_folder.name)
+
+    def _address(self, database: Database) -> dict:
+        return {"host": str(self._socket_folder(database)), "user": "postgres", "dbname": "postgres"}
+
+    def open(self, database: Database, opts: Mapping) -> None:
+        owner = unprivileged()
+        hand_over(database.path, owner)
+        (database.path / "pgdata").chmod(0o700)
+        address = self._address(database)
+        database.server = start_server(
+            "PostgreSQL", [postgres_bin() / "postgres", "-D", database.path / "pgdata", "-k", address["host"],
+                           "-c", "listen_addresses=", "-c", f"shared_buffers={opts.get('shared_buffers', '128MB')}",
+                           "-c", f"maintenance_work_mem={opts.get('maintenance_work_mem', '64MB')}"],
+            ready=lambda: psycopg().connect(**address, connect_timeout=2).close() is None,
+            log_path=database.path / "postgres.log", stop_signal=signal.SIGINT, as_user=owner)
+
+    def shut(self, database: Database) -> None:
+        super().shut(database)  # SIGINT: PostgreSQL's fast shutdown, a checkpoint and a clean stop
+        if hasattr(database, "socket_folder"):
+            database.socket_folder.cleanup()
+            del database.socket_folder
+
+    def connect(self, database: Database) -> Any:
+        connection = psycopg().connect(**self._address(database), autocommit=True)
+        self.library().register_vector(connection)
+        connection.applied = None  # the query setting this session last set
+        return connection
+
+    # ------------------------------------------------------------------ rows and index
+
+    def ingest(self, database: Database, gallery: np.ndarray) -> None:
+        with self.session(database).cursor() as cursor:
+            with cursor.copy("COPY items (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "vector"])
+                for row, vector in enumerate(gallery):
+                    copy.write_row((row, vector))
+            cursor.execute("ANALYZE items")
+
+    def index_sql(self, opts: Mapping) -> str:
+        raise NotImplementedError
+
+    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+        connection = self.session(database)
+        connection.execute(f"SET max_parallel_maintenance_workers = {max(threads - 1, 0)}")
+        try:
+            connection.execute(self.index_sql(opts))
+        except psycopg().Error as error:
+            raise ServerFailed(f"PostgreSQL could not create the index: {str(error).strip().splitlines()[0]} "
+                               f"(log: {last_lines(database.path / 'postgres.log')})") from error
+
+    def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        if session.applied != setting:
+            session.execute(f"SET {self.knob} = {int(setting[self.query_key])}")
+            session.applied = dict(setting)
+        rows = session.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
+        return [row[0] for row in rows], [-row[1] for row in rows]
+
+
+class PgvectorHnsw(Postgres):
+    name, label, marker = "pgvector_hnsw", "pgvector HNSW (SQL)", "$P$"
+    build_params = ("hnsw_m", "ef_construction")
+    query_params = ("ef_search",)
+    variant_param = "ef_search"
+    knob, query_key = "hnsw.ef_search", "ef_search"
+    ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
+        whole_params(opts, ("hnsw_m", "ef_construction"), 2)
+        whole_params(opts, ("ef_search",), prefix="")
+        if opts["ef_search"] > 1000:
+            raise bad_value("ef_search", opts["ef_search"], "at most 1000 (pgvector's hnsw.ef_search)")
+
+    def check_k(self, opts: Mapping, k: int) -> None:
+        if opts["ef_search"] < k:  # pgvector returns at most ef_search rows through the index
+            raise bad_value("ef_search", opts["ef_search"], f"at least k ({k}): pgvector returns at most ef_search rows")
+
+    def index_sql(self, opts: Mapping) -> str:
+        return (f"CREATE INDEX ON items USING hnsw (embedding vector_ip_ops) "
+                f"WITH (m = {int(opts['hnsw_m'])}, ef_construction = {int(opts['ef_construction'])})")
+
+
+class PgvectorIvfflat(Postgres):
+    name, label, marker = "pgvector_ivfflat", "pgvector IVFFlat (SQL)", "$p$"
+    build_params = ("lists",)
+    query_params = ("probes",)
+    variant_param = "probes"
+    knob, query_key = "ivfflat.probes", "probes"
+    ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
+
+    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
+        whole_params(opts, ("lists",))
+        whole_params(opts, ("probes",), prefix="")
+        if gallery_size is not None and opts["lists"] > gallery_size:
+            raise bad_value("method.lists", opts["lists"], f"at most the gallery size ({gallery_size})")
+
+    def invalid_combination(self, opts: Mapping) -> str | None:
+        if isinstance(opts.get("probes"), int) and isinstance(opts.get("lists"), int) and opts["probes"] > opts["lists"]:
+            return f"probes={opts['probes']} > lists={opts['lists']}"
+        return None
+
+    def index_sql(self, opts: Mapping) -> str:
+        return f"CREATE INDEX ON items USING ivfflat (embedding vector_ip_ops) WITH (lists = {int(opts['lists'])})"
+
+
+METHODS = (PgvectorHnsw(), PgvectorIvfflat())

@@ -1,0 +1,242 @@
+"""The vector databases on a small real store (real Tiny-ImageNet images embedded by the trained EfficientNet-Lite0):
+imgret's ids equal the engine's own client calls on the same database; at the most exhaustive level, tie-aware
+recall@10 >= 0.99; a saved database reloaded gives the same ids; and no server process outlives a run that
+finished, failed, was stopped by SIGTERM or killed.
+
+Each engine's calls are written here with its own client (psycopg and SQL, DuckDB's SQL, LanceDB's and Chroma's
+APIs), not imgret's."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR, PROJECT_ROOT
+from imgret.index.build import build_index
+from imgret.index.methods import METHODS
+from imgret.measure.metrics import recall_at_ties
+
+K = 10
+DATABASES = [name for name, method in METHODS.items() if method.extra == "db"]
+pytest.importorskip("pgserver", reason="the vector databases need imgret[db]")
+
+
+def _pgvector(native, queries, setting):
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    socket_folder = (native.path / "pgdata" / "postmaster.pid").read_text().splitlines()[4]  # where it listens
+    knob = "hnsw.ef_search" if "ef_search" in setting else "ivfflat.probes"
+    with psycopg.connect(host=socket_folder, user="postgres", dbname="postgres", autocommit=True) as connection:
+        register_vector(connection)
+        connection.execute(f"SET {knob} = {next(iter(setting.values()))}")
+        return [[row[0] for row in connection.execute(
+            "SELECT id FROM items ORDER BY embedding <#> %s LIMIT %s", (query, K)).fetchall()] for query in queries]
+
+
+def _duckdb(native, queries, setting):
+    connection = native.handle.cursor()
+    connection.execute(f"SET hnsw_ef_search = {setting['ef_search']}")
+    dim = queries.shape[1]
+    return [[row[0] for row in connection.execute(
+        f"SELECT id FROM items ORDER BY array_negative_inner_product(embedding, ?::FLOAT[{dim}]) LIMIT {K}",
+        [query.tolist()]).fetchall()] for query in queries]
+
+
+def _lancedb(native, queries, setting):
+    import lancedb
+
+    table = lancedb.connect(str(native.path / "lance")).open_table("items")
+    found = []
+    for query in queries:
+        search = table.search(query).distance_type("dot").nprobes(setting["nprobes"]).limit(K)
+        if setting.get("refine_factor"):
+            search = search.refine_factor(setting["refine_factor"])
+        if "ef" in setting:
+            search = search.ef(setting["ef"])
+        found.append(search.to_arrow()["id"].to_pylist())
+    return found
+
+
+def _chroma(native, queries, setting):
+    native.handle.modify(configuration={"hnsw": {"ef_search": setting["ef_search"]}})
+    return [[int(row) for row in rows] for rows in native.handle.query(query_embeddings=queries, n_results=K)["ids"]]
+
+
+BARE = {"pgvector_hnsw": _pgvector, "pgvector_ivfflat": _pgvector, "duckdb_hnsw": _duckdb, "lancedb": _lancedb,
+        "lancedb_hnsw_sq": _lancedb, "chroma": _chroma}
+APPROXIMATE_SCORES = {"lancedb_hnsw_sq": "distances to its scalar-quantised rows"}
+
+
+def compose_method(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"method={name}", "nlist=16", *overrides])
+
+
+def test_every_database_has_its_client_calls_here():
+    assert set(BARE) == set(DATABASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DATABASES)
+def test_a_database_gives_its_engine_s_own_ids_reaches_0_99_at_its_top_level_and_reloads(name, real_store, tmp_path):
+    gallery, queries = real_store
+    top = len(compose_method(name).method.levels) - 1
+    cheap, exhaustive = compose_method(name, "level=0"), compose_method(name, f"level={top}")
+    built = build_index(exhaustive.method, gallery, tmp_path / "cache", "real")
+    server = built.native.server
+    try:
+        for cfg in (cheap, exhaustive):
+            setting = METHODS[name].query_setting(cfg.method)
+            ids = built.at(setting).search(queries, K)[1]
+            bare = np.asarray(BARE[name](built.native, queries, dict(setting)), dtype=np.int64)
+            assert np.array_equal(ids, bare), f"{name} at {setting}"
+        scores, found = built.index.search(queries, K)
+        similarities = queries @ gallery.T
+        found_scores = np.take_along_axis(similarities, found, 1)
+        if name not in APPROXIMATE_SCORES:
+            assert np.allclose(scores, found_scores, atol=1e-4), name
+        recall = recall_at_ties(found_scores, np.sort(similarities, axis=1)[:, ::-1][:, :K], K, 1e-6)
+        assert recall >= 0.99, f"{name} at {METHODS[name].query_setting(exhaustive.method)}: recall@10 {recall}"
+        metrics = built.run_metrics()
+        assert metrics["ingest_s"] > 0 and metrics["db_disk_bytes"] > gallery.nbytes
+        assert ("server_peak_rss_bytes" in metrics) == (server is not None)
+    finally:
+        built.close()
+    if server is not None:
+        assert not alive(server.pid), "the server outlived its index"
+    again = build_index(exhaustive.method, gallery, tmp_path / "cache", "real")
+    try:
+        assert again.reused and np.array_equal(again.index.search(queries, K)[1], found), name
+    finally:
+        again.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pgvector_run(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imgret.run", "method=pgvector_hnsw", "data=synthetic_vectors", "data.gallery_size=2000",
+         "data.query_size=100", "data.dim=16", "data.intrinsic_dim=8", "threads=1", "search.latency_queries=100",
+         f"paths.cache={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         f"hydra.run.dir={tmp_path / 'out'}", *overrides],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def server_pids(log: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"PostgreSQL started: pid (\d+)", log)]
+
+
+def last_status(tmp_path: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["imgret"], order_by=["start_time DESC"])["status"][0]
+
+
+@pytest.mark.slow
+def test_no_server_outlives_a_finished_a_failed_or_a_killed_run(tmp_path):
+    finished = pgvector_run(tmp_path / "finished", "search.clients=[1,2]", "search.clients_s=1")
+    log = finished.communicate(timeout=300)[0]
+    assert finished.returncode == 0, log[-2000:]
+    assert len(server_pids(log)) == 2 and not any(map(alive, server_pids(log)))  # built, then reopened once saved
+    assert last_status(tmp_path / "finished") == "FINISHED"
+    import mlflow
+
+    metrics = mlflow.search_runs(experiment_names=["imgret"]).iloc[0]
+    assert metrics["metrics.qps_clients_2"] > 0 and metrics["metrics.server_peak_rss_bytes"] > 10e6
+
+    # pgvector refuses m > 100 when it creates the index, after the server started: the run fails, the server stops
+    failed = pgvector_run(tmp_path / "failed", "method.hnsw_m=101")
+    log = failed.communicate(timeout=300)[0]
+    assert failed.returncode == 1 and len(server_pids(log)) == 1, log[-2000:]
+    assert "PostgreSQL could not create the index" in log.strip().splitlines()[-1]
+    assert not alive(server_pids(log)[0]) and last_status(tmp_path / "failed") == "FAILED"
+
+    for stop, code in ((signal.SIGTERM, 143), (signal.SIGKILL, -9)):
+        run = pgvector_run(tmp_path / stop.name, "search.clients=[1]", "search.clients_s=120")
+        seen = ""
+        deadline = time.monotonic() + 240
+        while len(server_pids(seen)) < 2 and time.monotonic() < deadline:  # searching, on the reopened server
+            seen += run.stdout.readline()
+        assert len(server_pids(seen)) == 2, seen[-2000:]
+        time.sleep(3)
+        os.kill(run.pid, stop)
+        seen += run.communicate(timeout=60)[0]
+        assert run.returncode == code, seen[-2000:]
+        pid = server_pids(seen)[-1]
+        deadline = time.monotonic() + 20  # after kill -9: the kernel's parent-death signal, then its fast shutdown
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(pid), f"PostgreSQL (pid {pid}) outlived a run stopped by {stop.name}"
+        if stop == signal.SIGTERM:
+            assert last_status(tmp_path / stop.name) == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_server_that_does_not_start_is_one_line_with_its_log_and_the_run_failed(tmp_path):
+    run = pgvector_run(tmp_path, "method.shared_buffers=900000GB")
+    log = run.communicate(timeout=300)[0]
+    assert run.returncode == 1, log[-2000:]
+    line = log.strip().splitlines()[-1]
+    assert line.startswith("error: PostgreSQL exited with code") and "log " in line and "shared_buffers" in line, line
+    assert last_status(tmp_path) == "FAILED"
+
+
+def test_clients_search_concurrently_for_the_time_given(tmp_path):
+    from imgret.measure.search import concurrent_clients
+
+    rows = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    built = build_index(compose_method("hnswlib", "ef_search=32").method, rows, tmp_path / "cache", "rows")
+    start = time.perf_counter()
+    run = concurrent_clients(built.index, rows[:50], K, clients=2, seconds=0.5)
+    assert 0.5 <= time.perf_counter() - start < 5
+    assert run.clients == 2 and run.queries == len(run.latencies_ms) > 10 and run.qps > 0
+
+    class Failing:
+        def search(self, queries, k):
+            raise RuntimeError("the server went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        concurrent_clients(Failing(), rows[:5], K, clients=2, seconds=0.5)
+
+
+def test_searches_at_one_setting_run_together_and_another_setting_waits():
+    import threading
+
+    from imgret.index.base import SettingGate
+
+    gate, inside, most = SettingGate(concurrent=True), [], [0]
+    lock = threading.Lock()
+
+    def search(setting):
+        with gate.at(setting):
+            with lock:
+                inside.append(setting)
+                most[0] = max(most[0], len(inside))
+                assert len(set(map(str, inside))) == 1, "two settings searched at once"
+            time.sleep(0.05)
+            with lock:
+                inside.remove(setting)
+
+    threads = [threading.Thread(target=search, args=({"ef": ef},)) for ef in (16, 16, 16, 64, 64, 16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] >= 2  # the same setting did run together
