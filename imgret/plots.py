@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display here, nor on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
-from imgret.index.methods import is_exact, method_label, method_marker, method_order  # noqa: E402
+from imgret.index.methods import METHODS, is_exact, method_label, method_marker, method_order  # noqa: E402
 from imgret.measure.study import (SCALING_METRICS, by_key, gallery_words, growth_exponent,  # noqa: E402
                                   pareto_frontier)
 
@@ -138,9 +138,14 @@ def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
     threads = sorted({str(r["search_threads"]) for r in runs})
     axes[0].set_title("one query per call: each point a library's query setting on its frontier")
     axes[1].set_title("all queries in one call")
-    figure.suptitle(f"{model}: ANN libraries, each one's Pareto frontier; {gallery_words(runs)}; "
+    figure.suptitle(f"{model}: {kinds_of(runs)}, each one's Pareto frontier; {gallery_words(runs)}; "
                     f"{'/'.join(threads)} search thread(s)")
     save(figure, path)
+
+
+def kinds_of(runs: list[dict]) -> str:
+    databases = any(METHODS[r["method"]].extra == "db" for r in runs if r["method"] in METHODS)
+    return "ANN libraries and vector databases" if databases else "ANN libraries"
 
 
 def _nprobe(run: dict) -> int:

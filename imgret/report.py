@@ -171,6 +171,33 @@ def libraries_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "libraries", header, rows)
 
 
+def databases_table(runs: list[dict], out: Path) -> str:
+    """Per model and vector database: what a database adds (ingest apart from the index's creation, its files on
+    disk, its server's memory beside the client's), and the fastest setting reaching each recall@10 target, with
+    its throughput under concurrent clients when the sweep measured it (search.clients)."""
+    databases = [r for r in runs if r["method"] in METHODS and METHODS[r["method"]].extra == "db"]
+    clients = sorted({int(key.removeprefix("qps_clients_")) for r in databases for key in r
+                      if key.startswith("qps_clients_")})
+    header = ["model", "database (query path)", "ingest s", "index creation s", "on disk MB", "server peak RSS GB",
+              "client peak RSS GB", *[f"recall@10 ≥ {t:.2f}: setting, QPS single / batch"
+                                      + "".join(f" / {n} clients" for n in clients) for t in RECALL_TARGETS]]
+    rows = []
+    for (model, method), group in sorted(by_key(databases, "model", "method").items(),
+                                         key=lambda item: (item[0][0], method_order(item[0][1]))):
+        server = max(r.get("server_peak_rss_bytes", float("nan")) for r in group)
+        row = [model, method_label(method), f"{max(r['ingest_s'] for r in group):.1f}",
+               f"{max(r['index_create_s'] for r in group):.1f}", f"{max(r['db_disk_bytes'] for r in group) / 2**20:,.0f}",
+               "in process" if server != server else f"{server / 2**30:.2f}",
+               f"{max(r.get('peak_rss_bytes', float('nan')) for r in group) / 2**30:.2f}"]
+        for target in RECALL_TARGETS:
+            best = max((r for r in group if r["recall_at_10"] >= target - 1e-12), key=single_query_qps, default=None)
+            row.append("not reached" if best is None else f"{best['setting']}: {single_query_qps(best):,.0f} / "
+                       f"{best['search_qps_batch']:,.0f}" + "".join(f" / {best.get(f'qps_clients_{n}', float('nan')):,.0f}"
+                                                                    for n in clients))
+        rows.append(row)
+    return write_table(out / "databases", header, rows)
+
+
 def precision_table(runs: list[dict], out: Path) -> str:
     """Per model, backend and precision: the extraction's speed as each store was made, and what the rows give in
     retrieval (exact search: a method without an index's own error), beside PyTorch eager fp32's."""
@@ -226,6 +253,13 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         for (model,), group in sorted(by_key(runs, "model").items()):
             libraries_plot(model, group, out / f"libraries_{model}.png")
             parts.append(f"![libraries {model}](libraries_{model}.png)\n")
+    if any(METHODS[r["method"]].extra == "db" for r in runs if r["method"] in METHODS):
+        parts += ["\n## Vector databases: what a database adds\n",
+                  "Ingest: the gallery's rows loaded, apart from the index's creation (both when the database was "
+                  "made). Server peak RSS: the largest sum of resident sets over the server's process tree, sampled "
+                  "while the run lasted (for a database reused from the cache, while it searched); an embedded "
+                  "database lives in the client's process. QPS under N clients: N threads each sending one query "
+                  "at a time for `search.clients_s` seconds, each on its own connection.\n", databases_table(runs, out)]
     extractions = {(r["backend"], r["precision"]) for r in extracted}
     if len(extractions) > 1:
         parts += ["\n## Precision and backend: what a cheaper extraction costs in retrieval\n",

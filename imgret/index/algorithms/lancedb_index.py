@@ -81,6 +81,16 @@ class Lance(DatabaseMethod):
         found = self.request(session, query, k, setting).to_arrow()
         return found["id"].to_pylist(), [1 - value for value in found["_distance"].to_pylist()]
 
+    def bare(self, native: Database, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        """One call for a batch (its rows tagged with `query_index`); one query alone as a client sends it."""
+        if len(queries) == 1:
+            return [self.query(self.session(native), queries[0], k, setting)]
+        found = self.request(self.session(native), queries, k, setting).to_arrow()
+        which, ids, distances = (found[name].to_numpy() for name in ("query_index", "id", "_distance"))
+        order = np.argsort(which, kind="stable")  # each query's rows together, in the order Lance ranked them
+        bounds = np.cumsum(np.bincount(which, minlength=len(queries)))[:-1]
+        return list(zip(np.split(ids[order], bounds), np.split(1 - distances[order], bounds)))
+
 
 class LanceIvfPq(Lance):
     name, label, marker = "lancedb", "LanceDB IVF_PQ (client API)", "$L$"
