@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -40,7 +39,8 @@ from imgret.errors import ConfigError, allowed, bad_value
 from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.index.brute import BruteForceIndex
 from imgret.index.build import build_index
-from imgret.index.methods import execution_params, is_exact, method_of, validate_search
+from imgret.index.filters import RowFilter, label_filter
+from imgret.index.methods import METHODS, execution_params, is_exact, method_of, validate_search
 from imgret.sources.base import ImageSet, ImagesToEmbed, ReadyVectors, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
@@ -201,15 +201,35 @@ class Retriever:
             raise bad_value("k", k, f"a whole number from 1 to the gallery size ({len(self.gallery)})")
         return self.indexes[index]
 
-    def search(self, vectors: np.ndarray, k: int, index: str) -> Neighbours:
+    def class_filter(self, vectors: np.ndarray, class_label: int) -> RowFilter:
+        """Each of these query vectors may return only gallery rows of `class_label`."""
+        return label_filter(np.asarray(self.gallery.labels), np.full(len(vectors), class_label))
+
+    def search(self, vectors: np.ndarray, k: int, index: str, class_label: int | None = None) -> Neighbours:
+        """The index's k nearest rows, or, with `class_label`, its k nearest of that class (the method's own filter
+        where it has one, else a deeper search post-filtered: `filter_mode`)."""
         choice = self.check(k, index)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         start = time.perf_counter()
-        scores, ids = choice.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        if class_label is None:
+            scores, ids = choice.search(vectors, k)
+        else:
+            method = choice.built.method
+            scores, ids = method.search_filtered(choice.built.native, vectors, k, method.query_setting(choice.setting),
+                                                 max(1, torch.get_num_threads()), self.class_filter(vectors, class_label),
+                                                 np.arange(len(vectors)))
         return Neighbours(ids, scores, time.perf_counter() - start)
 
-    def exact(self, vectors: np.ndarray, k: int) -> Neighbours:
+    def exact(self, vectors: np.ndarray, k: int, class_label: int | None = None) -> Neighbours:
+        """The exact k nearest rows (of `class_label` only, when given), by brute force over them."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         start = time.perf_counter()
-        scores, ids = self.reference.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        if class_label is None:
+            scores, ids = self.reference.search(vectors, k)
+        else:
+            scores, ids = METHODS["brute"].search_filtered(self.gallery.vectors, vectors, k, {}, 1,
+                                                           self.class_filter(vectors, class_label),
+                                                           np.arange(len(vectors)))
         return Neighbours(ids, scores, time.perf_counter() - start)
 
     def warm_up(self, k: int = 10) -> None:

@@ -22,10 +22,12 @@ from imgret.options import Options, config_defaults
 from imgret.embed.extract import fp32_reference_stores
 from imgret.embed.backend_choice import choose_backend
 from imgret.embed.resolve import precision_choice, resolve_device
-from imgret.index.groundtruth import exact_ground_truth
+from imgret.index.groundtruth import exact_filtered_ground_truth, exact_ground_truth
+from imgret.index.filtered import FilteredSearch
+from imgret.index.filters import FilterSettings, RowFilter
 from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at, recall_at,
                                     recall_at_ties, results_table, similarities_of)
-from imgret.index.base import BuiltIndex
+from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.measure.search import (ClientsRun, SearchRun, SearchSettings, concurrent_clients, search_threads,
                                    timed_search)
 from imgret.measure.timing import PeakResidentSet, StageTimes
@@ -43,11 +45,12 @@ class RunSettings:
     extract: ExtractSettings
     search: SearchSettings = field(default_factory=SearchSettings)
     threads: int | None = config_defaults().threads
+    filter: FilterSettings = field(default_factory=FilterSettings)
 
     @classmethod
     def from_config(cls, cfg) -> "RunSettings":
         return cls(Options.of(cfg.data), Options.of(cfg.method), ExtractSettings.from_config(cfg),
-                   SearchSettings.from_config(cfg), cfg.get("threads"))
+                   SearchSettings.from_config(cfg), cfg.get("threads"), FilterSettings.of(cfg.get("filter")))
 
 
 @dataclass
@@ -99,19 +102,38 @@ def clients_metrics(run: ClientsRun) -> dict[str, float]:
 
 
 def _search_stage(built: BuiltIndex, search: SearchSettings, query_vectors: np.ndarray, stages: StageTimes,
-                  memory: PeakResidentSet) -> tuple[SearchRun, list[ClientsRun], dict[str, float]]:
-    """The timed search, then the concurrent clients, and what the index adds (a database's ingest time, its
-    server's memory); the index closed after, however it ends (a database's server stopped)."""
+                  memory: PeakResidentSet, target: SearchIndex) -> tuple[SearchRun, list[ClientsRun], dict[str, float]]:
+    """The timed search of `target` (the index, or the index under a filter), then the concurrent clients, and what
+    the index adds (a database's ingest time, its server's memory); the index closed after, however it ends (a
+    database's server stopped)."""
     k = search.k
     try:
         with stages.measure("search_s"), search_threads(search.threads), memory.paused():
-            found = timed_search(built.index, query_vectors, k, search.latency_queries, search.warmup_queries,
+            found = timed_search(target, query_vectors, k, search.latency_queries, search.warmup_queries,
                                  search.repeats, search.seed, progress=search.progress)
-            under_load = [concurrent_clients(built.index, query_vectors, k, count, search.clients_s, search.seed)
+            under_load = [concurrent_clients(target, query_vectors, k, count, search.clients_s, search.seed)
                           for count in search.clients]
         return found, under_load, built.run_metrics()
     finally:
         built.close()
+
+
+def _accuracy(found_ids: np.ndarray, truth, embeddings, gallery_vectors: np.ndarray, query_vectors: np.ndarray,
+              row_filter: RowFilter | None, k: int, epsilon: float) -> dict[str, float]:
+    """Recall against the exact (filtered) neighbours, by ids and tie-aware, and the class-based precision; at 10
+    only when the search was 10 deep."""
+    found_similarities = similarities_of(found_ids, gallery_vectors, query_vectors)
+    if row_filter is not None:  # a row the filter does not allow is no answer: it counts as missing
+        found_similarities[~row_filter.allows(np.arange(len(found_ids))[:, None], found_ids)] = -np.inf
+    gallery, queries = embeddings.gallery, embeddings.queries
+    at_10 = {} if k < 10 else {
+        "recall_at_10": recall_at(found_ids, truth.ids, 10),
+        "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
+        "precision_at_10": precision_at(found_ids, gallery.labels, queries.labels, 10),
+        "map_at_10": map_at(found_ids, gallery.labels, queries.labels, 10)}
+    return {"recall_at_1": recall_at(found_ids, truth.ids, 1), **at_10,
+            "recall_at_k": recall_at(found_ids, truth.ids, k),
+            "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, k, epsilon)}
 
 
 def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
@@ -138,29 +160,23 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
 
     # Every figure below comes from the timed search: recall@10 and precision@10 only when it is 10 deep.
     depth = min(max(k, 10), len(gallery))  # the cached ground truth's depth (shared by every k up to 10)
+    row_filter = settings.filter.rows_for(gallery.labels, queries.labels, search.seed)
     with stages.measure("groundtruth_s"):
-        truth = exact_ground_truth(gallery, queries, depth, cache_dir)
+        truth = exact_ground_truth(gallery, queries, depth, cache_dir) if row_filter is None else \
+            exact_filtered_ground_truth(gallery, queries, depth, cache_dir, row_filter)
     with stages.measure("index_s"):
         built = open_index(settings.method, gallery, cache_dir, resolve_device(settings.extract.device))
-    found, under_load, index_metrics = _search_stage(built, search, query_vectors, stages, memory)
+    target = built.index if row_filter is None else \
+        FilteredSearch(built, built.method.query_setting(settings.method), row_filter, query_vectors)
+    found, under_load, index_metrics = _search_stage(built, search, query_vectors, stages, memory, target)
 
     latency = latency_percentiles(found.latencies_ms)
-    found_similarities = similarities_of(found.ids, gallery_vectors, query_vectors)
-    epsilon = search.tie_epsilon
     batch_qps = [len(query_vectors) / seconds for seconds in found.batch_seconds]
-    at_10 = {}
-    if k >= 10:
-        at_10 = {"recall_at_10": recall_at(found.ids, truth.ids, 10),
-                 "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
-                 "precision_at_10": precision_at(found.ids, gallery.labels, queries.labels, 10),
-                 "map_at_10": map_at(found.ids, gallery.labels, queries.labels, 10)}
-        if images:
-            at_10.update(against_fp32_rows(settings, images.splits, embeddings, found.ids, depth))
+    accuracy = _accuracy(found.ids, truth, embeddings, gallery_vectors, query_vectors, row_filter, k, search.tie_epsilon)
+    if images and row_filter is None and k >= 10:
+        accuracy.update(against_fp32_rows(settings, images.splits, embeddings, found.ids, depth))
     metrics = {
-        "recall_at_1": recall_at(found.ids, truth.ids, 1),
-        **at_10,
-        "recall_at_k": recall_at(found.ids, truth.ids, k),
-        "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, k, epsilon),
+        **accuracy,
         "search_ms_p50": latency[50],
         "search_ms_p95": latency[95],
         "search_ms_p99": latency[99],
@@ -168,6 +184,7 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         "build_s": built.build_s,
         "index_bytes": float(built.nbytes),
         **index_metrics,
+        **({"filter_selectivity": row_filter.selectivity} if row_filter else {}),
         **{name: value for run in under_load for name, value in clients_metrics(run).items()},
         **embeddings.timings,
         "gallery_size": float(len(gallery)),
@@ -184,6 +201,8 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         **(precision.tags() if precision else {}),
         **(backend.tags() if backend else {}),
         "index_built": str(not built.reused).lower(),
+        "filter": row_filter.describe() if row_filter else "none",
+        "filter_mode": built.method.filter_mode if row_filter and built.method else "none",
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),
         "search_threads": str(search.threads or threads),

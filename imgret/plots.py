@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: no display here, nor on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
 from imgret.index.methods import METHODS, is_exact, method_label, method_marker, method_order  # noqa: E402
-from imgret.measure.study import (SCALING_METRICS, by_key, gallery_words, growth_exponent,  # noqa: E402
+from imgret.measure.study import (SCALING_METRICS, by_key, gallery_words, growth_exponent, single_query_qps,  # noqa: E402
                                   pareto_frontier)
 
 
@@ -116,11 +116,6 @@ def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
     save(figure, path, dpi=100)
 
 
-def single_query_qps(run: dict) -> float:
-    """Queries per second one query per call (ann-benchmarks' QPS): from the median single-query latency."""
-    return 1000.0 / run["search_ms_p50"]
-
-
 def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
     """One Pareto frontier per method (each library's own best settings), recall@10 against single-query QPS and
     against batch QPS: where each library stands, at every recall."""
@@ -174,4 +169,21 @@ def ivf_nprobe_plot(runs: list[dict], path: Path) -> None:
         recall_axis(axis, "nprobe: inverted lists visited per query (log scale)", base=2, title="IVF-Flat",
                     title_fontsize=7, loc="lower right")
     figure.suptitle(f"IVF recall@10 against nprobe, trained and random features; {gallery_words(ivf)}")
+    save(figure, path)
+
+
+def filtered_plot(model: str, runs: list[dict], path: Path) -> None:
+    """One panel per filter (least selective first): each method's Pareto frontier of recall@10 against single-query
+    QPS under that filter."""
+    groups = sorted(by_key(runs, "filter").items(), key=lambda item: -item[1][0].get("filter_selectivity", 1.0))
+    figure, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 5), squeeze=False)
+    for axis, ((described,), group) in zip(axes[0], groups):
+        for (method,), of_method in sorted(by_key(group, "method").items(), key=lambda item: method_order(item[0][0])):
+            frontier = pareto_frontier([r["recall_at_10"] for r in of_method], [single_query_qps(r) for r in of_method])
+            points = sorted((single_query_qps(of_method[i]), of_method[i]["recall_at_10"]) for i in frontier)
+            axis.plot([x for x, _ in points], [y for _, y in points], marker=method_marker(method),
+                      markersize=9 if is_exact(method) else 5, label=method_label(method))
+        recall_axis(axis, "queries per second, one query per call (log scale)", loc="lower left")
+        axis.set_title(described, fontsize=9)
+    figure.suptitle(f"{model}: filtered search, each method's frontier per filter; {gallery_words(runs)}")
     save(figure, path)

@@ -28,11 +28,11 @@ from mlflow.tracking import MlflowClient
 from imgret.index.methods import METHODS, method_label, method_order
 from imgret.measure.metrics import VS_FP32_METRIC
 from imgret.options import config_defaults
-from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key,
+from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key, filtered_rows,
                                   gallery_words, growth_exponent, markdown_table, operating_point_rows,
-                                  provenance_lines, representative)
-from imgret.plots import (end_to_end_plot, features_of, ivf_nprobe_plot, libraries_plot, pareto_plot, scaling_plot,
-                          series_label, single_query_qps)
+                                  provenance_lines, representative, single_query_qps)
+from imgret.plots import (end_to_end_plot, features_of, filtered_plot, ivf_nprobe_plot, libraries_plot, pareto_plot,
+                          scaling_plot, series_label)
 from imgret.track.study_rows import load_runs
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,23 @@ def databases_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "databases", header, rows)
 
 
+def clients_table(runs: list[dict], out: Path, target: float = 0.95) -> str:
+    """Per method measured under concurrent clients (search.clients), libraries and databases alike: the fastest
+    setting (single-query QPS) reaching `target` recall@10, with its QPS and p99 latency at each client count."""
+    counts = sorted({int(key.removeprefix("qps_clients_")) for r in runs for key in r if key.startswith("qps_clients_")})
+    header = ["model", "method", f"setting (fastest at recall@10 ≥ {target:.2f})",
+              *[f"{n} client{'s' * (n > 1)}: QPS, p99 ms" for n in counts]]
+    rows = []
+    for (model, method), group in sorted(by_key(runs, "model", "method").items(),
+                                         key=lambda item: (item[0][0], method_order(item[0][1]))):
+        measured = [r for r in group if r["recall_at_10"] >= target - 1e-12 and f"qps_clients_{counts[0]}" in r]
+        best = max(measured, key=single_query_qps, default=None)
+        if best is not None:
+            rows.append([model, method_label(method), best["setting"],
+                         *[f"{best[f'qps_clients_{n}']:,.0f}, {best[f'search_ms_p99_clients_{n}']:.2f}" for n in counts]])
+    return write_table(out / "clients", header, rows)
+
+
 def precision_table(runs: list[dict], out: Path) -> str:
     """Per model, backend and precision: the extraction's speed as each store was made, and what the rows give in
     retrieval (exact search: a method without an index's own error), beside PyTorch eager fp32's."""
@@ -253,6 +270,17 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
         for (model,), group in sorted(by_key(runs, "model").items()):
             libraries_plot(model, group, out / f"libraries_{model}.png")
             parts.append(f"![libraries {model}](libraries_{model}.png)\n")
+    if any(r["filter"] != "none" for r in runs):
+        filtered = [r for r in runs if r["filter"] != "none"]
+        table, verdicts = filtered_rows(filtered)
+        parts += ["\n## Filtered search: recall against speed at each selectivity\n",
+                  "The fastest setting (single-query QPS) reaching recall@10 0.95 against the exact filtered "
+                  "neighbours, per filter and method, and how the method searched under the filter.\n",
+                  write_table(out / "filtered", ["filter", "method", "how it filters", "recall@10 ≥ 0.95: setting, QPS"],
+                              table), "\n".join(verdicts) + "\n"]
+        for (model,), group in sorted(by_key(filtered, "model").items()):
+            filtered_plot(model, group, out / f"filtered_{model}.png")
+            parts.append(f"![filtered {model}](filtered_{model}.png)\n")
     if any(METHODS[r["method"]].extra == "db" for r in runs if r["method"] in METHODS):
         parts += ["\n## Vector databases: what a database adds\n",
                   "Ingest: the gallery's rows loaded, apart from the index's creation (both when the database was "
@@ -260,6 +288,8 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
                   "while the run lasted (for a database reused from the cache, while it searched); an embedded "
                   "database lives in the client's process. QPS under N clients: N threads each sending one query "
                   "at a time for `search.clients_s` seconds, each on its own connection.\n", databases_table(runs, out)]
+    if any(key.startswith("qps_clients_") for r in runs for key in r):
+        parts += ["\n## Throughput under concurrent clients\n", clients_table(runs, out)]
     extractions = {(r["backend"], r["precision"]) for r in extracted}
     if len(extractions) > 1:
         parts += ["\n## Precision and backend: what a cheaper extraction costs in retrieval\n",

@@ -111,6 +111,22 @@ def check_writable(key: str, folder: Path, value=None) -> None:
                         f"a folder this process can write to ({getattr(error, 'strerror', None) or error})") from error
 
 
+FILTER_KINDS = ("none", "label", "attribute")
+
+
+def check_filter(row_filter, source) -> None:
+    """filter=none | label (a labelled source's classes) | attribute with a selectivity in (0, 1]."""
+    kind, selectivity = row_filter.get("kind", "none"), row_filter.get("selectivity")
+    if kind not in FILTER_KINDS:
+        raise bad_value("filter.kind", kind, f"one of {', '.join(FILTER_KINDS)} (filter=label, filter=attribute)")
+    if kind == "attribute" and not (number(selectivity) and 0 < selectivity <= 1):
+        raise bad_value("filter.selectivity", selectivity, "the share of the gallery each query may return, in (0, 1]")
+    if kind != "attribute" and selectivity is not None:
+        raise bad_value("filter.selectivity", selectivity, f"null for filter={kind} (only filter=attribute takes one)")
+    if kind == "label" and not getattr(source, "labelled", True):
+        raise bad_value("filter", "label", f"none or attribute for data={source.name}, whose vectors have no classes")
+
+
 def invalid_point(cfg) -> str | None:
     """Why this combination of settings cannot run (a sweep with skip_invalid=true skips it), or None: a method's
     own combinations (nprobe > nlist, ...), and a precision its extraction backend does not run."""
@@ -118,6 +134,11 @@ def invalid_point(cfg) -> str | None:
     from imgret.index.methods import invalid_combination
 
     extract = cfg.get("extract") or {}
+    row_filter = cfg.get("filter") or {}
+    if row_filter.get("kind") != "attribute" and row_filter.get("selectivity") is not None:
+        return f"filter={row_filter.get('kind')} takes no selectivity"
+    if row_filter.get("kind") == "attribute" and row_filter.get("selectivity") is None:
+        return "filter=attribute needs a selectivity"
     return invalid_combination(cfg.method) or invalid_extract_combination(extract.get("backend", "torch"),
                                                                          extract.get("precision", "auto"))
 
@@ -133,8 +154,9 @@ def validate_config(cfg) -> None:
     from imgret.embed.models import describe_encoder, output_dim
     from imgret.embed.options import DEFAULT_DECODER
 
-    check_data(cfg.data)
     source = source_of(cfg.data)
+    check_filter(cfg.get("filter") or {}, source)
+    check_data(cfg.data)
     if isinstance(source, VectorSource):  # no model: the vectors' own dimension and count
         gallery_size, dim = source.shape(cfg.data)
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)

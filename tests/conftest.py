@@ -120,8 +120,9 @@ def write_images(folder: Path, classes=("a", "b"), per_class: int = 6) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_store(tmp_path_factory):
-    """(gallery, queries) rows of real images, extracted once by the pipeline's own stores."""
+def real_stores(tmp_path_factory):
+    """The gallery and query stores of real images (20 classes, 30 and 2 images each), extracted once by the
+    pipeline's own stores."""
     from imgret.api import open_stores
     from imgret.embed.options import ExtractSettings
     from imgret.sources.registry import provide
@@ -133,5 +134,10 @@ def real_store(tmp_path_factory):
             f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0",
             "model.image_size=112", f"paths.cache={folder / 'cache'}", "extract.progress=false",
             "extract.latency_images=2", "num_workers=0"])
-    stores = open_stores(ExtractSettings.from_config(cfg), provide(cfg.data, cfg.seed))
-    return np.array(stores.gallery.vectors), np.array(stores.queries.vectors)  # writable, as Voyager wants
+    return open_stores(ExtractSettings.from_config(cfg), provide(cfg.data, cfg.seed))
+
+
+@pytest.fixture(scope="module")
+def real_store(real_stores):
+    """(gallery, queries) rows of real images."""
+    return np.array(real_stores.gallery.vectors), np.array(real_stores.queries.vectors)  # writable, as Voyager wants

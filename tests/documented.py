@@ -211,3 +211,27 @@ def run_python(code: str, cwd: Path, timeout: float = 600) -> subprocess.Complet
                             env=environment())
     assert result.returncode == 0, f"{code}\nexit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def docs_study(command: str, tmp_path, tiny_subset_zip, *extra: str):
+    """A docs study command at the real archive's 4-class subset (its own checksum), in a sandbox of its own."""
+    archive, digest = tiny_subset_zip
+    work = sandbox(tmp_path)
+    run_command(smaller(command, {"data.archive=../shared/data/tiny-imagenet-200.zip":
+                                  f"data.archive={archive} data.checksums=[{digest}]"}, ("nlist=8", *QUICK, *extra)), work)
+    return work
+
+
+def run_small(command: str, tmp_path, *extra: str):
+    """A documented `python -m imgret.run` command in its own process with its cache and tracking store under
+    `tmp_path` (and `extra` overrides appended): the MLflow run it recorded (a pandas row)."""
+    command = smaller(command, None, (*extra, f"paths.cache={tmp_path / 'cache'}",
+                                      f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                      f"hydra.run.dir={tmp_path / 'out'}"))
+    done = subprocess.run(command, shell=True, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                          env=environment())
+    assert done.returncode == 0, done.stderr[-2000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["imgret"]).iloc[0]

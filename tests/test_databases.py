@@ -21,6 +21,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, PROJECT_ROOT
+from documented import docs_study, documented, run_command, run_small
 from imgret.index.build import build_index
 from imgret.index.methods import METHODS
 from imgret.measure.metrics import recall_at_ties
@@ -197,6 +198,15 @@ def test_a_server_that_does_not_start_is_one_line_with_its_log_and_the_run_faile
     assert last_status(tmp_path) == "FAILED"
 
 
+@pytest.mark.slow
+def test_the_documented_database_run_with_two_clients(tmp_path):
+    command = documented("data.gallery_size=20000 data.query_size=200 data.dim=64 method=pgvector_hnsw")
+    run = run_small(command.replace("data.gallery_size=20000", "data.gallery_size=3000"), tmp_path,
+                    "search.clients_s=0.5")
+    assert run["metrics.qps_clients_1"] > 0 and run["metrics.qps_clients_2"] > 0
+    assert run["metrics.recall_at_10"] > 0.9 and run["metrics.ingest_s"] > 0
+
+
 def test_clients_search_concurrently_for_the_time_given(tmp_path):
     from imgret.measure.search import concurrent_clients
 
@@ -240,3 +250,17 @@ def test_searches_at_one_setting_run_together_and_another_setting_waits():
     for thread in threads:
         thread.join()
     assert most[0] >= 2  # the same setting did run together
+
+
+@pytest.mark.slow
+def test_the_vector_databases_study_and_its_report(tmp_path, tiny_subset_zip):
+    """The docs' vector-databases study at the subset's size: a database server and an embedded one, two levels,
+    then the report's databases table and the one Pareto plot of libraries and databases."""
+    command = documented("+experiment=vector_databases model=efficientnet_lite0 data.archive=")
+    work = docs_study(command, tmp_path, tiny_subset_zip, "method=hnswlib,pgvector_hnsw,duckdb_hnsw", "level=0,9",
+                      "search.clients_s=0.5")
+    printed = run_command(documented("python -m imgret.report --experiment vector_databases"), work).stdout
+    assert "Vector databases: what a database adds" in printed
+    assert "| pgvector HNSW (SQL) |" in printed and "| DuckDB vss HNSW (SQL) | " in printed
+    assert " / 2 clients" in printed  # each recall target's setting with its QPS under 1 and 2 clients
+

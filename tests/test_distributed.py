@@ -39,7 +39,7 @@ def assert_same_store(store: EmbeddingStore, reference: EmbeddingStore) -> None:
 @pytest.mark.slow
 def test_two_process_ddp_extraction_gives_the_store_one_process_gives(make_cfg, tmp_path):
     # 65 gallery images over 2 ranks with batch 4: the sampler pads one rank with a repeat, which must vanish
-    result = run_small(tmp_path / "ddp", documented("model.image_size=64 nlist=16 extract.devices=2 extract.strategy=ddp"),
+    result = run_small(tmp_path / "ddp", documented("python -m imgret.run data=synthetic model.pretrained=false model.image_size=64 nlist=16 extract.devices=2 extract.strategy=ddp"),
                        None, "method=flat")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr

@@ -169,6 +169,28 @@ def test_a_query_from_the_query_set_has_its_precision(served):
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
 
 
+def test_a_class_filter_answers_only_that_class_and_its_exact_neighbours_among_it(served):
+    retriever, client, _ = served
+    classes = client.get("/api/indexes").json()["classes"]
+    assert [c["label"] for c in classes] == list(range(len(retriever.class_names))) and len(classes) >= 2
+    picked = client.get("/api/queries/random").json()
+    other = next(c["label"] for c in classes if c["label"] != picked["label"])  # a class that is not the query's
+    labels = np.asarray(retriever.gallery.labels)
+    from imgret import api
+
+    vector = retriever.embedder.embed([api.load_image(retriever.queries.paths[picked["id"]])])[0]
+    rows = np.flatnonzero(labels == other)  # the exact answer, by numpy over that class's rows
+    expected = rows[np.argsort(-(np.asarray(retriever.gallery.vectors)[rows] @ vector))[:K]]
+    for index in ("flat", "ivf nlist=4 nprobe=1"):
+        body = search(client, query_id=picked["id"], k=K, index=index, class_label=other).json()
+        assert body["class_label"] == other and body["results"]
+        assert all(r["label"] == other for r in body["results"] + body["exact"])
+        assert {r["id"] for r in body["exact"]} == set(expected.tolist())
+        assert body["filter_mode"].startswith("its own filter")  # FAISS's IDSelector
+    refused = search(client, query_id=picked["id"], k=K, class_label=len(classes))
+    assert refused.status_code == 400 and f"class_label={len(classes)}" in refused.json()["detail"]
+
+
 def test_thumbnails_by_id_only(served):
     retriever, client, _ = served
     response = client.get("/api/thumbnails/3")

@@ -246,3 +246,4 @@ def test_a_vector_study_is_described_as_vectors_not_images():
     assert gallery_words(rows) == "gallery 1,000,000 vectors of 128 dimensions, 10,000 queries"
     rows = [{"model": "resnet18", "gallery_size": 100.0, "query_size": 10.0, "dim": 512.0, "image_size": "64"}]
     assert gallery_words(rows) == "gallery 100 images, 10 queries, 64 px"
+

@@ -1,6 +1,7 @@
-"""The libraries part: for every ANN method whose library is installed, imgret's timed search against a bare loop of
-the library's own calls (`Method.bare`) on the same built index, queries and setting, interleaved over rounds; batch
-and one query per call, on one thread (ann-benchmarks' protocol). Each figure is the median of its rounds."""
+"""The libraries part: for every ANN method and vector database whose library is installed, imgret's timed search
+against a bare loop of the library's own calls (`Method.bare`: a database's client calls, SQL or its API, through
+one session) on the same built index, queries and setting, interleaved over rounds; batch and one query per call,
+on one thread (ann-benchmarks' protocol). Each figure is the median of its rounds."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -48,8 +49,11 @@ def bench_method(name: str, gallery: np.ndarray, queries: np.ndarray, single_que
     built = build_index(cfg, gallery)
     setting = method.query_setting(cfg)
     bare = BareCalls(lambda rows, k: method.bare(built.native, rows, k, setting, 1))
-    with search_threads(1):
-        figures = against_bare(built.index, bare, queries, k, single_queries, rounds)
+    try:
+        with search_threads(1):
+            figures = against_bare(built.index, bare, queries, k, single_queries, rounds)
+    finally:
+        built.close()  # a database's server stopped
     return {"method": name, "library": installed(method), "setting": setting, "build_s": built.build_s, **figures}
 
 

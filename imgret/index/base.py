@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imgret.errors import ConfigError, bad_value, whole
+from imgret.index.filters import RowFilter, keep_allowed, post_filter_depth
 
 ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
 
@@ -100,6 +101,7 @@ class Method:
     companions: dict[str, str] = {}  # files that belong to a cached index: meta key -> suffix beside it
     unnamed_params: tuple[str, ...] = ()  # build parameters a cache file's name leaves out (they name themselves)
     concurrent_searches: bool = True  # several threads may search one index at once (at one setting)
+    filter_mode: str = "post-filter"  # how it searches under a filter: its own filter, or a deeper search post-filtered
 
     def setting_words(self, opts: Mapping, keys) -> list[str]:
         """How a run's name shows these settings: each key run together with its value (nlist256)."""
@@ -181,6 +183,14 @@ class Method:
 
     def searcher(self, native: Any, setting: Mapping, device: str = "cpu") -> SearchIndex:
         return LibrarySearcher(self, native, dict(setting))
+
+    def search_filtered(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int,
+                        row_filter: RowFilter, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's k best rows among those `row_filter` allows it (query `query_ids[i]`), padded with -inf
+        and -1. Here: a search `post_filter_depth` deep, its allowed results kept; a method with a filter of its
+        own overrides this (and says so in `filter_mode`)."""
+        scores, ids = self.search(native, queries, post_filter_depth(k, row_filter), setting, threads)
+        return keep_allowed(row_filter, query_ids, scores, ids, k)
 
 
 class SettingGate:

@@ -19,6 +19,12 @@ RUN_METRICS = (
     "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
 )
 
+# Only for a vector database: its gallery's ingest apart from its index's creation, its files on disk, and (for a
+# server) the server process tree's peak resident set.
+DATABASE_METRICS = ("ingest_s", "index_create_s", "db_disk_bytes", "server_peak_rss_bytes")
+# Only with search.clients: per client count N, the queries answered per second and their p99 latency.
+CLIENTS_METRICS = ("qps_clients_N", "search_ms_p99_clients_N")
+
 # Only at another precision or backend than PyTorch eager fp32, when the cache holds fp32's stores of the same
 # images: recall@10 against the exact neighbours of the fp32 rows (what the cheaper rows cost in retrieval).
 VS_FP32_METRIC = "recall_at_10_vs_fp32"

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from imgret.index.methods import method_label
+from imgret.index.methods import is_exact, method_label
 
 RECALL_TARGETS = (0.90, 0.95, 0.99)
 
@@ -147,3 +147,32 @@ def parent_note(runs: list[dict], parent_id: str, planned: str) -> str:
         "**Provenance**:", "", *provenance_lines(runs), "",
         f"The whole study (tables, Pareto plots): `python -m imgret.report --parent {parent_id}`, then "
         "report/report.html among this run's artifacts."])
+
+
+def single_query_qps(run: dict) -> float:
+    """Queries per second one query per call: 1000 / the median single-query latency."""
+    return 1000.0 / run["search_ms_p50"] if run["search_ms_p50"] > 0 else float("nan")
+
+
+def filtered_rows(runs: list[dict], target: float = 0.95) -> tuple[list[list[str]], list[str]]:
+    """Per filter (least selective first) and method: the fastest setting (single-query QPS) reaching `target`
+    recall@10; and per filter, which method was fastest there, saying where exact search over the allowed rows won."""
+    rows, verdicts = [], []
+    groups = sorted(by_key(runs, "filter").items(), key=lambda item: -item[1][0].get("filter_selectivity", 1.0))
+    for (described,), group in groups:
+        best_of = {}
+        for (method,), of_method in sorted(by_key(group, "method").items()):
+            reaching = [r for r in of_method if r["recall_at_10"] >= target - 1e-12]
+            best = max(reaching, key=single_query_qps, default=None)
+            best_of[method] = best
+            rows.append([described, method_label(method), of_method[0]["filter_mode"],
+                         "not reached" if best is None else
+                         f"{best['setting'] or 'exact'}: {single_query_qps(best):,.0f} QPS (R@10 {best['recall_at_10']:.3f})"])
+        reached = {method: best for method, best in best_of.items() if best is not None}
+        if reached:
+            fastest = max(reached, key=lambda method: single_query_qps(reached[method]))
+            exact = is_exact(fastest)
+            verdicts.append(f"- {described}: fastest at recall@10 ≥ {target:.2f} is {method_label(fastest)} "
+                            f"({single_query_qps(reached[fastest]):,.0f} QPS)"
+                            + (": exact search over the allowed rows wins" if exact else ""))
+    return rows, verdicts

@@ -156,6 +156,8 @@ class Demo:
             "indexes": [{"name": c.name, "method": c.method, "exact": c.exact, "setting": c.setting,
                          "build_s": round(c.built.build_s, 3), "bytes": int(c.built.nbytes)}
                         for c in retriever.choices],
+            "classes": [{"label": label, "class_name": retriever.class_name(label)}
+                        for label in range(len(retriever.class_names))],  # what class_label may be
         }
 
     def query_record(self, query_id: int) -> dict:
@@ -226,8 +228,9 @@ class Demo:
             raise bad_image_answer(error, f"query {query_id}", status=400) from error
         return self.prepared(image)
 
-    def answer(self, batch, k: int, index: str, query: dict | None) -> dict:
-        """Embed a prepared batch of one (`prepare_upload`, `prepare_query`) and search it."""
+    def answer(self, batch, k: int, index: str, query: dict | None, class_label: int | None = None) -> dict:
+        """Embed a prepared batch of one (`prepare_upload`, `prepare_query`) and search it (among the gallery rows
+        of `class_label` only, when it is given)."""
         retriever = self.retriever
         choice = retriever.check(k, index)
         timings = {}
@@ -235,22 +238,23 @@ class Demo:
             start = time.perf_counter()
             vector = retriever.embedder.embed_prepared(batch)
             timings["embed"] = (time.perf_counter() - start) * 1000
-        found = retriever.search(vector, k, choice.name)
+        found = retriever.search(vector, k, choice.name, class_label)
         timings["search"] = found.seconds * 1000
-        exact = retriever.exact(vector, k)
+        exact = retriever.exact(vector, k, class_label)
         timings["exact_search"] = exact.seconds * 1000
         exact_ids = set(exact.ids[0].tolist())
         found_ids = set(found.ids[0].tolist())
         results = [{**retriever.describe(i), "score": float(s), "in_exact": i in exact_ids}
                    for i, s in zip(found.ids[0].tolist(), found.scores[0].tolist()) if i >= 0]
         reference = [{**retriever.describe(i), "score": float(s), "found": i in found_ids}
-                     for i, s in zip(exact.ids[0].tolist(), exact.scores[0].tolist())]
+                     for i, s in zip(exact.ids[0].tolist(), exact.scores[0].tolist()) if i >= 0]
         body = {
             "index": choice.name, "exact_index": choice.exact, "k": k,
             "results": results, "exact": reference,
             "missed": [r["id"] for r in reference if not r["found"]],
             "recall": recall_at(found.ids, exact.ids, k),
-            "query": query, "precision_at_k": None, "timings_ms": timings,
+            "query": query, "precision_at_k": None, "timings_ms": timings, "class_label": class_label,
+            "filter_mode": None if class_label is None else choice.built.method.filter_mode,
         }
         if query is not None:
             labels = np.asarray(retriever.gallery.labels)
@@ -260,7 +264,9 @@ class Demo:
     async def search(self, image: UploadFile | None = File(None, description="the query image (JPEG, PNG, ...)"),
                      query_id: int | None = Form(None, description="or: a query from the query set, by id"),
                      k: int | None = Form(None, description="how many neighbours (1 to max_k; default 10)"),
-                     index: str | None = Form(None, description="one of GET /api/indexes' names")):
+                     index: str | None = Form(None, description="one of GET /api/indexes' names"),
+                     class_label: int | None = Form(None, description="only gallery images of this class (a filter): "
+                                                                      "one of GET /api/indexes' classes")):
         """Embed the image, search the chosen index, and the exact index beside it. `timings_ms` holds
         decode (the upload into pixels, a large one reduced), preprocess (the model's resize and crop), embed, search
         and exact_search.
@@ -271,6 +277,10 @@ class Demo:
                                                            "most the gallery size)")))
         index = index or self.retriever.default_index
         self.retriever.check(k, index)  # a bad index name: answered before any image is read
+        classes = len(self.retriever.class_names)
+        if class_label is not None and not 0 <= class_label < classes:
+            raise HTTPException(400, str(bad_value("class_label", class_label, f"a class of the gallery, 0 to {classes - 1} "
+                                                                               "(GET /api/indexes lists them)")))
         start = time.perf_counter()
         if image is not None and image.filename:
             data, image_name = await image.read(), image.filename
@@ -287,7 +297,7 @@ class Demo:
         else:
             raise HTTPException(400, "send an image (multipart field 'image') or a query_id from the query set")
         decode_ms = (time.perf_counter() - start) * 1000
-        body = await run_in_threadpool(self.answer, picture, k, index, query)
+        body = await run_in_threadpool(self.answer, picture, k, index, query, class_label)
         body["timings_ms"] = {"decode": decode_ms - preprocess_ms, "preprocess": preprocess_ms, **body["timings_ms"]}
         return body
 

@@ -75,6 +75,7 @@ class VectorSource:
     plan: Callable[..., dict]  # (data_cfg, seed) -> {split: SplitPlan}
     shape: Callable[..., tuple[int, int]]  # (data_cfg) -> (gallery size, dimension)
     has_reference: bool = False
+    labelled: bool = True  # its vectors carry classes (filter=label needs them)
 
     def provide(self, data_cfg, seed: int) -> "ReadyVectors":
         size, dim = self.shape(data_cfg)

@@ -233,4 +233,5 @@ def file_shape(data_cfg) -> tuple[int, int]:
 
 SOURCES = (VectorSource("synthetic_vectors", check_synthetic_vectors, synthetic_plans, synthetic_shape),
            # an ann-benchmarks file carries its own neighbours: imgret's ground truth is checked against them
-           VectorSource("vectors", check_vectors, file_plans, file_shape, has_reference=True))
+           VectorSource("vectors", check_vectors, file_plans, file_shape, has_reference=True,
+                        labelled=False))

@@ -59,9 +59,12 @@ def interruption_exit_code() -> int | None:
 
 
 def process_tags() -> dict[str, str]:
-    """Who runs this run: host, pid and the process's start time (pids are reused; start times are not)."""
+    """Who runs this run: host, pid and the process's start time (pids are reused; start times are not), and the
+    Slurm job (and array task) it runs in, if any."""
+    slurm = {f"slurm_{key.lower()}": os.environ[f"SLURM_{key}"] for key in ("JOB_ID", "ARRAY_JOB_ID", "ARRAY_TASK_ID")
+             if f"SLURM_{key}" in os.environ}
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            STARTED_TAG: f"{psutil.Process().create_time():.2f}"}
+            STARTED_TAG: f"{psutil.Process().create_time():.2f}", **slurm}
 
 
 def process_is_gone(tags: dict[str, str]) -> bool:

@@ -76,7 +76,11 @@ class PointRecord:
 
     @property
     def name(self) -> str:
-        return run_name(self.config["method"], self.model)
+        row_filter = self.config.get("filter") or {}
+        kind = row_filter.get("kind", "none")
+        shown = [] if kind == "none" else [f"filter-{kind}" + (f"{row_filter['selectivity']}"
+                                                               if row_filter.get("selectivity") else "")]
+        return "-".join([run_name(self.config["method"], self.model), *shown])
 
     @property
     def digest(self) -> str:

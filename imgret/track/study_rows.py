@@ -32,6 +32,8 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "build": " ".join(f"{k}={params.get(f'method.{k}')}" for k in spec.build_params
                               if k not in executing and params.get(f"method.{k}", "null") != "null"),
             "index_built": tags.get("index_built", ""),
+            "filter": tags.get("filter", "none"),  # runs of an imgret without filters searched unfiltered
+            "filter_mode": tags.get("filter_mode", "none"),
             "search_threads": tags.get("search_threads", "?"),
             "weights": tags.get("weights", ""),
             # the extraction's backend and precision as it ran (auto resolved: the tag), for image sources

@@ -6,7 +6,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import Method, SearchIndex, whole_params
+from imgret.index.base import Method, SearchIndex, top_k_arrays, whole_params
+from imgret.mapped import gather_rows
 from imgret.index.brute import BruteForceIndex
 
 
@@ -26,6 +27,19 @@ class BruteForce(Method):
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         return gallery
+
+    filter_mode = "its own filter (the allowed rows only, exactly)"
+
+    def search_filtered(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int,
+                        row_filter, query_ids: np.ndarray):
+        rows, values = [], []
+        for i, query_id in enumerate(query_ids):
+            allowed = np.flatnonzero(row_filter.allowed(int(query_id)))
+            similarities = gather_rows(native, allowed) @ queries[i]
+            best = np.argsort(-similarities, kind="stable")[:k]
+            rows.append(allowed[best])
+            values.append(similarities[best])
+        return top_k_arrays(rows, values, k)
 
     def searcher(self, native: Any, setting: Mapping, device: str = "cpu") -> SearchIndex:
         return BruteForceIndex(native, int(setting.get("query_chunk") or 1024), device,

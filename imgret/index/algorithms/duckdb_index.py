@@ -25,7 +25,7 @@ def extension_directory() -> Path:
 class DuckdbHnsw(GraphSettings, DatabaseMethod):
     name, label, marker = "duckdb_hnsw", "DuckDB vss HNSW (SQL)", "$D$"
     module, also_needs, extra = "duckdb", ("duckdb_ext",), "db"
-    install = "duckdb==1.4.4 duckdb-ext-vss==1.4.4.20260205"
+    install = "duckdb-ext-vss==1.4.4.20260205 duckdb==1.4.4"  # the last names the version its figures give
     ordering = "inner product (metric 'ip', ORDER BY array_negative_inner_product)"
 
     def _connect(self, database: Database, read_only: bool):

@@ -63,6 +63,24 @@ class FaissMethod(Method):
         self.apply(native, setting)
         return on_device(native, setting, device, self.parameters(setting), self.gpu)
 
+    filter_mode = "its own filter (an IDSelectorBitmap in SearchParameters)"
+
+    def filtered_parameters(self, setting: Mapping, selector: faiss.IDSelector) -> faiss.SearchParameters:
+        parameters = self.parameters(setting) or faiss.SearchParameters()
+        parameters.sel = selector
+        return parameters
+
+    def search_filtered(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int,
+                        row_filter, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for i, query_id in enumerate(query_ids):  # a selector per query: each has rows of its own
+            bits = np.packbits(row_filter.allowed(int(query_id)), bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(row_filter.keys), faiss.swig_ptr(bits))
+            found = native.search(queries[i:i + 1], k, params=self.filtered_parameters(setting, selector))
+            scores[i], ids[i] = found[0][0], found[1][0]
+        return scores, ids
+
 
 class Flat(FaissMethod):
     name, label, marker, exact, cached = "flat", "FAISS Flat", "*", True, False
@@ -159,8 +177,13 @@ class Factory(FaissMethod):
     execution_params = ("on_disk",)
     unnamed_params = ("index_factory",)  # commas and slashes: the cache file's digest stands for it
 
+    filter_mode = Method.filter_mode  # its parameters are set on the index, not per call: post-filtered
+
     def setting_words(self, opts: Mapping, keys) -> list[str]:
         return [str(opts[key]) for key in keys]  # the factory string names itself
+
+    def search_filtered(self, *args, **kwargs):
+        return Method.search_filtered(self, *args, **kwargs)
 
     def choice_label(self, setting: Mapping) -> str:
         return f"factory {setting['index_factory']}"

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays, whole_params
 
 
 class Hnswlib(Method):
@@ -46,6 +46,24 @@ class Hnswlib(Method):
     def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
         native.set_ef(int(setting["ef_search"]))  # on the index: searched under its lock
         return native.knn_query(queries, k, num_threads=threads)
+
+    filter_mode = "its own filter (a filter function over row ids)"
+
+    def search_filtered(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int,
+                        row_filter, query_ids: np.ndarray):
+        native.set_ef(int(setting["ef_search"]))
+        rows, values = [], []
+        for i, query_id in enumerate(query_ids):
+            allowed = row_filter.allowed(int(query_id))
+            try:
+                found, distances = native.knn_query(queries[i:i + 1], k, num_threads=1,
+                                                    filter=lambda row: bool(allowed[row]))
+            except RuntimeError:  # fewer than k allowed rows reached: ask for as many as there are, at most
+                found, distances = native.knn_query(queries[i:i + 1], min(k, int(allowed.sum())) or 1,
+                                                    num_threads=1, filter=lambda row: bool(allowed[row]))
+            rows.append(found[0].astype(np.int64))
+            values.append(distances[0])
+        return top_k_arrays(rows, values, k, lambda distances: 1 - distances)
 
     def results(self, found, k: int):
         ids, distances = found  # float32, and uint64 row numbers: viewed as int64, not copied

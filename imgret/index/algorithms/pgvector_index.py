@@ -48,7 +48,7 @@ class Postgres(DatabaseMethod):
     """What both pgvector indexes share: the server, the table, COPY, and the query."""
 
     module, also_needs, extra = "pgvector.psycopg", ("pgserver", "psycopg"), "db"
-    install = "pgserver==0.1.4 pgvector 'psycopg[binary]'"
+    install = "pgvector 'psycopg[binary]' pgserver==0.1.4"  # the last names the version its figures give
     concurrent_searches = True
     execution_params = ("shared_buffers", "maintenance_work_mem")
     knob = ""  # the session setting the query parameter sets (hnsw.ef_search, ivfflat.probes)

@@ -1,0 +1,128 @@
+"""Filtered search: each query may return only the gallery rows a condition allows.
+
+Every filter is one shape, a key per gallery row and a range per query (a row is allowed when low <= key < high),
+so the ground truth, the methods' own filters and the checks read it alike:
+- `label`: the key is the row's class, the range the query's own class (1/200 of Tiny-ImageNet's gallery);
+- `attribute`: the key is a whole number in [0, ATTRIBUTE_RANGE) drawn from the row's id and `seed` (a hash: the
+  same row has the same attribute in every run, whatever the gallery's size), the range a window of
+  `selectivity * ATTRIBUTE_RANGE` values placed per query (from the query's id and `seed`), like a date range.
+
+A method searches with its own filter where it has one (FAISS's IDSelector, hnswlib's filter function, brute force
+over the allowed rows) and otherwise post-filters a deeper search: `post_filter_depth` results, the allowed ones
+kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ATTRIBUTE_RANGE = 1_000_000
+POST_FILTER_SAFETY = 2.0  # a post-filtered search asks for k / selectivity times this
+
+
+def mixed(values: np.ndarray, seed: int) -> np.ndarray:
+    """SplitMix64 of each value under `seed`: uniform 64-bit words, reproducible from the value alone."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def row_attributes(rows: int, seed: int) -> np.ndarray:
+    """Each gallery row's attribute: a whole number in [0, ATTRIBUTE_RANGE) from its id and `seed`."""
+    return (mixed(np.arange(rows), seed) % np.uint64(ATTRIBUTE_RANGE)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    kind: str  # "label" or "attribute"
+    selectivity: float  # the share of the gallery each query may return, on average
+    keys: np.ndarray  # (gallery rows,) int64
+    low: np.ndarray  # (queries,) int64
+    high: np.ndarray  # (queries,) int64, exclusive
+
+    def allows(self, query_ids: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+        """Whether each row id (broadcast against its query's id) is allowed; -1 (no result) never is."""
+        keys = self.keys[np.maximum(row_ids, 0)]
+        return (row_ids >= 0) & (keys >= self.low[query_ids]) & (keys < self.high[query_ids])
+
+    def allowed(self, query_id: int) -> np.ndarray:
+        """The gallery rows query `query_id` may return, as a boolean mask."""
+        return (self.keys >= self.low[query_id]) & (self.keys < self.high[query_id])
+
+    def block(self, query_ids: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """(queries, rows start..stop) boolean mask: what each of these queries may return of these rows."""
+        keys = self.keys[start:stop][None, :]
+        return (keys >= self.low[query_ids, None]) & (keys < self.high[query_ids, None])
+
+    @property
+    def digest(self) -> str:
+        """Names the filter in cache keys: its kind and every row's and query's bounds."""
+        digest = hashlib.sha256(self.kind.encode())
+        for array in (self.keys, self.low, self.high):
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:12]
+
+    def describe(self) -> str:
+        if self.kind == "label":
+            return f"the query's own class ({self.selectivity:.2%} of the gallery on average)"
+        return f"an attribute range keeping {self.selectivity:.2%} of the gallery"
+
+
+def label_filter(gallery_labels: np.ndarray, query_labels: np.ndarray) -> RowFilter:
+    keys = np.asarray(gallery_labels, dtype=np.int64)
+    low = np.asarray(query_labels, dtype=np.int64)
+    counts = np.bincount(keys[keys >= 0], minlength=int(max(keys.max(initial=0), low.max(initial=0))) + 1)
+    share = float(counts[np.maximum(low, 0)].mean() / max(len(keys), 1)) if len(low) else 0.0
+    return RowFilter("label", share, keys, low, low + 1)
+
+
+def attribute_filter(gallery_size: int, query_count: int, selectivity: float, seed: int) -> RowFilter:
+    width = max(1, round(selectivity * ATTRIBUTE_RANGE))
+    low = (mixed(np.arange(query_count), seed + 1) % np.uint64(ATTRIBUTE_RANGE - width + 1)).astype(np.int64)
+    return RowFilter("attribute", width / ATTRIBUTE_RANGE, row_attributes(gallery_size, seed), low, low + width)
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """filter=none | label | attribute (with its selectivity), as conf/filter/<kind>.yaml says."""
+    kind: str = "none"
+    selectivity: float | None = None
+
+    @classmethod
+    def of(cls, filter_cfg) -> "FilterSettings":
+        filter_cfg = filter_cfg or {}
+        return cls(str(filter_cfg.get("kind", "none")), filter_cfg.get("selectivity"))
+
+    def rows_for(self, gallery_labels: np.ndarray, query_labels: np.ndarray, seed: int) -> RowFilter | None:
+        if self.kind == "label":
+            return label_filter(gallery_labels, query_labels)
+        if self.kind == "attribute":
+            return attribute_filter(len(gallery_labels), len(query_labels), float(self.selectivity), seed)
+        return None
+
+
+def post_filter_depth(k: int, row_filter: RowFilter) -> int:
+    """How deep a method without a filter of its own searches: k / selectivity, times the safety factor, at most
+    the gallery."""
+    return min(len(row_filter.keys), max(k, math.ceil(k / max(row_filter.selectivity, 1e-9) * POST_FILTER_SAFETY)))
+
+
+def keep_allowed(row_filter: RowFilter, query_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Of a deeper search's results, each query's first k allowed ones, in their order; padded with -inf and -1."""
+    allowed = row_filter.allows(query_ids[:, None], ids)
+    order = np.argsort(~allowed, axis=1, kind="stable")[:, :k]  # the allowed first, in their order
+    kept_ids = np.take_along_axis(ids, order, axis=1)
+    kept_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    missing = ~np.take_along_axis(allowed, order, axis=1)
+    kept_ids[missing], kept_scores[missing] = -1, -np.inf
+    if kept_ids.shape[1] < k:  # fewer results than k at all
+        pad = k - kept_ids.shape[1]
+        kept_ids = np.pad(kept_ids, ((0, 0), (0, pad)), constant_values=-1)
+        kept_scores = np.pad(kept_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return kept_scores, kept_ids.astype(np.int64)
