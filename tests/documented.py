@@ -214,11 +214,14 @@ def run_python(code: str, cwd: Path, timeout: float = 600) -> subprocess.Complet
 
 
 def docs_study(command: str, tmp_path, tiny_subset_zip, *extra: str):
-    """A docs study command at the real archive's 4-class subset (its own checksum), in a sandbox of its own."""
+    """A docs study command at the real archive's 4-class subset (its own checksum), in a sandbox of its own and a
+    process of its own: MLflow keeps one store per tracking URI in a process, so an in-process run with the default
+    relative URI would bind it to this sandbox for every later in-process run of the same test worker."""
     archive, digest = tiny_subset_zip
     work = sandbox(tmp_path)
     run_command(smaller(command, {"data.archive=../shared/data/tiny-imagenet-200.zip":
-                                  f"data.archive={archive} data.checksums=[{digest}]"}, ("nlist=8", *QUICK, *extra)), work)
+                                  f"data.archive={archive} data.checksums=[{digest}]"}, ("nlist=8", *QUICK, *extra)), work,
+                in_process=False)
     return work
 
 

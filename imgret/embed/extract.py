@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,9 @@ from imgret.embed.resolve import (resolve_device, resolve_devices, resolve_num_w
 from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, remove_stale_staging, store_dir, store_key
 
 log = logging.getLogger(__name__)
+# Lightning warns on every Trainer wherever Slurm's srun is installed but imgret runs outside a Slurm job: a machine
+# with Slurm is no sign that this run meant to use it (under srun, Lightning reads Slurm's environment itself).
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 # Lightning announces the accelerator and advertises a logger on every Trainer: once per split per job.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 

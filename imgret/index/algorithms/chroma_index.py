@@ -35,6 +35,7 @@ class Chroma(GraphSettings, DatabaseMethod):
         database.handle = client.create_collection(COLLECTION, embedding_function=None, configuration={"hnsw": {
             "space": "ip", "max_neighbors": int(opts["hnsw_m"]), "ef_construction": int(opts["ef_construction"]),
             "ef_search": int(opts["ef_search"])}})
+        database.handle.applied = {"ef_search": int(opts["ef_search"])}
         database.client = client
 
     def ingest(self, database: Database, gallery: np.ndarray) -> None:
