@@ -37,6 +37,10 @@ from imgret.track.study_rows import load_runs
 
 log = logging.getLogger(__name__)
 
+# From this gallery size on, every report has the libraries table (build time, index size, peak memory, operating
+# points), FAISS's indexes alone included: at that size those costs are what the study is about.
+BEYOND_MEMORY_ROWS = 5_000_000
+
 # --------------------------------------------------------------------------- reading runs
 
 
@@ -263,7 +267,9 @@ def write_report(runs: list[dict], out: Path, title: str) -> Path:
                   "\n![end to end](end_to_end.png)\n"]
         end_to_end_plot(breakdown, extracted, out / "end_to_end.png")
     libraries = {METHODS[r["method"]].module or "faiss" for r in runs if r["method"] in METHODS}
-    if len(libraries) >= 2:  # FAISS's own indexes alone: the Pareto plots below say it
+    # FAISS's own indexes alone on one gallery: the Pareto plots below say it; beyond memory the build, the size and the
+    # peak RSS are the question
+    if len(libraries) >= 2 or (len({r["method"] for r in runs}) >= 2 and gallery_sizes[-1] >= BEYOND_MEMORY_ROWS):
         parts += ["\n## Libraries: each method's frontier, build cost and operating points\n",
                   "The fastest setting (by single-query QPS) reaching each recall@10; peak RSS is the run's whole "
                   "process (the store, the index and the search).\n", libraries_table(runs, out)]

@@ -45,3 +45,18 @@ def test_released_pages_leave_the_resident_set_for_a_slice_too(tmp_path):
     assert process.memory_info().rss - before > 30e6
     release_pages(part)
     assert process.memory_info().rss - before < 5e6
+
+
+def test_a_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    import imgret.cache as cache
+
+    hashed = []
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path) or real(path))
+    (tmp_path / "f.bin").write_bytes(b"a" * 1000)
+    recorded = {"f.bin": {"bytes": 1000, "digest": real(tmp_path / "f.bin")}}
+    assert cache.damage(tmp_path, recorded) is None and cache.damage(tmp_path, recorded) is None
+    assert len(hashed) == 1, "the second check of an unchanged file reuses the first one's digest"
+    (tmp_path / "f.tmp").write_bytes(b"b" * 1000)  # the same size, another file renamed over it: hashed again
+    (tmp_path / "f.tmp").replace(tmp_path / "f.bin")
+    assert "does not match its checksum" in cache.damage(tmp_path, recorded) and len(hashed) == 2

@@ -107,7 +107,7 @@ def test_brute_force_streams_a_gallery_larger_than_its_resident_limit(tmp_path):
 def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tmp_path, monkeypatch):
     import imgret.index.faiss_build as faiss_build
 
-    monkeypatch.setattr(faiss_build, "ON_DISK_SHARD_ROWS", 1500)  # several shards to merge
+    monkeypatch.setattr(faiss_build, "ADD_CHUNK_ROWS", 1500)  # several chunks, each touching most lists
     vectors = clustered_vectors(5000, 16, clusters=8, seed=5)
     np.save(tmp_path / "g.npy", vectors)
     mapped = np.load(tmp_path / "g.npy", mmap_mode="r")
@@ -119,7 +119,11 @@ def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tm
     lists = on_disk.path.with_suffix(".ivfdata")
     assert lists.stat().st_size > 5000 * 16 * 4 and on_disk.path.stat().st_size < lists.stat().st_size / 4
     assert on_disk.nbytes == on_disk.path.stat().st_size + lists.stat().st_size
-    assert not list(on_disk.path.parent.glob(".*shards*")), "shards are removed after the merge"
+    assert lists.stat().st_size == 5000 * (16 * 4 + 8), "each list's slot is its size: codes and ids, once"
+    pq = {"name": "ivfpq", "nlist": 16, "nprobe": 4, "pq_m": 4, "pq_nbits": 8, "train_size": None, "refine_factor": 1}
+    pq_in_memory = build_index(OmegaConf.create({**pq, "on_disk": False}), mapped, tmp_path / "cache", "g")
+    pq_on_disk = build_index(OmegaConf.create({**pq, "on_disk": True}), mapped, tmp_path / "cache", "g")
+    assert np.array_equal(pq_in_memory.index.search(queries, 10)[1], pq_on_disk.index.search(queries, 10)[1])
 
     (tmp_path / "cache").rename(tmp_path / "moved")  # the lists are found beside the index, not at the old path
     again = build_index(OmegaConf.create({**settings, "on_disk": True}), mapped, tmp_path / "moved", "g")
@@ -131,3 +135,15 @@ def test_on_disk_inverted_lists_give_the_in_memory_results_and_survive_a_move(tm
         handle.write(b"\xff" * 8)
     rebuilt = build_index(OmegaConf.create({**settings, "on_disk": True}), mapped, tmp_path / "moved", "g")
     assert not rebuilt.reused and (tmp_path / "moved" / "indexes" / "g" / ".damaged").is_dir()
+
+
+def test_generated_noise_drawn_in_blocks_is_the_one_draw_of_before(monkeypatch, make_cfg):
+    """Stores generated before the noise was drawn in blocks hold the same rows: their cache keys stay valid."""
+    import imgret.sources.vectors as vectors
+
+    cfg = make_cfg(*VECTORS)
+    blocked = synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)
+    monkeypatch.setattr(vectors, "NOISE_BLOCK_ROWS", 1000)
+    assert np.array_equal(synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)[0], blocked[0])
+    monkeypatch.setattr(vectors, "NOISE_BLOCK_ROWS", 10 ** 9)  # one draw, as before
+    assert np.array_equal(synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)[0], blocked[0])

@@ -4,6 +4,7 @@ treats them alike."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from imgret.sources.vectors import CHUNK_ROWS, SPLITS, SplitPlan
 log = logging.getLogger(__name__)
 
 
+def _written_back(out) -> None:
+    """The chunk just written goes to disk and leaves the page cache: a store larger than memory is otherwise
+    held as dirty pages, which a memory cap (a cgroup's) counts and cannot reclaim until they are written."""
+    out.flush()
+    os.fdatasync(out.fileno())
+    os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore:
@@ -31,7 +38,8 @@ def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore
         chunks = -(-plan.count // CHUNK_ROWS)
         for rows, chunk_labels, names in tqdm(plan.chunks(), total=chunks, desc=f"{split} · {plan.count:,} vectors",
                                               unit="chunk", disable=chunks <= 1, mininterval=2):
-            out.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+            out.write(memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B"))
+            _written_back(out)
             labels[written:written + len(rows)] = chunk_labels
             paths.write("".join(f"{name}\n" for name in names))
             written += len(rows)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from imgret.errors import ConfigError, bad_value, whole
 from imgret.index.filters import RowFilter, keep_allowed, post_filter_depth
+from imgret.index.refine import refined
 
 ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
 
@@ -249,6 +250,7 @@ class BuiltIndex:
     path: Path | None = None
     method: Method | None = None
     native: Any = None  # the library's own index, for searchers at other query settings
+    gallery: np.ndarray | None = None  # the gallery's memory map, to re-rank from (method.refine_factor)
 
     @property
     def nbytes(self) -> int:
@@ -260,7 +262,7 @@ class BuiltIndex:
 
     def at(self, setting: Mapping, device: str = "cpu") -> SearchIndex:
         """The same index searched at another query setting."""
-        return self.method.searcher(self.native, setting, device)
+        return refined(self.method.searcher(self.native, setting, device), setting, self.gallery)
 
     def run_metrics(self) -> dict[str, float]:
         return self.method.run_metrics(self.native) if self.method else {}

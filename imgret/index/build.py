@@ -16,6 +16,7 @@ import numpy as np
 from imgret.cache import Unreadable, file_lock, load_checked, save_checked
 from imgret.index.base import ADD_CHUNK_ROWS, BuiltIndex, Method, search_threads_now, working
 from imgret.index.methods import method_of
+from imgret.index.refine import refined
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
     path = index_cache_path(cache_dir, gallery_id, method_cfg) if method.cached and cache_dir else None
     if path is None:
         native, build_s = _build(method, method_cfg, gallery, None)
-        return BuiltIndex(method.searcher(native, setting, device), build_s, False, None, method, native)
+        return _searched(method, native, setting, device, gallery, build_s, False, None)
     # One build per index at a time: a concurrent run waits, then loads what the first one saved.
     with file_lock(path, f"the index {path.name}"):
         loaded = load_checked(path, lambda file, meta: (_read(method, file, method_cfg, meta), meta),
@@ -55,14 +56,20 @@ def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
         if loaded is not None:
             native, meta = loaded
             log.info("reusing index %s", path)
-            return BuiltIndex(method.searcher(native, setting, device), meta["build_s"], True, path, method, native)
+            return _searched(method, native, setting, device, gallery, meta["build_s"], True, path)
         native, build_s = _build(method, method_cfg, gallery, path)
         companions = {key: path.with_suffix(suffix) for key, suffix in method.companions.items()
                       if path.with_suffix(suffix).exists()}
         save_checked(path, lambda partial: method.save(native, partial),
                      {"build_s": build_s, "params": build_params(method_cfg), **method.meta(native)},
                      companions=companions or None)
-        return BuiltIndex(method.searcher(native, setting, device), build_s, False, path, method, native)
+        return _searched(method, native, setting, device, gallery, build_s, False, path)
+
+
+def _searched(method: Method, native, setting: dict, device: str, gallery: np.ndarray, build_s: float, reused: bool,
+              path: Path | None) -> BuiltIndex:
+    searcher = refined(method.searcher(native, setting, device), setting, gallery)
+    return BuiltIndex(searcher, build_s, reused, path, method, native, gallery)
 
 
 def _build(method: Method, method_cfg, gallery: np.ndarray, path: Path | None):

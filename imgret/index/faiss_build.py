@@ -1,10 +1,10 @@
 """Building a FAISS index without a second copy of the gallery: trained on a sample, filled in chunks read from
-the gallery's memory map (each chunk's pages released after it), or, with `on_disk`, shard by shard into a
+the gallery's memory map (each chunk's pages released after it), or, with `on_disk`, list by list into a
 memory-mapped `.ivfdata` file beside the cached index; a GPU copy when faiss-gpu and `device=cuda` say so."""
 from __future__ import annotations
 
 import logging
-import tempfile
+import os
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 # faiss's k-means wants at least this many training points per centroid, and warns below it.
 MIN_POINTS_PER_CENTROID = 39
-ON_DISK_SHARD_ROWS = 8 * ADD_CHUNK_ROWS
 
 
 def faiss_has_gpu() -> bool:
@@ -80,7 +79,7 @@ def build_faiss(faiss_index: faiss.Index, opts: Mapping, gallery: np.ndarray, pa
                 name: str, lists_path: Path | None = None) -> faiss.Index:
     """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
     one chunk and the sample, never a second copy of the whole gallery. With `on_disk`, not even the index:
-    its inverted lists are filled shard by shard and merged into a memory-mapped file, `lists_path`."""
+    its inverted lists are written straight into a memory-mapped file, `lists_path`."""
     if not faiss_index.is_trained:
         sample = training_sample(gallery, opts)
         with working(f"training {name} on {len(sample):,} sampled vectors", len(gallery) > ADD_CHUNK_ROWS):
@@ -109,18 +108,10 @@ def training_sample(gallery: np.ndarray, opts: Mapping) -> np.ndarray:
     return gather_rows(gallery, rows).astype(np.float32, copy=False)
 
 
-def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, stop: int, desc: str,
-                   with_ids: bool = False) -> None:
+def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, stop: int, desc: str) -> None:
     """Rows [start, stop) of the memory-mapped gallery, a chunk at a time, each chunk's pages released after it."""
-    chunks = range(start, stop, ADD_CHUNK_ROWS)
-    for chunk_start in tqdm(chunks, desc=desc, unit="chunk", disable=len(chunks) <= 1, mininterval=2):
-        chunk_stop = min(stop, chunk_start + ADD_CHUNK_ROWS)
-        rows = np.ascontiguousarray(gallery[chunk_start:chunk_stop], dtype=np.float32)
-        if with_ids:
-            faiss_index.add_with_ids(rows, np.arange(chunk_start, chunk_stop, dtype=np.int64))
-        else:
-            faiss_index.add(rows)
-        release_pages(gallery, chunk_start, chunk_stop)
+    for chunk_start, chunk_stop in _chunks(stop - start, desc):
+        faiss_index.add(_read_chunk(gallery, start + chunk_start, start + chunk_stop))
         return_freed_memory()
 
 
@@ -135,25 +126,57 @@ def _reserve_codes(faiss_index: faiss.Index, rows: int) -> None:
 
 
 def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, lists_path: Path, name: str) -> None:
-    """faiss's recipe for indexes larger than memory (contrib/ondisk.py): copies of the trained, empty index
-    each take a shard of the gallery and are written out; their inverted lists are merged into one file,
-    `lists_path`, that the index memory-maps. Memory holds one shard's lists."""
-    from faiss.contrib.ondisk import merge_ondisk
-
+    """Inverted lists written straight into their file, `lists_path`, which the index memory-maps: one pass assigns
+    every row to its list (the sizes lay the file out, each list's slot exactly its size, as faiss's merge_ondisk
+    lays it out); a second encodes the rows a chunk at a time and writes each list's part at its place. Memory
+    holds a chunk and the rows' list numbers; the disk holds the lists once (no shards to merge), and the written
+    pages leave the page cache as they go (a memory cap counts dirty pages)."""
+    ivf = faiss.extract_index_ivf(trained)
+    code_size, nlist = ivf.code_size, ivf.nlist
     path.parent.mkdir(parents=True, exist_ok=True)
     lists_path.unlink(missing_ok=True)  # left by a build that was interrupted: never counted as built
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.shards.") as shards_dir:
-        shard_paths = []
-        for shard_start in range(0, len(gallery), ON_DISK_SHARD_ROWS):
-            shard = faiss.clone_index(trained)
-            shard_stop = min(len(gallery), shard_start + ON_DISK_SHARD_ROWS)
-            _add_in_chunks(shard, gallery, shard_start, shard_stop,
-                           f"adding to {name}, shard {len(shard_paths) + 1}", with_ids=True)
-            shard_paths.append(str(Path(shards_dir) / f"shard-{len(shard_paths)}.faiss"))
-            faiss.write_index(shard, shard_paths[-1])
-            del shard
-        with working(f"merging {len(shard_paths)} shards into {lists_path.name}"):
-            merge_ondisk(trained, shard_paths, str(lists_path))
+    list_nos = np.empty(len(gallery), dtype=np.int64)
+    for start, stop in _chunks(len(gallery), f"assigning {name}'s rows to lists"):
+        list_nos[start:stop] = ivf.quantizer.assign(_read_chunk(gallery, start, stop), 1)[:, 0]
+    sizes = np.bincount(list_nos, minlength=nlist).astype(np.uint64)
+    lists = faiss.OnDiskInvertedLists(nlist, code_size, str(lists_path))
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # offsets: each list's codes, then its ids, back to back
+    codes_at = np.array([lists.lists.at(j).offset for j in range(nlist)], dtype=np.int64)
+    ids_at = codes_at + sizes.astype(np.int64) * code_size
+    lists.update_totsize(int(sizes.sum()) * (code_size + 8))  # the file, at its final size
+    filled = np.zeros(nlist, dtype=np.int64)
+    with open(lists_path, "r+b", buffering=0) as out:
+        for start, stop in _chunks(len(gallery), f"writing {name}'s lists to {lists_path.name}"):
+            rows, nos = _read_chunk(gallery, start, stop), list_nos[start:stop]
+            codes = np.empty((len(rows), code_size), dtype=np.uint8)
+            ivf.encode_vectors(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(nos), faiss.swig_ptr(codes))
+            order = np.argsort(nos, kind="stable")  # by list, rows in order within each (as add() appends them)
+            bounds = np.flatnonzero(np.diff(nos[order])) + 1
+            for part in np.split(order, bounds):
+                j, count = int(nos[part[0]]), len(part)
+                os.pwrite(out.fileno(), codes[part].tobytes(), int(codes_at[j] + filled[j] * code_size))
+                os.pwrite(out.fileno(), (part + start).astype(np.int64).tobytes(), int(ids_at[j] + filled[j] * 8))
+                filled[j] += count
+            os.fdatasync(out.fileno())
+            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert np.array_equal(filled, sizes.astype(np.int64)), "every list filled to its size"
+    lists.this.disown()  # the index owns its lists from here
+    ivf.replace_invlists(lists, True)
+    ivf.ntotal = trained.ntotal = len(gallery)
+
+
+def _chunks(rows: int, desc: str):
+    """(start, stop) of each chunk of ADD_CHUNK_ROWS rows, with a progress bar when there are several."""
+    chunks = range(0, rows, ADD_CHUNK_ROWS)
+    for start in tqdm(chunks, desc=desc, unit="chunk", disable=len(chunks) <= 1, mininterval=2):
+        yield start, min(rows, start + ADD_CHUNK_ROWS)
+
+
+def _read_chunk(gallery: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as a float32 copy, their pages of the gallery's map released."""
+    rows = np.ascontiguousarray(gallery[start:stop], dtype=np.float32)
+    release_pages(gallery, start, stop)
+    return rows
 
 
 def warn_few_training_points(gallery_size: int, centroids: int, what: str) -> None:

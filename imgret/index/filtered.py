@@ -9,6 +9,7 @@ import numpy as np
 
 from imgret.index.base import BuiltIndex, plain_rows, search_threads_now
 from imgret.index.filters import RowFilter
+from imgret.index.refine import refine_factor, rerank
 
 
 class FilteredSearch:
@@ -24,9 +25,12 @@ class FilteredSearch:
         return np.arange(start, start + len(rows))
 
     def search(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        query_ids = self.query_ids(rows)
-        return self.built.method.search_filtered(self.built.native, plain_rows(rows), k, self.setting,
-                                                 search_threads_now(), self.row_filter, query_ids)
+        query_ids, queries = self.query_ids(rows), plain_rows(rows)
+        factor = refine_factor(self.setting)  # the best k x factor allowed rows, re-ranked from the gallery
+        depth = k if factor <= 1 else min(len(self.built.gallery), k * factor)
+        found = self.built.method.search_filtered(self.built.native, queries, depth, self.setting,
+                                                  search_threads_now(), self.row_filter, query_ids)
+        return found if factor <= 1 else rerank(self.built.gallery, queries, found[1], k)
 
     @property
     def nbytes(self) -> int:

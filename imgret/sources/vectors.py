@@ -24,6 +24,7 @@ from imgret.sources.vector_files import VectorFile, clip_retrieval_names, open_v
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 65536
+NOISE_BLOCK_ROWS = 4096
 
 
 @dataclass
@@ -36,10 +37,18 @@ class SplitPlan:
     notes: dict = field(default_factory=dict)  # recorded in the store's meta.json
 
 
-def normalised(rows: np.ndarray) -> np.ndarray:
+def normalised(rows: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit length (an all-zero row stays zero: similar to nothing); `in_place` scales `rows` itself,
+    a block at a time, so no temporary of their size is made."""
     rows = np.asarray(rows, dtype=np.float32)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows / np.where(norms > 0, norms, 1.0)  # an all-zero row stays zero: similar to nothing
+    if not in_place:
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return rows / np.where(norms > 0, norms, 1.0)
+    for block in range(0, len(rows), NOISE_BLOCK_ROWS):
+        part = rows[block:block + NOISE_BLOCK_ROWS]
+        norms = np.linalg.norm(part, axis=1, keepdims=True)
+        part /= np.where(norms > 0, norms, 1.0)
+    return rows
 
 
 # --------------------------------------------------------------------------- data=synthetic_vectors
@@ -66,9 +75,15 @@ def synthetic_chunk(data_cfg, seed: int, split: str, start: int, stop: int) -> t
     count = stop - start
     labels = rng.integers(0, clusters, count)
     offsets = rng.normal(size=(count, intrinsic_dim)).astype(np.float32) * (float(data_cfg.spread) / np.sqrt(intrinsic_dim))
-    rows = centres[labels] + offsets @ subspace
-    rows += (float(data_cfg.noise) / np.sqrt(dim)) * rng.normal(size=(count, dim)).astype(np.float32)
-    return normalised(rows), labels.astype(np.int64)
+    rows = offsets @ subspace  # one product for the chunk: its rounding is part of the stores' identity
+    noise = float(data_cfg.noise) / np.sqrt(dim)
+    # Block by block, the noise drawn in order (the same stream as one draw): memory holds the chunk and one
+    # block's temporaries, not a float64 copy of the chunk.
+    for block in range(0, count, NOISE_BLOCK_ROWS):
+        part = slice(block, min(count, block + NOISE_BLOCK_ROWS))
+        rows[part] += centres[labels[part]]
+        rows[part] += noise * rng.normal(size=(part.stop - part.start, dim)).astype(np.float32)
+    return normalised(rows, in_place=True), labels.astype(np.int64)
 
 
 def synthetic_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:

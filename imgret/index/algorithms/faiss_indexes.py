@@ -127,6 +127,7 @@ class IVF(FaissMethod):
 class IVFPQ(IVF):
     name, label, marker = "ivfpq", "FAISS IVF-PQ", "s"
     build_params = ("nlist", "pq_m", "pq_nbits", "train_size", "on_disk")
+    query_params = ("nprobe", "refine_factor")  # refine: imgret.index.refine re-ranks k x factor from the store
 
     def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
         if dim % int(opts["pq_m"]):
@@ -142,6 +143,9 @@ class IVFPQ(IVF):
         if not whole(pq_m, 1) or (dim and dim % pq_m):
             raise bad_value("method.pq_m", pq_m, "a whole number of sub-quantizers that divides the "
                             f"embedding dimension{f' ({dim}): one of {_divisors(dim)}' if dim else ''}")
+        if not whole(opts.get("refine_factor", 1), 1):
+            raise bad_value("method.refine_factor", opts.get("refine_factor"), "a whole number >= 1: how many "
+                            "candidates per result are re-ranked by their full vectors (1: none)")
         if gallery_size:
             warn_few_training_points(gallery_size, 2 ** opts["pq_nbits"], "2**pq_nbits")
 

@@ -1,0 +1,60 @@
+"""Re-ranking a compressed index's candidates by their full vectors, read from the gallery store.
+
+An index that keeps only compressed codes in memory (IVF-PQ) orders its candidates by approximate similarities. With
+`method.refine_factor=F > 1` it returns its best k x F, and these are re-ranked by their exact similarity to the query,
+computed from the rows read back from the memory-mapped gallery store (with pread: only those rows are read, and
+nothing stays mapped). This is faiss's IndexRefine without a second copy of the gallery: the store is the refine
+index, so a gallery larger than memory costs k x F row reads per query, not its size in memory."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.mapped import gather_rows
+
+
+def refine_factor(setting: Mapping) -> int:
+    return int(setting.get("refine_factor") or 1)
+
+
+def rerank(gallery: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of each query's k most similar candidates by exact float32 inner product, best first (ties by the
+    candidates' order); -inf and -1 where a query had fewer than k candidates (-1 marks none)."""
+    valid = candidates >= 0
+    rows = gather_rows(gallery, np.where(valid, candidates, 0).ravel()).reshape(*candidates.shape, -1)
+    scores = np.einsum("qcd,qd->qc", rows.astype(np.float32, copy=False), np.asarray(queries, dtype=np.float32))
+    scores[~valid] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    ids = np.where(np.isfinite(best), np.take_along_axis(candidates, order, axis=1), -1)
+    if best.shape[1] < k:  # fewer candidates than k (a gallery smaller than k x F is not refined deeper)
+        pad = k - best.shape[1]
+        best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return best, ids
+
+
+class Refined:
+    """A searcher whose results are its inner searcher's best k x factor, re-ranked from the gallery store."""
+
+    def __init__(self, inner: Any, gallery: np.ndarray, factor: int):
+        self.inner, self.gallery, self.factor = inner, gallery, factor
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _, candidates = self.inner.search(queries, min(len(self.gallery), k * self.factor))
+        return rerank(self.gallery, queries, candidates, k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes  # the gallery store is not part of the index
+
+
+def refined(searcher: Any, setting: Mapping, gallery: np.ndarray | None) -> Any:
+    """`searcher`, re-ranked from `gallery` when the setting asks for it (refine_factor > 1)."""
+    factor = refine_factor(setting)
+    if factor <= 1:
+        return searcher
+    if gallery is None:
+        raise ValueError("refine_factor > 1 needs the gallery's vectors to re-rank with")
+    return Refined(searcher, gallery, factor)
