@@ -4,7 +4,9 @@ The cap covers everything the command's processes are charged for, the page cach
 included (the kernel reclaims that under the cap; a run whose resident memory exceeds it is killed by the kernel's
 OOM killer, and this exits with the command's code, 137). At the end it prints one line: the cap, the cgroup's
 peak charge (memory.max_usage_in_bytes, page cache included), how often the cap was hit and whether the OOM
-killer ran. The cgroup is made under the cgroup v1 memory hierarchy (/sys/fs/cgroup/memory) or, on a cgroup v2
+killer ran. It first writes dirty pages back and drops the page cache (unless --keep-cache): a page already cached
+is charged to whichever cgroup read it first (the root, once that cgroup is gone), so a command could otherwise map
+gigabytes of a file an earlier run read without their counting against its cap. The cgroup is made under the cgroup v1 memory hierarchy (/sys/fs/cgroup/memory) or, on a cgroup v2
 host, under /sys/fs/cgroup; it is removed at the end. Needs root. Signals (Ctrl-C, SIGTERM) reach the command.
 """
 from __future__ import annotations
@@ -83,8 +85,10 @@ class CappedGroup:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="python tools/memory_cap.py CAP -- COMMAND [ARG ...]")
+                                     usage="python tools/memory_cap.py [--keep-cache] CAP -- COMMAND [ARG ...]")
     parser.add_argument("cap", type=parse_bytes, help="the memory cap: 8G, 1536M, or bytes")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="leave the page cache as it is (pages cached before are not charged to the command)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"error: cannot cap memory here: {why}", file=sys.stderr)
         return 2
+    if not args.keep_cache:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1")
     group = CappedGroup(args.cap)
     try:
         child = subprocess.Popen(command, preexec_fn=group.enter)
