@@ -94,7 +94,7 @@ def test_the_documented_beyond_memory_sweeps_run_under_a_cap_smaller_than_the_ga
     small = ("data.gallery_size=1000000", "data.query_size=50", "nlist=128", "search.latency_queries=10",
              "search.warmup_queries=2")
     sweeps = {"method=ivfpq": {"nprobe=8,16,32,64 method.refine_factor=1,10,40": "nprobe=32 method.refine_factor=1,20"},
-              "method=ivf method.on_disk=true": {"nprobe=1,2,4,8,16": "nprobe=4"}}
+              "method=ivf method.on_disk=true": {"nprobe=2,4,8,16,32": "nprobe=4"}}
     for fragment, replacements in sweeps.items():
         command = documented(f"+experiment=beyond_memory {fragment}")
         done = run_command(smaller(command, {"tools/memory_cap.py 8G": f"{ROOT / 'tools' / 'memory_cap.py'} {cap}",

@@ -7,11 +7,15 @@ nothing stays mapped). This is faiss's IndexRefine without a second copy of the 
 index, so a gallery larger than memory costs k x F row reads per query, not its size in memory."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.mapped import gather_rows
+
+# Threads reading rows to re-rank: reads wait on the disk rather than on a core, so more than the cores.
+READ_THREADS = 8
 
 
 def refine_factor(setting: Mapping) -> int:
@@ -22,7 +26,8 @@ def rerank(gallery: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: 
     """(scores, ids) of each query's k most similar candidates by exact float32 inner product, best first (ties by the
     candidates' order); -inf and -1 where a query had fewer than k candidates (-1 marks none)."""
     valid = candidates >= 0
-    rows = gather_rows(gallery, np.where(valid, candidates, 0).ravel()).reshape(*candidates.shape, -1)
+    wanted, where = np.unique(np.where(valid, candidates, 0), return_inverse=True)  # a row once, however many ask
+    rows = read_rows(gallery, wanted)[where.reshape(candidates.shape)]
     scores = np.einsum("qcd,qd->qc", rows.astype(np.float32, copy=False), np.asarray(queries, dtype=np.float32))
     scores[~valid] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -33,6 +38,16 @@ def rerank(gallery: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: 
         best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
     return best, ids
+
+
+def read_rows(gallery: np.ndarray, rows: np.ndarray, part_rows: int = 4096) -> np.ndarray:
+    """gallery[rows] (sorted ids), read in parts by several threads when there are many: each part's preads release
+    the GIL, so reads from disk overlap, as a batch of queries' re-ranks would otherwise wait on each in turn."""
+    if len(rows) <= part_rows:
+        return gather_rows(gallery, rows)
+    parts = [rows[start:start + part_rows] for start in range(0, len(rows), part_rows)]
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        return np.concatenate(list(pool.map(lambda part: gather_rows(gallery, part), parts)))
 
 
 class Refined:
