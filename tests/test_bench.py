@@ -108,18 +108,25 @@ def test_unknown_part_is_refused(capsys):
         "scale, memory" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # builds every library's index once (PyNNDescent compiles with numba first: about 60 s)
-def test_the_libraries_part_times_every_installed_library_against_its_own_calls(tmp_path, capsys):
+# Each library's and database's ids are compared with its own calls in test_ann_libraries.py and test_databases.py;
+# here the part's timing of imgret against them, over the libraries that build fast and one database (PyNNDescent
+# compiles with numba first, about 60 s; every database starts its engine).
+TIMED_HERE = ("ivf", "ivfpq", "hnsw", "factory", "hnswlib", "usearch", "voyager", "nmslib", "annoy", "pgvector_hnsw")
+
+
+@pytest.mark.slow
+def test_the_libraries_part_times_the_chosen_libraries_against_their_own_calls(tmp_path, capsys):
     # the README's measured run, at a small size; its short form is the same run's first words
     command = shlex.split(documented("--libraries-gallery 20000 --libraries-queries 2000 --single-queries 200"))[3:]
     assert command[:2] == shlex.split(documented("python -m imgret.bench --parts libraries"))[3:]
     result = main(command + ["--cache", str(tmp_path / "cache"), "--gallery", "1500", "--queries", "60",
                    "--dim", "32", "--libraries-gallery", "1500", "--libraries-queries", "60", "--single-queries", "20",
-                   "--rounds", "2", "--nlist", "16", "--json", str(tmp_path / "bench.json")])["libraries"]
+                   "--rounds", "2", "--nlist", "16", "--libraries-methods", ",".join(TIMED_HERE),
+                   "--json", str(tmp_path / "bench.json")])["libraries"]
     from imgret.index.methods import METHODS
 
     measured = {r["method"] for r in result["methods"]}
-    assert measured == {name for name, method in METHODS.items() if method.module or not method.exact}
+    assert measured == set(TIMED_HERE)
     assert not result["skipped"]
     printed = capsys.readouterr().out
     flags = " ".join(f for f in PRECISION_FLAGS if f in cpu_flags()) or "none"
@@ -373,3 +380,14 @@ def test_the_default_archive_is_the_shared_data_beside_the_checkout():
     from imgret.bench.machine import DEFAULT_ARCHIVE
 
     assert DEFAULT_ARCHIVE == PROJECT_ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"
+
+
+def test_the_libraries_part_takes_every_method_unless_told_and_refuses_an_unknown_one(capsys):
+    from imgret.bench.cli import parse_args
+
+    assert parse_args(["--parts", "libraries"]).libraries_methods is None  # every installed method
+    assert parse_args(["--parts", "libraries", "--libraries-methods", "ivf, hnswlib"]).libraries_methods == \
+        ["ivf", "hnswlib"]
+    with pytest.raises(SystemExit):
+        parse_args(["--parts", "libraries", "--libraries-methods", "ivf,nope"])
+    assert "--libraries-methods ivf,nope: allowed, comma-separated: brute" in capsys.readouterr().err

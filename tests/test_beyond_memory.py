@@ -93,10 +93,10 @@ def test_the_documented_beyond_memory_sweeps_run_under_a_cap_smaller_than_the_ga
     work = sandbox(tmp_path)
     small = ("data.gallery_size=1000000", "data.query_size=50", "nlist=128", "search.latency_queries=10",
              "search.warmup_queries=2")
-    sweeps = {"method=ivfpq": {"nprobe=8,16,32,64 method.refine_factor=1,10,40": "nprobe=32 method.refine_factor=1,20"},
-              "method=ivf method.on_disk=true": {"nprobe=2,4,8,16,32": "nprobe=4"}}
-    for fragment, replacements in sweeps.items():
-        command = documented(f"+experiment=beyond_memory {fragment}")
+    sweeps = {documented("+experiment=beyond_memory method=ivfpq"):
+              {"nprobe=8,16,32,64 method.refine_factor=1,10,40": "nprobe=32 method.refine_factor=1,20"},
+              documented("+experiment=beyond_memory method=ivf method.on_disk=true"): {"nprobe=2,4,8,16,32": "nprobe=4"}}
+    for command, replacements in sweeps.items():
         done = run_command(smaller(command, {"tools/memory_cap.py 8G": f"{ROOT / 'tools' / 'memory_cap.py'} {cap}",
                                              **replacements}, small), work, timeout=900, in_process=False)
         assert "OOM kills 0, exit 0" in done.stderr.splitlines()[-1], done.stderr[-500:]

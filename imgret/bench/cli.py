@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--libraries-gallery", type=int, default=20_000,
                         help="gallery rows each ANN library builds over in the libraries part")
     parser.add_argument("--libraries-queries", type=int, default=2_000, help="queries in the libraries part")
+    parser.add_argument("--libraries-methods", default=None,
+                        help="the libraries part's methods, comma-separated (default: every installed one)")
     parser.add_argument("--ddp-images", type=int, default=6400, help="images extracted per round of the ddp part")
     parser.add_argument("--memory-sizes", default="10000,100000", help="gallery sizes for the memory part")
     parser.add_argument("--scale-gallery", type=int, default=1_280_000, help="gallery size for the scale part")
@@ -65,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/bench-<time>.json")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if args.libraries_methods is not None:
+        from imgret.index.methods import METHODS
+
+        args.libraries_methods = [m.strip() for m in args.libraries_methods.split(",") if m.strip()]
+        if not args.libraries_methods or set(args.libraries_methods) - set(METHODS):
+            parser.error(f"--libraries-methods {','.join(args.libraries_methods) or '(none)'}: allowed, "
+                         f"comma-separated: {', '.join(METHODS)}")
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; allowed: {', '.join(PARTS)}")

@@ -63,7 +63,10 @@ def run(ctx: Context) -> dict:
     # writable rows for both sides: some bindings (Voyager's) refuse a read-only memory map's rows in their own call
     queries = plain_rows(queries[:ctx.args.libraries_queries])
     results, skipped = [], {}
+    chosen = ctx.args.libraries_methods or list(METHODS)
     for name, method in METHODS.items():
+        if name not in chosen:
+            continue
         if method.exact and not method.module:
             continue  # imgret's own brute force and FAISS Flat: no library call to compare against but faiss's
         try:
