@@ -321,7 +321,9 @@ def test_three_sweeps_started_at_once_on_a_new_store_keep_every_run(tmp_path):
     ran = [c for c in children if "imgret.reused_run_id" not in c.data.tags]
     assert len(ran) == 9
     extracted = [c.data.tags["embeddings_extracted"] for c in ran if c.data.tags["model"] == "resnet18"]
-    assert extracted.count("gallery,queries") == 1 and extracted.count("none") == 5
+    # each split under its own lock: one run may extract both, or two runs one each, never one twice
+    splits = [split for tag in extracted if tag != "none" for split in tag.split(",")]
+    assert sorted(splits) == ["gallery", "queries"], extracted
     assert not list((tmp_path / "mlruns").glob("*.broken-*"))
 
 
