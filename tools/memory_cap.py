@@ -57,7 +57,8 @@ class CappedGroup:
                 swap_limit.write_text(str(cap))
         else:
             (self.path / "memory.max").write_text(str(cap))
-            (self.path / "memory.swap.max").write_text("0")
+            if (self.path / "memory.swap.max").exists():  # absent without swap accounting
+                (self.path / "memory.swap.max").write_text("0")
 
     def enter(self) -> None:
         """Moves the calling process (the command, before it execs) into the cgroup."""

@@ -110,9 +110,8 @@ def training_sample(gallery: np.ndarray, opts: Mapping) -> np.ndarray:
 
 def _add_in_chunks(faiss_index: faiss.Index, gallery: np.ndarray, start: int, stop: int, desc: str) -> None:
     """Rows [start, stop) of the memory-mapped gallery, a chunk at a time, each chunk's pages released after it."""
-    for chunk_start, chunk_stop in _chunks(stop - start, desc):
-        faiss_index.add(_read_chunk(gallery, start + chunk_start, start + chunk_stop))
-        return_freed_memory()
+    for _, _, rows in _chunks(gallery[start:stop], desc):
+        faiss_index.add(rows)
 
 
 def _reserve_codes(faiss_index: faiss.Index, rows: int) -> None:
@@ -136,8 +135,8 @@ def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, lists_p
     path.parent.mkdir(parents=True, exist_ok=True)
     lists_path.unlink(missing_ok=True)  # left by a build that was interrupted: never counted as built
     list_nos = np.empty(len(gallery), dtype=np.int64)
-    for start, stop in _chunks(len(gallery), f"assigning {name}'s rows to lists"):
-        list_nos[start:stop] = ivf.quantizer.assign(_read_chunk(gallery, start, stop), 1)[:, 0]
+    for start, stop, rows in _chunks(gallery, f"assigning {name}'s rows to lists"):
+        list_nos[start:stop] = ivf.quantizer.assign(rows, 1)[:, 0]
     sizes = np.bincount(list_nos, minlength=nlist).astype(np.uint64)
     lists = faiss.OnDiskInvertedLists(nlist, code_size, str(lists_path))
     lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # offsets: each list's codes, then its ids, back to back
@@ -146,8 +145,8 @@ def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, lists_p
     lists.update_totsize(int(sizes.sum()) * (code_size + 8))  # the file, at its final size
     filled = np.zeros(nlist, dtype=np.int64)
     with open(lists_path, "r+b", buffering=0) as out:
-        for start, stop in _chunks(len(gallery), f"writing {name}'s lists to {lists_path.name}"):
-            rows, nos = _read_chunk(gallery, start, stop), list_nos[start:stop]
+        for start, stop, rows in _chunks(gallery, f"writing {name}'s lists to {lists_path.name}"):
+            nos = list_nos[start:stop]
             codes = np.empty((len(rows), code_size), dtype=np.uint8)
             ivf.encode_vectors(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(nos), faiss.swig_ptr(codes))
             order = np.argsort(nos, kind="stable")  # by list, rows in order within each (as add() appends them)
@@ -165,18 +164,16 @@ def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, lists_p
     ivf.ntotal = trained.ntotal = len(gallery)
 
 
-def _chunks(rows: int, desc: str):
-    """(start, stop) of each chunk of ADD_CHUNK_ROWS rows, with a progress bar when there are several."""
-    chunks = range(0, rows, ADD_CHUNK_ROWS)
+def _chunks(gallery: np.ndarray, desc: str):
+    """(start, stop, rows) of each chunk of ADD_CHUNK_ROWS rows of the memory-mapped gallery, with a progress bar
+    when there are several. The rows are the map's own pages where they need no conversion: they are released (and
+    the heap trimmed) only once the caller is done with them and asks for the next chunk."""
+    chunks = range(0, len(gallery), ADD_CHUNK_ROWS)
     for start in tqdm(chunks, desc=desc, unit="chunk", disable=len(chunks) <= 1, mininterval=2):
-        yield start, min(rows, start + ADD_CHUNK_ROWS)
-
-
-def _read_chunk(gallery: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) as a float32 copy, their pages of the gallery's map released."""
-    rows = np.ascontiguousarray(gallery[start:stop], dtype=np.float32)
-    release_pages(gallery, start, stop)
-    return rows
+        stop = min(len(gallery), start + ADD_CHUNK_ROWS)
+        yield start, stop, np.ascontiguousarray(gallery[start:stop], dtype=np.float32)
+        release_pages(gallery, start, stop)
+        return_freed_memory()
 
 
 def warn_few_training_points(gallery_size: int, centroids: int, what: str) -> None:
