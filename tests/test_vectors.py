@@ -147,3 +147,21 @@ def test_generated_noise_drawn_in_blocks_is_the_one_draw_of_before(monkeypatch, 
     assert np.array_equal(synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)[0], blocked[0])
     monkeypatch.setattr(vectors, "NOISE_BLOCK_ROWS", 10 ** 9)  # one draw, as before
     assert np.array_equal(synthetic_chunk(cfg.data, cfg.seed, "gallery", 0, 3000)[0], blocked[0])
+
+
+def _mapped_file_bytes() -> int:
+    """This process's resident pages that map files (RssFile in /proc/self/status)."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_building_over_a_mapped_gallery_leaves_its_pages_unmapped(tmp_path):
+    """The chunks faiss reads are the map's own pages; each is released after faiss used it, so neither a chunked add
+    nor on-disk lists keep the gallery in the resident set (releasing before the use would fault it all back)."""
+    np.save(tmp_path / "g.npy", clustered_vectors(200_000, 128, clusters=20, seed=6))  # 102 MB
+    mapped = np.load(tmp_path / "g.npy", mmap_mode="r")
+    for on_disk in (False, True):
+        before = _mapped_file_bytes()
+        build_index(OmegaConf.create({"name": "ivf", "nlist": 64, "nprobe": 4, "train_size": 20_000,
+                                      "on_disk": on_disk}), mapped, tmp_path / "cache", "g")
+        assert _mapped_file_bytes() - before < mapped.nbytes / 4, f"on_disk={on_disk}"
