@@ -601,6 +601,7 @@ def test_with_a_remote_server_artifacts_go_to_the_server_and_a_lost_server_loses
     assert runs[1].info.run_id == record["run_id"], "logged into the run the job had started"
     assert runs[1].data.metrics["recall_at_10"] == 1.0
     assert {a.path for a in MlflowClient().list_artifacts(runs[1].info.run_id)} >= {"config.yaml", "results.json"}
+    assert (folder / "mlflow_record.json.synced").is_file(), "a job's own output folder keeps its record"
 
 
 @pytest.mark.slow

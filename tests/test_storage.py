@@ -214,3 +214,4 @@ def test_a_full_tracking_store_is_named_as_such_and_the_results_are_kept_for_syn
     filler.unlink()
     run_id = sync(folder)
     assert mlflow.get_run(run_id).data.metrics["recall_at_10"] == 1.0
+    assert not folder.exists(), "the temporary folder the run made for itself is removed once logged"

@@ -210,6 +210,7 @@ class RunRecorder:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self.lost:
             self.record["lost"] = self.lost
+            self.record["temporary"] = self.temporary
             (self.folder / RECORD).write_text(json.dumps(self.record, indent=1))
             print(f"{self.lost_reason} ({self.lost}); this run's results are kept in {self.folder}. Log them "
                   f"later with: python -m imgret.track.runs sync {self.folder}", file=sys.stderr)
@@ -308,7 +309,8 @@ def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str
 
 def sync(folder: Path) -> str:
     """Log a run kept locally (the server was lost) to its tracking store: into the same run if the store
-    has it, else into a new run of the same experiment. Returns the run id."""
+    has it, else into a new run of the same experiment. Returns the run id. A folder the job made for itself (a
+    temporary one) is removed once logged; a job's own output folder keeps the record, renamed `.synced`."""
     record = json.loads((Path(folder) / RECORD).read_text())
     mlflow.set_tracking_uri(record["tracking_uri"])
     client = MlflowClient()
@@ -328,7 +330,10 @@ def sync(folder: Path) -> str:
     if recorder.lost:
         raise TrackingUnavailable(f"the tracking store is still unreachable: {recorder.lost}")
     client.set_terminated(run_id, record.get("status") or RunStatus.to_string(RunStatus.FINISHED))
-    (Path(folder) / RECORD).rename(Path(folder) / f"{RECORD}.synced")
+    if record.get("temporary"):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        (Path(folder) / RECORD).rename(Path(folder) / f"{RECORD}.synced")
     return run_id
 
 
