@@ -234,3 +234,27 @@ def test_query_rows_are_passed_as_they_are_when_a_binding_takes_them_and_copied_
         plain = plain_rows(other)
         assert type(plain) is np.ndarray and plain.dtype == np.float32 and plain.flags.c_contiguous
         assert plain.flags.writeable and np.array_equal(plain, other)
+
+
+def test_a_working_folder_left_by_a_killed_process_is_removed_by_the_next_one_made_there(tmp_path):
+    import socket
+    import zlib
+    from pathlib import Path
+
+    from imgret.index.base import new_folder
+
+    near = tmp_path / "index.bin"
+    made = ("import os, sys; from pathlib import Path; from imgret.index.base import new_folder; "
+            "folder = new_folder(Path(sys.argv[1])); print(folder.name, flush=True); os.kill(os.getpid(), 9)")
+    killed = subprocess.run([sys.executable, "-c", made, str(near)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    abandoned = Path(killed.stdout.strip())
+    assert abandoned.is_dir() and abandoned.parent == tmp_path
+    other_host = tmp_path / f".index.work.{zlib.crc32(('not-' + socket.gethostname()).encode()):08x}-1.x"
+    other_host.mkdir()
+    live = new_folder(near)
+    assert not abandoned.exists(), "the killed process's folder is removed"
+    assert other_host.is_dir(), "another host's folder is left alone (its process cannot be checked from here)"
+    again = new_folder(near)
+    assert Path(live.name).is_dir() and Path(again.name).is_dir(), "this process's folders are its own to remove"
+    live.cleanup(), again.cleanup()

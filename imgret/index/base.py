@@ -8,10 +8,15 @@ not installed stay listed: they refuse in one line naming what to install, befor
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib
+import os
+import shutil
+import socket
 import tarfile
 import tempfile
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -318,10 +323,35 @@ class FolderIndex:
         return Path(self.folder.name)
 
 
-def new_folder(near: Path | None) -> tempfile.TemporaryDirectory:
-    """A working folder beside the index cache's file (same filesystem), or in the system's temp folder."""
-    return tempfile.TemporaryDirectory(dir=near.parent if near else None,
-                                       prefix=f".{near.stem}.work." if near else ".index-work.")
+def new_folder(near: Path | None, elsewhere: Path | None = None) -> tempfile.TemporaryDirectory:
+    """A working folder beside the index cache's file (same filesystem), or in `elsewhere`, or in the system's temp
+    folder."""
+    if elsewhere is not None or near is None:
+        return process_folder(Path(elsewhere or tempfile.gettempdir()),
+                              f"imgret-{near.stem}.work." if near else "imgret-index-work.")
+    return process_folder(near.parent, f".{near.stem}.work.")
+
+
+def process_folder(where: Path, stem: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder named for this host and process: making one first removes those of this host whose
+    process is gone (a killed run's), never another host's (a cache on a shared filesystem). The host is a short
+    hash of its name, as a PostgreSQL socket's path has room for little."""
+    owner = f"{stem}{zlib.crc32(socket.gethostname().encode()):08x}-"
+    for abandoned in Path(where).glob(glob.escape(owner) + "*"):
+        pid = abandoned.name[len(owner):].split(".")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(abandoned, ignore_errors=True)
+    return tempfile.TemporaryDirectory(dir=where, prefix=f"{owner}{os.getpid()}.")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def pack_folder(folder: Path, path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import whole_params
+from imgret.index.base import new_folder, process_folder, whole_params
 from imgret.index.databases import Database, DatabaseMethod
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
 
@@ -69,7 +69,7 @@ class Postgres(DatabaseMethod):
         if owner is None or near is None or reachable_by(near.parent, owner[0]):
             return super().working_folder(near)
         # the cache lies under a folder only root may enter (pytest's, a home folder): the server's copy in /tmp
-        return tempfile.TemporaryDirectory(prefix=f"imgret-{near.stem}.work.")
+        return new_folder(near, elsewhere=Path(tempfile.gettempdir()))
 
     def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
         owner = unprivileged()
@@ -91,7 +91,7 @@ class Postgres(DatabaseMethod):
         if len(str(database.path / SOCKET_NAME)) <= SOCKET_PATH_MAX:
             return database.path
         if not hasattr(database, "socket_folder"):  # a deep cache folder: a short folder of its own in /tmp
-            database.socket_folder = tempfile.TemporaryDirectory(prefix="imgret-pg-")
+            database.socket_folder = process_folder(Path(tempfile.gettempdir()), "imgret-pg-")
             hand_over(Path(database.socket_folder.name), unprivileged())
         return Path(database.socket_folder.name)
 
