@@ -58,6 +58,15 @@ def run(command: str, work: Path, env: dict, timeout: int = 600) -> subprocess.C
     return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def test_the_daemons_listen_on_the_loopback_only(slurm):
+    pids = json.loads((Path(slurm["SLURM_CONF"]).parent / "daemons.json").read_text())["pids"]
+    listening = {(name, connection.laddr.ip, connection.laddr.port) for name, pid in pids.items()
+                 for connection in psutil.Process(pid).net_connections("inet")
+                 if connection.status == psutil.CONN_LISTEN}
+    assert {name for name, _, _ in listening} == {"slurmctld", "slurmd"}, listening
+    assert {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
+
+
 def test_a_sweep_runs_each_point_as_a_slurm_job_under_one_parent(slurm, tmp_path):
     work = sandbox(tmp_path)
     done = run(documented("-m hydra/launcher=slurm hydra.launcher.partition=debug hydra.launcher.gpus_per_node=0"),

@@ -49,7 +49,7 @@ def write_conf(folder: Path) -> Path:
     conf = folder / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=imgret", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-        "SlurmctldAddr=127.0.0.1", "AuthType=auth/munge", "CommunicationParameters=NoInAddrAny",
+        "SlurmctldAddr=127.0.0.1", "AuthType=auth/munge", "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "SchedulerType=sched/backfill",
         "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
