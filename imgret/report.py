@@ -159,7 +159,7 @@ def scaling_table(runs: list[dict], out: Path) -> str:
 def libraries_table(runs: list[dict], out: Path) -> str:
     """Per model and method: its build's cost (time, index size, the run's peak memory), its order, and the fastest
     setting reaching each recall@10 target, one query per call and in a batch."""
-    header = ["model", "method", "orders by", "build s", "index MB", "peak RSS GB",
+    header = ["model", "method", "orders by", "build s", "index MiB", "peak RSS GiB",
               *[f"recall@10 ≥ {t:.2f}: setting, QPS single / batch" for t in RECALL_TARGETS]]
     rows = []
     for (model, method), group in sorted(by_key(runs, "model", "method").items(),
@@ -182,8 +182,8 @@ def databases_table(runs: list[dict], out: Path) -> str:
     databases = [r for r in runs if r["method"] in METHODS and METHODS[r["method"]].extra == "db"]
     clients = sorted({int(key.removeprefix("qps_clients_")) for r in databases for key in r
                       if key.startswith("qps_clients_")})
-    header = ["model", "database (query path)", "ingest s", "index creation s", "on disk MB", "server peak RSS GB",
-              "client peak RSS GB", *[f"recall@10 ≥ {t:.2f}: setting, QPS single / batch"
+    header = ["model", "database (query path)", "ingest s", "index creation s", "on disk MiB", "server peak RSS GiB",
+              "client peak RSS GiB", *[f"recall@10 ≥ {t:.2f}: setting, QPS single / batch"
                                       + "".join(f" / {n} clients" for n in clients) for t in RECALL_TARGETS]]
     rows = []
     for (model, method), group in sorted(by_key(databases, "model", "method").items(),
