@@ -80,6 +80,40 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert inputs["queries"].digest == Path(tags["query_store"]).name.rsplit("-", 1)[-1]
 
 
+PEAK_IN_A_TIMED_SECTION = """
+import resource
+
+import numpy as np
+from imgret.measure.timing import PeakResidentSet, StageTimes
+
+spike = 400 * 2**20
+with PeakResidentSet() as memory:
+    stages = StageTimes(memory)
+    before = memory.peak_bytes
+    with stages.measure("search_s"), memory.paused():  # a timed section: no thread samples it
+        block = np.ones(spike // 8)
+        del block
+    with stages.measure("after_s"):
+        pass
+print(before, memory.peak_bytes, stages.peak_bytes["search_s"], stages.peak_bytes["after_s"],
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_a_peak_within_a_timed_section_counts_in_the_run_and_its_stage_and_the_kernel_keeps_its_own():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PEAK_IN_A_TIMED_SECTION], capture_output=True, text=True,
+                          timeout=120, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, run_peak, stage_peak, after_peak, high_water = map(int, done.stdout.split())
+    spike = 400 * 2**20
+    assert run_peak >= before + 0.9 * spike and stage_peak >= before + 0.9 * spike, (before, run_peak, stage_peak)
+    assert after_peak < stage_peak - 0.5 * spike, "the next stage's peak is its own"
+    assert high_water >= run_peak, "the kernel's peak of the process is read, never reset"
+
+
 def test_another_architecture_is_named_by_its_architecture(make_cfg):
     cfg = make_cfg(*SYNTHETIC_FAST, "model.arch=efficientnet_b0", "method=flat", "k=10")
     run_tracked(cfg)

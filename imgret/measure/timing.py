@@ -5,6 +5,7 @@ import contextlib
 import math
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -34,25 +35,42 @@ class StageTimes(dict):
         return ", ".join(f"{name.removesuffix('_s')} {peak / 1e9:.2f} GB" for name, peak in self.peak_bytes.items())
 
 
+def high_water_bytes() -> int:
+    """The kernel's peak resident set of this process so far (VmHWM); 0 where /proc does not say."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakResidentSet:
-    """The largest resident set of this process while the block runs, sampled every `interval_s` (a run in a
-    sweep shares its process with earlier runs, so the process-wide maximum of getrusage would not do)."""
+    """The largest resident set of this process while the block runs (a run in a sweep shares its process with
+    earlier runs, so the process-wide maximum of getrusage would not do), sampled every `interval_s`, and at each
+    sample the kernel's own peak of the process where it rose since the sample before: a peak between two samples
+    (a timed section's, when no thread samples) is then counted whenever it is the process's largest yet. The
+    kernel's peak is only read, never reset, so /usr/bin/time and getrusage still see the whole process's."""
 
     def __init__(self, interval_s: float = 0.05):
         self.interval_s = interval_s
         self.peak_bytes = 0
         self._stage_peak = 0
         self._process = psutil.Process()
+        self._high_water = high_water_bytes()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None  # None while paused and outside the block
 
     def _sample(self) -> None:
         rss = self._process.memory_info().rss
+        high_water = high_water_bytes()
+        if high_water > self._high_water:  # the process's peak rose since the last sample, within this block
+            rss, self._high_water = max(rss, high_water), high_water
         self.peak_bytes = max(self.peak_bytes, rss)
         self._stage_peak = max(self._stage_peak, rss)
 
     def restart(self) -> None:
         """Start a new stage: its peak is counted from the resident set now."""
+        self._sample()  # what rose since the last sample belongs to the stage before
         self._stage_peak = 0
         self._sample()
 
@@ -77,7 +95,7 @@ class PeakResidentSet:
     @contextlib.contextmanager
     def paused(self):
         """No sampling thread while the block runs (a timed section must not share the CPU with it): one sample
-        before and one after it instead; what the block made resident is still resident after it."""
+        before and one after it instead, the kernel's peak with them."""
         self._halt()
         try:
             yield
@@ -86,6 +104,7 @@ class PeakResidentSet:
             self._start()
 
     def __enter__(self) -> "PeakResidentSet":
+        self._high_water = high_water_bytes()  # a peak reached before the block is not the block's
         self._sample()
         self._start()
         return self
