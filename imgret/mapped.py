@@ -1,5 +1,6 @@
 """Reading memory-mapped stores without letting them fill the resident set: drop rows already read
-(`release_pages`) and read scattered rows with pread rather than through the map (`gather_rows`)."""
+(`release_pages`) and read scattered rows with pread rather than through the map (`gather_rows`); and writing a
+large file without holding it in the page cache (`written_back`)."""
 from __future__ import annotations
 
 import mmap
@@ -58,3 +59,10 @@ def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
             if os.preadv(descriptor, [out[i].data.cast("B")], start + row * row_bytes) != row_bytes:
                 raise OSError(f"{base.filename}: row {row} is cut short")
     return out
+
+
+def written_back(descriptor: int) -> None:
+    """What was written to the open file goes to disk and leaves the page cache: a file larger than memory is
+    otherwise held as dirty pages, which a memory cap (a cgroup's) counts and cannot reclaim until they are written."""
+    os.fdatasync(descriptor)
+    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -4,7 +4,6 @@ treats them alike."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -13,18 +12,11 @@ from tqdm.auto import tqdm
 
 from imgret.cache import file_lock
 from imgret.embed.store import Embeddings, EmbeddingStore, StagedStore, store_dir
+from imgret.mapped import written_back
 from imgret.sources.registry import source_of
 from imgret.sources.vectors import CHUNK_ROWS, SPLITS, SplitPlan
 
 log = logging.getLogger(__name__)
-
-
-def _written_back(out) -> None:
-    """The chunk just written goes to disk and leaves the page cache: a store larger than memory is otherwise
-    held as dirty pages, which a memory cap (a cgroup's) counts and cannot reclaim until they are written."""
-    out.flush()
-    os.fdatasync(out.fileno())
-    os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore:
@@ -39,7 +31,8 @@ def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore
         for rows, chunk_labels, names in tqdm(plan.chunks(), total=chunks, desc=f"{split} · {plan.count:,} vectors",
                                               unit="chunk", disable=chunks <= 1, mininterval=2):
             out.write(memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B"))
-            _written_back(out)
+            out.flush()
+            written_back(out.fileno())  # a store larger than memory must not stay in the cache as dirty pages
             labels[written:written + len(rows)] = chunk_labels
             paths.write("".join(f"{name}\n" for name in names))
             written += len(rows)

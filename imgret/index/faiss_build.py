@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imgret.allocator import return_freed_memory
-from imgret.mapped import gather_rows, release_pages
+from imgret.mapped import gather_rows, release_pages, written_back
 from imgret.errors import ConfigError
 from imgret.index.base import ADD_CHUNK_ROWS, working
 
@@ -156,8 +156,7 @@ def _fill_on_disk(trained: faiss.Index, gallery: np.ndarray, path: Path, lists_p
                 os.pwrite(out.fileno(), codes[part].tobytes(), int(codes_at[j] + filled[j] * code_size))
                 os.pwrite(out.fileno(), (part + start).astype(np.int64).tobytes(), int(ids_at[j] + filled[j] * 8))
                 filled[j] += count
-            os.fdatasync(out.fileno())
-            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            written_back(out.fileno())
     assert np.array_equal(filled, sizes.astype(np.int64)), "every list filled to its size"
     lists.this.disown()  # the index owns its lists from here
     ivf.replace_invlists(lists, True)
