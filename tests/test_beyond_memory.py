@@ -124,3 +124,28 @@ def test_the_memory_cap_tool_reports_an_oom_kill_and_refuses_bad_caps(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "memory_cap.py"), "lots", "--", "true"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "cap 'lots': a size such as 8G" in bad.stderr
+
+
+def test_a_batch_is_reranked_a_block_of_queries_at_a_time_as_numpy_in_float64_ranks_it(tmp_path):
+    import tracemalloc
+
+    from imgret.index.refine import rerank
+
+    gallery = _mapped_gallery(tmp_path)
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((1000, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    candidates = rng.integers(0, len(gallery), (1000, 200))
+    candidates[::7, -30:] = -1  # some queries had fewer candidates
+    tracemalloc.start()
+    try:
+        scores, ids = rerank(gallery, queries, candidates, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    exact = np.einsum("qcd,qd->qc", np.asarray(gallery, dtype=np.float64)[candidates], queries.astype(np.float64))
+    exact[candidates < 0] = -np.inf
+    expected = np.take_along_axis(candidates, np.argsort(-exact, axis=1, kind="stable")[:, :10], axis=1)
+    assert np.mean(ids == expected) >= 0.999, "the same ranking as float64 numpy, but for float32's near-ties"
+    every_candidate_row = candidates.size * gallery.shape[1] * 4
+    assert peak < every_candidate_row / 2, f"{peak:,} bytes traced: the batch's candidate rows held at once"

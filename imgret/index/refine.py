@@ -22,13 +22,19 @@ def refine_factor(setting: Mapping) -> int:
     return int(setting.get("refine_factor") or 1)
 
 
+# Queries re-ranked at a time: memory holds one block's candidate rows (block x k x F rows), not the whole batch's.
+QUERY_BLOCK = 256
+
+
 def rerank(gallery: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of each query's k most similar candidates by exact float32 inner product, best first (ties by the
     candidates' order); -inf and -1 where a query had fewer than k candidates (-1 marks none)."""
+    queries = np.asarray(queries, dtype=np.float32)
+    scores = np.empty(candidates.shape, dtype=np.float32)
+    for start in range(0, len(candidates), QUERY_BLOCK):
+        block = slice(start, start + QUERY_BLOCK)
+        scores[block] = exact_scores(gallery, queries[block], candidates[block])
     valid = candidates >= 0
-    wanted, where = np.unique(np.where(valid, candidates, 0), return_inverse=True)  # a row once, however many ask
-    rows = read_rows(gallery, wanted)[where.reshape(candidates.shape)]
-    scores = np.einsum("qcd,qd->qc", rows.astype(np.float32, copy=False), np.asarray(queries, dtype=np.float32))
     scores[~valid] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     best = np.take_along_axis(scores, order, axis=1)
@@ -38,6 +44,14 @@ def rerank(gallery: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: 
         best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
     return best, ids
+
+
+def exact_scores(gallery: np.ndarray, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Each query's inner product with each of its candidates' rows, read from the gallery (a row once, however many
+    queries ask for it; a -1 candidate scores against row 0, for the caller to mask)."""
+    wanted, where = np.unique(np.where(candidates >= 0, candidates, 0), return_inverse=True)
+    rows = read_rows(gallery, wanted)[where.reshape(candidates.shape)]
+    return np.einsum("qcd,qd->qc", rows.astype(np.float32, copy=False), queries)
 
 
 def read_rows(gallery: np.ndarray, rows: np.ndarray, part_rows: int = 4096) -> np.ndarray:
