@@ -75,9 +75,11 @@ def test_the_front_page_and_a_results_page_render_in_chromium(tmp_path):
 
 def test_every_metric_a_run_logs_is_in_the_metrics_reference():
     """The metrics are defined in imgret/measure/metrics.py; a metric added there without its line here fails."""
-    from imgret.measure.metrics import CLIENTS_METRICS, DATABASE_METRICS, RUN_METRICS, RUN_SIZES, VS_FP32_METRIC
+    from imgret.measure.metrics import (CLIENTS_METRICS, DATABASE_METRICS, FILTER_METRICS, RUN_METRICS, RUN_SIZES,
+                                        VS_FP32_METRIC)
 
     page = (PROJECT_ROOT / "docs" / "reference" / "metrics.md").read_text()
-    missing = [name for name in (*RUN_METRICS, *RUN_SIZES, VS_FP32_METRIC, *DATABASE_METRICS, *CLIENTS_METRICS)
+    missing = [name for name in (*RUN_METRICS, *RUN_SIZES, VS_FP32_METRIC, *DATABASE_METRICS, *CLIENTS_METRICS,
+                                     *FILTER_METRICS)
                if f"`{name}`" not in page]
     assert not missing, f"docs/reference/metrics.md does not say what these are: {missing}"

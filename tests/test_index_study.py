@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from conftest import PROJECT_ROOT, clustered_vectors
 from imgret.errors import ConfigError
 from imgret.index.build import build_index, index_cache_path
-from imgret.measure.metrics import recall_at, recall_at_ties, similarities_of
+from imgret.measure.metrics import queries_without_neighbours, recall_at, recall_at_ties, similarities_of
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)
 QUERIES = clustered_vectors(4200, 64, clusters=32, seed=2)[4000:]
@@ -131,6 +131,32 @@ def test_recall_by_ids_and_tie_aware_recall_on_hand_made_ties():
     assert recall_at_ties(np.array([[1.0, 0.9 - 5e-7]]), np.array([[1.0, 0.9]]), 2, epsilon=1e-6) == 1.0
     assert recall_at_ties(np.array([[1.0, 0.9 - 5e-6]]), np.array([[1.0, 0.9]]), 2, epsilon=1e-6) == 0.5
     assert recall_at_ties(np.array([[1.0, -np.inf]]), np.array([[1.0, 0.9]]), 2) == 0.5
+
+
+def test_recall_never_counts_no_result_as_a_hit_where_a_filter_allows_fewer_rows_than_k():
+    """The exact truth is padded with -1 / -inf past the rows a query's filter allows; a method's own -1 padding must
+    not match it. Recall is |found ∩ exact| over the exact neighbours that exist, a query with none is left out."""
+    exact_ids = np.array([[4, 9, -1, -1], [7, -1, -1, -1], [-1, -1, -1, -1], [1, 2, 3, 5]])
+    exact_sims = np.where(exact_ids >= 0, np.array([[0.9, 0.8, 0.7, 0.6]] * 4), -np.inf).astype(np.float32)
+    nothing = np.full((4, 4), -1)  # a method that found no row at all
+    assert recall_at(nothing, exact_ids, 4) == 0.0  # counting each -1 slot as a hit gave 12 / 16
+    assert recall_at_ties(np.full((4, 4), -np.inf), exact_sims, 4) == 0.0
+    found_ids = np.array([[9, -1, -1, -1], [7, -1, -1, -1], [-1, -1, -1, -1], [1, 2, 8, 8]])
+    # per query: 1 of 2, 1 of 1, (no neighbour: left out), 2 of 4
+    assert recall_at(found_ids, exact_ids, 4) == pytest.approx((1 / 2 + 1 + 2 / 4) / 3)
+    found_sims = np.where(found_ids >= 0, np.array([[0.8, 0, 0, 0], [0.9, 0, 0, 0], [0, 0, 0, 0],
+                                                    [0.9, 0.8, 0.1, 0.1]]), -np.inf).astype(np.float32)
+    assert recall_at_ties(found_sims, exact_sims, 4) == pytest.approx((1 / 2 + 1 + 2 / 4) / 3)
+    assert queries_without_neighbours(exact_ids) == 1
+    # a neighbour returned twice counts once; at depth 1 only the first exact neighbour counts
+    assert recall_at(np.array([[4, 4, 4, 4]]), exact_ids[:1], 4) == 0.5
+    assert recall_at(found_ids, exact_ids, 1) == pytest.approx((0 + 1 + 1) / 3)
+    # no query with a neighbour at all: no figure rather than a perfect one
+    assert np.isnan(recall_at(nothing[:1], exact_ids[2:3], 4)) and np.isnan(
+        recall_at_ties(np.full((1, 4), -np.inf), exact_sims[2:3], 4))
+    # ties among the allowed rows: the last exact neighbour's similarity is the threshold, not the k-th's (-inf)
+    assert recall_at_ties(np.array([[0.8, 0.8, 0.8, -np.inf]]), exact_sims[:1], 4) == 1.0  # capped at the 2 that exist
+    assert recall_at_ties(np.array([[0.8, 0.79, -np.inf, -np.inf]]), exact_sims[:1], 4, epsilon=1e-6) == 0.5
 
 
 def test_similarities_of_found_ids_are_the_true_inner_products():

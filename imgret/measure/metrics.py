@@ -22,6 +22,9 @@ RUN_METRICS = (
 # Only for a vector database: its gallery's ingest apart from its index's creation, its files on disk, and (for a
 # server) the server process tree's peak resident set.
 DATABASE_METRICS = ("ingest_s", "index_create_s", "db_disk_bytes", "server_peak_rss_bytes")
+# Only with a filter: the share of the gallery a query may return (realised, on average over the queries), and how
+# many queries it allows no row at all (recall leaves those out).
+FILTER_METRICS = ("filter_selectivity", "queries_without_neighbours")
 # Only with search.clients: per client count N, the queries answered per second and their p99 latency.
 CLIENTS_METRICS = ("qps_clients_N", "search_ms_p99_clients_N")
 
@@ -34,14 +37,36 @@ VS_FP32_METRIC = "recall_at_10_vs_fp32"
 RUN_SIZES = ("gallery_size", "query_size", "dim")
 
 
+def neighbours_that_exist(exact_ids: np.ndarray, k: int) -> np.ndarray:
+    """Per query, how many exact neighbours its top-k has: k, or fewer where a filter allows fewer rows (the exact
+    truth is padded with -1 past them)."""
+    return (exact_ids[:, :k] >= 0).sum(axis=1)
+
+
+def _mean_over_answerable(hits: np.ndarray, exist: np.ndarray) -> float:
+    """The mean of hits / exist over the queries that have an exact neighbour; NaN when none has one."""
+    answerable = exist > 0
+    if not answerable.any():
+        return float("nan")
+    return float((hits[answerable] / exist[answerable]).mean())
+
+
 def recall_at(found_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """|found top-k ∩ exact top-k| / k, averaged over queries (ids of -1, 'no result', never match)."""
+    """|found top-k ∩ exact top-k| / min(k, the exact neighbours that exist), averaged over the queries that have
+    at least one: an id of -1 ('no result', or the truth's padding where a filter allows fewer than k rows) never
+    matches, a query whose filter allows no row is left out (counted by `queries_without_neighbours`), and NaN
+    when every query is. Each exact neighbour counts once, however often a method returned it."""
     found, exact = found_ids[:, :k], exact_ids[:, :k]
-    hits = 0
+    hits = np.zeros(len(found), dtype=np.int64)
     for start in range(0, len(found), 4096):  # bounds the (rows, k, k) comparison's memory
-        block = found[start:start + 4096, :, None] == exact[start:start + 4096, None, :]
-        hits += int(block.any(axis=2).sum())
-    return hits / (len(found) * k)
+        block = exact[start:start + 4096, :, None] == found[start:start + 4096, None, :]
+        hits[start:start + 4096] = (block.any(axis=2) & (exact[start:start + 4096] >= 0)).sum(axis=1)
+    return _mean_over_answerable(hits, neighbours_that_exist(exact, k))
+
+
+def queries_without_neighbours(exact_ids: np.ndarray) -> int:
+    """How many queries have no exact neighbour at all (a filter that allows them no row): recall leaves them out."""
+    return int((exact_ids[:, 0] < 0).sum()) if exact_ids.size else 0
 
 
 def precision_at(found_ids: np.ndarray, gallery_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
@@ -78,14 +103,21 @@ def latency_percentiles(latencies_ms: np.ndarray, percentiles=(50, 95, 99)) -> d
 
 def recall_at_ties(found_similarities: np.ndarray, exact_similarities: np.ndarray, k: int,
                    epsilon: float = 1e-6) -> float:
-    """Tie-aware recall (ann-benchmarks' definition): a result counts if its true similarity is at least
-    the k-th exact similarity minus `epsilon`, so swapping equally good neighbours is not a miss.
+    """Tie-aware recall (ann-benchmarks' definition): a result counts if its true similarity is at least the
+    similarity of the last exact neighbour minus `epsilon`, so swapping equally good neighbours is not a miss; per
+    query at most min(k, the exact neighbours that exist) results count, over that number, averaged over the queries
+    that have one (NaN when none has), as `recall_at`.
 
     `found_similarities` must be the true similarities of the found ids (see `similarities_of`), not an
-    approximate index's own scores; -inf marks a missing result.
+    approximate index's own scores; -inf marks a missing result (and a row the filter does not allow), which never
+    counts; -inf in `exact_similarities` marks the truth's padding past the rows a filter allows.
     """
-    threshold = exact_similarities[:, k - 1:k] - epsilon
-    return float((found_similarities[:, :k] >= threshold).mean())
+    exact = exact_similarities[:, :k]
+    exist = np.isfinite(exact).sum(axis=1)
+    last = np.take_along_axis(exact, np.maximum(exist - 1, 0)[:, None], axis=1)
+    found = found_similarities[:, :k]
+    hits = (np.isfinite(found) & (found >= last - epsilon)).sum(axis=1)
+    return _mean_over_answerable(np.minimum(hits, exist), exist)
 
 
 def similarities_of(ids: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
