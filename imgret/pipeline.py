@@ -25,8 +25,9 @@ from imgret.embed.resolve import precision_choice, resolve_device
 from imgret.index.groundtruth import exact_filtered_ground_truth, exact_ground_truth
 from imgret.index.filtered import FilteredSearch
 from imgret.index.filters import FilterSettings, RowFilter
-from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at, recall_at,
-                                    recall_at_ties, results_table, similarities_of)
+from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at,
+                                    queries_without_neighbours, recall_at, recall_at_ties, results_table,
+                                    similarities_of)
 from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.measure.search import (ClientsRun, SearchRun, SearchSettings, concurrent_clients, search_threads,
                                    timed_search)
@@ -58,6 +59,7 @@ class RunResult:
     metrics: dict[str, float]
     info: dict = field(default_factory=dict)  # what was reused, where stores live: logged as tags
     texts: dict[str, str] = field(default_factory=dict)  # artifacts: name -> content
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # artifacts saved as <name>.npy: what the search found
 
 
 def configure_threads(threads: int | None) -> int:
@@ -118,22 +120,40 @@ def _search_stage(built: BuiltIndex, search: SearchSettings, query_vectors: np.n
         built.close()
 
 
-def _accuracy(found_ids: np.ndarray, truth, embeddings, gallery_vectors: np.ndarray, query_vectors: np.ndarray,
-              row_filter: RowFilter | None, k: int, epsilon: float) -> dict[str, float]:
+def true_similarities(found_ids: np.ndarray, gallery_vectors: np.ndarray, query_vectors: np.ndarray,
+                      row_filter: RowFilter | None) -> np.ndarray:
+    """Each found id's exact similarity to its query (what tie-aware recall reads); -inf for no result and for a row
+    the filter does not allow, which is no answer."""
+    found_similarities = similarities_of(found_ids, gallery_vectors, query_vectors)
+    if row_filter is not None:
+        found_similarities[~row_filter.allows(np.arange(len(found_ids))[:, None], found_ids)] = -np.inf
+    return found_similarities
+
+
+def found_arrays(found: SearchRun, truth, found_similarities: np.ndarray) -> dict[str, np.ndarray]:
+    """What the run found and what it was measured against, kept with the run so that every recall can be
+    recomputed from its outputs alone (docs/reference/metrics.md says how): ids as int32 where they fit."""
+    def compact(ids: np.ndarray) -> np.ndarray:
+        return ids.astype(np.int32) if ids.size == 0 or ids.max() < 2**31 else ids
+
+    return {"found_ids": compact(found.ids), "found_scores": found.scores.astype(np.float32),
+            "found_similarities": found_similarities, "exact_ids": compact(truth.ids), "exact_scores": truth.scores}
+
+
+def _accuracy(found_ids: np.ndarray, found_similarities: np.ndarray, truth, embeddings, row_filter: RowFilter | None,
+              k: int, epsilon: float) -> dict[str, float]:
     """Recall against the exact (filtered) neighbours, by ids and tie-aware, and the class-based precision; at 10
     only when the search was 10 deep."""
-    found_similarities = similarities_of(found_ids, gallery_vectors, query_vectors)
-    if row_filter is not None:  # a row the filter does not allow is no answer: it counts as missing
-        found_similarities[~row_filter.allows(np.arange(len(found_ids))[:, None], found_ids)] = -np.inf
     gallery, queries = embeddings.gallery, embeddings.queries
     at_10 = {} if k < 10 else {
         "recall_at_10": recall_at(found_ids, truth.ids, 10),
         "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
         "precision_at_10": precision_at(found_ids, gallery.labels, queries.labels, 10),
         "map_at_10": map_at(found_ids, gallery.labels, queries.labels, 10)}
+    filtered = {} if row_filter is None else {"queries_without_neighbours": float(queries_without_neighbours(truth.ids))}
     return {"recall_at_1": recall_at(found_ids, truth.ids, 1), **at_10,
             "recall_at_k": recall_at(found_ids, truth.ids, k),
-            "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, k, epsilon)}
+            "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, k, epsilon), **filtered}
 
 
 def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
@@ -172,7 +192,8 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
 
     latency = latency_percentiles(found.latencies_ms)
     batch_qps = [len(query_vectors) / seconds for seconds in found.batch_seconds]
-    accuracy = _accuracy(found.ids, truth, embeddings, gallery_vectors, query_vectors, row_filter, k, search.tie_epsilon)
+    found_similarities = true_similarities(found.ids, gallery_vectors, query_vectors, row_filter)
+    accuracy = _accuracy(found.ids, found_similarities, truth, embeddings, row_filter, k, search.tie_epsilon)
     if images and row_filter is None and k >= 10:
         accuracy.update(against_fp32_rows(settings, images.splits, embeddings, found.ids, depth))
     metrics = {
@@ -212,4 +233,4 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         **embeddings.checks,
     }
     texts = {"bad_images.txt": "".join(f"{line}\n" for line in embeddings.bad_images)} if embeddings.bad_images else {}
-    return RunResult(metrics, info, texts)
+    return RunResult(metrics, info, texts, found_arrays(found, truth, found_similarities))

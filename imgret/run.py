@@ -63,7 +63,7 @@ def run_tracked(cfg: DictConfig) -> dict[str, float]:
             if unwritable is None:
                 raise
             raise unwritable from error
-        log_results(recorder, result.metrics, result.info, result.texts)
+        log_results(recorder, result.metrics, result.info, result.texts, result.arrays)
     return result.metrics
 
 

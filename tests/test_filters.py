@@ -47,7 +47,8 @@ def test_attributes_are_reproducible_from_the_row_and_seed_and_keep_the_share_as
     assert not np.array_equal(row_attributes(1000, 3), row_attributes(1000, 4))
     rows = attribute_filter(200_000, 50, 0.01, seed=0)
     shares = [rows.allowed(q).mean() for q in range(50)]
-    assert abs(np.mean(shares) - 0.01) < 0.002 and rows.selectivity == 0.01
+    assert abs(np.mean(shares) - 0.01) < 0.002 and rows.selectivity == pytest.approx(np.mean(shares), abs=1e-12)
+    assert rows.selectivity != 0.01  # the realised share, not the nominal width
     assert np.all(rows.high - rows.low == 0.01 * ATTRIBUTE_RANGE) and len(set(rows.low.tolist())) > 40
 
 
@@ -130,8 +131,43 @@ def test_faiss_s_own_filter_returns_what_bare_faiss_returns_with_an_id_selector(
 def test_the_documented_filtered_run_logs_its_filtered_recall(tmp_path):
     run = run_small(documented("method=hnswlib filter=attribute filter.selectivity=0.05"), tmp_path,
                     "search.latency_queries=50")
-    assert run["metrics.filter_selectivity"] == 0.05 and run["metrics.recall_at_10"] > 0.9
+    realised = attribute_filter(int(run["params.gallery_size"]), int(run["params.query_size"]), 0.05, seed=0)
+    shares = [realised.allowed(q).mean() for q in range(int(run["params.query_size"]))]
+    assert run["metrics.filter_selectivity"] == pytest.approx(np.mean(shares), abs=1e-9)
+    assert run["metrics.recall_at_10"] > 0.9
     assert run["tags.filter_mode"].startswith("its own filter") and "filter-attribute0.05" in run["tags.mlflow.runName"]
+
+
+def test_a_filter_narrower_than_k_is_measured_over_the_neighbours_that_exist_and_recomputed_from_the_run(tmp_path):
+    """The documented narrow filter (about 4 allowed rows a query, k=10): the run's saved exact neighbours equal numpy's
+    float64 filtered top-10, and its logged recall equals the documented recomputation from its artifacts alone and a
+    plain numpy count over the neighbours that exist (where counting the -1 padding as hits would credit each query
+    with the neighbours that do not exist)."""
+    from mlflow.tracking import MlflowClient
+
+    from imgret.embed.store import EmbeddingStore
+
+    run = run_small(documented("filter.selectivity=0.0002"), tmp_path, "search.latency_queries=50")
+    folder = MlflowClient().download_artifacts(run["run_id"], "", str(tmp_path / "artifacts"))
+    found, exact = np.load(f"{folder}/found_ids.npy"), np.load(f"{folder}/exact_ids.npy")
+    gallery = np.asarray(EmbeddingStore.open(__import__("pathlib").Path(run["tags.gallery_store"])).vectors)
+    queries = np.asarray(EmbeddingStore.open(__import__("pathlib").Path(run["tags.query_store"])).vectors)
+    rows = attribute_filter(len(gallery), len(queries), 0.0002, seed=0)
+    assert np.array_equal(exact, numpy_filtered_top_k(gallery, queries, rows.allowed, K))
+    exist = (exact >= 0).sum(axis=1)
+    assert (exist < K).mean() > 0.9  # nearly every query has fewer allowed rows than k
+    hits = np.array([len(set(f.tolist()) & set(e[e >= 0].tolist())) for f, e in zip(found, exact)])
+    by_numpy = float(np.mean(hits[exist > 0] / exist[exist > 0]))
+    assert run["metrics.recall_at_10"] == pytest.approx(by_numpy, abs=1e-12)
+    assert run["metrics.queries_without_neighbours"] == (exist == 0).sum()
+    snippet = documented("mlflow.artifacts.download_artifacts").replace(
+        "sqlite:///mlruns/mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = [[float(word) for word in line.split() if word[0].isdigit()] for line in done.stdout.splitlines()]
+    assert len(figures) == 2 and len(figures[0]) == 3 and len(figures[1]) == 2, done.stdout
+    assert figures[0][0] == pytest.approx(by_numpy, abs=1e-12) and figures[0][1:] == pytest.approx([by_numpy] * 2)
+    assert figures[1][0] == pytest.approx(figures[1][1], abs=1e-12)  # tie-aware, logged and recomputed
 
 
 @pytest.mark.parametrize("overrides, line", [

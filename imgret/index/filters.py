@@ -40,7 +40,7 @@ def row_attributes(rows: int, seed: int) -> np.ndarray:
 @dataclass(frozen=True)
 class RowFilter:
     kind: str  # "label" or "attribute"
-    selectivity: float  # the share of the gallery each query may return, on average
+    selectivity: float  # the share of the gallery each query may return, on average over the queries (realised)
     keys: np.ndarray  # (gallery rows,) int64
     low: np.ndarray  # (queries,) int64
     high: np.ndarray  # (queries,) int64, exclusive
@@ -82,9 +82,16 @@ def label_filter(gallery_labels: np.ndarray, query_labels: np.ndarray) -> RowFil
 
 
 def attribute_filter(gallery_size: int, query_count: int, selectivity: float, seed: int) -> RowFilter:
+    """Each query's window of `selectivity * ATTRIBUTE_RANGE` attribute values; the filter's selectivity is the
+    share of the gallery the windows realise, on average over the queries (the nominal width drawn on a finite
+    gallery keeps a little more or less)."""
     width = max(1, round(selectivity * ATTRIBUTE_RANGE))
     low = (mixed(np.arange(query_count), seed + 1) % np.uint64(ATTRIBUTE_RANGE - width + 1)).astype(np.int64)
-    return RowFilter("attribute", width / ATTRIBUTE_RANGE, row_attributes(gallery_size, seed), low, low + width)
+    keys = row_attributes(gallery_size, seed)
+    ordered = np.sort(keys)
+    allowed = np.searchsorted(ordered, low + width) - np.searchsorted(ordered, low)
+    share = float(allowed.mean() / max(gallery_size, 1)) if query_count else 0.0
+    return RowFilter("attribute", share, keys, low, low + width)
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,14 @@ class RunRecorder:
         path.write_text(text)
         self._remote(self.client.log_artifact, self.run_id, str(path))
 
+    def log_array(self, array, name: str) -> None:
+        """An array as the artifact `<name>.npy` (numpy's own format: np.load reads it anywhere)."""
+        import numpy as np
+
+        path = self.folder / "artifacts" / f"{name}.npy"
+        np.save(path, array)
+        self._remote(self.client.log_artifact, self.run_id, str(path))
+
     def log_file(self, source: Path, name: str | None = None) -> None:
         path = self.folder / "artifacts" / (name or Path(source).name)
         if Path(source).resolve() != path.resolve():
@@ -290,7 +298,7 @@ def tracked_run(point: PointRecord, experiment_id: str) -> Iterator[RunRecorder]
 
 
 def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str, str],
-                texts: dict[str, str] | None = None) -> None:
+                texts: dict[str, str] | None = None, arrays: dict | None = None) -> None:
     from imgret.measure.metrics import RUN_SIZES
 
     recorder.log_metrics({key: value for key, value in metrics.items() if key not in RUN_SIZES})
@@ -302,6 +310,8 @@ def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str
     recorder.log_text(json.dumps({"metrics": metrics, "info": info}, indent=1), "results.json")
     for name, text in (texts or {}).items():
         recorder.log_text(text, name)
+    for name, array in (arrays or {}).items():
+        recorder.log_array(array, name)
 
 
 # --------------------------------------------------------------------------- python -m imgret.track.runs sync
