@@ -1,7 +1,10 @@
 """Errors that a user can act on: each message names the bad value and what to do instead; the one check of a
 whole number; and how an entry point turns an error into its one line and exit code."""
+import os
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class ImgretError(Exception):
@@ -33,7 +36,7 @@ class BadImage(ImgretError):
     def __init__(self, path: str, reason: str, kind: str = "damaged"):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, " ".join(reason.split())  # one line, for bad_images.txt
-        self.kind = kind  # not_an_image | too_many_pixels | damaged: the web server answers 415, 413 or 400
+        self.kind = kind  # not_an_image | bad_shape | too_many_pixels | damaged: the web server answers 415, 413, 400
 
 
 class TrackingUnavailable(ImgretError):
@@ -53,13 +56,17 @@ def bad_value(key: str, value, what_is_allowed: str) -> ConfigError:
     return ConfigError(f"{key}={shown(value)}: {what_is_allowed}", key=key)
 
 
+SHOWN_CHARACTERS = 80  # a longer value is cut in an error line: a request's megabyte field is not echoed whole
+
+
 def shown(value) -> str:
-    """A value as it would be typed on the command line."""
+    """A value as it would be typed on the command line; a long one cut, with its length said."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return str(value)
+    text = str(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS - 20]}... ({len(text):,} characters)"
 
 
 def one_line(error: BaseException) -> str:
@@ -137,3 +144,56 @@ def free_space_check(folder, needed_bytes: int, key: str, what: str) -> None:
     if needed_bytes > free:
         raise StorageError(f"{folder}: {what} need about {needed_bytes / 2**20:,.1f} MB and the disk of {key} has "
                            f"{free / 2**20:,.1f} MB free: free space there or set {key} to a folder on a larger disk")
+
+
+def hydra_refusal(error: BaseException, argv: list[str]) -> ConfigError | None:
+    """Hydra's own refusal of a command line as one line: a config group option that does not exist
+    (`method=nosuch`), a key the composed config does not have (`method.refine_factor=5` on a method without it),
+    an override that does not parse. None for any other error."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    def typed(key: str) -> tuple[str, str]:  # the override as the user typed it: (key with its prefix, value)
+        for argument in argv:
+            name, _, value = argument.partition("=")
+            if name.lstrip("+~") == key:
+                return name, value
+        return key, ""
+
+    if isinstance(error, MissingConfigException) and "/" in (error.missing_cfg_file or ""):
+        group, option = error.missing_cfg_file.rsplit("/", 1)
+        options = ", ".join(error.options or []) or "none"
+        return bad_value(typed(group)[0], option, f"one of {options} (the files in imgret's conf/{group}/)")
+    if isinstance(error, OverrideParseException):
+        return ConfigError(f"an override Hydra cannot parse: {one_line(error).split(': ', 1)[-1]} (key=value, a "
+                           "sweep key=a,b; the grammar: hydra.cc/docs/advanced/override_grammar/basic)")
+    if isinstance(error, HydraException):
+        cause = error.__cause__
+        quoted = str(error).split("'")
+        key = quoted[1] if str(error).startswith("Could not override '") and len(quoted) > 2 else None
+        if key and cause is not None and "not in struct" in str(cause):
+            name, value = typed(key)
+            return bad_value(name, value, f"a key of the composed config: it has no {key} (every key of every "
+                                          f"group is in docs/reference/configuration.md; +{key}=... would add one)")
+        reason = one_line(error).split(": ", 1)[-1] + (f" ({one_line(cause).split(': ', 1)[-1]})" if cause else "")
+        return ConfigError(f"the command line: {reason}")
+    return None
+
+
+def run_hydra_app(app: Callable[[], T]) -> T:
+    """Run a `@hydra.main` function with Hydra's refusals of the command line said in one line, exit 2, before
+    any work (Hydra prints them over many lines, exit 1), and an error imgret explains that ends a sweep in one
+    line too. With HYDRA_FULL_ERROR=1 set by the user, Hydra's own report stands."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return app()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to this function instead of printing them
+    try:
+        return app()
+    except ImgretError as error:
+        exit_with(error)
+    except Exception as error:
+        refusal = hydra_refusal(error, sys.argv[1:])
+        if refusal is None:
+            raise
+        exit_with(refusal)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from imgret.track import lifecycle
-from imgret.errors import ImgretError, exit_with, storage_error
+from imgret.errors import ImgretError, exit_with, run_hydra_app, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,13 @@ def in_multirun() -> bool:
         return False
 
 
+def main() -> float | tuple[float, ...] | None:
+    """`python -m imgret.run` and `imgret-run`: Hydra's refusals of the command line in one line (exit 2)."""
+    return run_hydra_app(hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://imgret.conf", config_name="config")
-def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+def hydra_main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     lifecycle.install_signal_handlers()
     # On screen at once: the checks below import torch, timm and faiss (several seconds) before their first word.
     log.info("checking the configuration (%s, %s, %s) ...", cfg.data.get("name"), cfg.model.get("name"),

@@ -6,11 +6,12 @@ single run's first line on screen does not wait for it.
 from __future__ import annotations
 
 import logging
+import sys
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from imgret.errors import ConfigError, ImgretError, exit_with
+from imgret.errors import ConfigError, ImgretError, exit_with, hydra_refusal
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,11 @@ class MultirunParentRun(Callback):
             self.parent = SweepParent()
             self.parent.start(TrackingSettings.of(config.tracking), list(config.hydra.overrides.task),
                               str(config.hydra.sweep.dir), points, skipped)
-        except ImgretError as error:  # one line, before any job or run exists
-            exit_with(error)
+        except Exception as error:  # one line, before any job or run exists (Hydra's own refusals too)
+            refusal = error if isinstance(error, ImgretError) else hydra_refusal(error, sys.argv[1:])
+            if refusal is None:
+                raise
+            exit_with(refusal)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus

@@ -133,6 +133,7 @@ def invalid_point(cfg) -> str | None:
     from imgret.embed.options import invalid_extract_combination
     from imgret.index.methods import invalid_combination
 
+    check_level(cfg)  # a level past the method's rungs: refused in one line before its knob is read below
     extract = cfg.get("extract") or {}
     row_filter = cfg.get("filter") or {}
     if row_filter.get("kind") != "attribute" and row_filter.get("selectivity") is not None:

@@ -115,15 +115,33 @@ def test_every_bad_value_is_refused_before_any_work_naming_the_key(make_cfg, tmp
     assert not (tmp_path / "cache" / "embeddings").exists() and not (tmp_path / "cache" / "data").exists()
 
 
-@pytest.mark.parametrize("overrides, key", [(["k=0"], "k=0"), (["batch_size=0"], "batch_size=0"),
-                                            (["method=ivfpq", "method.pq_m=7"], "method.pq_m=7")])
+@pytest.mark.parametrize("overrides, key", [
+    (["k=0"], "k=0"), (["batch_size=0"], "batch_size=0"), (["method=ivfpq", "method.pq_m=7"], "method.pq_m=7"),
+    # a level past the method's rungs, or not a number: refused before its knob's interpolation is read
+    (["method=ivf", "level=999"], "level=999"), (["method=ivf", "level=abc"], "level=abc"),
+    (["method=pgvector_ivfflat", "level=999"], "level=999"),
+    # Hydra's own refusals of the command line, said in one line: an unknown group option, a key the method has not
+    (["method=nosuchmethod"], "method=nosuchmethod"), (["method=flat", "method.refine_factor=-5"],
+                                                       "method.refine_factor=-5"),
+    (["+experiment=nope"], "+experiment=nope"),
+    # trained weights neither installed nor in the hub's cache, offline: refused before a run opens
+    (["model=mobilenet", "model.pretrained=true"], "model.pretrained=true"),
+])
 def test_a_bad_value_exits_2_with_one_line_and_no_run(tmp_path, overrides, key):
-    result = run_imgret(tmp_path, *SYNTHETIC_FAST, "nlist=4", "nprobe=2", *overrides)
+    result = run_imgret(tmp_path, *SYNTHETIC_FAST, "nlist=4", "nprobe=2", *overrides, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"config error: {key}: ")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_a_sweep_with_an_unknown_option_exits_2_with_one_line_before_any_job(tmp_path):
+    result = run_imgret(tmp_path, *SYNTHETIC_FAST, "nlist=4", "nprobe=2", "method=flat,nosuch", multirun=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("config error: method=nosuch: one of annoy, brute, ")
+    assert "Traceback" not in result.stderr and "Available options" not in result.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_dead_tracking_server_is_reported_within_15_s(tmp_path):

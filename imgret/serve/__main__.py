@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from imgret.errors import ImgretError, bad_value, exit_with
+from imgret.errors import ImgretError, bad_value, exit_with, run_hydra_app
 
 log = logging.getLogger("imgret.serve")
 
@@ -69,8 +69,13 @@ def start(cfg: DictConfig) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
 
 
+def main() -> None:
+    """`python -m imgret.serve` and `imgret-serve`: Hydra's refusals of the command line in one line (exit 2)."""
+    run_hydra_app(hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://imgret.conf", config_name="serve")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         start(cfg)
     except ImgretError as error:
