@@ -191,6 +191,27 @@ def test_no_server_outlives_a_finished_a_failed_or_a_killed_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
+def test_a_server_stopped_under_the_run_is_one_line_and_the_run_failed(tmp_path, stop):
+    """The PostgreSQL server stopped (SIGINT, its fast shutdown: the backends answer AdminShutdown) or killed while the
+    run searches it: one line naming what happened, exit 1, the run FAILED, no traceback."""
+    run = pgvector_run(tmp_path, "search.clients=[1]", "search.clients_s=120")
+    seen = ""
+    deadline = time.monotonic() + 240
+    while len(server_pids(seen)) < 2 and time.monotonic() < deadline:  # searching, on the reopened server
+        seen += run.stdout.readline()
+    assert len(server_pids(seen)) == 2, seen[-2000:]
+    time.sleep(3)
+    os.kill(server_pids(seen)[-1], stop)
+    seen += run.communicate(timeout=120)[0]
+    assert run.returncode == 1, seen[-2000:]
+    line = seen.strip().splitlines()[-1]
+    assert line.startswith("error: PostgreSQL stopped answering while the run searched it"), seen[-2000:]
+    assert "Traceback" not in seen, seen[-3000:]
+    assert last_status(tmp_path) == "FAILED"
+
+
+@pytest.mark.slow
 def test_a_server_that_does_not_start_is_one_line_with_its_log_and_the_run_failed(tmp_path):
     run = pgvector_run(tmp_path, "method.shared_buffers=900000GB")
     log = run.communicate(timeout=300)[0]

@@ -145,10 +145,15 @@ class Postgres(DatabaseMethod):
                                f"(log: {last_lines(database.path / 'postgres.log')})") from error
 
     def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
-        if session.applied != setting:
-            session.execute(f"SET {self.knob} = {int(setting[self.query_key])}")
-            session.applied = dict(setting)
-        rows = session.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
+        try:
+            if session.applied != setting:
+                session.execute(f"SET {self.knob} = {int(setting[self.query_key])}")
+                session.applied = dict(setting)
+            rows = session.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
+        except psycopg().OperationalError as error:  # the server was stopped or killed under the run
+            raise ServerFailed(f"PostgreSQL stopped answering while the run searched it: "
+                               f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                               ) from error
         return [row[0] for row in rows], [-row[1] for row in rows]
 
 
