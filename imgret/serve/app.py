@@ -25,15 +25,16 @@ from starlette.concurrency import run_in_threadpool
 
 from imgret.api import Retriever
 from imgret.allocator import return_freed_memory
-from imgret.errors import BadImage, ImgretError, bad_value
+from imgret.errors import BadImage, ImgretError, bad_value, shown
 from imgret.measure.metrics import precision_at, recall_at
 from imgret.sources.decode import decode_image, open_image
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_PIXELS = 160
-# BadImage.kind -> the answer: not an image at all; an image too large to decode; one that fails to decode.
-BAD_IMAGE_STATUS = {"not_an_image": 415, "too_many_pixels": 413, "damaged": 400}
+# BadImage.kind -> the answer: not an image at all, or of an extreme aspect ratio; an image too large to decode (or
+# to resize to the model's size); one that fails to decode.
+BAD_IMAGE_STATUS = {"not_an_image": 415, "bad_shape": 415, "too_many_pixels": 413, "damaged": 400}
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def bad_image_answer(error: BadImage, name: str, status: int | None = None) -> H
     """The one mapping from an image that cannot be used to an answer: 415 not an image, 413 too many pixels, 400
     damaged (or `status`, for an image the server itself holds)."""
     status = status or BAD_IMAGE_STATUS.get(error.kind, 400)
-    if status == 415:  # Pillow's reason names only its in-memory buffer
+    if status == 415 and error.kind == "not_an_image":  # Pillow's reason names only its in-memory buffer
         return HTTPException(status, f"{name}: not an image this server reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)")
     what = {413: "too many pixels: ", 400: "a damaged or truncated image: "}.get(status, "")
     return HTTPException(status, f"{name}: {what}{error.reason}")
@@ -201,10 +202,18 @@ class Demo:
 
     def prepare_upload(self, data: bytes, name: str):
         """The upload as the model's uint8 batch of one: decoded within the budget (a large JPEG at a reduced scale,
-        any large image reduced at once), so that only small pixels outlive the decode."""
+        any large image reduced at once), so that only small pixels outlive the decode. The budget is held for the
+        most pixels the image takes on its way (the decode, or the model's resize of a thin image) until the batch
+        is made: the resize's output counts too."""
         try:
-            image = decode_image(io.BytesIO(data), name, self.settings.max_image_pixels, "serve.max_image_pixels",
-                                 self.needed_side, self.budget.hold)
+            with contextlib.ExitStack() as held:
+                def hold_until_prepared(pixels: int):
+                    held.enter_context(self.budget.hold(pixels))
+                    return contextlib.nullcontext()
+
+                image = decode_image(io.BytesIO(data), name, self.settings.max_image_pixels, "serve.max_image_pixels",
+                                     self.needed_side, hold_until_prepared)
+                return self.prepared(image)
         except BadImage as error:
             raise bad_image_answer(error, name) from error
         except Busy as error:
@@ -213,7 +222,6 @@ class Demo:
                 from error
         finally:  # the full-size decode is garbage by now
             return_freed_memory()  # glibc keeps a burst's freed heap otherwise, and the process stays at its peak
-        return self.prepared(image)
 
     def prepared(self, image) -> tuple:
         """(the model's uint8 batch of one, the milliseconds its resize and crop took)."""
@@ -252,7 +260,7 @@ class Demo:
             "index": choice.name, "exact_index": choice.exact, "k": k,
             "results": results, "exact": reference,
             "missed": [r["id"] for r in reference if not r["found"]],
-            "recall": recall_at(found.ids, exact.ids, k),
+            "recall": recall if np.isfinite(recall := recall_at(found.ids, exact.ids, k)) else None,
             "query": query, "precision_at_k": None, "timings_ms": timings, "class_label": class_label,
             "filter_mode": None if class_label is None else choice.built.method.filter_mode,
         }
@@ -283,7 +291,7 @@ class Demo:
                                                                                "(GET /api/indexes lists them)")))
         start = time.perf_counter()
         if image is not None and image.filename:
-            data, image_name = await image.read(), image.filename
+            data, image_name = await image.read(), shown(image.filename)  # echoed in errors: cut when long
             await image.close()
             if not data:
                 raise HTTPException(400, f"{image_name}: the upload is empty")
