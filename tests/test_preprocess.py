@@ -155,3 +155,47 @@ def test_a_large_image_is_resized_as_soon_as_it_is_decoded_to_the_same_pixels(tm
     small = tmp_path / "small.jpg"
     Image.radial_gradient("L").resize((300, 260)).convert("RGB").save(small)
     assert tuple(preprocessing.load(str(small), 10_000_000).shape) == (3, 260, 300)  # as decoded: batched later
+
+
+def thin_png(path, width: int, height: int = 1):
+    Image.new("RGB", (width, height), (30, 120, 200)).save(path)  # a few hundred bytes on disk
+    return path
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_a_thin_image_is_refused_from_its_header_before_the_models_resize_makes_it_huge(tmp_path, decoder):
+    """An 8,000 x 1 image resized to a 235-pixel shorter side would be 235 x 1,880,000 pixels (1.3 GB as uint8):
+    refused from its header, whichever decoder, and so is one whose resize output alone is over the pixel limit."""
+    from imgret.options import Options
+    from imgret.sources.decode import size_refusal, work_pixels
+
+    encoder = build_encoder(Options(name="resnet18", family="timm", arch="resnet18", pretrained=False,
+                                    checkpoint=None, image_size=None), 0)
+    preprocessing = encoder.preprocessing(decoder)
+    for name, size in (("thin.png", (8000, 1)), ("tall.jpg", (1, 8000))):
+        path = tmp_path / name
+        Image.new("RGB", size, (30, 120, 200)).save(path)
+        with pytest.raises(BadImage, match="aspect ratio over 100:1") as refused:
+            preprocessing.load(str(path), 10_000_000)
+        assert refused.value.kind == "bad_shape"
+    # within the ratio, but its resize to the model's side is over the limit (decoded, it is under it)
+    wide = thin_png(tmp_path / "wide.png", 9000, 100)
+    assert work_pixels(9000, 100, 235) == 235 * 21150 > 1_000_000 > 9000 * 100
+    with pytest.raises(BadImage, match=r"9000x100 pixels resize to 4,970,250 pixels for the model's 235-pixel side, "
+                                       r"over data.max_image_pixels=1000000") as refused:
+        preprocessing.load(str(wide), 1_000_000)
+    assert refused.value.kind == "too_many_pixels"
+    assert size_refusal("ok", 300, 200, 1_000_000, side=235) is None  # an ordinary photo is untouched
+    assert tuple(preprocessing.batch([preprocessing.load(str(wide), 10_000_000)]).shape) == (1, 3, 224, 224)
+
+
+def test_a_folder_with_a_thin_image_counts_it_as_a_bad_image(make_cfg, tmp_path):
+    from conftest import write_images
+    from imgret.run import run_tracked
+
+    images = write_images(tmp_path / "images", per_class=8)
+    thin_png(images / "a" / "thin.png", 20_000)
+    cfg = make_cfg("data=folder", f"data.gallery_dir={images}", "data.query_fraction=0.2", "model.pretrained=false",
+                   "model.image_size=32", "method=flat", "k=3")
+    metrics = run_tracked(cfg)
+    assert metrics["bad_images"] == 1 and metrics["gallery_size"] + metrics["query_size"] == 2 * 8

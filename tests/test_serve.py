@@ -441,10 +441,56 @@ def test_a_large_image_is_decoded_reduced_within_its_hold(tmp_path):
     assert held == [4000 * 3000] and image.size == (364, 273) and image.mode == "RGB"
 
 
+def png_bytes(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (30, 120, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_thin_image_is_refused_and_a_wide_one_holds_the_budget_for_its_resize_until_its_batch_is_made(served):
+    """8,000 x 1 pixels: 415 from the header. 1,000 x 20 (within the ratio): the budget is held, while the model's
+    resize and crop run, for the resize's output (larger than the decode), not for the decode's 20,000 pixels."""
+    from imgret.sources.decode import work_pixels
+
+    retriever, client, _ = served
+    response = search(client, image=png_bytes(8000, 1), name="thin.png", k=K)
+    assert response.status_code == 415 and "8000x1 pixels: an aspect ratio over 100:1" in response.json()["detail"]
+    demo = client.app.state.demo
+    held, prepared = [], demo.prepared
+    demo.prepared = lambda image: (held.append(demo.budget.in_flight), prepared(image))[1]
+    try:
+        assert search(client, image=png_bytes(1000, 20), name="wide.png", k=K).status_code == 200
+    finally:
+        demo.prepared = prepared
+    assert held == [work_pixels(1000, 20, demo.needed_side)] and held[0] > 1000 * 20
+    assert demo.budget.in_flight == 0
+
+
+@pytest.mark.slow
+def test_thin_images_cost_the_server_no_memory(server):
+    """The hostile uploads of the audit, and thinner: each alone and four at once. Before the header check, an
+    8,000 x 1 PNG at the default model raised the server's peak by gigabytes; at this server's 32-pixel model a
+    200,000 x 1 one does."""
+    url, process, _ = server
+    import httpx
+
+    before = peak_rss_bytes(process.pid)
+    for width in (8000, 20_000, 200_000):
+        response = httpx.post(f"{url}/api/search", files={"image": ("thin.png", png_bytes(width, 1))},
+                              data={"k": str(K)}, timeout=60)
+        assert response.status_code == 415 and "aspect ratio" in response.json()["detail"], response.text
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{url}/api/search", data={"k": str(K)}, timeout=60,
+                                                     files={"image": ("thin.png", png_bytes(200_000, 1))}), range(4)))
+    assert [a.status_code for a in answers] == [415] * 4
+    assert peak_rss_bytes(process.pid) - before < THIN_IMAGES_PEAK_GROWTH_BOUND
+
+
 # The demo's memory under hostile load: a 24-megapixel PNG compresses to a few KB (one colour) but decodes to 72 MB.
 # Before the decode budget, 100 of them at once took the server from 0.95 GB to 16.88 GB resident here (14.60 GB
 # after); with it, to 1.61 GB (see README).
 PEAK_RSS_GROWTH_BOUND = 1 << 30  # the default budget, 100 megapixels, is 0.3-0.4 GB decoded
+THIN_IMAGES_PEAK_GROWTH_BOUND = 64 << 20  # refused from the header: nothing is decoded
 
 
 def peak_rss_bytes(pid: int) -> int:

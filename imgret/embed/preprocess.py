@@ -86,8 +86,8 @@ class Preprocessing:
     def load(self, path: str, max_pixels: int) -> torch.Tensor:
         """One image file as a uint8 (3, H, W) tensor: at the model's size for `pil`, as decoded otherwise."""
         if self.per_image is not None:
-            return self.per_image(open_image(path, max_pixels))
-        pixels = open_pixels(path, max_pixels)
+            return self.per_image(open_image(path, max_pixels, self.needed_side))
+        pixels = open_pixels(path, max_pixels, self.needed_side)
         if self.early_resize is not None and self.needed_side and min(pixels.shape[-2:]) >= 2 * self.needed_side:
             return self.early_resize(pixels)  # a loader holds one full-size decode at a time, never a batch of them
         return pixels

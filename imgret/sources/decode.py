@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import BinaryIO, Callable, ContextManager
 
@@ -25,14 +26,15 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = None
 
 
-def open_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB image, fully decoded, or `BadImage` saying why this file cannot be one.
+def open_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, model_side: int | None = None) -> Image.Image:
+    """An RGB image, fully decoded, or `BadImage` saying why this file cannot be one (also: too large once resized
+    to `model_side`, the model's shorter side, or of an extreme aspect ratio).
 
     Greyscale and palette images are converted (Tiny-ImageNet has greyscale ones); 16-bit and float
     images are scaled to 8 bits rather than clipped (Pillow's own convert would turn them white)."""
     if path.startswith(SYNTHETIC_SCHEME):
         return synthetic_image(path)
-    return decode_image(path, path, max_pixels)
+    return decode_image(path, path, max_pixels, model_side=model_side)
 
 
 # JPEG frame headers torchvision.io.decode_jpeg reads as Pillow does: baseline, extended and progressive Huffman
@@ -95,46 +97,63 @@ def decode_jpeg_rgb(data: bytearray):
                                        torchvision.io.ImageReadMode.RGB.value, False)
 
 
-def open_pixels(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+def open_pixels(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, model_side: int | None = None):
     """`open_image` as a (3, H, W) uint8 tensor. JPEGs are decoded by torchvision's libjpeg-turbo op: the same
-    pixels as Pillow's in half the time (no PIL image, no copy into a tensor). Any other format, and a JPEG it
-    refuses (truncated, corrupt), goes through Pillow, which says why it is unusable."""
+    pixels as Pillow's in half the time (no PIL image, no copy into a tensor), once their header's size passed the
+    same checks. Any other format, and a JPEG it refuses (truncated, corrupt), goes through Pillow, which says why
+    it is unusable."""
     from torchvision.transforms.functional import pil_to_tensor
 
     if path.startswith(SYNTHETIC_SCHEME):
         return pil_to_tensor(synthetic_image(path))
     data = read_small_file(path)
     size = jpeg_size(data) if data is not None else None
-    if size is not None and size[0] * size[1] <= max_pixels:
+    if size is not None:
+        refusal = size_refusal(path, *size, max_pixels, side=model_side)
+        if refusal is not None:
+            raise refusal
         try:
             return decode_jpeg_rgb(data)
         except RuntimeError:
             pass  # Pillow decides, and says why when it cannot decode it either
-    return pil_to_tensor(open_image(path, max_pixels))  # from the path: Pillow's messages name the file
+    return pil_to_tensor(open_image(path, max_pixels, model_side))  # from the path: Pillow's messages name the file
 
 
-def decode_image(source: str | BinaryIO, name: str, max_pixels: int,
-                 limit_key: str = "data.max_image_pixels", needed_side: int | None = None,
-                 hold: Callable[[int], ContextManager] | None = None) -> Image.Image:
-    """`open_image` for a path or an open file (an upload): the pixel count is checked from the header,
-    before decoding, so a decompression bomb is refused without allocating its pixels.
+# An image more than this many times as long as it is wide (or the reverse) is refused: a resize that keeps the aspect
+# ratio turns a thin one into a huge one (8,000 x 1 pixels at a 256-pixel side: 256 x 2,048,000), and the model's
+# centre crop of it would show almost nothing.
+MAX_ASPECT_RATIO = 100
 
-    `needed_side`: the shorter side the consumer resizes to (the model's). A JPEG at least twice that is decoded
-    at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow's draft), and any image at least twice that is reduced (a box
-    filter, by a whole factor) as soon as it is decoded, so that only the decode itself is ever full size.
-    `hold(pixels)`: a context (a budget of pixels decoded at once) held while the decode's pixels exist."""
+
+def work_pixels(width: int, height: int, side: int | None) -> int:
+    """The most pixels an image of this size takes on its way to a model whose resize makes its shorter side `side`
+    (aspect kept): the decode's, or the resize's output, whichever is larger (the resize upsamples a thin image)."""
+    if not side:
+        return width * height
+    return max(width * height, side * math.ceil(side * max(width, height) / max(min(width, height), 1)))
+
+
+def size_refusal(name: str, width: int, height: int, max_pixels: int, limit_key: str = "data.max_image_pixels",
+                 side: int | None = None) -> BadImage | None:
+    """Why an image of this size is refused before any pixel is decoded, or None: over `max_pixels` decoded, over
+    it once resized to the model's `side`, or of an extreme aspect ratio."""
+    if width * height > max_pixels:
+        return BadImage(name, f"{width}x{height} pixels is over {limit_key}={max_pixels}", "too_many_pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        return BadImage(name, f"{width}x{height} pixels: an aspect ratio over {MAX_ASPECT_RATIO}:1 (a resize that "
+                              "keeps it would make a huge image of a thin one)", "bad_shape")
+    needed = work_pixels(width, height, side)
+    if needed > max_pixels:
+        return BadImage(name, f"{width}x{height} pixels resize to {needed:,} pixels for the model's {side}-pixel side, "
+                              f"over {limit_key}={max_pixels}", "too_many_pixels")
+    return None
+
+
+@contextlib.contextmanager
+def pillow_errors(name: str):
+    """Pillow's errors while opening or decoding `name` as the BadImage that says why it cannot be used."""
     try:
-        with Image.open(source) as image:
-            if image.width * image.height > max_pixels:
-                raise BadImage(name, f"{image.width}x{image.height} pixels is over {limit_key}={max_pixels}",
-                               "too_many_pixels")
-            if needed_side and image.format == "JPEG" and min(image.size) >= 2 * needed_side:
-                image.draft("RGB", (needed_side, needed_side))  # the smallest scale still >= needed_side a side
-            with hold(image.width * image.height) if hold else contextlib.nullcontext():
-                image.load()  # decode now: a truncated file fails here, not later inside a batch
-                if needed_side and image.mode in REDUCIBLE_MODES:
-                    return to_rgb(reduced(image, needed_side))
-                return reduced(to_rgb(image), needed_side) if needed_side else to_rgb(image)
+        yield
     except BadImage:
         raise
     except UnidentifiedImageError as error:  # not an image, or zero bytes
@@ -142,6 +161,40 @@ def decode_image(source: str | BinaryIO, name: str, max_pixels: int,
     except (OSError, ValueError, SyntaxError) as error:
         # Pillow: OSError (truncated), SyntaxError (broken header)
         raise BadImage(name, f"{type(error).__name__}: {error}") from error
+
+
+def image_size(source: str | BinaryIO, name: str) -> tuple[int, int]:
+    """(width, height) from the header alone, or BadImage when it is not an image Pillow reads."""
+    with pillow_errors(name), Image.open(source) as image:
+        return image.size
+
+
+def decode_image(source: str | BinaryIO, name: str, max_pixels: int,
+                 limit_key: str = "data.max_image_pixels", needed_side: int | None = None,
+                 hold: Callable[[int], ContextManager] | None = None, model_side: int | None = None) -> Image.Image:
+    """`open_image` for a path or an open file (an upload): the pixel count is checked from the header,
+    before decoding, so a decompression bomb is refused without allocating its pixels, and so is an image that
+    the model's resize would make too large (`size_refusal`).
+
+    `needed_side`: the shorter side the consumer resizes to (the model's). A JPEG at least twice that is decoded
+    at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow's draft), and any image at least twice that is reduced (a box
+    filter, by a whole factor) as soon as it is decoded, so that only the decode itself is ever full size.
+    `model_side`: the model's side for the size check alone, where the pixels must be decoded whole (extraction's
+    `pil` decoder, whose rows a reduced decode would change).
+    `hold(pixels)`: a context (a budget of pixels at once) held while the decode's pixels exist, for the most
+    pixels the image takes on its way to the model (`work_pixels`)."""
+    side = needed_side or model_side
+    with pillow_errors(name), Image.open(source) as image:
+        refusal = size_refusal(name, image.width, image.height, max_pixels, limit_key, side)
+        if refusal is not None:
+            raise refusal
+        if needed_side and image.format == "JPEG" and min(image.size) >= 2 * needed_side:
+            image.draft("RGB", (needed_side, needed_side))  # the smallest scale still >= needed_side a side
+        with hold(work_pixels(image.width, image.height, side)) if hold else contextlib.nullcontext():
+            image.load()  # decode now: a truncated file fails here, not later inside a batch
+            if needed_side and image.mode in REDUCIBLE_MODES:
+                return to_rgb(reduced(image, needed_side))
+            return reduced(to_rgb(image), needed_side) if needed_side else to_rgb(image)
 
 
 REDUCIBLE_MODES = ("RGB", "RGBA", "L", "LA")  # Image.reduce's modes that to_rgb converts afterwards
