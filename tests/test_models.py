@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -37,15 +38,63 @@ def test_each_model_has_its_own_preprocessing_and_feature_size(make_cfg, model, 
 
 
 def test_native_size_when_image_size_is_null(make_cfg):
-    assert describe_encoder(make_cfg("model=resnet18").model, 0)["image_size"] == 224
-    assert describe_encoder(make_cfg("model=clip").model, 0)["image_size"] == 224
+    assert describe_encoder(make_cfg("model=resnet18", "model.pretrained=false").model, 0)["image_size"] == 224
+    assert describe_encoder(make_cfg("model=clip", "model.pretrained=false").model, 0)["image_size"] == 224
 
 
-def test_description_changes_with_what_changes_the_vectors(make_cfg):
+def test_description_changes_with_what_changes_the_vectors(make_cfg, tmp_path):
     base = describe_encoder(make_cfg("model.pretrained=false").model, 0)
     assert base != describe_encoder(make_cfg("model.pretrained=false", "model.image_size=64").model, 0)
     assert base != describe_encoder(make_cfg("model.pretrained=false").model, 1)  # random init depends on seed
-    assert base != describe_encoder(make_cfg("model.pretrained=true").model, 0)
+    path = tmp_path / "resnet18.pt"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    assert base != describe_encoder(make_cfg(f"model.checkpoint={path}").model, 0)
+
+
+def hub_cache_holding(cache: Path, repo: str, filename: str, state: dict) -> Path:
+    """A Hugging Face hub cache (its own layout: refs/main names a snapshot) holding one weights file."""
+    from safetensors.torch import save_file
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    save_file(state, folder / "snapshots" / revision / filename)
+    return folder / "snapshots" / revision / filename
+
+
+def test_hub_weights_are_known_by_their_bytes_and_loaded_from_the_hub_s_cache_offline(tmp_path):
+    """timm's published weights found in the hub's cache, offline: the identity (the store's key, the run's tag)
+    carries the file's sha256, and the network timm builds from it holds the file's tensors; another file under
+    the same name is another identity."""
+    import hashlib
+
+    torch.manual_seed(5)
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+    file = hub_cache_holding(tmp_path / "hub", "timm/resnet18.a1_in1k", "model.safetensors", state)
+    code = (
+        "import sys, torch; from hydra import compose, initialize_config_dir\n"
+        "from imgret.embed.models import build_encoder\n"
+        f"with initialize_config_dir(config_dir='{PROJECT_ROOT / 'conf'}', version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['model=resnet18', 'model.pretrained=true'])\n"
+        "encoder = build_encoder(cfg.model, 0)\n"
+        "print(encoder.description['weights']); print(float(encoder.network.conv1.weight.double().sum()))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def identity_and_checksum():
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()[-2:]
+
+    identity, checksum = identity_and_checksum()
+    assert identity == f"pretrained:timm/resnet18.a1_in1k:sha256:{hashlib.sha256(file.read_bytes()).hexdigest()}"
+    assert float(checksum) == pytest.approx(float(state["conv1.weight"].double().sum()), abs=1e-9)
+    state["conv1.weight"] = state["conv1.weight"] + 1  # altered weights under the same name
+    from safetensors.torch import save_file
+
+    save_file(state, file)
+    assert identity_and_checksum()[0] != identity
 
 
 def test_checkpoint_file_loads_the_weights(make_cfg, tmp_path):
@@ -82,5 +131,5 @@ def test_offline_pretrained_weights_fail_with_what_to_do(model):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # what an offline user sets; without it the hub retries for ~45 s
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "WeightsUnavailable" in result.stderr
+    assert "ConfigError: model.pretrained=true: weights this machine has" in result.stderr  # before any build
     assert "model.pretrained=false" in result.stderr and "model.checkpoint=PATH" in result.stderr

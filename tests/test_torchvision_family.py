@@ -85,3 +85,17 @@ def test_a_run_with_a_torchvision_model(make_cfg):
     cfg = make_cfg("data=synthetic", "model=torchvision", "model.arch=resnet18", "model.pretrained=false",
                    "model.image_size=32", "method=flat")
     assert run_tracked(cfg)["recall_at_10"] == pytest.approx(1.0)
+
+
+def test_an_altered_weights_file_under_the_published_name_is_refused_in_one_line(make_cfg, tmp_path, monkeypatch):
+    """torch.hub checks a file's digest only when it downloads it; imgret checks the cached file's bytes against the
+    digest its published name carries before naming the weights, so an altered file is never loaded as them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)  # the right shapes, not its bytes
+    cfg = make_cfg("model=torchvision", "model.arch=resnet18", "model.weights=IMAGENET1K_V1")
+    with pytest.raises(ConfigError, match=r"^model.pretrained=true: the published weights' bytes: .*resnet18-f37072fd"
+                                          r"\.pth has sha256:[0-9a-f]{12}\.\.\., not the sha256 beginning f37072fd"):
+        describe_encoder(cfg.model, 0)

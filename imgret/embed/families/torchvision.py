@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from imgret.cache import verified_digest
 from imgret.embed.families.base import Family, load_features_checkpoint, offline_error, reachable
 from imgret.errors import allowed, bad_value
 
 DOWNLOAD_HOST = "download.pytorch.org"
+HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's check_hash: the first hex digits of the file's sha256
 
 
 def _models():
@@ -48,6 +51,25 @@ def published_weights(model_cfg):
 def cached_file(weights) -> Path:
     """Where torch.hub keeps (or would keep) the weights' file."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def published_prefix(file: Path) -> str | None:
+    """The leading hex digits of the file's sha256 that its published name carries (torch.hub's convention,
+    `<name>-<digits>.pth`), or None for a name without them."""
+    found = HASH_PREFIX.search(file.name)
+    return found.group(1) if found else None
+
+
+def checked_digest(file: Path) -> str:
+    """The file's sha256 ("sha256:<hex>"), once its published name's digits were found to be its first: a file
+    altered under that name is refused in one line (torch.hub checks them only when it downloads)."""
+    digest = verified_digest(file)
+    prefix = published_prefix(file)
+    if prefix and not digest.removeprefix("sha256:").startswith(prefix):
+        raise bad_value("model.pretrained", True, f"the published weights' bytes: {file} has {digest[:19]}..., not "
+                        f"the sha256 beginning {prefix} that its published name says; delete it so that it is "
+                        "downloaded again, or load it as model.checkpoint=PATH (recorded by its own digest)")
+    return digest
 
 
 def classifier_of(network: nn.Module) -> str:
@@ -83,14 +105,20 @@ class Torchvision(Family):
         }
 
     def pretrained_id(self, model_cfg) -> str:
+        """The published weights by name and by the sha256 of the file that will be loaded (torch's hub cache,
+        downloaded first where it is not there): an altered file under the published name is refused, never
+        loaded under the published weights' identity."""
         weights = published_weights(model_cfg)
         file = cached_file(weights)
-        if not file.is_file() and not reachable(DOWNLOAD_HOST):
-            raise bad_value("model.pretrained", True, f"weights this machine has: {model_cfg.arch}'s {weights.name} "
-                            f"weights are not in torch's hub cache ({file}) and {DOWNLOAD_HOST} cannot be reached; "
-                            "put the file there, use model.checkpoint=PATH, or model.pretrained=false for random "
-                            "weights")
-        return f"pretrained:torchvision:{model_cfg.arch}:{weights.name}"
+        if not file.is_file():
+            if not reachable(DOWNLOAD_HOST):
+                raise bad_value("model.pretrained", True, f"weights this machine has: {model_cfg.arch}'s {weights.name} "
+                                f"weights are not in torch's hub cache ({file}) and {DOWNLOAD_HOST} cannot be reached; "
+                                "put the file there, use model.checkpoint=PATH, or model.pretrained=false for random "
+                                "weights")
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(file), hash_prefix=published_prefix(file))
+        return f"pretrained:torchvision:{model_cfg.arch}:{weights.name}:{checked_digest(file)}"
 
     @functools.lru_cache(maxsize=32)
     def output_dim(self, arch: str) -> int:
@@ -103,6 +131,8 @@ class Torchvision(Family):
         from torchvision import transforms as T
 
         weights = published_weights(model_cfg) if trained else None
+        if weights is not None and cached_file(weights).is_file():
+            checked_digest(cached_file(weights))  # the bytes described are the bytes loaded (hashed once per process)
         try:
             network = _models().get_model(model_cfg.arch, weights=weights)
         except (OSError, RuntimeError) as error:  # a failed download is a URLError, an OSError
