@@ -154,3 +154,18 @@ def test_resume_keeps_the_whole_valid_rows_of_a_killed_attempt(tmp_path):
     assert progress.bad == {4: "/x/4.jpg\tUnidentifiedImageError: not an image"}
     assert progress.dim == 4
     assert vectors_path.stat().st_size == 16 and index_path.stat().st_size == 8
+
+
+def test_the_progress_bar_draws_each_update_once(make_cfg, capsys):
+    """A captured log (a job's output file, a CI log) gets one frame per batch done, not two: the bar is not drawn
+    again at each batch's start, and it counts batches from its first frame."""
+    cfg = make_cfg(*SYNTHETIC_FAST, "extract.progress=true", "num_workers=0")
+    capsys.readouterr()
+    ensure_embeddings(load_splits(cfg.data, cfg.seed), ExtractSettings.from_config(cfg))
+    frames = [frame for frame in capsys.readouterr().out.replace("\r", "\n").splitlines()
+              if "gallery · resnet18" in frame]
+    batches = -(-200 // 16)  # SYNTHETIC_FAST: 200 gallery images, batches of 16
+    counts = [frame.split("|")[-1].split()[0] for frame in frames]
+    assert counts.count(f"{batches}/{batches}") <= 2 and len(frames) <= batches + 3, frames
+    assert all("DataLoader" not in frame and "it/s" not in frame for frame in frames), frames
+    assert len(set(counts)) == len(counts) - 1, counts  # every count once, the last drawn again as the bar closes

@@ -3,6 +3,8 @@ raised, when skipped), the model as a LightningModule (PyTorch eager or a backen
 streams each batch's normalised rows to this rank's part of a staged store, and the progress bar."""
 from __future__ import annotations
 
+import sys
+
 import logging
 import uuid
 from pathlib import Path
@@ -100,13 +102,21 @@ class ExtractionProgressBar(TQDMProgressBar):
         return self.label
 
     def init_predict_tqdm(self):
-        bar = super().init_predict_tqdm()
-        bar.unit = "batch"
-        return bar
+        from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+
+        # Lightning's own bar, counting batches from its first line (a unit set after it was drawn shows "it/s" once)
+        return Tqdm(desc=self.label, position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT, unit="batch")
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        self.predict_progress_bar.set_description(self.label)
+        """Lightning's, without its "DataLoader N" suffix and without drawing the bar again at each batch's start:
+        the bar is drawn once per update (a captured log held each update twice)."""
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
+
+        self.predict_progress_bar.set_description(self.label, refresh=False)
+        self.predict_progress_bar.reset(total=convert_inf(self.total_predict_batches_current_dataloader))
 
 
 class EmbeddingStoreWriter(BasePredictionWriter):
