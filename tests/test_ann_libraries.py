@@ -148,7 +148,8 @@ def test_a_method_gives_its_library_s_own_ids_reaches_0_99_at_its_top_level_and_
 
 # The real entry point, with the library's module made unimportable (as if it were not installed).
 MISSING_LIBRARY = ("import runpy, sys; sys.modules[{module!r}] = None; "
-                   "sys.argv = ['imgret.run', 'method={name}', 'tracking.uri=sqlite:///{db}', 'paths.cache={cache}']; "
+                   "sys.argv = ['imgret.run', 'method={name}', 'model.pretrained=false', 'tracking.uri=sqlite:///{db}', "
+                   "'paths.cache={cache}']; "
                    "runpy.run_module('imgret.run', run_name='__main__')")
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from conftest import PROJECT_ROOT, SYNTHETIC_FAST, write_images
 from documented import run_command, run_imgret_here
 from imgret.errors import ConfigError, DataUnavailable
-from imgret.measure.metrics import RUN_METRICS, RUN_SIZES
+from imgret.measure.metrics import RUN_METRICS, RUN_SIZES, recall_at
 from imgret.run import run_tracked
 
 METRICS = {
@@ -71,9 +72,15 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert tags["git_commit"] and tags["version.faiss-cpu"] and tags["version.torch"] and tags["cpu"]
     assert tags["embeddings_extracted"] == "gallery,queries"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts == {"config.yaml", "results.json"}
+    found = ("found_ids", "found_scores", "found_similarities", "exact_ids", "exact_scores")
+    assert artifacts == {"config.yaml", "results.json", *(f"{name}.npy" for name in found)}
     results = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/results.json")
     assert results["metrics"]["recall_at_k"] == 1.0
+    folder = client.download_artifacts(run.info.run_id, "", str(Path(cfg.paths.cache) / "artifacts"))
+    arrays = {name: np.load(Path(folder) / f"{name}.npy") for name in found}
+    assert arrays["found_ids"].shape == (40, 10) and arrays["found_ids"].dtype == np.int32
+    assert np.array_equal(arrays["found_ids"], arrays["exact_ids"])  # nprobe = nlist: exact, so the same ids
+    assert recall_at(arrays["found_ids"], arrays["exact_ids"], 10) == run.data.metrics["recall_at_10"]
     inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
     assert set(inputs) == {"gallery", "queries"}
     assert inputs["gallery"].name == Path(tags["gallery_store"]).name and '"num_rows": 200' in inputs["gallery"].profile
