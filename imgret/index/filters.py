@@ -44,6 +44,7 @@ class RowFilter:
     keys: np.ndarray  # (gallery rows,) int64
     low: np.ndarray  # (queries,) int64
     high: np.ndarray  # (queries,) int64, exclusive
+    asked: float | None = None  # an attribute filter's window, as a share of the attribute's values (its nominal width)
 
     def allows(self, query_ids: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
         """Whether each row id (broadcast against its query's id) is allowed; -1 (no result) never is."""
@@ -70,7 +71,7 @@ class RowFilter:
     def describe(self) -> str:
         if self.kind == "label":
             return f"the query's own class ({self.selectivity:.2%} of the gallery on average)"
-        return f"an attribute range keeping {self.selectivity:.2%} of the gallery"
+        return f"an attribute range of {self.asked:.2%} of its values, keeping {self.selectivity:.2%} of the gallery"
 
 
 def label_filter(gallery_labels: np.ndarray, query_labels: np.ndarray) -> RowFilter:
@@ -91,7 +92,7 @@ def attribute_filter(gallery_size: int, query_count: int, selectivity: float, se
     ordered = np.sort(keys)
     allowed = np.searchsorted(ordered, low + width) - np.searchsorted(ordered, low)
     share = float(allowed.mean() / max(gallery_size, 1)) if query_count else 0.0
-    return RowFilter("attribute", share, keys, low, low + width)
+    return RowFilter("attribute", share, keys, low, low + width, width / ATTRIBUTE_RANGE)
 
 
 @dataclass(frozen=True)
