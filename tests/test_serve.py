@@ -187,6 +187,14 @@ def test_a_class_filter_answers_only_that_class_and_its_exact_neighbours_among_i
         assert all(r["label"] == other for r in body["results"] + body["exact"])
         assert {r["id"] for r in body["exact"]} == set(expected.tolist())
         assert body["filter_mode"].startswith("its own filter")  # FAISS's IDSelector
+    # deeper than the class has rows, and with one IVF list probed: recall over the neighbours that exist, no result
+    # never a hit (the exact side's padding is not an answer)
+    deep = min(len(rows) + 5, client.get("/api/indexes").json()["max_k"])
+    for index in ("flat", "ivf nlist=4 nprobe=1"):
+        body = search(client, query_id=picked["id"], k=deep, index=index, class_label=other).json()
+        exact_ids, found_ids = {r["id"] for r in body["exact"]}, {r["id"] for r in body["results"]}
+        assert len(exact_ids) == min(deep, len(rows))
+        assert body["recall"] == pytest.approx(len(found_ids & exact_ids) / len(exact_ids))
     refused = search(client, query_id=picked["id"], k=K, class_label=len(classes))
     assert refused.status_code == 400 and f"class_label={len(classes)}" in refused.json()["detail"]
 
