@@ -125,7 +125,7 @@ def test_every_bad_value_is_refused_before_any_work_naming_the_key(make_cfg, tmp
                                                        "method.refine_factor=-5"),
     (["+experiment=nope"], "+experiment=nope"),
     # trained weights neither installed nor in the hub's cache, offline: refused before a run opens
-    (["model=mobilenet", "model.pretrained=true"], "model.pretrained=true"),
+    (["model=resnet18", "model.pretrained=true"], "model.pretrained=true"),
 ])
 def test_a_bad_value_exits_2_with_one_line_and_no_run(tmp_path, overrides, key):
     result = run_imgret(tmp_path, *SYNTHETIC_FAST, "nlist=4", "nprobe=2", *overrides, env={"HF_HUB_OFFLINE": "1"})
