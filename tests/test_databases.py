@@ -144,6 +144,19 @@ def server_pids(log: str) -> list[int]:
     return [int(pid) for pid in re.findall(r"PostgreSQL started: pid (\d+)", log)]
 
 
+def searching_on_the_reopened_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """A pgvector run three seconds into its clients' search, on the server reopened from the cache, and what it
+    printed so far."""
+    run = pgvector_run(tmp_path, "search.clients=[1]", "search.clients_s=120")
+    seen = ""
+    deadline = time.monotonic() + 240
+    while len(server_pids(seen)) < 2 and time.monotonic() < deadline:  # built, then reopened once saved
+        seen += run.stdout.readline()
+    assert len(server_pids(seen)) == 2, seen[-2000:]
+    time.sleep(3)
+    return run, seen
+
+
 def last_status(tmp_path: Path) -> str:
     import mlflow
 
@@ -171,13 +184,7 @@ def test_no_server_outlives_a_finished_a_failed_or_a_killed_run(tmp_path):
     assert not alive(server_pids(log)[0]) and last_status(tmp_path / "failed") == "FAILED"
 
     for stop, code in ((signal.SIGTERM, 143), (signal.SIGKILL, -9)):
-        run = pgvector_run(tmp_path / stop.name, "search.clients=[1]", "search.clients_s=120")
-        seen = ""
-        deadline = time.monotonic() + 240
-        while len(server_pids(seen)) < 2 and time.monotonic() < deadline:  # searching, on the reopened server
-            seen += run.stdout.readline()
-        assert len(server_pids(seen)) == 2, seen[-2000:]
-        time.sleep(3)
+        run, seen = searching_on_the_reopened_server(tmp_path / stop.name)
         os.kill(run.pid, stop)
         seen += run.communicate(timeout=60)[0]
         assert run.returncode == code, seen[-2000:]
@@ -195,13 +202,7 @@ def test_no_server_outlives_a_finished_a_failed_or_a_killed_run(tmp_path):
 def test_a_server_stopped_under_the_run_is_one_line_and_the_run_failed(tmp_path, stop):
     """The PostgreSQL server stopped (SIGINT, its fast shutdown: the backends answer AdminShutdown) or killed while the
     run searches it: one line naming what happened, exit 1, the run FAILED, no traceback."""
-    run = pgvector_run(tmp_path, "search.clients=[1]", "search.clients_s=120")
-    seen = ""
-    deadline = time.monotonic() + 240
-    while len(server_pids(seen)) < 2 and time.monotonic() < deadline:  # searching, on the reopened server
-        seen += run.stdout.readline()
-    assert len(server_pids(seen)) == 2, seen[-2000:]
-    time.sleep(3)
+    run, seen = searching_on_the_reopened_server(tmp_path)
     os.kill(server_pids(seen)[-1], stop)
     seen += run.communicate(timeout=120)[0]
     assert run.returncode == 1, seen[-2000:]
