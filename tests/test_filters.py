@@ -139,6 +139,7 @@ def test_the_documented_filtered_run_logs_its_filtered_recall(tmp_path):
     assert run["tags.filter_mode"].startswith("its own filter") and "filter-attribute0.05" in run["tags.mlflow.runName"]
 
 
+@pytest.mark.slow
 def test_a_filter_narrower_than_k_is_measured_over_the_neighbours_that_exist_and_recomputed_from_the_run(tmp_path):
     """The documented narrow filter (about 4 allowed rows a query, k=10): the run's saved exact neighbours equal numpy's
     float64 filtered top-10, and its logged recall equals the documented recomputation from its artifacts alone and a

@@ -64,6 +64,7 @@ def hub_cache_holding(cache: Path, repo: str, filename: str, state: dict) -> Pat
     return folder / "snapshots" / revision / filename
 
 
+@pytest.mark.slow
 def test_hub_weights_are_known_by_their_bytes_and_loaded_from_the_hub_s_cache_offline(tmp_path):
     """timm's published weights found in the hub's cache, offline: the identity (the store's key, the run's tag)
     carries the file's sha256, and the network timm builds from it holds the file's tensors; another file under

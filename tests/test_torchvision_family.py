@@ -129,6 +129,7 @@ def mobilenet_weights(tmp_path_factory):
     return file, description, encoder
 
 
+@pytest.mark.slow
 def test_the_seed_s_mobilenet_is_torchvision_s_trained_mobilenet_v2_known_by_its_bytes(mobilenet_weights):
     import hashlib
 
