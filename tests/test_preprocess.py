@@ -189,6 +189,7 @@ def test_a_thin_image_is_refused_from_its_header_before_the_models_resize_makes_
     assert tuple(preprocessing.batch([preprocessing.load(str(wide), 10_000_000)]).shape) == (1, 3, 224, 224)
 
 
+@pytest.mark.slow
 def test_a_folder_with_a_thin_image_counts_it_as_a_bad_image(make_cfg, tmp_path):
     from conftest import write_images
     from imgret.run import run_tracked
