@@ -159,7 +159,7 @@ def test_resume_keeps_the_whole_valid_rows_of_a_killed_attempt(tmp_path):
 def test_the_progress_bar_draws_each_update_once(make_cfg, capsys):
     """A captured log (a job's output file, a CI log) gets one frame per batch done, not two: the bar is not drawn
     again at each batch's start, and it counts batches from its first frame."""
-    cfg = make_cfg(*SYNTHETIC_FAST, "extract.progress=true", "num_workers=0")
+    cfg = make_cfg(*SYNTHETIC_FAST, "extract.progress=true", "num_workers=0", "extract.backend=torch")
     capsys.readouterr()
     ensure_embeddings(load_splits(cfg.data, cfg.seed), ExtractSettings.from_config(cfg))
     frames = [frame for frame in capsys.readouterr().out.replace("\r", "\n").splitlines()

@@ -190,6 +190,7 @@ def test_the_seed_table_and_the_ivf_sweep(work, subset):
         {(m, p) for m in ("resnet18", "mobilenet", "clip") for p in ("1", "4", "8")}
 
 
+@pytest.mark.slow
 def test_offline_checkpoint_folder_and_imagenet(work, subset):
     run_command(offline(documented("imgret.run data.archive=../shared/data/tiny-imagenet-200.zip model.pretrained"),
                         subset), work)
