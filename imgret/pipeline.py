@@ -150,10 +150,23 @@ def _accuracy(found_ids: np.ndarray, found_similarities: np.ndarray, truth, embe
         "recall_at_10_ties": recall_at_ties(found_similarities, truth.scores, 10, epsilon),
         "precision_at_10": precision_at(found_ids, gallery.labels, queries.labels, 10),
         "map_at_10": map_at(found_ids, gallery.labels, queries.labels, 10)}
-    filtered = {} if row_filter is None else {"queries_without_neighbours": float(queries_without_neighbours(truth.ids))}
+    filtered = {} if row_filter is None else {"filter_selectivity": row_filter.selectivity,
+                                              "queries_without_neighbours": float(queries_without_neighbours(truth.ids))}
     return {"recall_at_1": recall_at(found_ids, truth.ids, 1), **at_10,
             "recall_at_k": recall_at(found_ids, truth.ids, k),
             "recall_at_k_ties": recall_at_ties(found_similarities, truth.scores, k, epsilon), **filtered}
+
+
+def _extraction_choice(settings: RunSettings, images: ImagesToEmbed | None):
+    """(settings with the backend resolved, the precision choice, the backend choice) for images to embed, each
+    logged with why; (settings, None, None) for ready vectors, which have no model."""
+    if images is None:
+        return settings, None, None
+    precision = precision_choice(settings.extract, resolve_device(settings.extract.device))
+    log.info("extraction precision %s: %s (CPU flags: %s)", precision.precision, precision.reason, precision.flags)
+    backend = choose_backend(settings.extract, images.splits.gallery)
+    log.info("extraction backend %s: %s", backend.backend, backend.reason)
+    return replace(settings, extract=replace(settings.extract, backend=backend.backend)), precision, backend
 
 
 def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
@@ -161,14 +174,8 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
     threads = configure_threads(settings.threads)
     search, cache_dir, k = settings.search, settings.extract.cache_dir, settings.search.k
     stages = StageTimes(memory)
-    precision = backend = None
     images = provided if isinstance(provided, ImagesToEmbed) else None  # ready vectors have no model
-    if images:  # say which precision and backend embed them, and why
-        precision = precision_choice(settings.extract, resolve_device(settings.extract.device))
-        log.info("extraction precision %s: %s (CPU flags: %s)", precision.precision, precision.reason, precision.flags)
-        backend = choose_backend(settings.extract, images.splits.gallery)
-        log.info("extraction backend %s: %s", backend.backend, backend.reason)
-        settings = replace(settings, extract=replace(settings.extract, backend=backend.backend))
+    settings, precision, backend = _extraction_choice(settings, images)
     with stages.measure("stores_s"), watch_stores():
         embeddings = open_stores(settings.extract, provided)
     gallery, queries = embeddings.gallery, embeddings.queries
@@ -205,7 +212,6 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         "build_s": built.build_s,
         "index_bytes": float(built.nbytes),
         **index_metrics,
-        **({"filter_selectivity": row_filter.selectivity} if row_filter else {}),
         **{name: value for run in under_load for name, value in clients_metrics(run).items()},
         **embeddings.timings,
         "gallery_size": float(len(gallery)),
