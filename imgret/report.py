@@ -1,7 +1,8 @@
 """`python -m imgret.report`: read a multirun back from MLflow and write the accuracy-vs-speed study.
 
 Writes to a folder (default outputs/report/<parent run id>) and attaches the same files to the parent run:
-  seed_table.md/.csv       rows: extraction ms/image and each search method; columns: the models
+  seed_table.md/.csv       rows: extraction's cost and each search method's p50, recall, precision and mAP at 10;
+                           columns: the models (random weights marked: timings only)
   operating_points.md/.csv the fastest setting of each index reaching recall@10 of 0.90, 0.95 and 0.99
   end_to_end.md/.csv       extraction per image against search per query, per model
   pareto_<model>.png       recall@10 against QPS and against p99 latency, the frontier joined
@@ -87,30 +88,42 @@ def write_table(path_stem: Path, header: list[str], rows: list[list]) -> str:
     return markdown
 
 
+def features_column(run: dict) -> str:
+    """A seed-table column: the model, and whether its figures say anything about retrieval (trained weights) or
+    only about cost (random weights)."""
+    return f"{run['model']}, random weights: timings only" if run.get("weights", "").startswith("random") \
+        else f"{run['model']}, trained"
+
+
+def _number(value, form: str) -> str:
+    return form.format(value) if value == value else "–"  # NaN: not measured (vectors without images)
+
+
 def seed_table(runs: list[dict], out: Path) -> str:
-    models = sorted({r["model"] for r in runs})
+    """The seed's layout: a column per model (and its weights), the extraction's cost, then per search method the
+    single-query p50 latency and the figures at depth 10 (precision@10 and mAP@10 only on trained weights)."""
+    columns = sorted({features_column(r) for r in runs}, key=lambda c: (c.endswith("timings only"), c))
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    cells = by_key(runs, "model", "method")
-    extraction = ["feature extraction (ms/image, batch 1)"]
-    for model in models:
-        model_runs = [r for r in runs if r["model"] == model]
-        value = model_runs[0]["extract_ms_per_image"]
-        extraction.append(f"{value:.2f}" if value == value else "none (vectors, no images)")
-    rows = [extraction]
+    first = {column: next(r for r in runs if features_column(r) == column) for column in columns}
+    rows = [["extraction: ms/image at batch 1", *(_number(first[c]["extract_ms_per_image"], "{:.2f}") for c in columns)],
+            ["extraction: images/s batched", *(_number(first[c].get("extract_images_per_s", float("nan")), "{:,.1f}")
+                                                for c in columns)]]
     for method in methods:
-        row = [f"{method_label(method)} (ms/query p50, recall@10)"]
-        for model in models:
-            group = cells.get((model, method))
+        row = [f"{method_label(method)}: ms/query p50 · recall@10 · precision@10 · mAP@10"]
+        for column in columns:
+            group = [r for r in runs if r["method"] == method and features_column(r) == column]
             if not group:
                 row.append("")
                 continue
             pick = representative(group)
-            cell = f"{pick['search_ms_p50']:.3f} ms, R@10 {pick['recall_at_10']:.3f}"
+            quality = ("–", "–") if column.endswith("timings only") else \
+                (f"{pick.get('precision_at_10', float('nan')):.4f}", f"{pick.get('map_at_10', float('nan')):.4f}")
+            cell = f"{pick['search_ms_p50']:.3f} · {pick['recall_at_10']:.4f} · {quality[0]} · {quality[1]}"
             if len(group) > 1:  # several settings were run: say which one the cell shows
                 cell += f" ({pick['setting']})"
             row.append(cell)
         rows.append(row)
-    return write_table(out / "seed_table", ["", *models], rows)
+    return write_table(out / "seed_table", ["", *columns], rows)
 
 
 def operating_points(runs: list[dict], out: Path) -> str:

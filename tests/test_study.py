@@ -41,16 +41,20 @@ def test_operating_point_is_the_fastest_setting_reaching_the_target():
 def test_seed_table_has_the_seed_layout(tmp_path):
     def run(model, method, ms, recall):
         return {"model": model, "method": method, "setting": "", "extract_ms_per_image": 10.0 if model == "a" else 20.0,
-                "search_ms_p50": ms, "recall_at_10": recall, "search_qps_batch": 1000 / ms}
+                "extract_images_per_s": 1234.5, "search_ms_p50": ms, "recall_at_10": recall,
+                "precision_at_10": 0.25, "map_at_10": 0.125, "search_qps_batch": 1000 / ms,
+                "weights": "random:seed0:torch2" if model == "a" else "packaged:wheel-1.0:sha256:00"}
 
     runs = [run(m, meth, ms, r) for m in ("a", "b") for meth, ms, r in
             (("brute", 2.0, 1.0), ("flat", 3.0, 1.0), ("ivf", 0.1, 0.9))]
     table = seed_table(runs, tmp_path).splitlines()
-    assert table[0] == "|  | a | b |"
-    assert table[2] == "| feature extraction (ms/image, batch 1) | 10.00 | 20.00 |"
-    assert table[3].startswith("| brute force (ms/query p50, recall@10) | 2.000 ms, R@10 1.000 |")
-    assert [line.split("|")[1].split(" (")[0].strip() for line in table[3:]] == ["brute force", "FAISS Flat", "FAISS IVF"]
-    assert (tmp_path / "seed_table.csv").read_text().startswith(",a,b")
+    assert table[0] == "|  | b, trained | a, random weights: timings only |", "trained first; random weights marked"
+    assert table[2] == "| extraction: ms/image at batch 1 | 20.00 | 10.00 |"
+    assert table[3] == "| extraction: images/s batched | 1,234.5 | 1,234.5 |"
+    assert table[4] == ("| brute force: ms/query p50 · recall@10 · precision@10 · mAP@10 | 2.000 · 1.0000 · 0.2500 · "
+                        "0.1250 | 2.000 · 1.0000 · – · – |"), "random weights: no retrieval figures"
+    assert [line.split("|")[1].split(":")[0].strip() for line in table[4:]] == ["brute force", "FAISS Flat", "FAISS IVF"]
+    assert (tmp_path / "seed_table.csv").read_text().startswith(",\"b, trained\"")
 
 
 def test_every_experiment_composes_into_a_sweep():
@@ -103,7 +107,7 @@ def test_index_zoo_multirun_and_its_report(tmp_path):
     operating = (out / "operating_points.md").read_text()
     assert "FAISS HNSW" in operating and "FAISS IVF-PQ" in operating and "recall@10 ≥ 0.99" in operating
     seed = (out / "seed_table.md").read_text()
-    assert "feature extraction" in seed and "FAISS IVF (ms/query p50, recall@10)" in seed
+    assert "extraction: ms/image at batch 1" in seed and "FAISS IVF: ms/query p50 · recall@10" in seed
     assert "extraction dominates" in (out / "end_to_end.md").read_text()
 
     client, _ = runs_of(uri)
