@@ -4,37 +4,21 @@ from __future__ import annotations
 import numpy as np
 
 from imgret.mapped import gather_rows
+from imgret.measure.registry import (AS_PARAM, AT_10, CLIENTS, DATABASE, EVERY_RUN, FILTER, SERVER,
+                                      VS_FP32, logged_when)
 
-# Every metric a run logs (the pipeline fills them; `objectives` may name any of them).
-# Figures at depth 10, from the timed search: a run searched at k < 10 has none of them (not a deeper, untimed
+# The metrics' names by when a run logs them (each declared once, in imgret/measure/registry.py).
+# Figures at depth 10 come from the timed search: a run searched at k < 10 has none of them (not a deeper, untimed
 # search's, which its timings would not describe).
-AT_10_METRICS = ("recall_at_10", "recall_at_10_ties", "precision_at_10", "map_at_10")
-RUN_METRICS = (
-    "recall_at_1", "recall_at_k", "recall_at_k_ties", *AT_10_METRICS,
-    "search_ms_p50", "search_ms_p95", "search_ms_p99", "search_qps_batch", "build_s", "index_bytes",
-    "extract_ms_per_image", "extract_images_per_s", "extract_kernel_share", "extract_minor_faults_per_image",
-    "bad_images",
-    # where the run's time went (seconds: stores extracted, generated or opened; exact ground truth computed or
-    # loaded; index built or loaded; timed search) and its largest resident set while it worked
-    "stores_s", "groundtruth_s", "index_s", "search_s", "peak_rss_bytes",
-)
-
-# Only for a vector database: its gallery's ingest apart from its index's creation, its files on disk, and (for a
-# server) the server process tree's peak resident set.
-DATABASE_METRICS = ("ingest_s", "index_create_s", "db_disk_bytes", "server_peak_rss_bytes")
-# Only with a filter: the share of the gallery a query may return (realised, on average over the queries), and how
-# many queries it allows no row at all (recall leaves those out).
-FILTER_METRICS = ("filter_selectivity", "queries_without_neighbours")
-# Only with search.clients: per client count N, the queries answered per second and their p99 latency.
-CLIENTS_METRICS = ("qps_clients_N", "search_ms_p99_clients_N")
-
-# Only at another precision or backend than PyTorch eager fp32, when the cache holds fp32's stores of the same
-# images: recall@10 against the exact neighbours of the fp32 rows (what the cheaper rows cost in retrieval).
-VS_FP32_METRIC = "recall_at_10_vs_fp32"
-
+AT_10_METRICS = logged_when(AT_10)
+RUN_METRICS = logged_when(EVERY_RUN, AT_10)
+DATABASE_METRICS = logged_when(DATABASE, SERVER)
+FILTER_METRICS = logged_when(FILTER)
+CLIENTS_METRICS = logged_when(CLIENTS)
+(VS_FP32_METRIC,) = logged_when(VS_FP32)
 # What was searched: part of a run's result dict, but logged as MLflow params (they describe the run; as metrics
 # they crowded recall and QPS out of MLflow's charts).
-RUN_SIZES = ("gallery_size", "query_size", "dim")
+RUN_SIZES = logged_when(AS_PARAM)
 
 
 def neighbours_that_exist(exact_ids: np.ndarray, k: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from imgret.measure.study import parent_note, summary_metrics
 from imgret.track import lifecycle
 from imgret.track.provenance import provenance_tags
-from imgret.track.runs import PARENT_RUN_ENV
+from imgret.track.runs import PARENT_RUN_ENV, refuse_undeclared
 from imgret.track.study_rows import load_runs
 from imgret.track.store import TrackingSettings, open_tracking, run_link
 
@@ -93,6 +93,7 @@ class SweepParent:
         points as the parent's description, which MLflow shows on the run's own page."""
         runs = load_runs(self.client, self.experiment_id, run_id)
         summary = summary_metrics(runs)
+        refuse_undeclared(summary)
         if summary:
             self.client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0)
                                                    for key, value in summary.items()])

@@ -297,10 +297,19 @@ def tracked_run(point: PointRecord, experiment_id: str) -> Iterator[RunRecorder]
         recorder.end(RunStatus.to_string(RunStatus.FINISHED))
 
 
+def refuse_undeclared(metrics: Mapping[str, float]) -> None:
+    """A metric is declared once, in imgret/measure/registry.py: logging one that is not there is imgret's bug."""
+    from imgret.measure.registry import undeclared
+
+    if unknown := undeclared(metrics):
+        raise RuntimeError(f"metrics not declared in imgret/measure/registry.py: {', '.join(unknown)}")
+
+
 def log_results(recorder: RunRecorder, metrics: dict[str, float], info: dict[str, str],
                 texts: dict[str, str] | None = None, arrays: dict | None = None) -> None:
     from imgret.measure.metrics import RUN_SIZES
 
+    refuse_undeclared(metrics)
     recorder.log_metrics({key: value for key, value in metrics.items() if key not in RUN_SIZES})
     recorder.log_params({key: str(int(metrics[key])) for key in RUN_SIZES if key in metrics})
     recorder.set_tags(info)
