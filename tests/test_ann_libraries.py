@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR, PROJECT_ROOT
 from imgret.index.base import search_threads_now
 from imgret.index.build import build_index
-from imgret.index.methods import METHODS
+from imgret.index.methods import METHODS, is_database
 from imgret.measure.metrics import recall_at_ties
 
 K = 10
@@ -83,6 +83,14 @@ def _faiss(index, queries, setting, threads):
     return index.search(queries, K)[1]
 
 
+def _factory(index, queries, setting, threads):
+    import faiss
+
+    index = faiss.clone_index(index)  # the string's query parameters set on a copy, as faiss's own docs set them
+    faiss.ParameterSpace().set_index_parameters(index, setting["search_params"])
+    return index.search(queries, K)[1]
+
+
 def _brute(gallery, queries, setting, threads):
     return np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :K]
 
@@ -90,9 +98,12 @@ def _brute(gallery, queries, setting, threads):
 BARE = {"hnswlib": _hnswlib, "voyager": _voyager, "usearch": _usearch, "usearch_exact": _usearch_exact,
         "annoy": _annoy, "nmslib": _nmslib, "pynndescent": _pynndescent, "ngt": _ngt, "diskann": _diskann,
         "diskann_disk": _diskann_disk,
-        "flat": _faiss, "ivf": _faiss, "ivfpq": _faiss, "hnsw": _faiss, "brute": _brute}
+        "flat": _faiss, "ivf": _faiss, "ivfpq": _faiss, "hnsw": _faiss, "factory": _factory, "brute": _brute}
 # IVF-PQ compares codes, not vectors: its recall is bounded by the quantisation, not by a search setting.
-NOT_EXACT_AT_ANY_LEVEL = {"ivfpq": "product-quantised codes", "factory": "whatever the string builds"}
+NOT_EXACT_AT_ANY_LEVEL = {"ivfpq": "product-quantised codes"}
+# A method's settings for this test beyond its yaml's: the factory string here is one whose every list is visited.
+OVERRIDES = {"factory": ("method.index_factory='IVF16,Flat'", "method.search_params='nprobe=16'")}
+LIBRARIES = [name for name in METHODS if not is_database(name)]
 
 
 def compose_method(name: str, *overrides: str):
@@ -107,13 +118,18 @@ def _ids(found) -> np.ndarray:
     return np.asarray([np.asarray(row, dtype=np.int64) for row in found])
 
 
+def test_every_library_method_registered_has_its_library_s_own_calls_here():
+    assert set(BARE) == set(LIBRARIES), "a registered method without its bare calls here is untested"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in BARE if name != "factory"])
+@pytest.mark.parametrize("name", LIBRARIES)
 def test_a_method_gives_its_library_s_own_ids_reaches_0_99_at_its_top_level_and_reloads(name, real_store, tmp_path):
     gallery, queries = real_store
     top = len(compose_method(name).method.get("levels") or [None]) - 1
-    cheap, exhaustive = compose_method(name, "level=0" if top else "level=null"), compose_method(name, f"level={top}"
-                                                                                                 if top else "level=null")
+    extra = OVERRIDES.get(name, ())
+    cheap = compose_method(name, "level=0" if top else "level=null", *extra)
+    exhaustive = compose_method(name, f"level={top}" if top else "level=null", *extra)
     threads = search_threads_now()
     torch.set_num_threads(1)  # a graph built on several threads inserts in a varying order, and so varies its recall
     try:
@@ -259,3 +275,75 @@ def test_a_working_folder_left_by_a_killed_process_is_removed_by_the_next_one_ma
     again = new_folder(near)
     assert Path(live.name).is_dir() and Path(again.name).is_dir(), "this process's folders are its own to remove"
     live.cleanup(), again.cleanup()
+
+
+THROWAWAY_MODULE = '''"""A method written for a test: an exact scan in numpy, a block of queries per product."""
+import numpy as np
+
+from imgret.index.base import Method
+from imgret.index.params import QUERY, Param
+
+
+class Throwaway(Method):
+    name, label = "throwaway", "Throwaway scan"
+    exact, cached = True, False
+    params = (Param("query_block", QUERY),)
+
+    def build(self, opts, gallery, threads, path=None):
+        return np.asarray(gallery, dtype=np.float32)
+
+    def save(self, native, path):
+        np.save(path, native)
+
+    def bare(self, native, queries, k, setting, threads):
+        block = int(setting["query_block"])
+        similarities = np.concatenate([queries[i:i + block] @ native.T for i in range(0, len(queries), block)])
+        ids = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(similarities, ids, axis=1), ids
+
+    def results(self, found, k):
+        return found
+
+
+METHODS = (Throwaway(),)
+'''
+THROWAWAY_YAML = "# An exact scan in numpy, for a test.\nname: throwaway\nquery_block: 16  # queries per product\n"
+# The entry points as a user runs them, with the throwaway's module on the methods' package path and its yaml on
+# Hydra's search path: nothing of imgret is edited.
+WITH_THROWAWAY = ("import runpy, sys; import imgret.index.algorithms as methods; methods.__path__.append({modules!r}); "
+                  "sys.argv = [{entry!r}, *sys.argv[1:]]; runpy.run_module({entry!r}, run_name='__main__')")
+
+
+@pytest.mark.slow  # two runs and a report, each in its own process
+def test_a_method_added_as_a_module_and_a_yaml_alone_is_registered_checked_run_and_labelled(tmp_path):
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "throwaway_index.py").write_text(THROWAWAY_MODULE)
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "throwaway.yaml").write_text(THROWAWAY_YAML)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def imgret(entry: str, *args: str) -> subprocess.CompletedProcess:
+        script = WITH_THROWAWAY.format(modules=str(tmp_path / "modules"), entry=entry)
+        return subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+
+    common = ("method=throwaway", "data=synthetic_vectors", "data.gallery_size=2000", "data.query_size=40",
+              "data.dim=16", f"paths.cache={tmp_path / 'cache'}", f"tracking.uri={uri}",
+              f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={tmp_path / 'out'}")
+    refused = imgret("imgret.run", *common, "method.query_block=0")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "config error: method.query_block=0: a whole number >= 1"], refused.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists(), "refused before any run"
+
+    done = imgret("imgret.run", *common, "k=10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["imgret"], output_format="list")
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "throwaway"
+    assert run.data.params["method.query_block"] == "16" and run.data.metrics["recall_at_10_ties"] == 1.0
+
+    report = imgret("imgret.report", "--tracking-uri", uri, "--all-runs", "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "Throwaway scan" in (tmp_path / "report" / "seed_table.md").read_text()

@@ -23,11 +23,11 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF_DIR, PROJECT_ROOT
 from documented import docs_study, documented, run_command, run_small
 from imgret.index.build import build_index
-from imgret.index.methods import METHODS
+from imgret.index.methods import METHODS, is_database
 from imgret.measure.metrics import recall_at_ties
 
 K = 10
-DATABASES = [name for name, method in METHODS.items() if method.extra == "db"]
+DATABASES = [name for name in METHODS if is_database(name)]
 pytest.importorskip("pgserver", reason="the vector databases need imgret[db]")
 
 

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imgret.errors import ConfigError, bad_value, whole
+from imgret.errors import ConfigError
 from imgret.index.filters import RowFilter, keep_allowed, post_filter_depth
+from imgret.index.params import BUILD, QUERY, Param, names
 from imgret.index.refine import refined
 
 ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
@@ -74,28 +75,20 @@ def search_threads_now() -> int:
     return max(1, torch.get_num_threads())
 
 
-def whole_params(opts: Mapping, keys: tuple[str, ...], minimum: int = 1, prefix: str = "method.") -> None:
-    for key in keys:
-        if not whole(opts.get(key), minimum):
-            raise bad_value(f"{prefix}{key}", opts.get(key), f"a whole number >= {minimum}")
-
-
 class Method:
     """One search method. Subclasses set the class attributes and implement build/save/load/search.
 
-    Parameters are split so that a sweep builds each index once: `build_params` change the index (they key the
-    index cache), `query_params` are applied to a built or loaded index per search; `execution_params` change how
-    it computes, never what it returns (not in a run's name or the study's keys).
+    Its parameters are declared once, in `params` (imgret/index/params.py), split so that a sweep builds each index
+    once: `build_params` change the index (they key the index cache), `query_params` are applied to a built or
+    loaded index per search; `execution_params` change how it computes, never what it returns (not in a run's name
+    or the study's keys).
     """
 
     name: str = ""
     label: str = ""  # how the report, the plots and the demo call it
-    marker: str = "o"  # its marker in the study's plots
     exact: bool = False
     cached: bool = True  # saved after building: it trains or builds a graph, so rebuilding costs
-    build_params: tuple[str, ...] = ()
-    query_params: tuple[str, ...] = ()
-    execution_params: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()
     variant_param: str | None = None  # the query parameter the demo and the benchmark vary per call
     module: str | None = None  # the Python module it needs
     install: str | None = None  # what installs it (pip requirement), for the refusal
@@ -108,6 +101,18 @@ class Method:
     unnamed_params: tuple[str, ...] = ()  # build parameters a cache file's name leaves out (they name themselves)
     concurrent_searches: bool = True  # several threads may search one index at once (at one setting)
     filter_mode: str = "post-filter"  # how it searches under a filter: its own filter, or a deeper search post-filtered
+
+    @property
+    def build_params(self) -> tuple[str, ...]:
+        return names(self.params, BUILD)
+
+    @property
+    def query_params(self) -> tuple[str, ...]:
+        return names(self.params, QUERY)
+
+    @property
+    def execution_params(self) -> tuple[str, ...]:
+        return tuple(param.name for param in self.params if param.execution)
 
     def setting_words(self, opts: Mapping, keys) -> list[str]:
         """How a run's name shows these settings: each key run together with its value (nlist256)."""
@@ -134,8 +139,11 @@ class Method:
         return found
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        """Refuse parameters it cannot run with (raise bad_value), before any work. Bounds that depend on the
-        gallery size or the dimension are checked when those are known (None: not yet)."""
+        """Refuse parameters it cannot run with (raise bad_value), before any work: here, the bounds its `params`
+        declare; a method adds what they cannot say after them. Bounds that depend on the gallery size or the
+        dimension are checked when those are known (None: not yet)."""
+        for param in self.params:
+            param.check(opts)
 
     def check_k(self, opts: Mapping, k: int) -> None:
         """Refuse a query setting that cannot return k results (rather than search a setting it is not labelled)."""

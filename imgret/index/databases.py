@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import (Method, whole_params, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays,
-                               unpack_folder)
+from imgret.index.base import Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays, unpack_folder
+from imgret.index.params import hnsw_params
 from imgret.index.servers import Server
 
 
@@ -53,13 +53,8 @@ class GraphSettings:
     """A database's HNSW settings, checked alike: its degree and build list (build), its search list (query), at
     least k long."""
 
-    build_params = ("hnsw_m", "ef_construction")
-    query_params = ("ef_search",)
+    params = hnsw_params(minimum=2)
     variant_param = "ef_search"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, self.build_params, 2)
-        whole_params(opts, self.query_params, prefix="")
 
     def check_k(self, opts: Mapping, k: int) -> None:
         if opts[self.variant_param] < k:
@@ -72,6 +67,7 @@ class DatabaseMethod(Method):
     stopped), `connect` (a session for one thread) and `query` (one query's ids and scores through a session)."""
 
     query_path = "SQL"  # how imgret reaches the engine: "SQL", or its "client API"
+    database_type: type[Database] = Database  # what an open database of this engine holds (a subclass with its state)
     file_suffix = ".db.tar"
     ordering = "inner product"
 
@@ -117,7 +113,7 @@ class DatabaseMethod(Method):
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Database:
         folder = self.working_folder(path)
-        database = Database(folder, dict(opts))
+        database = self.database_type(folder, dict(opts))
         try:
             self.create_in(database, opts, gallery.shape[1])
             start = time.perf_counter()
@@ -138,8 +134,9 @@ class DatabaseMethod(Method):
         self.open(native, native.opts)
 
     def load(self, path: Path, opts: Mapping, meta: dict) -> Database:
-        database = Database(unpack_folder(path, self.working_folder(path)), dict(opts), ingest_s=float(meta.get("ingest_s", 0.0)),
-                            index_create_s=float(meta.get("index_create_s", 0.0)))
+        database = self.database_type(unpack_folder(path, self.working_folder(path)), dict(opts),
+                                      ingest_s=float(meta.get("ingest_s", 0.0)),
+                                      index_create_s=float(meta.get("index_create_s", 0.0)))
         try:
             self.open(database, opts)
         except BaseException:

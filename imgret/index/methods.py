@@ -80,8 +80,11 @@ def validate_search(method_cfg, k, gallery_size: int | None = None, dim: int | N
     method.check_k(method_cfg, k)
 
 
-def method_marker(name: str) -> str:
-    return METHODS[name].marker if name in METHODS else "x"
+def is_database(name: str) -> bool:
+    """Whether a method is a vector database (a folder of an engine's files, perhaps a server), not a library."""
+    from imgret.index.databases import DatabaseMethod
+
+    return name in METHODS and isinstance(METHODS[name], DatabaseMethod)
 
 
 def method_order(name: str) -> int:

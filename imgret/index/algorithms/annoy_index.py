@@ -8,20 +8,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import Method, run_in_threads, top_k_arrays, whole_params
+from imgret.index.base import Method, run_in_threads, top_k_arrays
+from imgret.index.params import BUILD, QUERY, Param
 
 
 class Annoy(Method):
-    name, label, marker = "annoy", "Annoy", "d"
+    name, label = "annoy", "Annoy"
     module, install = "annoy", "annoy==1.17.3"
-    build_params = ("n_trees",)
-    query_params = ("search_k",)
+    params = (Param("n_trees", BUILD), Param("search_k", QUERY, minimum=None))  # search_k: >= 1, or -1
     variant_param = "search_k"
     file_suffix = ".annoy"
     ordering = "inner product (metric 'dot')"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("n_trees",))
+        super().check(opts, gallery_size, dim)
         search_k = opts.get("search_k")
         if search_k != -1 and not (isinstance(search_k, int) and not isinstance(search_k, bool) and search_k >= 1):
             raise bad_value("method.search_k", search_k, "a whole number of nodes to inspect >= 1, or -1 (Annoy's "

@@ -6,24 +6,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import Method, SearchIndex, top_k_arrays, whole_params
+from imgret.index.base import Method, SearchIndex, top_k_arrays
 from imgret.mapped import gather_rows
 from imgret.index.brute import BruteForceIndex
+from imgret.index.params import QUERY, Param
 
 
 class BruteForce(Method):
     name = "brute"
     label = "brute force"
-    marker = "*"
     exact = True
     cached = False  # nothing to build: the gallery itself
-    query_params = ("query_chunk", "resident_mb")
-    execution_params = ("query_chunk", "resident_mb")
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("query_chunk",), 1)
-        if opts.get("resident_mb") is not None:
-            whole_params(opts, ("resident_mb",), 0)
+    params = (Param("query_chunk", QUERY, execution=True),
+              Param("resident_mb", QUERY, minimum=0, execution=True, optional=True))
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         return gallery

@@ -9,6 +9,7 @@ collection opened again, while searches at the current one wait (the index's gat
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,41 +19,48 @@ from imgret.index.databases import Database, DatabaseMethod, GraphSettings
 COLLECTION = "items"
 
 
+@dataclass
+class ChromaDatabase(Database):
+    client: Any = None  # the persistent client whose collection `handle` is
+    applied: dict | None = None  # the query setting the collection's configuration holds
+
+
 class Chroma(GraphSettings, DatabaseMethod):
-    name, label, marker = "chroma", "Chroma HNSW (client API)", "$C$"
+    name, label = "chroma", "Chroma HNSW (client API)"
     module, extra, install = "chromadb", "db", "chromadb==1.5.9"
     query_path = "client API"
+    database_type = ChromaDatabase
     ordering = "inner product (space 'ip', distance 1 - a·b)"
 
-    def _client(self, database: Database):
+    def _client(self, database: ChromaDatabase):
         from chromadb.config import Settings
 
         return self.library().PersistentClient(path=str(database.path / "chroma"),
                                                settings=Settings(anonymized_telemetry=False))
 
-    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
+    def create_in(self, database: ChromaDatabase, opts: Mapping, dim: int) -> None:
         client = self._client(database)
         database.handle = client.create_collection(COLLECTION, embedding_function=None, configuration={"hnsw": {
             "space": "ip", "max_neighbors": int(opts["hnsw_m"]), "ef_construction": int(opts["ef_construction"]),
             "ef_search": int(opts["ef_search"])}})
-        database.handle.applied = {"ef_search": int(opts["ef_search"])}
+        database.applied = {"ef_search": int(opts["ef_search"])}
         database.client = client
 
-    def ingest(self, database: Database, gallery: np.ndarray) -> None:
+    def ingest(self, database: ChromaDatabase, gallery: np.ndarray) -> None:
         batch = database.client.get_max_batch_size()
         for start in range(0, len(gallery), batch):
             rows = gallery[start:start + batch]
             database.handle.add(ids=[str(row) for row in range(start, start + len(rows))], embeddings=rows)
 
-    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: ChromaDatabase, opts: Mapping, threads: int) -> None:
         database.handle.count()  # the last rows applied to the graph
 
-    def open(self, database: Database, opts: Mapping) -> None:
+    def open(self, database: ChromaDatabase, opts: Mapping) -> None:
         database.client = self._client(database)
         database.handle = database.client.get_collection(COLLECTION, embedding_function=None)
-        database.handle.applied = {"ef_search": database.handle.configuration["hnsw"]["ef_search"]}
+        database.applied = {"ef_search": database.handle.configuration["hnsw"]["ef_search"]}
 
-    def shut(self, database: Database) -> None:
+    def shut(self, database: ChromaDatabase) -> None:
         if database.handle is not None:
             database.client.clear_system_cache()  # its files closed, so the folder can be packed or removed
             database.handle = database.client = None
@@ -60,13 +68,13 @@ class Chroma(GraphSettings, DatabaseMethod):
     def disconnect(self, session: Any) -> None:
         pass
 
-    def _apply(self, database: Database, setting: Mapping) -> None:
-        if database.handle.applied != {"ef_search": int(setting["ef_search"])}:
+    def _apply(self, database: ChromaDatabase, setting: Mapping) -> None:
+        if database.applied != {"ef_search": int(setting["ef_search"])}:
             database.handle.modify(configuration={"hnsw": {"ef_search": int(setting["ef_search"])}})
             self.shut(database)
             self.open(database, database.opts)
 
-    def bare(self, native: Database, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+    def bare(self, native: ChromaDatabase, queries: np.ndarray, k: int, setting: Mapping, threads: int):
         self._apply(native, setting)
         return native.handle.query(query_embeddings=queries, n_results=k, include=["distances"])
 

@@ -10,25 +10,25 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
-                               unpack_folder, whole_params)
+                               unpack_folder)
+from imgret.index.params import BUILD, QUERY, Param
 
 
 class DiskANNDisk(Method):
-    name, label, marker = "diskann_disk", "DiskANN (SSD index)", "H"
+    name, label = "diskann_disk", "DiskANN (SSD index)"
     module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
     reports_progress = True  # prints its build's stages
-    build_params = ("graph_degree", "build_complexity", "search_memory_gb")
-    query_params = ("complexity", "beam_width", "cache_nodes")
-    execution_params = ("cache_nodes",)
+    params = (Param("graph_degree", BUILD), Param("build_complexity", BUILD),
+              Param("search_memory_gb", BUILD, minimum=None),  # GB, a number > 0
+              Param("complexity", QUERY, top_level=True), Param("beam_width", QUERY),
+              Param("cache_nodes", QUERY, minimum=0, execution=True))
     variant_param = "complexity"
     file_suffix = ".diskann-ssd.tar"
     concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
     ordering = "inner product (distance_metric 'l2' on unit rows)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("graph_degree", "build_complexity", "beam_width"))
-        whole_params(opts, ("cache_nodes",), 0)
-        whole_params(opts, ("complexity",), prefix="")
+        super().check(opts, gallery_size, dim)
         memory = opts.get("search_memory_gb")
         if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
             raise bad_value("method.search_memory_gb", memory, "a number of GB > 0 for the in-memory PQ codes")

@@ -10,23 +10,24 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
-                               unpack_folder, whole_params)
+                               unpack_folder)
+from imgret.index.params import BUILD, QUERY, Param
 
 
 class DiskANN(Method):
-    name, label, marker = "diskann", "DiskANN (in memory)", "p"
+    name, label = "diskann", "DiskANN (in memory)"
     module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
     reports_progress = True  # prints "N% of index build completed"
-    build_params = ("graph_degree", "build_complexity", "alpha")
-    query_params = ("complexity",)
+    params = (Param("graph_degree", BUILD), Param("build_complexity", BUILD),
+              Param("alpha", BUILD, minimum=None),  # a number >= 1
+              Param("complexity", QUERY, top_level=True))
     variant_param = "complexity"
     file_suffix = ".diskann.tar"
     concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
     ordering = "inner product (distance_metric 'mips')"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("graph_degree", "build_complexity"))
-        whole_params(opts, ("complexity",), prefix="")
+        super().check(opts, gallery_size, dim)
         alpha = opts.get("alpha")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 1:
             raise bad_value("method.alpha", alpha, "a number >= 1 (DiskANN's pruning slack, 1.2 by default)")

@@ -22,13 +22,20 @@ def extension_directory() -> Path:
     return Path(importlib.util.find_spec("duckdb_ext").submodule_search_locations[0]) / "extensions"
 
 
+@dataclass
+class DuckdbDatabase(Database):
+    read_only: bool = False  # `handle` opened read-only (a database from the cache): nothing to write out
+    dim: int = 0  # the rows' width, which its SQL names
+
+
 class DuckdbHnsw(GraphSettings, DatabaseMethod):
-    name, label, marker = "duckdb_hnsw", "DuckDB vss HNSW (SQL)", "$D$"
+    name, label = "duckdb_hnsw", "DuckDB vss HNSW (SQL)"
     module, also_needs, extra = "duckdb", ("duckdb_ext",), "db"
     install = "duckdb-ext-vss==1.4.4.20260205 duckdb==1.4.4"  # the last names the version its figures give
+    database_type = DuckdbDatabase
     ordering = "inner product (metric 'ip', ORDER BY array_negative_inner_product)"
 
-    def _connect(self, database: Database, read_only: bool):
+    def _connect(self, database: DuckdbDatabase, read_only: bool):
         duckdb = self.library()
         connection = duckdb.connect(str(database.path / DATABASE_FILE), read_only=read_only, config={
             "extension_directory": str(extension_directory()), "autoinstall_known_extensions": False,
@@ -36,13 +43,13 @@ class DuckdbHnsw(GraphSettings, DatabaseMethod):
         connection.execute("LOAD vss")
         return connection
 
-    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
-        database.handle, database.handle_read_only = self._connect(database, read_only=False), False
+    def create_in(self, database: DuckdbDatabase, opts: Mapping, dim: int) -> None:
+        database.handle, database.read_only = self._connect(database, read_only=False), False
         database.handle.execute("SET hnsw_enable_experimental_persistence = true")  # the index saved with the file
         database.handle.execute(f"CREATE TABLE items (id INTEGER, embedding FLOAT[{int(dim)}])")
         database.dim = int(dim)
 
-    def ingest(self, database: Database, gallery: np.ndarray) -> None:
+    def ingest(self, database: DuckdbDatabase, gallery: np.ndarray) -> None:
         import pyarrow as pa
 
         connection, dim = database.handle, gallery.shape[1]
@@ -54,24 +61,24 @@ class DuckdbHnsw(GraphSettings, DatabaseMethod):
             connection.execute("INSERT INTO items SELECT id, embedding FROM chunk")
             connection.unregister("chunk")
 
-    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: DuckdbDatabase, opts: Mapping, threads: int) -> None:
         database.handle.execute(f"SET threads = {int(threads)}")
         database.handle.execute(f"CREATE INDEX items_hnsw ON items USING HNSW (embedding) WITH (metric = 'ip', "
                                 f"M = {int(opts['hnsw_m'])}, ef_construction = {int(opts['ef_construction'])})")
 
-    def open(self, database: Database, opts: Mapping) -> None:
-        database.handle, database.handle_read_only = self._connect(database, read_only=True), True
+    def open(self, database: DuckdbDatabase, opts: Mapping) -> None:
+        database.handle, database.read_only = self._connect(database, read_only=True), True
         database.dim = int(database.handle.execute(
             "SELECT array_length(embedding) FROM items LIMIT 1").fetchone()[0])
 
-    def shut(self, database: Database) -> None:
+    def shut(self, database: DuckdbDatabase) -> None:
         if database.handle is not None:
-            if not database.handle_read_only:
+            if not database.read_only:
                 database.handle.execute("CHECKPOINT")  # the table and its index written into the file
             database.handle.close()
             database.handle = None
 
-    def connect(self, database: Database) -> Any:
+    def connect(self, database: DuckdbDatabase) -> Any:
         # a connection of its own to the same database, for one thread
         return Session(database.handle.cursor(), sql(database.dim))
 

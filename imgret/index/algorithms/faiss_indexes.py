@@ -13,7 +13,8 @@ import numpy as np
 
 from imgret.cache import Unreadable
 from imgret.errors import bad_value, whole
-from imgret.index.base import Method, SearchIndex, whole_params
+from imgret.index.base import Method, SearchIndex
+from imgret.index.params import BUILD, QUERY, Param, hnsw_params
 from imgret.index.faiss_build import FaissIndex, build_faiss, on_device, warn_few_training_points
 
 
@@ -83,23 +84,24 @@ class FaissMethod(Method):
 
 
 class Flat(FaissMethod):
-    name, label, marker, exact, cached = "flat", "FAISS Flat", "*", True, False
+    name, label, exact, cached = "flat", "FAISS Flat", True, False
 
     def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
         return faiss.IndexFlatIP(dim)
 
 
 class IVF(FaissMethod):
-    name, label, marker = "ivf", "FAISS IVF", "o"
-    build_params = ("nlist", "train_size", "on_disk")
-    query_params = ("nprobe",)
-    execution_params = ("on_disk",)
+    name, label = "ivf", "FAISS IVF"
+    # nlist and nprobe are bounded by the gallery and by each other (below); train_size is faiss_build's
+    params = (Param("nlist", BUILD, minimum=None, top_level=True), Param("train_size", BUILD, minimum=None),
+              Param("on_disk", BUILD, minimum=None, execution=True), Param("nprobe", QUERY, minimum=None, top_level=True))
     variant_param = "nprobe"
 
     def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(opts["nlist"]), faiss.METRIC_INNER_PRODUCT)
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
         nlist, nprobe = opts.get("nlist"), opts.get("nprobe")
         if not whole(nlist, 1, gallery_size):
             raise bad_value("nlist", nlist, f"a whole number from 1 to the gallery size ({gallery_size})"
@@ -125,9 +127,10 @@ class IVF(FaissMethod):
 
 
 class IVFPQ(IVF):
-    name, label, marker = "ivfpq", "FAISS IVF-PQ", "s"
-    build_params = ("nlist", "pq_m", "pq_nbits", "train_size", "on_disk")
-    query_params = ("nprobe", "refine_factor")  # refine: imgret.index.refine re-ranks k x factor from the store
+    name, label = "ivfpq", "FAISS IVF-PQ"
+    # refine_factor: imgret.index.refine re-ranks k x factor from the store
+    params = (IVF.params[0], Param("pq_m", BUILD, minimum=None), Param("pq_nbits", BUILD, minimum=None),
+              *IVF.params[1:], Param("refine_factor", QUERY, minimum=None))
 
     def new_index(self, opts: Mapping, dim: int) -> faiss.Index:
         if dim % int(opts["pq_m"]):
@@ -151,9 +154,8 @@ class IVFPQ(IVF):
 
 
 class HNSW(FaissMethod):
-    name, label, marker = "hnsw", "FAISS HNSW", "^"
-    build_params = ("hnsw_m", "ef_construction")
-    query_params = ("ef_search",)
+    name, label = "hnsw", "FAISS HNSW"
+    params = hnsw_params()
     variant_param = "ef_search"
     gpu = False  # faiss-gpu has no HNSW
 
@@ -161,10 +163,6 @@ class HNSW(FaissMethod):
         index = faiss.IndexHNSWFlat(dim, int(opts["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(opts["ef_construction"])
         return index
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("hnsw_m", "ef_construction"))
-        whole_params(opts, ("ef_search",), prefix="")
 
     def parameters(self, setting: Mapping) -> faiss.SearchParameters | None:
         return faiss.SearchParametersHNSW(efSearch=int(setting["ef_search"])) if "ef_search" in setting else None
@@ -175,10 +173,8 @@ class HNSW(FaissMethod):
 
 
 class Factory(FaissMethod):
-    name, label, marker = "factory", "faiss index_factory", "D"
-    build_params = ("index_factory", "train_size", "on_disk")
-    query_params = ("search_params",)
-    execution_params = ("on_disk",)
+    name, label = "factory", "faiss index_factory"
+    params = (Param("index_factory", BUILD, minimum=None), *IVF.params[1:3], Param("search_params", QUERY, minimum=None))
     unnamed_params = ("index_factory",)  # commas and slashes: the cache file's digest stands for it
 
     filter_mode = Method.filter_mode  # its parameters are set on the index, not per call: post-filtered

@@ -6,21 +6,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
+from imgret.index.params import hnsw_params
 
 
 class Hnswlib(Method):
-    name, label, marker = "hnswlib", "hnswlib HNSW", "v"
+    name, label = "hnswlib", "hnswlib HNSW"
     module, install = "hnswlib", "hnswlib==0.8.0"
-    build_params = ("hnsw_m", "ef_construction")
-    query_params = ("ef_search",)
+    params = hnsw_params()
     variant_param = "ef_search"
     file_suffix = ".hnswlib"
     ordering = "inner product (space 'ip', distance 1 - a·b)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("hnsw_m", "ef_construction"))
-        whole_params(opts, ("ef_search",), prefix="")
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self.library().Index(space="ip", dim=gallery.shape[1])

@@ -15,8 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import ADD_CHUNK_ROWS, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases import Database, DatabaseMethod
+from imgret.index.params import BUILD, QUERY, Param, hnsw_params
 
 TABLE = "items"
 
@@ -24,11 +25,10 @@ TABLE = "items"
 class Lance(DatabaseMethod):
     module, extra, install = "lancedb", "db", "lancedb==0.40.0"
     query_path = "client API"
-    execution_params = ()
+    partitions, nprobes = Param("num_partitions", BUILD), Param("nprobes", QUERY, top_level=True)
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("num_partitions",))
-        whole_params(opts, ("nprobes",), prefix="")
+        super().check(opts, gallery_size, dim)
         if gallery_size is not None and opts["num_partitions"] > gallery_size:
             raise bad_value("method.num_partitions", opts["num_partitions"], f"at most the gallery size ({gallery_size})")
 
@@ -93,16 +93,14 @@ class Lance(DatabaseMethod):
 
 
 class LanceIvfPq(Lance):
-    name, label, marker = "lancedb", "LanceDB IVF_PQ (client API)", "$L$"
-    build_params = ("num_partitions", "num_sub_vectors")
-    query_params = ("nprobes", "refine_factor")
+    name, label = "lancedb", "LanceDB IVF_PQ (client API)"
+    params = (Lance.partitions, Param("num_sub_vectors", BUILD), Lance.nprobes,
+              Param("refine_factor", QUERY, minimum=0, top_level=True))
     variant_param = "nprobes"
     ordering = "inner product (distance type 'dot', 1 - a·b), re-ranked on the full rows when refine_factor > 0"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
-        whole_params(opts, ("num_sub_vectors",))
-        whole_params(opts, ("refine_factor",), 0, prefix="")
         if dim is not None and dim % opts["num_sub_vectors"]:
             raise bad_value("method.num_sub_vectors", opts["num_sub_vectors"], f"a divisor of the dimension ({dim})")
 
@@ -118,16 +116,10 @@ class LanceIvfPq(Lance):
 
 
 class LanceHnswSq(Lance):
-    name, label, marker = "lancedb_hnsw_sq", "LanceDB IVF_HNSW_SQ (client API)", "$l$"
-    build_params = ("num_partitions", "hnsw_m", "ef_construction")
-    query_params = ("nprobes", "ef")
+    name, label = "lancedb_hnsw_sq", "LanceDB IVF_HNSW_SQ (client API)"
+    params = (Lance.partitions, *hnsw_params()[:2], Lance.nprobes, Param("ef", QUERY, top_level=True))
     variant_param = "ef"
     ordering = "inner product (distance type 'dot', 1 - a·b, on scalar-quantised rows)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        super().check(opts, gallery_size, dim)
-        whole_params(opts, ("hnsw_m", "ef_construction"))
-        whole_params(opts, ("ef",), prefix="")
 
     def check_k(self, opts: Mapping, k: int) -> None:
         if opts["ef"] < k:

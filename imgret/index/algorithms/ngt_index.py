@@ -13,22 +13,23 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import (ADD_CHUNK_ROWS, FolderIndex, Method, new_folder, pack_folder, plain_rows,
-                               run_in_threads, top_k_arrays, unpack_folder, whole_params)
+                               run_in_threads, top_k_arrays, unpack_folder)
+from imgret.index.params import BUILD, QUERY, Param
 
 
 class NGT(Method):
-    name, label, marker = "ngt", "NGT", "8"
+    name, label = "ngt", "NGT"
     module, install = "ngtpy", "ngt==2.8.0.post1"
-    build_params = ("edge_size_for_creation", "onng_outgoing", "onng_incoming")
-    query_params = ("epsilon", "edge_size")
+    params = (*(Param(name, BUILD, minimum=0) for name in ("edge_size_for_creation", "onng_outgoing", "onng_incoming")),
+              Param("epsilon", QUERY, minimum=None),  # a number from above -1 to 10
+              Param("edge_size", QUERY, minimum=-2))
     variant_param = "epsilon"
     file_suffix = ".ngt.tar"
     concurrent_searches = False  # its Python binding documents no thread safety for searches of one index
     ordering = "inner product (distance type 'Normalized Cosine', 1 - a·b on unit rows)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("edge_size_for_creation", "onng_outgoing", "onng_incoming"), 0)
-        whole_params(opts, ("edge_size",), -2)
+        super().check(opts, gallery_size, dim)
         epsilon = opts.get("epsilon")
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not -1 < epsilon <= 10:
             raise bad_value("method.epsilon", epsilon, "a number from above -1 to 10 (NGT's default 0.1)")

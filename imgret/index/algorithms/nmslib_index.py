@@ -10,14 +10,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder, whole_params
+from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder
+from imgret.index.params import hnsw_params
 
 
 class Nmslib(Method):
-    name, label, marker = "nmslib", "NMSLIB HNSW", "<"
+    name, label = "nmslib", "NMSLIB HNSW"
     module, install = "nmslib", "nmslib==2.1.2"
-    build_params = ("hnsw_m", "ef_construction")
-    query_params = ("ef_search",)
+    params = hnsw_params()
     variant_param = "ef_search"
     file_suffix = ".nmslib.tar"
     ordering = "inner product (space 'negdotprod', distance -a·b)"
@@ -31,10 +31,6 @@ class Nmslib(Method):
     def _new(self):
         nmslib = self.library()
         return nmslib.init(method="hnsw", space="negdotprod", data_type=nmslib.DataType.DENSE_VECTOR)
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("hnsw_m", "ef_construction"))
-        whole_params(opts, ("ef_search",), prefix="")
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self._new()

@@ -10,14 +10,16 @@ import importlib.util
 import signal
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import new_folder, process_folder, whole_params
+from imgret.index.base import new_folder, process_folder
 from imgret.index.databases import Database, DatabaseMethod
+from imgret.index.params import BUILD, QUERY, SERVER, Param, hnsw_params
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
 
 SOCKET_NAME = ".s.PGSQL.5432"
@@ -44,17 +46,33 @@ def reachable_by(folder: Path, uid: int) -> bool:
     return True
 
 
+@dataclass
+class PostgresDatabase(Database):
+    # the server's socket in a short folder of its own in /tmp, where the database's path is too long for one
+    socket_folder: tempfile.TemporaryDirectory | None = None
+
+
+@dataclass
+class Session:
+    connection: Any
+    applied: dict | None = None  # the query setting this session last set
+
+
 class Postgres(DatabaseMethod):
     """What both pgvector indexes share: the server, the table, COPY, and the query."""
 
     module, also_needs, extra = "pgvector.psycopg", ("pgserver", "psycopg"), "db"
     install = "pgvector 'psycopg[binary]' pgserver==0.1.4"  # the last names the version its figures give
     concurrent_searches = True
-    execution_params = ("shared_buffers", "maintenance_work_mem")
+    # PostgreSQL sizes such as 256MB (checked below)
+    server_params = (Param("shared_buffers", SERVER, minimum=None, execution=True),
+                     Param("maintenance_work_mem", SERVER, minimum=None, execution=True))
+    database_type = PostgresDatabase
     knob = ""  # the session setting the query parameter sets (hnsw.ef_search, ivfflat.probes)
     query_key = ""
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+        super().check(opts, gallery_size, dim)
         for key in self.execution_params:
             value = opts.get(key)
             if not isinstance(value, str) or not value[:-2].isdigit() or value[-2:] not in ("kB", "MB", "GB"):
@@ -87,10 +105,10 @@ class Postgres(DatabaseMethod):
             connection.execute("CREATE EXTENSION vector")
             connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}))")
 
-    def _socket_folder(self, database: Database) -> Path:
+    def _socket_folder(self, database: PostgresDatabase) -> Path:
         if len(str(database.path / SOCKET_NAME)) <= SOCKET_PATH_MAX:
             return database.path
-        if not hasattr(database, "socket_folder"):  # a deep cache folder: a short folder of its own in /tmp
+        if database.socket_folder is None:  # a deep cache folder: a short folder of its own in /tmp
             database.socket_folder = process_folder(Path(tempfile.gettempdir()), "imgret-pg-")
             hand_over(Path(database.socket_folder.name), unprivileged())
         return Path(database.socket_folder.name)
@@ -112,20 +130,22 @@ class Postgres(DatabaseMethod):
 
     def shut(self, database: Database) -> None:
         super().shut(database)  # SIGINT: PostgreSQL's fast shutdown, a checkpoint and a clean stop
-        if hasattr(database, "socket_folder"):
+        if database.socket_folder is not None:
             database.socket_folder.cleanup()
-            del database.socket_folder
+            database.socket_folder = None
 
-    def connect(self, database: Database) -> Any:
+    def connect(self, database: PostgresDatabase) -> Session:
         connection = psycopg().connect(**self._address(database), autocommit=True)
         self.library().register_vector(connection)
-        connection.applied = None  # the query setting this session last set
-        return connection
+        return Session(connection)
+
+    def disconnect(self, session: Session) -> None:
+        session.connection.close()
 
     # ------------------------------------------------------------------ rows and index
 
     def ingest(self, database: Database, gallery: np.ndarray) -> None:
-        with self.session(database).cursor() as cursor:
+        with self.session(database).connection.cursor() as cursor:
             with cursor.copy("COPY items (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
                 copy.set_types(["int4", "vector"])
                 for row, vector in enumerate(gallery):
@@ -136,7 +156,7 @@ class Postgres(DatabaseMethod):
         raise NotImplementedError
 
     def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
-        connection = self.session(database)
+        connection = self.session(database).connection
         connection.execute(f"SET max_parallel_maintenance_workers = {max(threads - 1, 0)}")
         try:
             connection.execute(self.index_sql(opts))
@@ -144,12 +164,12 @@ class Postgres(DatabaseMethod):
             raise ServerFailed(f"PostgreSQL could not create the index: {str(error).strip().splitlines()[0]} "
                                f"(log: {last_lines(database.path / 'postgres.log')})") from error
 
-    def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+    def query(self, session: Session, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
         try:
             if session.applied != setting:
-                session.execute(f"SET {self.knob} = {int(setting[self.query_key])}")
+                session.connection.execute(f"SET {self.knob} = {int(setting[self.query_key])}")
                 session.applied = dict(setting)
-            rows = session.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
+            rows = session.connection.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
         except psycopg().OperationalError as error:  # the server was stopped or killed under the run
             raise ServerFailed(f"PostgreSQL stopped answering while the run searched it: "
                                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
@@ -158,17 +178,14 @@ class Postgres(DatabaseMethod):
 
 
 class PgvectorHnsw(Postgres):
-    name, label, marker = "pgvector_hnsw", "pgvector HNSW (SQL)", "$P$"
-    build_params = ("hnsw_m", "ef_construction")
-    query_params = ("ef_search",)
+    name, label = "pgvector_hnsw", "pgvector HNSW (SQL)"
+    params = (*Postgres.server_params, *hnsw_params(minimum=2))
     variant_param = "ef_search"
     knob, query_key = "hnsw.ef_search", "ef_search"
     ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
-        whole_params(opts, ("hnsw_m", "ef_construction"), 2)
-        whole_params(opts, ("ef_search",), prefix="")
         if opts["ef_search"] > 1000:
             raise bad_value("ef_search", opts["ef_search"], "at most 1000 (pgvector's hnsw.ef_search)")
 
@@ -182,17 +199,14 @@ class PgvectorHnsw(Postgres):
 
 
 class PgvectorIvfflat(Postgres):
-    name, label, marker = "pgvector_ivfflat", "pgvector IVFFlat (SQL)", "$p$"
-    build_params = ("lists",)
-    query_params = ("probes",)
+    name, label = "pgvector_ivfflat", "pgvector IVFFlat (SQL)"
+    params = (*Postgres.server_params, Param("lists", BUILD), Param("probes", QUERY, top_level=True))
     variant_param = "probes"
     knob, query_key = "ivfflat.probes", "probes"
     ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
-        whole_params(opts, ("lists",))
-        whole_params(opts, ("probes",), prefix="")
         if gallery_size is not None and opts["lists"] > gallery_size:
             raise bad_value("method.lists", opts["lists"], f"at most the gallery size ({gallery_size})")
 

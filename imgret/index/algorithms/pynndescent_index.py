@@ -10,7 +10,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import Method, plain_rows, whole_params
+from imgret.index.base import Method, plain_rows
+from imgret.index.params import BUILD, QUERY, Param
 
 
 @functools.cache
@@ -36,16 +37,17 @@ def _finisher():
 
 
 class PyNNDescent(Method):
-    name, label, marker = "pynndescent", "PyNNDescent", "h"
+    name, label = "pynndescent", "PyNNDescent"
     module, install = "pynndescent", "pynndescent==0.7.0"
-    build_params = ("n_neighbors", "diversify_prob", "pruning_degree_multiplier")
-    query_params = ("epsilon",)
+    # the numbers' bounds are in check
+    params = (Param("n_neighbors", BUILD, minimum=2), Param("diversify_prob", BUILD, minimum=None),
+              Param("pruning_degree_multiplier", BUILD, minimum=None), Param("epsilon", QUERY, minimum=None))
     variant_param = "epsilon"
     file_suffix = ".pynndescent.pkl"
     ordering = "inner product (metric 'dot', distance 1 - a·b)"
 
     def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("n_neighbors",), 2)
+        super().check(opts, gallery_size, dim)
         for key, bound in (("epsilon", "a number >= 0"), ("diversify_prob", "a probability from 0 to 1"),
                            ("pruning_degree_multiplier", "a number > 0")):
             value = opts.get(key)

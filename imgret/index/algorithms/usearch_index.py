@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
+from imgret.index.params import BUILD, QUERY, Param
 
 
 def _similarity(distances: np.ndarray) -> np.ndarray:
@@ -31,17 +32,12 @@ def _matches(found, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class USearch(Method):
-    name, label, marker = "usearch", "USearch HNSW", "P"
+    name, label = "usearch", "USearch HNSW"
     module, install = "usearch.index", "usearch==2.26.6"
-    build_params = ("connectivity", "expansion_add")
-    query_params = ("ef_search",)
+    params = (Param("connectivity", BUILD), Param("expansion_add", BUILD), Param("ef_search", QUERY, top_level=True))
     variant_param = "ef_search"
     file_suffix = ".usearch"
     ordering = "inner product (metric 'ip', distance 1 - a·b)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("connectivity", "expansion_add"))
-        whole_params(opts, ("ef_search",), prefix="")
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self.library().Index(ndim=gallery.shape[1], metric="ip", dtype="f32",
@@ -66,7 +62,7 @@ class USearch(Method):
 
 
 class USearchExact(Method):
-    name, label, marker = "usearch_exact", "USearch exact", "X"
+    name, label = "usearch_exact", "USearch exact"
     module, install = "usearch.index", "usearch==2.26.6"
     exact, cached = True, False
     ordering = "inner product (metric 'ip', exact=True: every row compared)"

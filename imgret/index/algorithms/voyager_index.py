@@ -6,21 +6,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, whole_params
+from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows
+from imgret.index.params import hnsw_params
 
 
 class Voyager(Method):
-    name, label, marker = "voyager", "Voyager HNSW", ">"
+    name, label = "voyager", "Voyager HNSW"
     module, install = "voyager", "voyager==2.2.3"
-    build_params = ("hnsw_m", "ef_construction")
-    query_params = ("ef_search",)
+    params = hnsw_params()
     variant_param = "ef_search"
     file_suffix = ".voyager"
     ordering = "inner product (Space.InnerProduct, distance 1 - a·b)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        whole_params(opts, ("hnsw_m", "ef_construction"))
-        whole_params(opts, ("ef_search",), prefix="")
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         voyager = self.library()

@@ -1,0 +1,51 @@
+"""A method's parameters, declared once: each one's name, when it acts (building the index, or searching it), whether
+it only changes how the method computes, and its bounds. A method's build, query and execution parameter lists
+(which key the index cache, name its runs and make the study's keys) and its one-line refusals are derived from
+these declarations; what a declaration cannot say (nprobe at most nlist, a size PostgreSQL reads) stays in the
+method's own `check`, after these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from imgret.errors import bad_value, whole
+
+BUILD = "build"  # changes the index: keys the index cache
+QUERY = "query"  # applied to a built or loaded index per search
+SERVER = "server"  # a setting of the engine's server, neither building nor searching (PostgreSQL's memory)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    stage: str  # BUILD, QUERY or SERVER
+    minimum: int | None = 1  # a whole number at least this; None: its method checks it (a float, a string, a size)
+    execution: bool = False  # changes how the method computes, never what it returns (not in run names or study keys)
+    top_level: bool = False  # set as a top-level key (nprobe=16, ef_search=64): its refusal names it so
+    optional: bool = False  # null is allowed (its yaml says what null means)
+
+    @property
+    def key(self) -> str:
+        """How a refusal names it: as the user sets it."""
+        return self.name if self.top_level else f"method.{self.name}"
+
+    def check(self, opts: Mapping) -> None:
+        value = opts.get(self.name)
+        if self.minimum is None or (value is None and self.optional):
+            return
+        if not whole(value, self.minimum):
+            raise bad_value(self.key, value, f"a whole number >= {self.minimum}"
+                            + (", or null" if self.optional else ""))
+
+
+def names(params: tuple[Param, ...], *stages: str) -> tuple[str, ...]:
+    return tuple(param.name for param in params if param.stage in stages)
+
+
+def hnsw_params(minimum: int = 1) -> tuple[Param, ...]:
+    """An HNSW graph's parameters, as every engine that builds one takes them: its degree and its candidate list while
+    building (build), and its candidate list while searching (query, set as `ef_search=`). `minimum`: the smallest
+    degree and build list the engine accepts."""
+    return (Param("hnsw_m", BUILD, minimum), Param("ef_construction", BUILD, minimum),
+            Param("ef_search", QUERY, top_level=True))
