@@ -10,9 +10,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display here, nor on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
-from imgret.index.methods import METHODS, is_exact, method_label, method_marker, method_order  # noqa: E402
+from imgret.index.methods import METHODS, is_database, is_exact, method_label, method_order  # noqa: E402
 from imgret.measure.study import (SCALING_METRICS, by_key, gallery_words, growth_exponent, single_query_qps,  # noqa: E402
                                   pareto_frontier)
+
+
+# The study's markers: an exact method is a star; the others take these shapes in the registry's order (colour tells
+# apart the few that share one).
+SHAPES = "os^vDPXh8pHd<>"
+
+
+def method_marker(name: str) -> str:
+    if is_exact(name):
+        return "*"
+    approximate = [method for method in METHODS if not is_exact(method)]
+    return SHAPES[approximate.index(name) % len(SHAPES)] if name in approximate else "x"
 
 
 def recall_axis(axis, xlabel: str, base: int = 10, **legend) -> None:
@@ -139,7 +151,7 @@ def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
 
 
 def kinds_of(runs: list[dict]) -> str:
-    databases = any(METHODS[r["method"]].extra == "db" for r in runs if r["method"] in METHODS)
+    databases = any(is_database(r["method"]) for r in runs)
     return "ANN libraries and vector databases" if databases else "ANN libraries"
 
 

@@ -9,10 +9,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR
 from documented import documented
-from imgret.report import main as report_main
-from imgret.report import load_runs, seed_table
-from imgret.run import run_tracked
+from imgret.measure.registry import undeclared
 from imgret.measure.study import fastest_reaching, growth_exponent, pareto_frontier, representative
+from imgret.report import load_runs
+from imgret.report import main as report_main
+from imgret.run import run_tracked
+from imgret.tables import seed_table
 from test_run import children_of_the_parent, imgret_multirun, runs_of
 
 
@@ -117,6 +119,7 @@ def test_index_zoo_multirun_and_its_report(tmp_path):
 
     # The parent carries the sweep's summary, per model and over all: sortable and comparable in MLflow.
     summary = client.get_run(parent.info.run_id).data.metrics
+    assert not undeclared(summary), "the parent's metrics are declared in the registry"
     rows = load_runs(client, parent.info.experiment_id, parent.info.run_id)
     exact_qps = max(r["search_qps_batch"] for r in rows if r["recall_at_10"] >= 0.99 - 1e-12)
     assert summary["best_qps_recall99/resnet18"] == pytest.approx(exact_qps) == pytest.approx(summary["best_qps_recall99"])
