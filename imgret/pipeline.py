@@ -158,15 +158,17 @@ def _accuracy(found_ids: np.ndarray, found_similarities: np.ndarray, truth, embe
 
 
 def _extraction_choice(settings: RunSettings, images: ImagesToEmbed | None):
-    """(settings with the backend resolved, the precision choice, the backend choice) for images to embed, each
-    logged with why; (settings, None, None) for ready vectors, which have no model."""
+    """(settings with the device, the precision and the backend resolved, once for the whole run, the precision
+    choice, the backend choice), each choice logged with why; ready vectors have no model to choose for."""
+    extract = replace(settings.extract, device=resolve_device(settings.extract.device))
     if images is None:
-        return settings, None, None
-    precision = precision_choice(settings.extract, resolve_device(settings.extract.device))
+        return replace(settings, extract=extract), None, None
+    precision = precision_choice(extract, extract.device)
     log.info("extraction precision %s: %s (CPU flags: %s)", precision.precision, precision.reason, precision.flags)
-    backend = choose_backend(settings.extract, images.splits.gallery)
+    extract = replace(extract, precision=precision.precision)
+    backend = choose_backend(extract, images.splits.gallery)
     log.info("extraction backend %s: %s", backend.backend, backend.reason)
-    return replace(settings, extract=replace(settings.extract, backend=backend.backend)), precision, backend
+    return replace(settings, extract=replace(extract, backend=backend.backend)), precision, backend
 
 
 def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
@@ -192,7 +194,7 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         truth = exact_ground_truth(gallery, queries, depth, cache_dir) if row_filter is None else \
             exact_filtered_ground_truth(gallery, queries, depth, cache_dir, row_filter)
     with stages.measure("index_s"):
-        built = open_index(settings.method, gallery, cache_dir, resolve_device(settings.extract.device))
+        built = open_index(settings.method, gallery, cache_dir, settings.extract.device)
     target = built.index if row_filter is None else \
         FilteredSearch(built, built.method.query_setting(settings.method), row_filter, query_vectors)
     found, under_load, index_metrics = _search_stage(built, search, query_vectors, stages, memory, target)

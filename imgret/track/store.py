@@ -22,6 +22,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from tenacity import Retrying, retry_if_result, stop_after_delay, stop_any, wait_fixed
+
 from imgret.cache import file_lock
 from imgret.errors import TrackingRefused, TrackingUnavailable, bad_value, one_line
 from imgret.options import config_defaults
@@ -178,21 +180,28 @@ def open_tracking(tracking: TrackingSettings) -> str:
 
 
 def probe_server(uri: str, seconds: float = 12.0) -> None:
-    """Fail within `seconds` if no MLflow server answers at `uri`; a refused connection fails in about 2 s."""
-    deadline = time.monotonic() + seconds
-    reason, refused = "no answer", 0
-    while time.monotonic() < deadline and refused < 3:
+    """Fail within `seconds` if no MLflow server answers at `uri`; a connection refused three times fails at once
+    (in about 2 s)."""
+    seen = {"reason": "no answer", "refused": 0}
+
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=min(5.0, seconds)) as response:
                 if response.status == 200:
-                    return
-                reason = f"HTTP {response.status}"
+                    return True
+                seen["reason"] = f"HTTP {response.status}"
         except (urllib.error.URLError, OSError) as error:
-            reason = str(getattr(error, "reason", error))
-            refused += isinstance(getattr(error, "reason", error), ConnectionRefusedError)
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    raise bad_value("tracking.uri", uri, f"an MLflow server that answers; none did ({reason}). Start one "
-                    "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlruns/mlflow.db")
+            reason = getattr(error, "reason", error)
+            seen["reason"] = str(reason)
+            seen["refused"] += isinstance(reason, ConnectionRefusedError)
+        return False
+
+    refused_thrice = lambda _: seen["refused"] >= 3  # noqa: E731
+    if not Retrying(retry=retry_if_result(lambda ok: not ok), wait=wait_fixed(1.0),
+                    stop=stop_any(stop_after_delay(seconds), refused_thrice), retry_error_callback=lambda _: False
+                    )(answers):
+        raise bad_value("tracking.uri", uri, f"an MLflow server that answers; none did ({seen['reason']}). Start one "
+                        "(mlflow server --host 127.0.0.1 --port 5000) or use sqlite:///mlruns/mlflow.db")
 
 
 def unwritable_store(error: BaseException) -> str | None:
