@@ -101,7 +101,7 @@ def verdict_path(settings: ExtractSettings) -> Path:
     key = {"encoder": describe_encoder(settings.model, settings.seed), "decoder": settings.decoder,
            "channels_last": settings.channels_last, "machine": machine_key(settings)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(settings.cache_dir) / "backends" / f"{settings.model.get('name', 'model')}-{digest}.json"
+    return Path(settings.cache_dir) / "backends" / f"{settings.model.name or 'model'}-{digest}.json"
 
 
 def read_verdict(path: Path) -> dict | None:
@@ -152,7 +152,7 @@ def compare_backends(settings: ExtractSettings, gallery) -> dict | None:
     preprocessing = encoder.preprocessing(settings.decoder)
     module = NormalisedNetwork(encoder.network, preprocessing.mean, preprocessing.std, settings.channels_last).eval()
     log.info("extract.backend=auto: comparing OpenVINO fp32 with PyTorch eager fp32 for %s on %d gallery images "
-             "(once for this model and machine)", settings.model.get("name"), CHECK_IMAGES)
+             "(once for this model and machine)", settings.model.name, CHECK_IMAGES)
     # the store's own description: the extraction that follows compiles the very conversion made here
     description = store_encoder_description(dataclasses.replace(settings, backend="openvino"))
     batch = sample_batch(settings, preprocessing, gallery)

@@ -17,6 +17,7 @@ from torch import nn
 
 from imgret.cache import verified_digest
 from imgret.embed.families import family_of
+from imgret.embed.options import ModelSettings
 from imgret.errors import bad_value
 
 log = logging.getLogger(__name__)
@@ -36,45 +37,48 @@ class Encoder:
         return Preprocessing(self.transform, decoder)
 
 
-def describe_encoder(model_cfg, seed: int) -> dict:
-    family = family_of(model_cfg)
-    image_size = model_cfg.get("image_size")
+def describe_encoder(model: ModelSettings, seed: int) -> dict:
+    model = ModelSettings.of(model)
+    family = family_of(model)
+    image_size = model.image_size
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
         raise bad_value("model.image_size", image_size, "a whole number of pixels >= 16, or null for the model's own")
-    preprocessing = family.preprocessing(model_cfg)
+    preprocessing = family.preprocessing(model)
     return {
-        "name": model_cfg.name,
+        "name": model.name,
         "family": family.name,
-        "arch": model_cfg.arch,
-        "weights": _weights_id(model_cfg, seed),
+        "arch": model.arch,
+        "weights": _weights_id(model, seed),
         "image_size": preprocessing["size"],
         "preprocessing": preprocessing,
     }
 
 
-def output_dim(model_cfg) -> int:
+def output_dim(model: ModelSettings) -> int:
     """The embedding dimension the model produces, known without building it (for checks before any work)."""
-    return family_of(model_cfg).output_dim(model_cfg.arch)
+    model = ModelSettings.of(model)
+    return family_of(model).output_dim(model.arch)
 
 
-def build_encoder(model_cfg, seed: int) -> Encoder:
-    description = describe_encoder(model_cfg, seed)
+def build_encoder(model: ModelSettings, seed: int) -> Encoder:
+    model = ModelSettings.of(model)
+    description = describe_encoder(model, seed)
     torch.manual_seed(seed)  # random-init weights are part of the cache key, so make them reproducible
-    checkpoint = model_cfg.get("checkpoint")
-    trained = bool(model_cfg.get("pretrained", True)) and not checkpoint
-    network, transform = family_of(model_cfg).build(model_cfg, description["preprocessing"], trained,
+    checkpoint = model.checkpoint
+    trained = bool(model.pretrained) and not checkpoint
+    network, transform = family_of(model).build(model, description["preprocessing"], trained,
                                                     Path(checkpoint).expanduser() if checkpoint else None)
     network.eval().requires_grad_(False)
-    return Encoder(model_cfg.name, network, transform, description)
+    return Encoder(model.name, network, transform, description)
 
 
-def _weights_id(model_cfg, seed: int) -> str:
-    checkpoint = model_cfg.get("checkpoint")
+def _weights_id(model: ModelSettings, seed: int) -> str:
+    checkpoint = model.checkpoint
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise bad_value("model.checkpoint", checkpoint, "an existing weights file (a state_dict); this one does not exist")
         return f"checkpoint:{verified_digest(path)}"  # the whole sha256: the weights known by their bytes
-    if model_cfg.get("pretrained", True):
-        return family_of(model_cfg).pretrained_id(model_cfg)
+    if model.pretrained:
+        return family_of(model).pretrained_id(model)
     return f"random:seed{seed}:torch{torch.__version__.split('+')[0]}"

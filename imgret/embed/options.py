@@ -80,10 +80,34 @@ _RUN, _EXTRACT = config_defaults(), config_defaults().extract
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """A model (conf/model/<name>.yaml): what its family builds and with which weights. Its family reads it
+    (imgret/embed/families); its name, architecture, weights and size key its stores."""
+    name: str = ""
+    family: str | None = None  # which library builds it (imgret/embed/families/<family>.py)
+    arch: str = ""
+    pretrained: bool = True  # the published weights (else random, seeded by `seed`)
+    checkpoint: str | None = None  # a local state_dict instead
+    image_size: int | None = None  # the input's side in pixels; None: the model's own
+    weights: str = "DEFAULT"  # torchvision: which published weights `pretrained` loads
+    pretrained_tag: str | None = None  # open_clip: which published weights `pretrained` loads
+    bf16_pays: bool | None = None  # whether bf16 measured faster than fp32 (None: never measured)
+
+    @classmethod
+    def of(cls, section) -> "ModelSettings":
+        """A model's config section (a DictConfig, a mapping, or ModelSettings): its keys, resolved; keys no model
+        has are left out (a family reads only these)."""
+        if isinstance(section, cls):
+            return section
+        values = Options.of(section)
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
+
+
+@dataclass(frozen=True)
 class ExtractSettings:
-    """How images become an embedding store: the model (its config section, which its family reads) and the
-    extraction's own settings. The defaults are conf/config.yaml's, read from it."""
-    model: Options
+    """How images become an embedding store: the model (which its family reads) and the extraction's own
+    settings. The defaults are conf/config.yaml's, read from it."""
+    model: ModelSettings
     cache_dir: Path
     seed: int = _RUN.seed
     device: str = _RUN.device
@@ -101,12 +125,15 @@ class ExtractSettings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # the data source's data.max_image_pixels
     skip_bad_images: bool = True  # the data source's data.on_bad_image == skip
 
+    def __post_init__(self) -> None:  # a library caller's model section becomes ModelSettings here, once
+        object.__setattr__(self, "model", ModelSettings.of(self.model))
+
     @classmethod
     def from_config(cls, cfg) -> "ExtractSettings":
         """From a run's composed config (an entry point's, once)."""
         extract, data = cfg.extract, cfg.data
         defaults = {field.name: field.default for field in dataclasses.fields(cls)}
-        return cls(model=Options.of(cfg.model), cache_dir=Path(str(cfg.paths.cache)), seed=int(cfg.seed),
+        return cls(model=ModelSettings.of(cfg.model), cache_dir=Path(str(cfg.paths.cache)), seed=int(cfg.seed),
                    device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
                    **{key: extract.get(key, defaults[key]) for key in (
                        "latency_images", "channels_last", "decoder", "precision", "backend", "devices", "num_nodes",
@@ -116,8 +143,8 @@ class ExtractSettings:
 
     def to_json(self) -> dict:
         """For a rank process: plain values (`from_json` reads them back)."""
-        return {**dataclasses.asdict(self), "model": self.model.plain(), "cache_dir": str(self.cache_dir)}
+        return {**dataclasses.asdict(self), "cache_dir": str(self.cache_dir)}
 
     @classmethod
     def from_json(cls, values: dict) -> "ExtractSettings":
-        return cls(**{**values, "model": Options(values["model"]), "cache_dir": Path(values["cache_dir"])})
+        return cls(**{**values, "model": ModelSettings(**values["model"]), "cache_dir": Path(values["cache_dir"])})

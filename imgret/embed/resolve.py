@@ -39,7 +39,7 @@ def resolve_devices(devices, device: str) -> int:
 def precision_choice(settings: ExtractSettings, device: str) -> PrecisionChoice:
     """The precision extraction runs at, and why (imgret.embed.precision: the CPU's flags and the model's
     `bf16_pays`)."""
-    return choose_precision(settings.precision, device, settings.model.get("bf16_pays"))
+    return choose_precision(settings.precision, device, settings.model.bf16_pays)
 
 
 def resolve_precision(settings: ExtractSettings, device: str) -> str:

@@ -9,6 +9,7 @@ from functools import cache
 from imgret.embed.families.base import Family
 from imgret.errors import allowed, bad_value
 from imgret.plugins import found_in
+from imgret.embed.options import ModelSettings
 
 
 @cache
@@ -16,9 +17,9 @@ def registry() -> dict[str, Family]:
     return found_in(sys.modules[__name__], "FAMILIES", "model families", skip=("base",))
 
 
-def family_of(model_cfg) -> Family:
+def family_of(model: ModelSettings) -> Family:
     """The family a model's config names (`model.family`), or one line naming the families there are."""
-    name = model_cfg.get("family")
+    name = model.family
     if name not in registry():
         raise bad_value("model.family", name, f"one of {allowed(registry())}")
     return registry()[name]

