@@ -14,7 +14,8 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from imgret.sources.base import ImagesToEmbed, ReadyVectors, Splits
+from imgret.sources.base import ImagesToEmbed, ReadyVectors, SourceSettings, Splits
+from imgret.sources.registry import settings_of
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
@@ -41,16 +42,19 @@ class RunSettings:
     """Everything one run's stages read, typed and frozen: the data source's and the method's own settings, the
     extraction's, the search's, and the compute threads. An entry point makes it once (`from_config`); a library
     user can make it by hand, without Hydra."""
-    data: Options
+    data: SourceSettings
     method: Options
     extract: ExtractSettings
     search: SearchSettings = field(default_factory=SearchSettings)
     threads: int | None = config_defaults().threads
     filter: FilterSettings = field(default_factory=FilterSettings)
 
+    def __post_init__(self) -> None:  # a library caller's data section becomes its source's settings here, once
+        object.__setattr__(self, "data", settings_of(self.data))
+
     @classmethod
     def from_config(cls, cfg) -> "RunSettings":
-        return cls(Options.of(cfg.data), Options.of(cfg.method), ExtractSettings.from_config(cfg),
+        return cls(settings_of(cfg.data), Options.of(cfg.method), ExtractSettings.from_config(cfg),
                    SearchSettings.from_config(cfg), cfg.get("threads"), FilterSettings.of(cfg.get("filter")))
 
 

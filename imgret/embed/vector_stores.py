@@ -50,7 +50,8 @@ def _write_store(plan: SplitPlan, final_dir: Path, split: str) -> EmbeddingStore
 def ensure_vector_stores(data, seed: int, cache_dir: Path) -> Embeddings:
     """The gallery and query stores of a vector source (`data`: its settings), written once (under their locks)
     and reused."""
-    plans = source_of(data).plan(data, int(seed))
+    source = source_of(data)
+    plans = source.plan(source.settings.of(data), int(seed))
     stores, made = {}, []
     for split in SPLITS:
         plan = plans[split]

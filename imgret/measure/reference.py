@@ -11,19 +11,20 @@ from imgret.embed.store import EmbeddingStore
 from imgret.index.groundtruth import exact_top_k
 from imgret.measure.metrics import recall_at
 from imgret.sources.vector_files import open_vectors
+from imgret.sources.vectors import VectorFilesSettings
 
 log = logging.getLogger(__name__)
 
 REFERENCE_CHECK_QUERIES = 200  # queries whose exact top-10 is compared with an ann-benchmarks file's neighbors
 
 
-def reference_check(data_cfg, gallery: EmbeddingStore, queries: EmbeddingStore) -> dict | None:
+def reference_check(data: VectorFilesSettings, gallery: EmbeddingStore, queries: EmbeddingStore) -> dict | None:
     """For an ann-benchmarks file whose metric is imgret's own (angular = cosine): how many of the file's
     top-10 neighbors imgret's exact top-10 has, over the first REFERENCE_CHECK_QUERIES queries. For another
     metric the file's neighbors answer a different question, which is said and not checked."""
-    if data_cfg.get("queries"):
+    if data.queries:  # the vector files source's settings
         return None
-    source = open_vectors(Path(str(data_cfg.gallery)).expanduser())
+    source = open_vectors(Path(str(data.gallery)).expanduser())
     if "neighbors" not in source.extras:
         return None
     distance = source.extras["distance"]

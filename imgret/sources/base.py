@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,30 +57,61 @@ class Splits:
 
 
 @dataclass(frozen=True)
+class SourceSettings:
+    """A data source's settings (conf/data/<name>.yaml), typed: each source declares its keys as a subclass."""
+    name: str = ""
+
+    @classmethod
+    def of(cls, section) -> "SourceSettings":
+        """A data config section (a DictConfig, a mapping, or these settings): the keys this source has, resolved;
+        others (a yaml's hint for another group, such as synthetic's nlist) are left out."""
+        if isinstance(section, cls):
+            return section
+        values = Options.of(section)
+        return cls(**{item.name: _plain(values[item.name]) for item in dataclasses.fields(cls) if item.name in values})
+
+
+def _plain(value):
+    """A list from a config as a tuple: settings are frozen."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class ImageSettings(SourceSettings):
+    """The keys every image source has: the stratified limits and what to do with a bad image."""
+    gallery_limit: int | None = None  # N images per class (stratified, deterministic); None: all
+    query_limit: int | None = None
+    on_bad_image: str = "skip"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
 class ImageSource:
-    """A source of images to embed, one module and one conf/data/<name>.yaml: `check` validates its keys before any
-    work, `load` lists its splits."""
+    """A source of images to embed, one module and one conf/data/<name>.yaml: `settings`, its keys' type; `check`
+    validates them before any work, `load` lists its splits."""
     name: str
-    check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
-    load: Callable[..., Splits]  # (data_cfg, seed) -> Splits
+    settings: type[ImageSettings]
+    check: Callable[..., None]  # (settings) -> None, raises ConfigError
+    load: Callable[..., Splits]  # (settings, seed) -> Splits
 
 
 @dataclass(frozen=True)
 class VectorSource:
-    """A source of ready vectors, no images and no model: `plan` says what each split's store holds
-    (imgret.embed.vector_stores writes it), `shape` the gallery's size and dimension before any work (from
-    settings or file headers); `has_reference`: its files may carry their own neighbours to check imgret's exact
-    ground truth against."""
+    """A source of ready vectors, no images and no model: `settings`, its keys' type; `plan` says what each split's
+    store holds (imgret.embed.vector_stores writes it), `shape` the gallery's size and dimension before any work
+    (from settings or file headers); `has_reference`: its files may carry their own neighbours to check imgret's
+    exact ground truth against."""
     name: str
-    check: Callable[..., None]  # (data_cfg) -> None, raises ConfigError
-    plan: Callable[..., dict]  # (data_cfg, seed) -> {split: SplitPlan}
-    shape: Callable[..., tuple[int, int]]  # (data_cfg) -> (gallery size, dimension)
+    settings: type[SourceSettings]
+    check: Callable[..., None]  # (settings) -> None, raises ConfigError
+    plan: Callable[..., dict]  # (settings, seed) -> {split: SplitPlan}
+    shape: Callable[..., tuple[int, int]]  # (settings) -> (gallery size, dimension)
     has_reference: bool = False
     labelled: bool = True  # its vectors carry classes (filter=label needs them)
 
-    def provide(self, data_cfg, seed: int) -> "ReadyVectors":
-        size, dim = self.shape(data_cfg)
-        return ReadyVectors(self, Options.of(data_cfg), seed, size, dim)
+    def provide(self, data: SourceSettings, seed: int) -> "ReadyVectors":
+        size, dim = self.shape(data)
+        return ReadyVectors(self, data, seed, size, dim)
 
 
 @dataclass(frozen=True)
@@ -96,7 +128,7 @@ class ImagesToEmbed:
 class ReadyVectors:
     """What a vector source provides: stores it plans from its settings (`data`), of a known size and dimension."""
     source: VectorSource
-    data: Options  # the source's settings
+    data: SourceSettings  # the source's settings
     seed: int
     gallery_size: int
     dim: int
@@ -130,15 +162,13 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def check_common(data_cfg) -> None:
+def check_common(data: ImageSettings) -> None:
     """Keys every image source has: the stratified limits and what to do with a bad image."""
     for key in ("gallery_limit", "query_limit"):
-        value = data_cfg.get(key)
+        value = getattr(data, key)
         if value is not None and not whole(value, 1):
             raise bad_value(f"data.{key}", value, "a whole number of images per class >= 1, or null for all")
-    policy = data_cfg.get("on_bad_image", "skip")
-    if policy not in BAD_IMAGE_POLICIES:
-        raise bad_value("data.on_bad_image", policy, f"one of {allowed(BAD_IMAGE_POLICIES)}")
-    max_pixels = data_cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    if not whole(max_pixels, 1):
-        raise bad_value("data.max_image_pixels", max_pixels, "a whole number of pixels >= 1")
+    if data.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise bad_value("data.on_bad_image", data.on_bad_image, f"one of {allowed(BAD_IMAGE_POLICIES)}")
+    if not whole(data.max_image_pixels, 1):
+        raise bad_value("data.max_image_pixels", data.max_image_pixels, "a whole number of pixels >= 1")

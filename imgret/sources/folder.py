@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -11,9 +12,17 @@ import numpy as np
 
 from imgret.errors import DataUnavailable, bad_value
 
-from imgret.sources.base import ImageSource, ImageSet, Splits, natural_key
+from imgret.sources.base import ImageSettings, ImageSource, ImageSet, Splits, natural_key
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FolderSettings(ImageSettings):
+    gallery_dir: str | None = None  # required: a class-per-subfolder tree
+    query_dir: str | None = None  # a second tree; None: query_fraction of each class held out
+    query_fraction: float = 0.1
+    extensions: tuple[str, ...] = ()
 
 
 def list_class_folder(folder: Path, extensions: Sequence[str]) -> dict[str, list[str]]:
@@ -42,12 +51,12 @@ def listing_id(*listings: dict[str, list[str]]) -> str:
     return f"listing:{digest.hexdigest()[:16]}"
 
 
-def folder_splits(data_cfg, seed: int) -> Splits:
-    gallery_listing = list_class_folder(Path(data_cfg.gallery_dir), data_cfg.extensions)
-    if data_cfg.get("query_dir"):
-        query_listing = list_class_folder(Path(data_cfg.query_dir), data_cfg.extensions)
+def folder_splits(data: FolderSettings, seed: int) -> Splits:
+    gallery_listing = list_class_folder(Path(data.gallery_dir), data.extensions)
+    if data.query_dir:
+        query_listing = list_class_folder(Path(data.query_dir), data.extensions)
     else:
-        fraction = float(data_cfg.query_fraction)
+        fraction = float(data.query_fraction)
         rng = np.random.default_rng(seed)
         query_listing = {}
         for name, files in gallery_listing.items():
@@ -67,20 +76,20 @@ def folder_splits(data_cfg, seed: int) -> Splits:
     return Splits(make("gallery", gallery_listing), make("queries", query_listing))
 
 
-def check_folder(data_cfg) -> None:
-    if data_cfg.get("gallery_dir") in (None, "???"):
-        raise bad_value("data.gallery_dir", data_cfg.get("gallery_dir"), "a folder of <class>/<image> files (required)")
+def check_folder(data: FolderSettings) -> None:
+    if data.gallery_dir in (None, "???"):
+        raise bad_value("data.gallery_dir", data.gallery_dir, "a folder of <class>/<image> files (required)")
     for key in ("gallery_dir", "query_dir"):
-        value = data_cfg.get(key)
+        value = getattr(data, key)
         if value is not None and not Path(str(value)).expanduser().is_dir():
             raise bad_value(f"data.{key}", value, "an existing folder of <class>/<image> files")
-    if not data_cfg.get("query_dir"):
-        fraction = data_cfg.get("query_fraction")
+    if not data.query_dir:
+        fraction = data.query_fraction
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
             raise bad_value("data.query_fraction", fraction, "a fraction strictly between 0 and 1")
-    extensions = data_cfg.get("extensions")
+    extensions = data.extensions
     if not extensions or not all(isinstance(e, str) and e.startswith(".") for e in extensions):
         raise bad_value("data.extensions", extensions, "a list of file endings such as [.jpg, .png]")
 
 
-SOURCES = (ImageSource("folder", check_folder, folder_splits),)
+SOURCES = (ImageSource("folder", FolderSettings, check_folder, folder_splits),)

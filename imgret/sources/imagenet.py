@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from imgret.errors import DataUnavailable, bad_value
 
-from imgret.sources.base import ImageSource, ImageSet, Splits, natural_key
+from imgret.sources.base import ImageSettings, ImageSource, ImageSet, Splits, natural_key
 from imgret.sources.folder import list_class_folder, listing_id
 from imgret.sources.tiny_imagenet import synset_titles
 
@@ -62,14 +63,20 @@ def imagenet_val_labels(labels_path: Path) -> dict[str, str]:
     return {f"ILSVRC2012_val_{i + 1:08d}": wnid_of[int(class_id)] for i, class_id in enumerate(ids)}
 
 
-def imagenet_splits(data_cfg, seed: int = 0) -> Splits:
-    root = Path(str(data_cfg.root)).expanduser()
+@dataclass(frozen=True)
+class ImagenetSettings(ImageSettings):
+    root: str | None = None  # required: the folder ILSVRC2012 was extracted into
+    val_labels: str = "auto"
+
+
+def imagenet_splits(data: ImagenetSettings, seed: int = 0) -> Splits:
+    root = Path(str(data.root)).expanduser()
     train_dir, val_dir = imagenet_dirs(root)
     gallery_listing = list_class_folder(train_dir, IMAGENET_EXTENSIONS)
     if any(entry.is_dir() for entry in os.scandir(val_dir)):  # val already sorted into class folders
         query_listing = list_class_folder(val_dir, IMAGENET_EXTENSIONS)
     else:
-        wnid_of = imagenet_val_labels(_val_labels_file(root, str(data_cfg.val_labels)))
+        wnid_of = imagenet_val_labels(_val_labels_file(root, str(data.val_labels)))
         query_listing: dict[str, list[str]] = {}
         files = sorted((e.name for e in os.scandir(val_dir) if Path(e.name).suffix.lower() in IMAGENET_EXTENSIONS),
                        key=natural_key)
@@ -96,14 +103,14 @@ def imagenet_splits(data_cfg, seed: int = 0) -> Splits:
     return Splits(make("gallery", gallery_listing), make("queries", query_listing), synset_titles(mapping, class_names))
 
 
-def check_imagenet(data_cfg) -> None:
-    root = data_cfg.get("root")
+def check_imagenet(data: ImagenetSettings) -> None:
+    root = data.root
     if root in (None, "???") or not Path(str(root)).expanduser().is_dir():
         raise bad_value("data.root", root, "the folder ILSVRC2012 was extracted into, holding train/<wnid>/ and val/ "
                         "(or Kaggle's ILSVRC/Data/CLS-LOC/); it is not downloaded for you")
-    setting = data_cfg.get("val_labels", "auto")
+    setting = data.val_labels
     if setting != "auto" and not Path(str(setting)).expanduser().exists():
         raise bad_value("data.val_labels", setting, f"auto, the path of {VAL_SOLUTION}, or the devkit folder {DEVKIT}")
 
 
-SOURCES = (ImageSource("imagenet", check_imagenet, imagenet_splits),)
+SOURCES = (ImageSource("imagenet", ImagenetSettings, check_imagenet, imagenet_splits),)

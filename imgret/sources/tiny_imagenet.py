@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,17 +21,25 @@ from tqdm.auto import tqdm
 
 from imgret.errors import ConfigError, DataUnavailable, allowed, bad_value
 
-from imgret.sources.base import ImageSource, ImageSet, Splits, natural_key
+from imgret.sources.base import ImageSettings, ImageSource, ImageSet, Splits, natural_key
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TinyImagenetSettings(ImageSettings):
+    root: str = ""  # extracted once under here
+    url: str | None = None  # where the archive is downloaded from
+    archive: str | None = None  # a local zip instead of the download
+    checksums: tuple[str, ...] = ()  # "md5:<hex>" or "sha256:<hex>": an archive is accepted when one matches
 
 
 TINY_DIRNAME = "tiny-imagenet-200"
 STAMP_NAME = ".imgret-extracted.json"
 
 
-def tiny_imagenet_splits(data_cfg, seed: int = 0) -> Splits:
-    root = prepare_tiny_imagenet(data_cfg)
+def tiny_imagenet_splits(data: TinyImagenetSettings, seed: int = 0) -> Splits:
+    root = prepare_tiny_imagenet(data)
     source_id = json.loads((root / STAMP_NAME).read_text())["digest"]
     class_names = tuple((root / "wnids.txt").read_text().split())
     class_index = {wnid: i for i, wnid in enumerate(class_names)}
@@ -72,12 +81,12 @@ def synset_titles(mapping: Path, wnids: Sequence[str]) -> dict[str, str]:
     return titles
 
 
-def prepare_tiny_imagenet(data_cfg) -> Path:
+def prepare_tiny_imagenet(data: TinyImagenetSettings) -> Path:
     """The extracted dataset folder, downloading, verifying and extracting the archive if needed."""
-    root = Path(data_cfg.root).expanduser().resolve()
+    root = Path(data.root).expanduser().resolve()
     target = root / TINY_DIRNAME
-    archive = data_cfg.get("archive")
-    checksums = list(data_cfg.get("checksums") or [])
+    archive = data.archive
+    checksums = list(data.checksums or [])
 
     if archive is not None:
         archive_path = Path(archive).expanduser().resolve()
@@ -91,7 +100,7 @@ def prepare_tiny_imagenet(data_cfg) -> Path:
     else:
         if _stamp_matches(target, None):
             return target
-        archive_path = download(data_cfg.url, root / "downloads" / Path(data_cfg.url).name)
+        archive_path = download(data.url, root / "downloads" / Path(data.url).name)
 
     digest = verify_checksum(archive_path, checksums)
     extract_atomically(archive_path, target, digest)
@@ -194,20 +203,20 @@ def extract_atomically(archive_path: Path, target: Path, digest: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_tiny_imagenet(data_cfg) -> None:
-    archive = data_cfg.get("archive")
+def check_tiny_imagenet(data: TinyImagenetSettings) -> None:
+    archive = data.archive
     if archive is not None:
         path = Path(str(archive)).expanduser()
         if not path.is_file():
             raise bad_value("data.archive", archive, f"the path of a tiny-imagenet-200.zip; {path.resolve()} does not exist")
         if not zipfile.is_zipfile(path):
             raise bad_value("data.archive", archive, "a zip archive (tiny-imagenet-200.zip); this file is not a zip")
-    elif not str(data_cfg.get("url") or "").startswith(("http://", "https://", "file://")):
-        raise bad_value("data.url", data_cfg.get("url"), "an http(s):// or file:// address of the zip, or set data.archive")
-    for checksum in data_cfg.get("checksums") or []:
+    elif not str(data.url or "").startswith(("http://", "https://", "file://")):
+        raise bad_value("data.url", data.url, "an http(s):// or file:// address of the zip, or set data.archive")
+    for checksum in data.checksums or []:
         algorithm, _, value = str(checksum).partition(":")
         if algorithm not in hashlib.algorithms_available or not re.fullmatch(r"[0-9a-fA-F]+", value):
             raise bad_value("data.checksums", checksum, "entries reading '<algorithm>:<hex>', e.g. 'sha256:...'")
 
 
-SOURCES = (ImageSource("tiny_imagenet", check_tiny_imagenet, tiny_imagenet_splits),)
+SOURCES = (ImageSource("tiny_imagenet", TinyImagenetSettings, check_tiny_imagenet, tiny_imagenet_splits),)

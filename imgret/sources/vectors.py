@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from imgret.errors import bad_value, whole
-from imgret.sources.base import VectorSource
+from imgret.sources.base import SourceSettings, VectorSource
 from imgret.sources.decode import SPLITS
 from imgret.sources.vector_files import VectorFile, clip_retrieval_names, open_vectors
 
@@ -54,6 +54,17 @@ def normalised(rows: np.ndarray, in_place: bool = False) -> np.ndarray:
 # --------------------------------------------------------------------------- data=synthetic_vectors
 
 
+@dataclass(frozen=True)
+class SyntheticVectorsSettings(SourceSettings):
+    gallery_size: int = 100_000
+    query_size: int = 1000
+    dim: int = 512
+    clusters: int = 100  # a vector's label is its cluster
+    spread: float = 1.0  # offset from the centre, within a subspace shared by all clusters
+    intrinsic_dim: int = 32  # that subspace's dimension
+    noise: float = 0.3  # noise in every dimension
+
+
 def _centres_and_subspace(seed: int, clusters: int, dim: int, intrinsic_dim: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, 7])
     centres = rng.normal(size=(clusters, dim)).astype(np.float32)
@@ -62,21 +73,21 @@ def _centres_and_subspace(seed: int, clusters: int, dim: int, intrinsic_dim: int
     return centres, subspace
 
 
-def synthetic_chunk(data_cfg, seed: int, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_chunk(data: SyntheticVectorsSettings, seed: int, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows [start, stop) of a split: each chunk from its own seeded generator, so any chunk can be made alone.
 
     A row is its cluster's centre, plus an offset in a shared low-dimensional subspace (`intrinsic_dim`) of
     length about `spread`, plus a little noise in every dimension. Offsets in few dimensions give a cluster's
     points real near neighbours, as embeddings of similar images have, so approximate indexes miss some at
     few probes; isotropic noise alone would make every same-cluster point about equally near."""
-    dim, clusters, intrinsic_dim = int(data_cfg.dim), int(data_cfg.clusters), int(data_cfg.intrinsic_dim)
+    dim, clusters, intrinsic_dim = int(data.dim), int(data.clusters), int(data.intrinsic_dim)
     centres, subspace = _centres_and_subspace(seed, clusters, dim, intrinsic_dim)
     rng = np.random.default_rng([seed, SPLITS.index(split), start // CHUNK_ROWS])
     count = stop - start
     labels = rng.integers(0, clusters, count)
-    offsets = rng.normal(size=(count, intrinsic_dim)).astype(np.float32) * (float(data_cfg.spread) / np.sqrt(intrinsic_dim))
+    offsets = rng.normal(size=(count, intrinsic_dim)).astype(np.float32) * (float(data.spread) / np.sqrt(intrinsic_dim))
     rows = offsets @ subspace  # one product for the chunk: its rounding is part of the stores' identity
-    noise = float(data_cfg.noise) / np.sqrt(dim)
+    noise = float(data.noise) / np.sqrt(dim)
     # Block by block, the noise drawn in order (the same stream as one draw): memory holds the chunk and one
     # block's temporaries, not a float64 copy of the chunk.
     for block in range(0, count, NOISE_BLOCK_ROWS):
@@ -86,23 +97,32 @@ def synthetic_chunk(data_cfg, seed: int, split: str, start: int, stop: int) -> t
     return normalised(rows, in_place=True), labels.astype(np.int64)
 
 
-def synthetic_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
-    params = {key: data_cfg[key] for key in ("dim", "clusters", "spread", "intrinsic_dim", "noise")}
+def synthetic_plans(data: SyntheticVectorsSettings, seed: int) -> dict[str, SplitPlan]:
+    params = {key: getattr(data, key) for key in ("dim", "clusters", "spread", "intrinsic_dim", "noise")}
     plans = {}
-    for split, count in zip(SPLITS, (int(data_cfg.gallery_size), int(data_cfg.query_size))):
+    for split, count in zip(SPLITS, (int(data.gallery_size), int(data.query_size))):
         def chunks(split=split, count=count):
             for start in range(0, count, CHUNK_ROWS):
                 stop = min(count, start + CHUNK_ROWS)
-                rows, labels = synthetic_chunk(data_cfg, seed, split, start, stop)
-                yield rows, labels, [f"{data_cfg.name}/{split}/{i}" for i in range(start, stop)]
+                rows, labels = synthetic_chunk(data, seed, split, start, stop)
+                yield rows, labels, [f"{data.name}/{split}/{i}" for i in range(start, stop)]
 
-        key = {"dataset": data_cfg.name, "split": split, "count": count,
+        key = {"dataset": data.name, "split": split, "count": count,
                "generator": {**params, "seed": seed, "version": 2}, "encoder": {"name": "vectors"}, "format": 2}
-        plans[split] = SplitPlan(key, count, int(data_cfg.dim), chunks)
+        plans[split] = SplitPlan(key, count, int(data.dim), chunks)
     return plans
 
 
 # --------------------------------------------------------------------------- data=vectors
+
+
+@dataclass(frozen=True)
+class VectorFilesSettings(SourceSettings):
+    gallery: str | None = None  # required: a file of vectors, or a clip-retrieval output folder
+    queries: str | None = None  # a file of query vectors; None: the HDF5's test set, else held out
+    query_size: int = 1000  # without a query file: gallery vectors held out as queries
+    gallery_labels: str | None = None  # a .npy of whole-number labels, one per gallery vector
+    query_labels: str | None = None
 
 
 def _identity(path: Path) -> dict:
@@ -135,26 +155,24 @@ def _rows_plan(name: str, source: VectorFile, rows: np.ndarray | None, labels: n
     return SplitPlan(key, len(selected), source.dim, chunks)
 
 
-def file_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
+def file_plans(data: VectorFilesSettings, seed: int) -> dict[str, SplitPlan]:
     """The gallery and query splits of `data.gallery`: queries from `data.queries`, else the HDF5 file's `test`
     set, else `data.query_size` rows held out of the gallery (seeded)."""
-    gallery_path = Path(str(data_cfg.gallery)).expanduser()
+    gallery_path = Path(str(data.gallery)).expanduser()
     gallery = open_vectors(gallery_path)
     if gallery.kind.startswith(("TEXMEX", "big-ann")):
         log.info("%s: %s sets (SIFT, GIST, DEEP, ...) are usually searched by L2 distance on the raw vectors; "
                  "imgret L2-normalises them and searches by cosine similarity, so its neighbours and ground truth "
                  "are those of the normalised vectors", gallery_path.name, gallery.kind)
     source_name = gallery_path.name
-    base = {"dataset": data_cfg.name, "source": _identity(gallery_path), "encoder": {"name": "vectors"},
+    base = {"dataset": data.name, "source": _identity(gallery_path), "encoder": {"name": "vectors"},
             "format": 2, "version": 1}
-    gallery_labels = (_labels_file(data_cfg.gallery_labels)
-                      if data_cfg.get("gallery_labels") else None)
+    gallery_labels = _labels_file(data.gallery_labels) if data.gallery_labels else None
     names = clip_retrieval_names(gallery)
-    if data_cfg.get("queries"):
-        query_path = Path(str(data_cfg.queries)).expanduser()
+    if data.queries:
+        query_path = Path(str(data.queries)).expanduser()
         queries = open_vectors(query_path)
-        query_labels = (_labels_file(data_cfg.query_labels)
-                        if data_cfg.get("query_labels") else None)
+        query_labels = _labels_file(data.query_labels) if data.query_labels else None
         query_key = {"queries": _identity(query_path)}
         return {"gallery": _rows_plan(source_name, gallery, None, gallery_labels, names,
                                       {**base, "split": "gallery", "count": gallery.count}),
@@ -168,7 +186,7 @@ def file_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
                                        {**base, "split": "queries", "count": test.count})}
         plans["gallery"].notes["distance"] = gallery.extras["distance"]
         return plans
-    query_size = int(data_cfg.query_size)
+    query_size = int(data.query_size)
     held_out = np.zeros(gallery.count, dtype=bool)
     held_out[np.random.default_rng([seed, 11]).choice(gallery.count, query_size, replace=False)] = True
     split_key = {"held_out": {"query_size": query_size, "seed": seed}}
@@ -178,25 +196,25 @@ def file_plans(data_cfg, seed: int) -> dict[str, SplitPlan]:
                                   {**base, **split_key, "split": "queries", "count": query_size})}
 
 
-def check_synthetic_vectors(data_cfg) -> None:
+def check_synthetic_vectors(data: SyntheticVectorsSettings) -> None:
     for key, low in (("gallery_size", 1), ("query_size", 1), ("dim", 2), ("clusters", 1)):
-        if not whole(data_cfg.get(key), low):
-            raise bad_value(f"data.{key}", data_cfg.get(key), f"a whole number >= {low}")
+        if not whole(getattr(data, key), low):
+            raise bad_value(f"data.{key}", getattr(data, key), f"a whole number >= {low}")
     for key, meaning in (("spread", "how far points lie from their centre, along the cluster's subspace"),
                          ("noise", "noise in every dimension")):
-        value = data_cfg.get(key)
+        value = getattr(data, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise bad_value(f"data.{key}", value, f"a number >= 0: {meaning}")
-    intrinsic = data_cfg.get("intrinsic_dim")
-    if not whole(intrinsic, 1) or intrinsic > data_cfg.get("dim"):
-        raise bad_value("data.intrinsic_dim", intrinsic, f"a whole number from 1 to data.dim ({data_cfg.get('dim')})")
+    intrinsic = data.intrinsic_dim
+    if not whole(intrinsic, 1) or intrinsic > data.dim:
+        raise bad_value("data.intrinsic_dim", intrinsic, f"a whole number from 1 to data.dim ({data.dim})")
 
 
-def check_vectors(data_cfg) -> None:
+def check_vectors(data: VectorFilesSettings) -> None:
     """The files exist and are what their endings say (headers only), and the split fits in them."""
     from imgret.sources.vector_files import FILE_FORMATS, VectorFileError, open_vectors
 
-    files = {"gallery": data_cfg.get("gallery"), "queries": data_cfg.get("queries")}
+    files = {"gallery": data.gallery, "queries": data.queries}
     if files["gallery"] in (None, "???"):
         raise bad_value("data.gallery", files["gallery"], f"a file of vectors ({', '.join(FILE_FORMATS)}) or a "
                         "clip-retrieval output folder (required)")
@@ -216,7 +234,7 @@ def check_vectors(data_cfg) -> None:
         raise bad_value("data.queries", files["queries"], f"vectors of the gallery's dimension {gallery.dim} "
                         f"(it holds dimension {shapes['queries'].dim})")
     for key, split in (("gallery_labels", "gallery"), ("query_labels", "queries")):
-        value = data_cfg.get(key)
+        value = getattr(data, key)
         if value is None:
             continue
         expected = shapes[split].count if split in shapes else None
@@ -229,24 +247,25 @@ def check_vectors(data_cfg) -> None:
             raise bad_value(f"data.{key}", value, "a .npy of whole-number labels, one per vector"
                             + (f" ({expected})" if expected is not None else "") + ", or null")
     if "queries" not in shapes and "queries" not in gallery.extras:
-        if not whole(data_cfg.get("query_size"), 1) or data_cfg.query_size >= gallery.count:
-            raise bad_value("data.query_size", data_cfg.get("query_size"), "a whole number of vectors to hold out "
+        if not whole(data.query_size, 1) or data.query_size >= gallery.count:
+            raise bad_value("data.query_size", data.query_size, "a whole number of vectors to hold out "
                             f"of the gallery as queries, from 1 to {gallery.count - 1}")
 
 
-def synthetic_shape(data_cfg) -> tuple[int, int]:
+def synthetic_shape(data: SyntheticVectorsSettings) -> tuple[int, int]:
     """(gallery size, dimension): the settings say."""
-    return int(data_cfg.gallery_size), int(data_cfg.dim)
+    return int(data.gallery_size), int(data.dim)
 
 
-def file_shape(data_cfg) -> tuple[int, int]:
+def file_shape(data: VectorFilesSettings) -> tuple[int, int]:
     """(gallery size, dimension), from the files' headers: nothing is read."""
-    gallery = open_vectors(Path(str(data_cfg.gallery)).expanduser())  # headers: no labels, names or sampling
-    held_out = 0 if data_cfg.get("queries") or "queries" in gallery.extras else int(data_cfg.query_size)
+    gallery = open_vectors(Path(str(data.gallery)).expanduser())  # headers: no labels, names or sampling
+    held_out = 0 if data.queries or "queries" in gallery.extras else int(data.query_size)
     return gallery.count - held_out, gallery.dim
 
 
-SOURCES = (VectorSource("synthetic_vectors", check_synthetic_vectors, synthetic_plans, synthetic_shape),
+SOURCES = (VectorSource("synthetic_vectors", SyntheticVectorsSettings, check_synthetic_vectors, synthetic_plans,
+                        synthetic_shape),
            # an ann-benchmarks file carries its own neighbours: imgret's ground truth is checked against them
-           VectorSource("vectors", check_vectors, file_plans, file_shape, has_reference=True,
+           VectorSource("vectors", VectorFilesSettings, check_vectors, file_plans, file_shape, has_reference=True,
                         labelled=False))
