@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from imgret.errors import bad_value, whole
+from imgret.errors import bad_value
 
 BUILD = "build"  # changes the index: keys the index cache
 QUERY = "query"  # applied to a built or loaded index per search
@@ -20,23 +20,39 @@ SERVER = "server"  # a setting of the engine's server, neither building nor sear
 class Param:
     name: str
     stage: str  # BUILD, QUERY or SERVER
-    minimum: int | None = 1  # a whole number at least this; None: its method checks it (a float, a string, a size)
+    minimum: float | None = 1  # its smallest value; None: its method checks it (a string, a size, a bound on another)
     execution: bool = False  # changes how the method computes, never what it returns (not in run names or study keys)
     top_level: bool = False  # set as a top-level key (nprobe=16, ef_search=64): its refusal names it so
     optional: bool = False  # null is allowed (its yaml says what null means)
+    whole: bool = True  # a whole number; False: any number
+    above: bool = False  # the minimum itself is not allowed (a number > minimum)
+    maximum: float | None = None
+    meaning: str = ""  # what it is, for its refusal
 
     @property
     def key(self) -> str:
         """How a refusal names it: as the user sets it."""
         return self.name if self.top_level else f"method.{self.name}"
 
+    def allowed(self) -> str:
+        """What its refusal says is allowed."""
+        words = f"a {'whole number' if self.whole else 'number'} {'>' if self.above else '>='} {self.minimum}"
+        words += f" and <= {self.maximum}" if self.maximum is not None else ""
+        words += f" ({self.meaning})" if self.meaning else ""
+        return words + (", or null" if self.optional else "")
+
+    def fits(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.whole else (int, float)):
+            return False
+        low = value > self.minimum if self.above else value >= self.minimum
+        return low and (self.maximum is None or value <= self.maximum)
+
     def check(self, opts: Mapping) -> None:
         value = opts.get(self.name)
         if self.minimum is None or (value is None and self.optional):
             return
-        if not whole(value, self.minimum):
-            raise bad_value(self.key, value, f"a whole number >= {self.minimum}"
-                            + (", or null" if self.optional else ""))
+        if not self.fits(value):
+            raise bad_value(self.key, value, self.allowed())
 
 
 def names(params: tuple[Param, ...], *stages: str) -> tuple[str, ...]:

@@ -8,34 +8,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.errors import bad_value
-from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
-                               unpack_folder)
+from imgret.index.algorithms.diskann_index import Vamana
+from imgret.index.base import FolderIndex, new_folder, pack_folder, plain_rows, search_threads_now, unpack_folder
 from imgret.index.params import BUILD, QUERY, Param
 
 
-class DiskANNDisk(Method):
+class DiskANNDisk(Vamana):
     name, label = "diskann_disk", "DiskANN (SSD index)"
-    module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
-    reports_progress = True  # prints its build's stages
-    params = (Param("graph_degree", BUILD), Param("build_complexity", BUILD),
-              Param("search_memory_gb", BUILD, minimum=None),  # GB, a number > 0
-              Param("complexity", QUERY, top_level=True), Param("beam_width", QUERY),
-              Param("cache_nodes", QUERY, minimum=0, execution=True))
-    variant_param = "complexity"
+    params = (*Vamana.graph,
+              Param("search_memory_gb", BUILD, minimum=0, whole=False, above=True,
+                    meaning="GB for the in-memory PQ codes"),
+              Vamana.complexity, Param("beam_width", QUERY), Param("cache_nodes", QUERY, minimum=0, execution=True))
     file_suffix = ".diskann-ssd.tar"
-    concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
     ordering = "inner product (distance_metric 'l2' on unit rows)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        super().check(opts, gallery_size, dim)
-        memory = opts.get("search_memory_gb")
-        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
-            raise bad_value("method.search_memory_gb", memory, "a number of GB > 0 for the in-memory PQ codes")
-
-    def check_k(self, opts: Mapping, k: int) -> None:
-        if isinstance(opts.get("complexity"), int) and opts["complexity"] < k:
-            raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long")
 
     def _open(self, folder, opts: Mapping) -> FolderIndex:
         # I/O contexts, not search threads (each search call says its own): diskannpy 0.7.0 opened with one spins

@@ -14,28 +14,28 @@ from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, pla
 from imgret.index.params import BUILD, QUERY, Param
 
 
-class DiskANN(Method):
-    name, label = "diskann", "DiskANN (in memory)"
+class Vamana(Method):
+    """What DiskANN's two indexes share: the library, the Vamana graph's parameters and the search list."""
     module, install = "diskannpy", "--no-deps diskannpy==0.7.0"
-    reports_progress = True  # prints "N% of index build completed"
-    params = (Param("graph_degree", BUILD), Param("build_complexity", BUILD),
-              Param("alpha", BUILD, minimum=None),  # a number >= 1
-              Param("complexity", QUERY, top_level=True))
+    reports_progress = True  # prints its build's stages
+    graph = (Param("graph_degree", BUILD), Param("build_complexity", BUILD))
+    complexity = Param("complexity", QUERY, top_level=True)
     variant_param = "complexity"
-    file_suffix = ".diskann.tar"
     concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
-    ordering = "inner product (distance_metric 'mips')"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        super().check(opts, gallery_size, dim)
-        alpha = opts.get("alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 1:
-            raise bad_value("method.alpha", alpha, "a number >= 1 (DiskANN's pruning slack, 1.2 by default)")
 
     def check_k(self, opts: Mapping, k: int) -> None:
         if isinstance(opts.get("complexity"), int) and opts["complexity"] < k:
             raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long: DiskANN "
                             "returns no more neighbours than it holds")
+
+
+class DiskANN(Vamana):
+    name, label = "diskann", "DiskANN (in memory)"
+    params = (*Vamana.graph,
+              Param("alpha", BUILD, minimum=1, whole=False, meaning="DiskANN's pruning slack, 1.2 by default"),
+              Vamana.complexity)
+    file_suffix = ".diskann.tar"
+    ordering = "inner product (distance_metric 'mips')"
 
     def _open(self, folder, threads: int) -> FolderIndex:
         index = self.library().StaticMemoryIndex(index_directory=folder.name, num_threads=threads,

@@ -11,7 +11,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.errors import bad_value
 from imgret.index.base import (ADD_CHUNK_ROWS, FolderIndex, Method, new_folder, pack_folder, plain_rows,
                                run_in_threads, top_k_arrays, unpack_folder)
 from imgret.index.params import BUILD, QUERY, Param
@@ -21,18 +20,12 @@ class NGT(Method):
     name, label = "ngt", "NGT"
     module, install = "ngtpy", "ngt==2.8.0.post1"
     params = (*(Param(name, BUILD, minimum=0) for name in ("edge_size_for_creation", "onng_outgoing", "onng_incoming")),
-              Param("epsilon", QUERY, minimum=None),  # a number from above -1 to 10
+              Param("epsilon", QUERY, minimum=-1, above=True, maximum=10, whole=False, meaning="NGT's default 0.1"),
               Param("edge_size", QUERY, minimum=-2))
     variant_param = "epsilon"
     file_suffix = ".ngt.tar"
     concurrent_searches = False  # its Python binding documents no thread safety for searches of one index
     ordering = "inner product (distance type 'Normalized Cosine', 1 - a·b on unit rows)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        super().check(opts, gallery_size, dim)
-        epsilon = opts.get("epsilon")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not -1 < epsilon <= 10:
-            raise bad_value("method.epsilon", epsilon, "a number from above -1 to 10 (NGT's default 0.1)")
 
     def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         ngtpy = self.library()

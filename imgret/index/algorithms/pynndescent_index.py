@@ -9,7 +9,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.errors import bad_value
 from imgret.index.base import Method, plain_rows
 from imgret.index.params import BUILD, QUERY, Param
 
@@ -39,21 +38,13 @@ def _finisher():
 class PyNNDescent(Method):
     name, label = "pynndescent", "PyNNDescent"
     module, install = "pynndescent", "pynndescent==0.7.0"
-    # the numbers' bounds are in check
-    params = (Param("n_neighbors", BUILD, minimum=2), Param("diversify_prob", BUILD, minimum=None),
-              Param("pruning_degree_multiplier", BUILD, minimum=None), Param("epsilon", QUERY, minimum=None))
+    params = (Param("n_neighbors", BUILD, minimum=2),
+              Param("diversify_prob", BUILD, minimum=0, maximum=1, whole=False, meaning="a probability"),
+              Param("pruning_degree_multiplier", BUILD, minimum=0, above=True, whole=False),
+              Param("epsilon", QUERY, minimum=0, whole=False))
     variant_param = "epsilon"
     file_suffix = ".pynndescent.pkl"
     ordering = "inner product (metric 'dot', distance 1 - a·b)"
-
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
-        super().check(opts, gallery_size, dim)
-        for key, bound in (("epsilon", "a number >= 0"), ("diversify_prob", "a probability from 0 to 1"),
-                           ("pruning_degree_multiplier", "a number > 0")):
-            value = opts.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                    (key == "diversify_prob" and value > 1) or (key == "pruning_degree_multiplier" and value == 0):
-                raise bad_value(f"method.{key}", value, bound)
 
     def _threads(self, threads: int) -> None:
         import numba
