@@ -175,6 +175,31 @@ def _extraction_choice(settings: RunSettings, images: ImagesToEmbed | None):
     return replace(settings, extract=replace(extract, backend=backend.backend)), precision, backend
 
 
+def _search_metrics(found: SearchRun, queries: int, built: BuiltIndex, index_metrics: dict[str, float],
+                    under_load: list[ClientsRun]) -> tuple[dict[str, float], list[float]]:
+    """The timed search's latency and throughput, the index's cost and what it adds, the clients' throughput; and
+    each batch call's queries per second."""
+    latency = latency_percentiles(found.latencies_ms)
+    batch_qps = [queries / seconds for seconds in found.batch_seconds]
+    return {
+        "search_ms_p50": latency[50],
+        "search_ms_p95": latency[95],
+        "search_ms_p99": latency[99],
+        "search_qps_batch": max(batch_qps),  # the best of search.repeats calls; all of them in a tag
+        "build_s": built.build_s,
+        "index_bytes": float(built.nbytes),
+        **index_metrics,
+        **{name: value for run in under_load for name, value in clients_metrics(run).items()},
+    }, batch_qps
+
+
+def _store_metrics(embeddings) -> dict[str, float]:
+    """What was searched, and the extraction's timings as the stores were made."""
+    return {**embeddings.timings, "gallery_size": float(len(embeddings.gallery)),
+            "query_size": float(len(embeddings.queries)), "dim": float(embeddings.gallery.dim),
+            "bad_images": float(len(embeddings.bad_images))}
+
+
 def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, memory: PeakResidentSet,
                 watch_stores) -> RunResult:
     threads = configure_threads(settings.threads)
@@ -203,29 +228,12 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         FilteredSearch(built, built.method.query_setting(settings.method), row_filter, query_vectors)
     found, under_load, index_metrics = _search_stage(built, search, query_vectors, stages, memory, target)
 
-    latency = latency_percentiles(found.latencies_ms)
-    batch_qps = [len(query_vectors) / seconds for seconds in found.batch_seconds]
     found_similarities = true_similarities(found.ids, gallery_vectors, query_vectors, row_filter)
     accuracy = _accuracy(found.ids, found_similarities, truth, embeddings, row_filter, k, search.tie_epsilon)
     if images and row_filter is None and k >= 10:
         accuracy.update(against_fp32_rows(settings, images.splits, embeddings, found.ids, depth))
-    metrics = {
-        **accuracy,
-        "search_ms_p50": latency[50],
-        "search_ms_p95": latency[95],
-        "search_ms_p99": latency[99],
-        "search_qps_batch": max(batch_qps),  # the best of search.repeats calls; all of them in a tag
-        "build_s": built.build_s,
-        "index_bytes": float(built.nbytes),
-        **index_metrics,
-        **{name: value for run in under_load for name, value in clients_metrics(run).items()},
-        **embeddings.timings,
-        "gallery_size": float(len(gallery)),
-        "query_size": float(len(queries)),
-        "dim": float(gallery.dim),
-        "bad_images": float(len(embeddings.bad_images)),
-        **stages,
-    }
+    searched, batch_qps = _search_metrics(found, len(query_vectors), built, index_metrics, under_load)
+    metrics = {**accuracy, **searched, **_store_metrics(embeddings), **stages}
     info = {
         "embeddings_extracted": ",".join(embeddings.extracted) or "none",
         "gallery_store": str(gallery.path),

@@ -127,6 +127,36 @@ class ForwardBetweenBatches(pl.Callback):
     def images_per_s(self) -> float:
         return len(self.seconds) * len(self.ready) / sum(self.seconds)
 
+class ExtractionRounds:
+    """One model's extractions end to end, each with the model's forward alone on ready tensors after every batch
+    (`ForwardBetweenBatches`): the rates, the CPU use and the last rows of each decoder."""
+
+    def __init__(self, settings: ExtractSettings, images: ImageSet):
+        self.settings, self.images = settings, images
+        self.encoder = build_encoder(settings.model, settings.seed)
+        # the very module, memory format and precision extraction runs
+        self.embedder = Embedder.from_settings(settings, self.encoder)
+        self.ready = self.embedder.prepare([images.open(i % len(images)) for i in range(settings.batch_size)])
+        self.decoder = self.embedder.preprocessing.decoder
+        self.last_rows: dict[str, np.ndarray] = {}
+        self.forward_rates: dict[str, list[float]] = {self.decoder: [], "pil": []}
+        self.own_use: dict[str, list] = {self.decoder: [], "pil": []}
+
+    def __call__(self, decoder: str) -> float:
+        """Extraction's images/s with `decoder`; the forward's images/s between its batches go to `forward_rates`."""
+        settings, images = self.settings, self.images
+        key = store_key(images, describe_encoder(settings.model, settings.seed)) | {"bench": uuid.uuid4().hex}
+        forward = ForwardBetweenBatches(self.embedder, self.ready)
+        store = extract_store(self.encoder, images, key, dataclasses.replace(settings, decoder=decoder), float("nan"),
+                              [forward])
+        seconds = store.meta["extraction"]["seconds"] - sum(forward.seconds) - forward.warmup_seconds
+        self.forward_rates[decoder].append(forward.images_per_s)
+        self.own_use[decoder].append(CpuUse.of_records([store.meta["extraction"]]) - forward.used)
+        self.last_rows[decoder] = np.array(store.vectors)
+        shutil.rmtree(store.path, ignore_errors=True)  # each round's store is new (its own key); none is reused
+        return len(images) / seconds
+
+
 def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[str, int, int]],
                   batch_size: int, num_workers: int, channels_last: bool, rounds: int = 3) -> list[dict]:
     """Per model, `rounds` rounds of: imgret's extraction end to end (its default decoder), then end to end with
@@ -140,41 +170,22 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
                           f"num_workers={num_workers}", f"extract.channels_last={channels_last}",
                           # fp32, as the matmul peak it is measured against: the precision part measures the others
                           "extract.precision=32-true", "extract.progress=false")
-        images = real_images(archive, work / "cache", count)
-        settings = ExtractSettings.from_config(cfg)
-        encoder = build_encoder(settings.model, settings.seed)
-        embedder = Embedder.from_settings(settings, encoder)  # the very module, memory format and precision extraction runs
-        ready = embedder.prepare([images.open(i % len(images)) for i in range(batch_size)])
-        decoder = embedder.preprocessing.decoder
-        last_rows, forward_rates, own_use = {}, {decoder: [], "pil": []}, {decoder: [], "pil": []}
-
-        def end_to_end(decoder: str) -> float:
-            """Extraction's images/s; the forward's images/s between its batches go to `forward_rates`."""
-            key = store_key(images, describe_encoder(settings.model, settings.seed)) | {"bench": uuid.uuid4().hex}
-            forward = ForwardBetweenBatches(embedder, ready)
-            store = extract_store(encoder, images, key, dataclasses.replace(settings, decoder=decoder), float("nan"),
-                                  [forward])
-            seconds = store.meta["extraction"]["seconds"] - sum(forward.seconds) - forward.warmup_seconds
-            forward_rates[decoder].append(forward.images_per_s)
-            own_use[decoder].append(CpuUse.of_records([store.meta["extraction"]]) - forward.used)
-            last_rows[decoder] = np.array(store.vectors)
-            shutil.rmtree(store.path, ignore_errors=True)  # each round's store is new (its own key); none is reused
-            return count / seconds
-
+        runs = ExtractionRounds(ExtractSettings.from_config(cfg), real_images(archive, work / "cache", count))
+        decoder = runs.decoder
         print(f"  extract {model} {image_size}px: {rounds} rounds of end to end ({decoder} decoder), end to end (pil "
               f"decoder), each with the forward alone between its batches; {count} images each", flush=True)
-        figures = interleaved({"end_to_end": lambda: end_to_end(decoder), "pil": lambda: end_to_end("pil")}, rounds)
-        extraction, forward, pil = figures["end_to_end"], forward_rates[decoder], figures["pil"]
+        figures = interleaved({"end_to_end": lambda: runs(decoder), "pil": lambda: runs("pil")}, rounds)
+        extraction, forward, pil = figures["end_to_end"], runs.forward_rates[decoder], figures["pil"]
         ratios = [e2e / alone for e2e, alone in zip(extraction, forward)]
-        pil_ratios = [e2e / alone for e2e, alone in zip(pil, forward_rates["pil"])]
+        pil_ratios = [e2e / alone for e2e, alone in zip(pil, runs.forward_rates["pil"])]
         decoder_gains = [mine / theirs for mine, theirs in zip(ratios, pil_ratios)]  # each against its own forward
         pipeline, alone = spread(extraction)[0], spread(forward)[0]
-        seed = seed_loop_images_per_s(encoder, images, max(16, count // 16))
-        flops = flops_per_image(encoder, image_size)
-        agreement = rows_agreement(last_rows["pil"], last_rows[decoder])
+        seed = seed_loop_images_per_s(runs.encoder, runs.images, max(16, count // 16))
+        flops = flops_per_image(runs.encoder, image_size)
+        agreement = rows_agreement(runs.last_rows["pil"], runs.last_rows[decoder])
         rows.append({
             "model": model, "image_size": image_size, "images": count, "batch_size": batch_size,
-            "num_workers": num_workers, "channels_last": channels_last, "precision": embedder.precision,
+            "num_workers": num_workers, "channels_last": channels_last, "precision": runs.embedder.precision,
             "decoder": decoder, "rounds": rounds, "imgret_images_per_s_rounds": extraction,
             "forward_only_images_per_s_rounds": forward, "extract_vs_forward_rounds": ratios,
             "pil_decoder_images_per_s_rounds": pil, "pil_decoder_vs_forward_rounds": pil_ratios,
@@ -183,8 +194,8 @@ def bench_extract(archive: Archive, work: Path, peak: float, models: list[tuple[
             "decoder_vs_pil_recall_at_10": agreement["recall_at_10"], "decoder_vs_pil_queries": agreement["queries"],
             "imgret_images_per_s": pipeline, "forward_only_images_per_s": alone,
             # the extraction's own CPU use (its workers' included, the interleaved forwards' taken out)
-            "kernel_share_rounds": [used.kernel_share for used in own_use[decoder]],
-            "minor_faults_per_image_rounds": [used.minor_faults / count for used in own_use[decoder]],
+            "kernel_share_rounds": [used.kernel_share for used in runs.own_use[decoder]],
+            "minor_faults_per_image_rounds": [used.minor_faults / count for used in runs.own_use[decoder]],
             "seed_loop_images_per_s": seed, "gflops_per_image": flops / 1e9,
             "achieved_gflops": pipeline * flops / 1e9, "forward_gflops": alone * flops / 1e9,
             "matmul_peak_gflops": peak, "extract_vs_forward": spread(ratios)[0], "extract_vs_seed_loop": pipeline / seed,
