@@ -25,12 +25,14 @@ def write_table(path_stem: Path, header: list[str], rows: list[list]) -> str:
 def features_column(run: dict) -> str:
     """A seed-table column: the model, and whether its figures say anything about retrieval (trained weights) or
     only about cost (random weights)."""
+    if run["extract_ms_per_image"] != run["extract_ms_per_image"]:  # NaN: a vector source, no images, no weights
+        return run["model"]
     return f"{run['model']}, random weights: timings only" if run.get("weights", "").startswith("random") \
         else f"{run['model']}, trained"
 
 
 def _number(value, form: str) -> str:
-    return form.format(value) if value == value else "–"  # NaN: not measured (vectors without images)
+    return form.format(value) if value == value else "none (vectors, no images)"  # NaN: nothing was extracted
 
 
 def seed_table(runs: list[dict], out: Path) -> str:

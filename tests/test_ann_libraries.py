@@ -328,7 +328,7 @@ def test_a_method_added_as_a_module_and_a_yaml_alone_is_registered_checked_run_a
                               timeout=300)
 
     common = ("method=throwaway", "data=synthetic_vectors", "data.gallery_size=2000", "data.query_size=40",
-              "data.dim=16", f"paths.cache={tmp_path / 'cache'}", f"tracking.uri={uri}",
+              "data.dim=16", "data.intrinsic_dim=8", f"paths.cache={tmp_path / 'cache'}", f"tracking.uri={uri}",
               f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={tmp_path / 'out'}")
     refused = imgret("imgret.run", *common, "method.query_block=0")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
