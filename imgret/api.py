@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.index.brute import BruteForceIndex
 from imgret.index.build import build_index
 from imgret.index.filters import RowFilter, label_filter
-from imgret.index.methods import METHODS, execution_params, is_exact, method_of, validate_search
+from imgret.index.methods import METHODS, MethodSettings, execution_params, is_exact, validate_search
 from imgret.sources.base import ImageSet, ImagesToEmbed, ReadyVectors, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
@@ -70,9 +70,11 @@ def open_gallery(settings: ExtractSettings, gallery: ImageSet) -> EmbeddingStore
     return stores[gallery.split]
 
 
-def open_index(method_cfg, gallery: EmbeddingStore, cache_dir: Path | None, device: str = "cpu") -> BuiltIndex:
-    """The index of `method_cfg` over a store: loaded from the index cache (keyed by the store), or built and saved."""
-    return build_index(method_cfg, np.ascontiguousarray(gallery.vectors), cache_dir, gallery.path.name, device)
+def open_index(settings: MethodSettings | Mapping, gallery: EmbeddingStore, cache_dir: Path | None, device: str = "cpu"
+               ) -> BuiltIndex:
+    """The index `settings` configure over a store: loaded from the index cache (keyed by the store), or built and
+    saved."""
+    return build_index(settings, np.ascontiguousarray(gallery.vectors), cache_dir, gallery.path.name, device)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -143,20 +145,22 @@ class IndexChoice:
         return self.searcher.search(vectors, k)
 
 
-def _setting(method_cfg) -> dict:
-    method = method_of(method_cfg)
-    return {key: method_cfg.get(key) for key in (*method.build_params, *method.query_params)
-            if method_cfg.get(key) is not None and key not in ("train_size", *execution_params())}
+def _setting(settings: MethodSettings) -> dict:
+    method = settings.method
+    return {key: settings.get(key) for key in (*method.build_params, *method.query_params)
+            if settings.get(key) is not None and key not in ("train_size", *execution_params())}
 
 
-def index_choices(method_cfg, built: BuiltIndex, variants: dict[str, Sequence[int]] | None = None) -> list[IndexChoice]:
+def index_choices(settings: MethodSettings | Mapping, built: BuiltIndex, variants: dict[str, Sequence[int]] | None = None
+                  ) -> list[IndexChoice]:
     """The settings offered for one built index: one per value of its method's variant parameter in `variants`
     (values it cannot run, such as nprobe above nlist, left out), or the method's own setting."""
-    method = method_of(method_cfg)
-    setting = _setting(method_cfg)
+    settings = MethodSettings.of(settings)
+    method = settings.method
+    setting = _setting(settings)
     param = method.variant_param
     values = [v for v in (variants or {}).get(param) or [] if param
-              and method.invalid_combination({**method_cfg, param: v}) is None]
+              and method.invalid_combination(settings.replaced(**{param: v})) is None]
     if not values:
         return [IndexChoice(method.choice_label(setting), method.name, setting, built, built.index)]
     return [IndexChoice(method.choice_label({**setting, param: value}), method.name, {**setting, param: int(value)},
@@ -278,13 +282,14 @@ def open_retriever(settings: ExtractSettings, data, methods: Sequence, variants:
         raise bad_value("data", data.name, f"an image source ({', '.join(images)}): queries are images, embedded by "
                         "the model that made the gallery")
     splits = splits or load_splits(data, settings.seed)
-    for method_cfg in methods:
-        validate_search(method_cfg, 1, len(splits.gallery))
+    methods = [MethodSettings.of(method) for method in methods]
+    for method in methods:
+        validate_search(method, 1, len(splits.gallery))
     gallery = open_gallery(settings, splits.gallery)
     device = resolve_device(settings.device)
     choices = []
-    for method_cfg in methods:
-        built = open_index(method_cfg, gallery, settings.cache_dir, device)
-        choices += index_choices(method_cfg, built, variants)
+    for method in methods:
+        built = open_index(method, gallery, settings.cache_dir, device)
+        choices += index_choices(method, built, variants)
     embedder = Embedder.from_settings(settings, gallery=splits.gallery)
     return Retriever(gallery, choices, embedder, splits.gallery.class_names, dict(splits.titles), splits.queries)

@@ -19,13 +19,14 @@ from imgret.sources.registry import settings_of
 from imgret.errors import ConfigError, DataUnavailable
 from imgret.api import open_index, open_stores
 from imgret.embed.options import ExtractSettings
-from imgret.options import Options, config_defaults
+from imgret.options import config_defaults
 from imgret.embed.extract import fp32_reference_stores
 from imgret.embed.backend_choice import choose_backend
 from imgret.embed.resolve import precision_choice, resolve_device
 from imgret.index.groundtruth import exact_filtered_ground_truth, exact_ground_truth
 from imgret.index.filtered import FilteredSearch
 from imgret.index.filters import FilterSettings, RowFilter
+from imgret.index.methods import MethodSettings
 from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at, precision_at,
                                     queries_without_neighbours, recall_at, recall_at_ties, results_table,
                                     similarities_of)
@@ -43,18 +44,19 @@ class RunSettings:
     extraction's, the search's, and the compute threads. An entry point makes it once (`from_config`); a library
     user can make it by hand, without Hydra."""
     data: SourceSettings
-    method: Options
+    method: MethodSettings
     extract: ExtractSettings
     search: SearchSettings = field(default_factory=SearchSettings)
     threads: int | None = config_defaults().threads
     filter: FilterSettings = field(default_factory=FilterSettings)
 
-    def __post_init__(self) -> None:  # a library caller's data section becomes its source's settings here, once
+    def __post_init__(self) -> None:  # a library caller's data and method sections become typed here, once
         object.__setattr__(self, "data", settings_of(self.data))
+        object.__setattr__(self, "method", MethodSettings.of(self.method))
 
     @classmethod
     def from_config(cls, cfg) -> "RunSettings":
-        return cls(settings_of(cfg.data), Options.of(cfg.method), ExtractSettings.from_config(cfg),
+        return cls(settings_of(cfg.data), MethodSettings.of(cfg.method), ExtractSettings.from_config(cfg),
                    SearchSettings.from_config(cfg), cfg.get("threads"), FilterSettings.of(cfg.get("filter")))
 
 

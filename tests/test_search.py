@@ -10,7 +10,7 @@ from imgret.errors import ConfigError, allowed
 from imgret.index.groundtruth import exact_ground_truth, ground_truth_path
 from imgret.index.build import build_index
 from imgret.index.brute import BruteForceIndex
-from imgret.index.methods import METHODS, validate_search
+from imgret.index.methods import METHODS, MethodSettings, validate_search
 from imgret.measure.metrics import AT_10_METRICS, latency_percentiles, precision_at, recall_at
 from imgret.measure.search import latency_sample, search_threads, timed_search
 
@@ -70,10 +70,22 @@ def test_build_reports_time_and_size():
     (method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=20), 10, "^method.pq_nbits=20: a whole number of bits from 1 to 16$"),
     (method("hnsw", hnsw_m=0, ef_construction=40, ef_search=16), 10, "^method.hnsw_m=0: a whole number >= 1$"),
     (method("factory", index_factory="IVF16,Flatt", search_params=""), 10, "^method.index_factory=IVF16,Flatt: a faiss"),
+    (method("ivf", nlist=16, nprobe=1, nprob=2), 10,
+     "^method.nprob=2: a parameter of method=ivf: nlist, nprobe, on_disk, train_size$"),
 ])
 def test_bad_search_values_fail_early_with_what_is_allowed(method_cfg, k, match):
     with pytest.raises(ConfigError, match=match):
         validate_search(method_cfg, k, gallery_size=4000)
+
+
+def test_a_method_section_is_typed_once_frozen_and_the_same_from_a_config_or_a_dict():
+    section = OmegaConf.create({"name": "ivf", "nlist": 16, "nprobe": 4, "levels": [1, 2]})
+    settings = MethodSettings.of(section)
+    assert MethodSettings.of(settings) is settings and settings == MethodSettings.of(dict(section))
+    assert settings.method is METHODS["ivf"] and settings.name == "ivf" and settings["nprobe"] == 4
+    assert settings.replaced(nprobe=8)["nprobe"] == 8 and settings["nprobe"] == 4
+    with pytest.raises(AttributeError):
+        settings.nprobe = 8
 
 
 def test_too_few_points_per_list_is_a_warning():

@@ -16,7 +16,7 @@ from imgret.bench.verdicts import verdict
 from imgret.errors import ConfigError
 from imgret.index.base import plain_rows
 from imgret.index.build import build_index
-from imgret.index.methods import METHODS
+from imgret.index.methods import METHODS, MethodSettings
 from imgret.measure.search import search_threads
 from imgret.measure.timing import spread
 
@@ -31,7 +31,7 @@ def method_config(name: str, nlist: int):
         cfg = compose(config_name="config", overrides=[f"method={name}", f"nlist={nlist}"])
         if "levels" in cfg.method:
             cfg.level = LEVEL
-        return cfg.method
+        return MethodSettings.of(cfg.method)
 
 
 def installed(method) -> str:

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from imgret.errors import ConfigError
 from imgret.index.filters import RowFilter, keep_allowed, post_filter_depth
 from imgret.index.params import BUILD, QUERY, Param, names
 from imgret.index.refine import refined
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
 
@@ -114,7 +117,7 @@ class Method:
     def execution_params(self) -> tuple[str, ...]:
         return tuple(param.name for param in self.params if param.execution)
 
-    def setting_words(self, opts: Mapping, keys) -> list[str]:
+    def setting_words(self, opts: MethodSettings, keys) -> list[str]:
         """How a run's name shows these settings: each key run together with its value (nlist256)."""
         return [f"{key}{opts[key]}" for key in keys]
 
@@ -138,23 +141,23 @@ class Method:
                     f"{EXTRAS[self.extra]}") from None
         return found
 
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
         """Refuse parameters it cannot run with (raise bad_value), before any work: here, the bounds its `params`
         declare; a method adds what they cannot say after them. Bounds that depend on the gallery size or the
         dimension are checked when those are known (None: not yet)."""
         for param in self.params:
             param.check(opts)
 
-    def check_k(self, opts: Mapping, k: int) -> None:
+    def check_k(self, opts: MethodSettings, k: int) -> None:
         """Refuse a query setting that cannot return k results (rather than search a setting it is not labelled)."""
 
-    def invalid_combination(self, opts: Mapping) -> str | None:
+    def invalid_combination(self, opts: MethodSettings) -> str | None:
         """Why a cross-product sweep's point cannot run (nprobe > nlist), or None."""
         return None
 
     # ------------------------------------------------------------------ build, save, load
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         """The library's index over `gallery` (rows L2-normalised), built on `threads` threads. `path`: where the
         index cache will save it, for a library that builds on disk beside it (None: not cached)."""
         raise NotImplementedError
@@ -162,7 +165,7 @@ class Method:
     def save(self, native: Any, path: Path) -> None:
         raise NotImplementedError
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
         raise NotImplementedError
 
     def meta(self, native: Any) -> dict:
@@ -178,7 +181,7 @@ class Method:
 
     # ------------------------------------------------------------------ search
 
-    def query_setting(self, opts: Mapping) -> dict:
+    def query_setting(self, opts: MethodSettings) -> dict:
         return {key: opts.get(key) for key in self.query_params if opts.get(key) is not None}
 
     def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int) -> Any:

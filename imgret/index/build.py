@@ -9,59 +9,62 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Mapping
 
 import faiss
 import numpy as np
 
 from imgret.cache import Unreadable, file_lock, load_checked, save_checked
 from imgret.index.base import ADD_CHUNK_ROWS, BuiltIndex, Method, search_threads_now, working
-from imgret.index.methods import method_of
+from imgret.index.methods import MethodSettings
 from imgret.index.refine import refined
 
 log = logging.getLogger(__name__)
 
 
-def build_params(method_cfg) -> dict:
-    return {"method": method_cfg.name, **{key: method_cfg.get(key) for key in method_of(method_cfg).build_params}}
+def build_params(settings: MethodSettings) -> dict:
+    return {"method": settings.name, **{key: settings.get(key) for key in settings.method.build_params}}
 
 
-def index_cache_path(cache_dir: Path, gallery_id: str, method_cfg) -> Path:
-    params = build_params(method_cfg)
+def index_cache_path(cache_dir: Path, gallery_id: str, settings: MethodSettings) -> Path:
+    params = build_params(settings)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    method = method_of(method_cfg)
+    method = settings.method
     readable = "-".join(f"{key}{value}" for key, value in params.items()
                         if key != "method" and key not in method.unnamed_params and value not in (None, False))
     suffix = method.file_suffix
     return Path(cache_dir) / "indexes" / gallery_id / f"{params['method']}{'-' + readable if readable else ''}-{digest}{suffix}"
 
 
-def build_index(method_cfg, gallery: np.ndarray, cache_dir: Path | None = None,
+def build_index(settings: MethodSettings | Mapping, gallery: np.ndarray, cache_dir: Path | None = None,
                 gallery_id: str | None = None, device: str = "cpu") -> BuiltIndex:
-    """The index for `method_cfg` over `gallery`, searched at its query parameters.
+    """The index `settings` configure over `gallery`, searched at its query parameters (a library caller's mapping
+    is converted to MethodSettings here).
 
     Indexes that train or build a graph are saved under `cache_dir`, keyed by the gallery and the build
     parameters; a later run with the same keys loads the file (and reports the original build time).
     """
-    method = method_of(method_cfg)
+    settings = MethodSettings.of(settings)
+    method = settings.method
     method.library()  # a missing library refuses here too, for callers that did not validate first
-    setting = method.query_setting(method_cfg)
-    path = index_cache_path(cache_dir, gallery_id, method_cfg) if method.cached and cache_dir else None
+    setting = method.query_setting(settings)
+    path = index_cache_path(cache_dir, gallery_id, settings) if method.cached and cache_dir else None
     if path is None:
-        native, build_s = _build(method, method_cfg, gallery, None)
+        native, build_s = _build(method, settings, gallery, None)
         return _searched(method, native, setting, device, gallery, build_s, False, None)
     # One build per index at a time: a concurrent run waits, then loads what the first one saved.
     with file_lock(path, f"the index {path.name}"):
-        loaded = load_checked(path, lambda file, meta: (_read(method, file, method_cfg, meta), meta),
+        loaded = load_checked(path, lambda file, meta: (_read(method, file, settings, meta), meta),
                               companions=method.companions or None)
         if loaded is not None:
             native, meta = loaded
             log.info("reusing index %s", path)
             return _searched(method, native, setting, device, gallery, meta["build_s"], True, path)
-        native, build_s = _build(method, method_cfg, gallery, path)
+        native, build_s = _build(method, settings, gallery, path)
         companions = {key: path.with_suffix(suffix) for key, suffix in method.companions.items()
                       if path.with_suffix(suffix).exists()}
         save_checked(path, lambda partial: method.save(native, partial),
-                     {"build_s": build_s, "params": build_params(method_cfg), **method.meta(native)},
+                     {"build_s": build_s, "params": build_params(settings), **method.meta(native)},
                      companions=companions or None)
         return _searched(method, native, setting, device, gallery, build_s, False, path)
 
@@ -72,15 +75,15 @@ def _searched(method: Method, native, setting: dict, device: str, gallery: np.nd
     return BuiltIndex(searcher, build_s, reused, path, method, native, gallery)
 
 
-def _build(method: Method, method_cfg, gallery: np.ndarray, path: Path | None):
-    log.info("building %s over %d vectors", build_params(method_cfg), len(gallery))
+def _build(method: Method, settings: MethodSettings, gallery: np.ndarray, path: Path | None):
+    log.info("building %s over %d vectors", build_params(settings), len(gallery))
     threads = search_threads_now()
     before = _entries_of(path)
     start = time.perf_counter()
     try:
         with working(f"building {method.label} over {len(gallery):,} vectors",
                      len(gallery) > ADD_CHUNK_ROWS and not method.reports_progress):
-            native = _in_worker_thread(lambda: method.build(method_cfg, gallery, threads, path), threads)
+            native = _in_worker_thread(lambda: method.build(settings, gallery, threads, path), threads)
     except BaseException:
         _remove_partials(path, before)
         raise
@@ -124,9 +127,9 @@ def _remove_partials(path: Path | None, before: set[Path]) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def _read(method: Method, path: Path, method_cfg, meta: dict):
+def _read(method: Method, path: Path, settings: MethodSettings, meta: dict):
     try:
-        return method.load(path, method_cfg, meta)
+        return method.load(path, settings, meta)
     except Unreadable:
         raise
     except Exception as error:  # a library's own error for a file it cannot read

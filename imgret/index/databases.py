@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from imgret.errors import bad_value
 from imgret.index.base import Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays, unpack_folder
 from imgret.index.params import hnsw_params
 from imgret.index.servers import Server
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 
 @dataclass
@@ -56,7 +59,7 @@ class GraphSettings:
     params = hnsw_params(minimum=2)
     variant_param = "ef_search"
 
-    def check_k(self, opts: Mapping, k: int) -> None:
+    def check_k(self, opts: MethodSettings, k: int) -> None:
         if opts[self.variant_param] < k:
             raise bad_value(self.variant_param, opts[self.variant_param], f"at least k ({k})")
 
@@ -73,17 +76,17 @@ class DatabaseMethod(Method):
 
     # ------------------------------------------------------------------ what each engine provides
 
-    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
+    def create_in(self, database: Database, opts: MethodSettings, dim: int) -> None:
         """An empty database (a table of `dim`-wide rows) in `database.folder`: set `handle` and `server`."""
         raise NotImplementedError
 
     def ingest(self, database: Database, gallery: np.ndarray) -> None:
         raise NotImplementedError
 
-    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: Database, opts: MethodSettings, threads: int) -> None:
         raise NotImplementedError
 
-    def open(self, database: Database, opts: Mapping) -> None:
+    def open(self, database: Database, opts: MethodSettings) -> None:
         """Open the files in `database.folder` (start its server): set `handle` and `server`."""
         raise NotImplementedError
 
@@ -111,7 +114,7 @@ class DatabaseMethod(Method):
         """Where a run's copy of the database lives: beside the index cache's file (the same filesystem)."""
         return new_folder(near)
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Database:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Database:
         folder = self.working_folder(path)
         database = self.database_type(folder, dict(opts))
         try:
@@ -133,7 +136,7 @@ class DatabaseMethod(Method):
         pack_folder(native.path, path)
         self.open(native, native.opts)
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Database:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Database:
         database = self.database_type(unpack_folder(path, self.working_folder(path)), dict(opts),
                                       ingest_s=float(meta.get("ingest_s", 0.0)),
                                       index_create_s=float(meta.get("index_create_s", 0.0)))

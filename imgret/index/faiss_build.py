@@ -7,7 +7,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -17,6 +17,9 @@ from imgret.allocator import return_freed_memory
 from imgret.mapped import gather_rows, release_pages, written_back
 from imgret.errors import ConfigError
 from imgret.index.base import ADD_CHUNK_ROWS, working
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ def on_device(faiss_index: faiss.Index, setting: Mapping, device: str, params: f
     return FaissIndex(gpu_index, cpu_index=faiss_index)
 
 
-def build_faiss(faiss_index: faiss.Index, opts: Mapping, gallery: np.ndarray, path: Path | None,
+def build_faiss(faiss_index: faiss.Index, opts: MethodSettings, gallery: np.ndarray, path: Path | None,
                 name: str, lists_path: Path | None = None) -> faiss.Index:
     """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
     one chunk and the sample, never a second copy of the whole gallery. With `on_disk`, not even the index:
@@ -95,7 +98,7 @@ def build_faiss(faiss_index: faiss.Index, opts: Mapping, gallery: np.ndarray, pa
     return faiss_index
 
 
-def training_sample(gallery: np.ndarray, opts: Mapping) -> np.ndarray:
+def training_sample(gallery: np.ndarray, opts: MethodSettings) -> np.ndarray:
     """A deterministic sample of the gallery for k-means and PQ training: `method.train_size` rows, by default
     64 per IVF list and at least 100,000 (faiss itself uses at most 256 per centroid)."""
     size = opts.get("train_size")

@@ -14,6 +14,7 @@ from typing import Mapping
 from imgret.errors import allowed, bad_value, whole
 from imgret.index import algorithms
 from imgret.index.base import Method
+from imgret.options import Options
 from imgret.plugins import found_in
 
 
@@ -40,11 +41,33 @@ class _Registry(Mapping):
 METHODS = _Registry()
 
 
-def method_of(method_cfg) -> Method:
-    name = method_cfg.get("name")
-    if name not in METHODS:
-        raise bad_value("method", name, f"one of {allowed(METHODS)}")
-    return METHODS[name]
+class MethodSettings(Options):
+    """A method's config section, typed once where a config (or a library caller's mapping) comes in: `name`, a
+    registered method; each parameter that method declares (imgret/index/params.py) and no other key; its `levels`.
+    Frozen, read by key or attribute; `method` is the registered Method it configures."""
+
+    @classmethod
+    def of(cls, section) -> "MethodSettings":
+        if isinstance(section, MethodSettings):
+            return section
+        values = Options.of(section).plain()
+        name = values.get("name")
+        if name not in METHODS:
+            raise bad_value("method", name, f"one of {allowed(METHODS)}")
+        declared = {param.name for param in METHODS[name].params}
+        for key, value in values.items():
+            if key not in declared | {"name", "levels"}:
+                raise bad_value(f"method.{key}", value, f"a parameter of method={name}: "
+                                f"{', '.join(sorted(declared)) if declared else 'it has none'}")
+        return cls(values)
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self["name"]]
+
+    def replaced(self, **changes) -> "MethodSettings":
+        """The same method with these parameters' values changed (checked as any section is)."""
+        return MethodSettings.of({**self.plain(), **changes})
 
 
 def method_label(name: str) -> str:
@@ -61,23 +84,25 @@ def execution_params() -> set[str]:
     return {key for method in METHODS.values() for key in method.execution_params}
 
 
-def invalid_combination(method_cfg) -> str | None:
+def invalid_combination(settings: MethodSettings | Mapping) -> str | None:
     """Why this sweep point cannot run, for combinations a cross-product sweep produces (nprobe > nlist)."""
-    name = method_cfg.get("name")
-    return METHODS[name].invalid_combination(method_cfg) if name in METHODS else None
+    settings = MethodSettings.of(settings)
+    return settings.method.invalid_combination(settings)
 
 
-def validate_search(method_cfg, k, gallery_size: int | None = None, dim: int | None = None) -> None:
+def validate_search(settings: MethodSettings | Mapping, k, gallery_size: int | None = None, dim: int | None = None
+                    ) -> None:
     """Fail before any extraction or build if the method cannot run: an unknown method, a library that is not
     installed, a parameter out of range. Bounds that depend on the gallery's size or the embedding dimension
     are checked when those are known (None: not yet)."""
-    method = method_of(method_cfg)
+    settings = MethodSettings.of(settings)  # a library caller's mapping: converted (and its keys checked) once
+    method = settings.method
     if not whole(k, 1, gallery_size):
         raise bad_value("k", k, f"a whole number from 1 to the gallery size ({gallery_size})"
                         if gallery_size else "a whole number >= 1")
     method.library()
-    method.check(method_cfg, gallery_size, dim)
-    method.check_k(method_cfg, k)
+    method.check(settings, gallery_size, dim)
+    method.check_k(settings, k)
 
 
 def is_database(name: str) -> bool:

@@ -7,9 +7,12 @@ method's own `check`, after these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING
 
 from imgret.errors import bad_value
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 BUILD = "build"  # changes the index: keys the index cache
 QUERY = "query"  # applied to a built or loaded index per search
@@ -47,7 +50,7 @@ class Param:
         low = value > self.minimum if self.above else value >= self.minimum
         return low and (self.maximum is None or value <= self.maximum)
 
-    def check(self, opts: Mapping) -> None:
+    def check(self, opts: MethodSettings) -> None:
         value = opts.get(self.name)
         if self.minimum is None or (value is None and self.optional):
             return

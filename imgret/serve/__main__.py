@@ -44,12 +44,14 @@ def start(cfg: DictConfig) -> None:
 
     validate_config(cfg)
     settings = serve_settings(cfg)
-    methods = list(cfg.serve.indexes.values())
     from imgret.embed.models import output_dim
     from imgret.index.methods import validate_search
 
-    for method_cfg in methods:  # before any listing, extraction or build
-        validate_search(method_cfg, cfg.k, dim=output_dim(cfg.model))
+    from imgret.index.methods import MethodSettings
+
+    methods = [MethodSettings.of(method) for method in cfg.serve.indexes.values()]
+    for method in methods:  # before any listing, extraction or build
+        validate_search(method, cfg.k, dim=output_dim(cfg.model))
 
     import uvicorn
 
@@ -59,7 +61,7 @@ def start(cfg: DictConfig) -> None:
     from imgret.serve.app import create_app
 
     variants = {"nprobe": list(cfg.serve.get("nprobe") or []), "ef_search": list(cfg.serve.get("ef_search") or [])}
-    retriever = open_retriever(ExtractSettings.from_config(cfg), Options.of(cfg.data), [Options.of(m) for m in methods],
+    retriever = open_retriever(ExtractSettings.from_config(cfg), Options.of(cfg.data), methods,
                                variants)
     retriever.warm_up(int(cfg.k))
     app = create_app(retriever, settings)

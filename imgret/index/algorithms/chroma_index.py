@@ -10,11 +10,14 @@ collection opened again, while searches at the current one wait (the index's gat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
 from imgret.index.databases import Database, DatabaseMethod, GraphSettings
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 COLLECTION = "items"
 
@@ -38,7 +41,7 @@ class Chroma(GraphSettings, DatabaseMethod):
         return self.library().PersistentClient(path=str(database.path / "chroma"),
                                                settings=Settings(anonymized_telemetry=False))
 
-    def create_in(self, database: ChromaDatabase, opts: Mapping, dim: int) -> None:
+    def create_in(self, database: ChromaDatabase, opts: MethodSettings, dim: int) -> None:
         client = self._client(database)
         database.handle = client.create_collection(COLLECTION, embedding_function=None, configuration={"hnsw": {
             "space": "ip", "max_neighbors": int(opts["hnsw_m"]), "ef_construction": int(opts["ef_construction"]),
@@ -52,10 +55,10 @@ class Chroma(GraphSettings, DatabaseMethod):
             rows = gallery[start:start + batch]
             database.handle.add(ids=[str(row) for row in range(start, start + len(rows))], embeddings=rows)
 
-    def create_index(self, database: ChromaDatabase, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: ChromaDatabase, opts: MethodSettings, threads: int) -> None:
         database.handle.count()  # the last rows applied to the graph
 
-    def open(self, database: ChromaDatabase, opts: Mapping) -> None:
+    def open(self, database: ChromaDatabase, opts: MethodSettings) -> None:
         database.client = self._client(database)
         database.handle = database.client.get_collection(COLLECTION, embedding_function=None)
         database.applied = {"ef_search": database.handle.configuration["hnsw"]["ef_search"]}

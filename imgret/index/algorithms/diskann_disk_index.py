@@ -4,13 +4,16 @@ product's order). The index is read from its folder while it searches, so the fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
 from imgret.index.algorithms.diskann_index import Vamana
 from imgret.index.base import FolderIndex, new_folder, pack_folder, plain_rows, search_threads_now, unpack_folder
 from imgret.index.params import BUILD, QUERY, Param
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 
 class DiskANNDisk(Vamana):
@@ -22,7 +25,7 @@ class DiskANNDisk(Vamana):
     file_suffix = ".diskann-ssd.tar"
     ordering = "inner product (distance_metric 'l2' on unit rows)"
 
-    def _open(self, folder, opts: Mapping) -> FolderIndex:
+    def _open(self, folder, opts: MethodSettings) -> FolderIndex:
         # I/O contexts, not search threads (each search call says its own): diskannpy 0.7.0 opened with one spins
         # forever in its warm-up (which takes a second context), so a single-thread run would hang here
         index = self.library().StaticDiskIndex(index_directory=folder.name, num_threads=max(2, search_threads_now()),
@@ -30,7 +33,7 @@ class DiskANNDisk(Vamana):
                                                vector_dtype=np.float32)
         return FolderIndex(index, folder, "ann")
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         folder = new_folder(path)
         self.library().build_disk_index(
             data=plain_rows(gallery), distance_metric="l2", index_directory=folder.name,
@@ -42,7 +45,7 @@ class DiskANNDisk(Vamana):
     def save(self, native: FolderIndex, path: Path) -> None:
         pack_folder(native.path, path)
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
         return self._open(unpack_folder(path), opts)
 
     def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):

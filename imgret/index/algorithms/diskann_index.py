@@ -4,7 +4,7 @@ diskannpy==0.7.0`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from imgret.errors import bad_value
 from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
                                unpack_folder)
 from imgret.index.params import BUILD, QUERY, Param
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 
 class Vamana(Method):
@@ -23,7 +26,7 @@ class Vamana(Method):
     variant_param = "complexity"
     concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
 
-    def check_k(self, opts: Mapping, k: int) -> None:
+    def check_k(self, opts: MethodSettings, k: int) -> None:
         if isinstance(opts.get("complexity"), int) and opts["complexity"] < k:
             raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long: DiskANN "
                             "returns no more neighbours than it holds")
@@ -42,7 +45,7 @@ class DiskANN(Vamana):
                                                  initial_search_complexity=64)
         return FolderIndex(index, folder, "ann")
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         folder = new_folder(path)
         self.library().build_memory_index(
             data=plain_rows(gallery), distance_metric="mips", index_directory=folder.name,
@@ -53,7 +56,7 @@ class DiskANN(Vamana):
     def save(self, native: FolderIndex, path: Path) -> None:
         pack_folder(native.path, path)
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
         return self._open(unpack_folder(path), search_threads_now())
 
     def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):

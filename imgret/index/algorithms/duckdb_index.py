@@ -8,12 +8,15 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases import Database, DatabaseMethod, GraphSettings
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 DATABASE_FILE = "vectors.duckdb"
 
@@ -43,7 +46,7 @@ class DuckdbHnsw(GraphSettings, DatabaseMethod):
         connection.execute("LOAD vss")
         return connection
 
-    def create_in(self, database: DuckdbDatabase, opts: Mapping, dim: int) -> None:
+    def create_in(self, database: DuckdbDatabase, opts: MethodSettings, dim: int) -> None:
         database.handle, database.read_only = self._connect(database, read_only=False), False
         database.handle.execute("SET hnsw_enable_experimental_persistence = true")  # the index saved with the file
         database.handle.execute(f"CREATE TABLE items (id INTEGER, embedding FLOAT[{int(dim)}])")
@@ -61,12 +64,12 @@ class DuckdbHnsw(GraphSettings, DatabaseMethod):
             connection.execute("INSERT INTO items SELECT id, embedding FROM chunk")
             connection.unregister("chunk")
 
-    def create_index(self, database: DuckdbDatabase, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: DuckdbDatabase, opts: MethodSettings, threads: int) -> None:
         database.handle.execute(f"SET threads = {int(threads)}")
         database.handle.execute(f"CREATE INDEX items_hnsw ON items USING HNSW (embedding) WITH (metric = 'ip', "
                                 f"M = {int(opts['hnsw_m'])}, ef_construction = {int(opts['ef_construction'])})")
 
-    def open(self, database: DuckdbDatabase, opts: Mapping) -> None:
+    def open(self, database: DuckdbDatabase, opts: MethodSettings) -> None:
         database.handle, database.read_only = self._connect(database, read_only=True), True
         database.dim = int(database.handle.execute(
             "SELECT array_length(embedding) FROM items LIMIT 1").fetchone()[0])

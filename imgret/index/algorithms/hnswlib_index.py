@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
 from imgret.index.params import hnsw_params
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 
 class Hnswlib(Method):
@@ -18,7 +21,7 @@ class Hnswlib(Method):
     file_suffix = ".hnswlib"
     ordering = "inner product (space 'ip', distance 1 - a·b)"
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self.library().Index(space="ip", dim=gallery.shape[1])
         index.init_index(max_elements=len(gallery), M=int(opts["hnsw_m"]),
                          ef_construction=int(opts["ef_construction"]), random_seed=0)
@@ -34,7 +37,7 @@ class Hnswlib(Method):
     def meta(self, native: Any) -> dict:
         return {"dim": int(native.dim), "count": int(native.element_count)}
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
         index = self.library().Index(space="ip", dim=int(meta["dim"]))
         index.load_index(str(path))
         return index

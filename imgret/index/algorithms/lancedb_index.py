@@ -10,7 +10,7 @@ Lance sizes its own thread pools (its Rust runtime): `threads` does not bound it
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from imgret.errors import bad_value
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases import Database, DatabaseMethod
 from imgret.index.params import BUILD, QUERY, Param, hnsw_params
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 TABLE = "items"
 
@@ -27,21 +30,21 @@ class Lance(DatabaseMethod):
     query_path = "client API"
     partitions, nprobes = Param("num_partitions", BUILD), Param("nprobes", QUERY, top_level=True)
 
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if gallery_size is not None and opts["num_partitions"] > gallery_size:
             raise bad_value("method.num_partitions", opts["num_partitions"], f"at most the gallery size ({gallery_size})")
 
-    def invalid_combination(self, opts: Mapping) -> str | None:
+    def invalid_combination(self, opts: MethodSettings) -> str | None:
         if isinstance(opts.get("nprobes"), int) and isinstance(opts.get("num_partitions"), int) \
                 and opts["nprobes"] > opts["num_partitions"]:
             return f"nprobes={opts['nprobes']} > num_partitions={opts['num_partitions']}"
         return None
 
-    def index_config(self, opts: Mapping):
+    def index_config(self, opts: MethodSettings):
         raise NotImplementedError
 
-    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
+    def create_in(self, database: Database, opts: MethodSettings, dim: int) -> None:
         database.handle = self.library().connect(str(database.path / "lance"))
 
     def ingest(self, database: Database, gallery: np.ndarray) -> None:
@@ -58,10 +61,10 @@ class Lance(DatabaseMethod):
 
         database.handle.create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
 
-    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: Database, opts: MethodSettings, threads: int) -> None:
         database.handle.open_table(TABLE).create_index("vector", config=self.index_config(opts))
 
-    def open(self, database: Database, opts: Mapping) -> None:
+    def open(self, database: Database, opts: MethodSettings) -> None:
         database.handle = self.library().connect(str(database.path / "lance"))
 
     def shut(self, database: Database) -> None:
@@ -99,12 +102,12 @@ class LanceIvfPq(Lance):
     variant_param = "nprobes"
     ordering = "inner product (distance type 'dot', 1 - a·b), re-ranked on the full rows when refine_factor > 0"
 
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if dim is not None and dim % opts["num_sub_vectors"]:
             raise bad_value("method.num_sub_vectors", opts["num_sub_vectors"], f"a divisor of the dimension ({dim})")
 
-    def index_config(self, opts: Mapping):
+    def index_config(self, opts: MethodSettings):
         from lancedb.index import IvfPq
 
         return IvfPq(distance_type="dot", num_partitions=int(opts["num_partitions"]),
@@ -121,11 +124,11 @@ class LanceHnswSq(Lance):
     variant_param = "ef"
     ordering = "inner product (distance type 'dot', 1 - a·b, on scalar-quantised rows)"
 
-    def check_k(self, opts: Mapping, k: int) -> None:
+    def check_k(self, opts: MethodSettings, k: int) -> None:
         if opts["ef"] < k:
             raise bad_value("ef", opts["ef"], f"at least k ({k})")
 
-    def index_config(self, opts: Mapping):
+    def index_config(self, opts: MethodSettings):
         from lancedb.index import HnswSq
 
         return HnswSq(distance_type="dot", num_partitions=int(opts["num_partitions"]), m=int(opts["hnsw_m"]),

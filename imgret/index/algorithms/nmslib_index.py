@@ -6,12 +6,15 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
 from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder
 from imgret.index.params import hnsw_params
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 
 class Nmslib(Method):
@@ -32,7 +35,7 @@ class Nmslib(Method):
         nmslib = self.library()
         return nmslib.init(method="hnsw", space="negdotprod", data_type=nmslib.DataType.DENSE_VECTOR)
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self._new()
         index.addDataPointBatch(plain_rows(gallery))
         index.createIndex({"M": int(opts["hnsw_m"]), "efConstruction": int(opts["ef_construction"]), "post": 0,
@@ -44,7 +47,7 @@ class Nmslib(Method):
             native.saveIndex(str(Path(folder) / "index"), save_data=True)
             pack_folder(Path(folder), path)
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
         index = self._new()
         with unpack_folder(path) as folder:  # read into memory: the files can go
             index.loadIndex(str(Path(folder) / "index"), load_data=True)

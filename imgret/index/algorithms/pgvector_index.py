@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from imgret.index.base import new_folder, process_folder
 from imgret.index.databases import Database, DatabaseMethod
 from imgret.index.params import BUILD, QUERY, SERVER, Param, hnsw_params
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 SOCKET_NAME = ".s.PGSQL.5432"
 SOCKET_PATH_MAX = 100  # a unix socket's path must fit sockaddr_un (107 bytes)
@@ -71,7 +74,7 @@ class Postgres(DatabaseMethod):
     knob = ""  # the session setting the query parameter sets (hnsw.ef_search, ivfflat.probes)
     query_key = ""
 
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         for key in self.execution_params:
             value = opts.get(key)
@@ -89,7 +92,7 @@ class Postgres(DatabaseMethod):
         # the cache lies under a folder only root may enter (pytest's, a home folder): the server's copy in /tmp
         return new_folder(near, elsewhere=Path(tempfile.gettempdir()))
 
-    def create_in(self, database: Database, opts: Mapping, dim: int) -> None:
+    def create_in(self, database: Database, opts: MethodSettings, dim: int) -> None:
         owner = unprivileged()
         pgdata = database.path / "pgdata"
         pgdata.mkdir()
@@ -116,7 +119,7 @@ class Postgres(DatabaseMethod):
     def _address(self, database: Database) -> dict:
         return {"host": str(self._socket_folder(database)), "user": "postgres", "dbname": "postgres"}
 
-    def open(self, database: Database, opts: Mapping) -> None:
+    def open(self, database: Database, opts: MethodSettings) -> None:
         owner = unprivileged()
         hand_over(database.path, owner)
         (database.path / "pgdata").chmod(0o700)
@@ -152,10 +155,10 @@ class Postgres(DatabaseMethod):
                     copy.write_row((row, vector))
             cursor.execute("ANALYZE items")
 
-    def index_sql(self, opts: Mapping) -> str:
+    def index_sql(self, opts: MethodSettings) -> str:
         raise NotImplementedError
 
-    def create_index(self, database: Database, opts: Mapping, threads: int) -> None:
+    def create_index(self, database: Database, opts: MethodSettings, threads: int) -> None:
         connection = self.session(database).connection
         connection.execute(f"SET max_parallel_maintenance_workers = {max(threads - 1, 0)}")
         try:
@@ -184,16 +187,16 @@ class PgvectorHnsw(Postgres):
     knob, query_key = "hnsw.ef_search", "ef_search"
     ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
 
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if opts["ef_search"] > 1000:
             raise bad_value("ef_search", opts["ef_search"], "at most 1000 (pgvector's hnsw.ef_search)")
 
-    def check_k(self, opts: Mapping, k: int) -> None:
+    def check_k(self, opts: MethodSettings, k: int) -> None:
         if opts["ef_search"] < k:  # pgvector returns at most ef_search rows through the index
             raise bad_value("ef_search", opts["ef_search"], f"at least k ({k}): pgvector returns at most ef_search rows")
 
-    def index_sql(self, opts: Mapping) -> str:
+    def index_sql(self, opts: MethodSettings) -> str:
         return (f"CREATE INDEX ON items USING hnsw (embedding vector_ip_ops) "
                 f"WITH (m = {int(opts['hnsw_m'])}, ef_construction = {int(opts['ef_construction'])})")
 
@@ -205,17 +208,17 @@ class PgvectorIvfflat(Postgres):
     knob, query_key = "ivfflat.probes", "probes"
     ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
 
-    def check(self, opts: Mapping, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if gallery_size is not None and opts["lists"] > gallery_size:
             raise bad_value("method.lists", opts["lists"], f"at most the gallery size ({gallery_size})")
 
-    def invalid_combination(self, opts: Mapping) -> str | None:
+    def invalid_combination(self, opts: MethodSettings) -> str | None:
         if isinstance(opts.get("probes"), int) and isinstance(opts.get("lists"), int) and opts["probes"] > opts["lists"]:
             return f"probes={opts['probes']} > lists={opts['lists']}"
         return None
 
-    def index_sql(self, opts: Mapping) -> str:
+    def index_sql(self, opts: MethodSettings) -> str:
         return f"CREATE INDEX ON items USING ivfflat (embedding vector_ip_ops) WITH (lists = {int(opts['lists'])})"
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
 from imgret.index.base import Method, plain_rows
 from imgret.index.params import BUILD, QUERY, Param
+
+if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
+    from imgret.index.methods import MethodSettings
 
 
 @functools.cache
@@ -51,7 +54,7 @@ class PyNNDescent(Method):
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
-    def build(self, opts: Mapping, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         self._threads(threads)
         index = self.library().NNDescent(
             plain_rows(gallery), metric="dot", n_neighbors=int(opts["n_neighbors"]),
@@ -65,7 +68,7 @@ class PyNNDescent(Method):
         with open(path, "wb") as file:
             pickle.dump(native, file, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def load(self, path: Path, opts: Mapping, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
         self.library()
         _finisher()
         with open(path, "rb") as file:  # written by imgret's own cache, checked against its recorded sha256
