@@ -74,7 +74,6 @@ def _chroma(native, queries, setting):
 
 BARE = {"pgvector_hnsw": _pgvector, "pgvector_ivfflat": _pgvector, "duckdb_hnsw": _duckdb, "lancedb": _lancedb,
         "lancedb_hnsw_sq": _lancedb, "chroma": _chroma}
-APPROXIMATE_SCORES = {"lancedb_hnsw_sq": "distances to its scalar-quantised rows"}
 # Lance's IVF_PQ batch call is not repeatable: where candidates tie on their product-quantised score, two identical
 # calls may keep different ones (a row or two of 400 in about one build of four on this 600-row gallery, at nprobes 1
 # and at 256 with refine_factor 10), so imgret's rows are held to the client's but for that share
@@ -137,7 +136,7 @@ def test_a_database_gives_its_engine_s_own_ids_reaches_0_99_at_its_top_level_and
             assert _agrees(name, ids, bare, similarities), f"{name} at {setting}"
         scores, found = built.index.search(queries, K)
         found_scores = np.take_along_axis(similarities, found, 1)
-        if name not in APPROXIMATE_SCORES:
+        if METHODS[name].scores_on is None:
             assert np.allclose(scores, found_scores, atol=1e-4), name
         recall = recall_at_ties(found_scores, np.sort(similarities, axis=1)[:, ::-1][:, :K], K, 1e-6)
         assert recall >= 0.99, f"{name} at {METHODS[name].query_setting(exhaustive.method)}: recall@10 {recall}"

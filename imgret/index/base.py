@@ -90,6 +90,10 @@ class Method:
     name: str = ""
     label: str = ""  # how the report, the plots and the demo call it
     exact: bool = False
+    # what it scores when not the rows themselves (quantised codes): its scores are then not the rows' cosines
+    scores_on: str | None = None
+    # why no setting reaches the exact top k, where something other than a setting bounds its recall (its codes)
+    recall_bound: str | None = None
     cached: bool = True  # saved after building: it trains or builds a graph, so rebuilding costs
     params: tuple[Param, ...] = ()
     variant_param: str | None = None  # the query parameter the demo and the benchmark vary per call

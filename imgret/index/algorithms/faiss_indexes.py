@@ -131,6 +131,7 @@ class IVF(FaissMethod):
 
 class IVFPQ(IVF):
     name, label = "ivfpq", "FAISS IVF-PQ"
+    scores_on = recall_bound = "product-quantised codes"
     # refine_factor: imgret.index.refine re-ranks k x factor from the store
     params = (IVF.params[0], Param("pq_m", BUILD, minimum=None), Param("pq_nbits", BUILD, minimum=None),
               *IVF.params[1:], Param("refine_factor", QUERY, minimum=None))

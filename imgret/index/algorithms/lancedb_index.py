@@ -123,6 +123,8 @@ class LanceHnswSq(Lance):
     params = (Lance.partitions, *hnsw_params()[:2], Lance.nprobes, Param("ef", QUERY, top_level=True))
     variant_param = "ef"
     ordering = "inner product (distance type 'dot', 1 - a·b, on scalar-quantised rows)"
+    scores_on = "scalar-quantised rows"
+    recall_bound = "scalar-quantised rows ranked without re-ranking"
 
     def check_k(self, opts: MethodSettings, k: int) -> None:
         if opts["ef"] < k:
