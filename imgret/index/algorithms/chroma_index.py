@@ -10,22 +10,65 @@ collection opened again, while searches at the current one wait (the index's gat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.databases import Database, DatabaseMethod, GraphSettings
 
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
-
 COLLECTION = "items"
 
 
-@dataclass
+@dataclass(eq=False)
 class ChromaDatabase(Database):
     client: Any = None  # the persistent client whose collection `handle` is
     applied: dict | None = None  # the query setting the collection's configuration holds
+
+    def _client(self):
+        from chromadb.config import Settings
+
+        return self.method.library().PersistentClient(path=str(self.path / "chroma"),
+                                                      settings=Settings(anonymized_telemetry=False))
+
+    def create(self, dim: int) -> None:
+        self.client = self._client()
+        self.handle = self.client.create_collection(COLLECTION, embedding_function=None, configuration={"hnsw": {
+            "space": "ip", "max_neighbors": int(self.opts["hnsw_m"]),
+            "ef_construction": int(self.opts["ef_construction"]), "ef_search": int(self.opts["ef_search"])}})
+        self.applied = {"ef_search": int(self.opts["ef_search"])}
+
+    def ingest(self, gallery: np.ndarray) -> None:
+        batch = self.client.get_max_batch_size()
+        for start in range(0, len(gallery), batch):
+            rows = gallery[start:start + batch]
+            self.handle.add(ids=[str(row) for row in range(start, start + len(rows))], embeddings=rows)
+
+    def create_index(self, threads: int) -> None:
+        self.handle.count()  # the last rows applied to the graph
+
+    def open(self) -> None:
+        self.client = self._client()
+        self.handle = self.client.get_collection(COLLECTION, embedding_function=None)
+        self.applied = {"ef_search": self.handle.configuration["hnsw"]["ef_search"]}
+
+    def shut(self) -> None:
+        if self.handle is not None:
+            self.client.clear_system_cache()  # its files closed, so the folder can be packed or removed
+            self.handle = self.client = None
+
+    def disconnect(self, session: Any) -> None:
+        pass
+
+    def _apply(self, setting: Mapping) -> None:
+        if self.applied != {"ef_search": int(setting["ef_search"])}:
+            self.handle.modify(configuration={"hnsw": {"ef_search": int(setting["ef_search"])}})
+            self.shut()
+            self.open()
+
+    def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        """One call for the batch, at a setting the collection holds."""
+        self._apply(setting)
+        return self.handle.query(query_embeddings=queries, n_results=k, include=["distances"])
 
 
 class Chroma(GraphSettings, DatabaseMethod):
@@ -34,52 +77,6 @@ class Chroma(GraphSettings, DatabaseMethod):
     query_path = "client API"
     database_type = ChromaDatabase
     ordering = "inner product (space 'ip', distance 1 - a·b)"
-
-    def _client(self, database: ChromaDatabase):
-        from chromadb.config import Settings
-
-        return self.library().PersistentClient(path=str(database.path / "chroma"),
-                                               settings=Settings(anonymized_telemetry=False))
-
-    def create_in(self, database: ChromaDatabase, opts: MethodSettings, dim: int) -> None:
-        client = self._client(database)
-        database.handle = client.create_collection(COLLECTION, embedding_function=None, configuration={"hnsw": {
-            "space": "ip", "max_neighbors": int(opts["hnsw_m"]), "ef_construction": int(opts["ef_construction"]),
-            "ef_search": int(opts["ef_search"])}})
-        database.applied = {"ef_search": int(opts["ef_search"])}
-        database.client = client
-
-    def ingest(self, database: ChromaDatabase, gallery: np.ndarray) -> None:
-        batch = database.client.get_max_batch_size()
-        for start in range(0, len(gallery), batch):
-            rows = gallery[start:start + batch]
-            database.handle.add(ids=[str(row) for row in range(start, start + len(rows))], embeddings=rows)
-
-    def create_index(self, database: ChromaDatabase, opts: MethodSettings, threads: int) -> None:
-        database.handle.count()  # the last rows applied to the graph
-
-    def open(self, database: ChromaDatabase, opts: MethodSettings) -> None:
-        database.client = self._client(database)
-        database.handle = database.client.get_collection(COLLECTION, embedding_function=None)
-        database.applied = {"ef_search": database.handle.configuration["hnsw"]["ef_search"]}
-
-    def shut(self, database: ChromaDatabase) -> None:
-        if database.handle is not None:
-            database.client.clear_system_cache()  # its files closed, so the folder can be packed or removed
-            database.handle = database.client = None
-
-    def disconnect(self, session: Any) -> None:
-        pass
-
-    def _apply(self, database: ChromaDatabase, setting: Mapping) -> None:
-        if database.applied != {"ef_search": int(setting["ef_search"])}:
-            database.handle.modify(configuration={"hnsw": {"ef_search": int(setting["ef_search"])}})
-            self.shut(database)
-            self.open(database, database.opts)
-
-    def bare(self, native: ChromaDatabase, queries: np.ndarray, k: int, setting: Mapping, threads: int):
-        self._apply(native, setting)
-        return native.handle.query(query_embeddings=queries, n_results=k, include=["distances"])
 
     def results(self, found, k: int):
         ids = [[int(row) for row in rows] for rows in found["ids"]]

@@ -8,15 +8,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases import Database, DatabaseMethod, GraphSettings
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
 
 DATABASE_FILE = "vectors.duckdb"
 
@@ -25,10 +22,63 @@ def extension_directory() -> Path:
     return Path(importlib.util.find_spec("duckdb_ext").submodule_search_locations[0]) / "extensions"
 
 
-@dataclass
+@dataclass(eq=False)
 class DuckdbDatabase(Database):
     read_only: bool = False  # `handle` opened read-only (a database from the cache): nothing to write out
     dim: int = 0  # the rows' width, which its SQL names
+
+    def _connect(self, read_only: bool):
+        connection = self.method.library().connect(str(self.path / DATABASE_FILE), read_only=read_only, config={
+            "extension_directory": str(extension_directory()), "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False})
+        connection.execute("LOAD vss")
+        return connection
+
+    def create(self, dim: int) -> None:
+        self.handle, self.read_only = self._connect(read_only=False), False
+        self.handle.execute("SET hnsw_enable_experimental_persistence = true")  # the index saved with the file
+        self.handle.execute(f"CREATE TABLE items (id INTEGER, embedding FLOAT[{int(dim)}])")
+        self.dim = int(dim)
+
+    def ingest(self, gallery: np.ndarray) -> None:
+        import pyarrow as pa
+
+        dim = gallery.shape[1]
+        for start in range(0, len(gallery), ADD_CHUNK_ROWS):
+            rows = gallery[start:start + ADD_CHUNK_ROWS]
+            chunk = pa.table({"id": pa.array(np.arange(start, start + len(rows)), pa.int32()),
+                              "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim)})
+            self.handle.register("chunk", chunk)
+            self.handle.execute("INSERT INTO items SELECT id, embedding FROM chunk")
+            self.handle.unregister("chunk")
+
+    def create_index(self, threads: int) -> None:
+        self.handle.execute(f"SET threads = {int(threads)}")
+        self.handle.execute(f"CREATE INDEX items_hnsw ON items USING HNSW (embedding) WITH (metric = 'ip', "
+                            f"M = {int(self.opts['hnsw_m'])}, ef_construction = {int(self.opts['ef_construction'])})")
+
+    def open(self) -> None:
+        self.handle, self.read_only = self._connect(read_only=True), True
+        self.dim = int(self.handle.execute("SELECT array_length(embedding) FROM items LIMIT 1").fetchone()[0])
+
+    def shut(self) -> None:
+        if self.handle is not None:
+            if not self.read_only:
+                self.handle.execute("CHECKPOINT")  # the table and its index written into the file
+            self.handle.close()
+            self.handle = None
+
+    def connect(self) -> Session:
+        # a connection of its own to the same database, for one thread
+        return Session(self.handle.cursor(), sql(self.dim))
+
+    def disconnect(self, session: Session) -> None:
+        session.connection.close()
+
+    def query(self, session: Session, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        session.apply(setting)
+        rows = session.connection.execute(session.sql, {"query": query.tolist(), "k": k}).fetchall()
+        return [row[0] for row in rows], [-row[1] for row in rows]
 
 
 class DuckdbHnsw(GraphSettings, DatabaseMethod):
@@ -38,63 +88,6 @@ class DuckdbHnsw(GraphSettings, DatabaseMethod):
     database_type = DuckdbDatabase
     ordering = "inner product (metric 'ip', ORDER BY array_negative_inner_product)"
 
-    def _connect(self, database: DuckdbDatabase, read_only: bool):
-        duckdb = self.library()
-        connection = duckdb.connect(str(database.path / DATABASE_FILE), read_only=read_only, config={
-            "extension_directory": str(extension_directory()), "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False})
-        connection.execute("LOAD vss")
-        return connection
-
-    def create_in(self, database: DuckdbDatabase, opts: MethodSettings, dim: int) -> None:
-        database.handle, database.read_only = self._connect(database, read_only=False), False
-        database.handle.execute("SET hnsw_enable_experimental_persistence = true")  # the index saved with the file
-        database.handle.execute(f"CREATE TABLE items (id INTEGER, embedding FLOAT[{int(dim)}])")
-        database.dim = int(dim)
-
-    def ingest(self, database: DuckdbDatabase, gallery: np.ndarray) -> None:
-        import pyarrow as pa
-
-        connection, dim = database.handle, gallery.shape[1]
-        for start in range(0, len(gallery), ADD_CHUNK_ROWS):
-            rows = gallery[start:start + ADD_CHUNK_ROWS]
-            chunk = pa.table({"id": pa.array(np.arange(start, start + len(rows)), pa.int32()),
-                              "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim)})
-            connection.register("chunk", chunk)
-            connection.execute("INSERT INTO items SELECT id, embedding FROM chunk")
-            connection.unregister("chunk")
-
-    def create_index(self, database: DuckdbDatabase, opts: MethodSettings, threads: int) -> None:
-        database.handle.execute(f"SET threads = {int(threads)}")
-        database.handle.execute(f"CREATE INDEX items_hnsw ON items USING HNSW (embedding) WITH (metric = 'ip', "
-                                f"M = {int(opts['hnsw_m'])}, ef_construction = {int(opts['ef_construction'])})")
-
-    def open(self, database: DuckdbDatabase, opts: MethodSettings) -> None:
-        database.handle, database.read_only = self._connect(database, read_only=True), True
-        database.dim = int(database.handle.execute(
-            "SELECT array_length(embedding) FROM items LIMIT 1").fetchone()[0])
-
-    def shut(self, database: DuckdbDatabase) -> None:
-        if database.handle is not None:
-            if not database.read_only:
-                database.handle.execute("CHECKPOINT")  # the table and its index written into the file
-            database.handle.close()
-            database.handle = None
-
-    def connect(self, database: DuckdbDatabase) -> Any:
-        # a connection of its own to the same database, for one thread
-        return Session(database.handle.cursor(), sql(database.dim))
-
-    def disconnect(self, session: Any) -> None:
-        session.connection.close()
-
-    def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
-        if session.applied != setting:
-            session.connection.execute(f"SET hnsw_ef_search = {int(setting['ef_search'])}")
-            session.applied = dict(setting)
-        rows = session.connection.execute(session.sql, {"query": query.tolist(), "k": k}).fetchall()
-        return [row[0] for row in rows], [-row[1] for row in rows]
-
 
 def sql(dim: int) -> str:
     distance = f"array_negative_inner_product(embedding, $query::FLOAT[{dim}])"
@@ -103,9 +96,16 @@ def sql(dim: int) -> str:
 
 @dataclass
 class Session:
+    """One thread's cursor, its query's SQL, and the search list it last set."""
+
     connection: Any
     sql: str
-    applied: dict | None = None  # the query setting this session last set
+    applied: dict | None = None
+
+    def apply(self, setting: Mapping) -> None:
+        if self.applied != setting:
+            self.connection.execute(f"SET hnsw_ef_search = {int(setting['ef_search'])}")
+            self.applied = dict(setting)
 
 
 METHODS = (DuckdbHnsw(),)

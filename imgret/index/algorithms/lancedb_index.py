@@ -25,9 +25,60 @@ if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index pa
 TABLE = "items"
 
 
+class LanceDatabase(Database):
+    """A Lance table in the folder; its index and its request (the method's: IVF_PQ or IVF_HNSW_SQ)."""
+
+    def create(self, dim: int) -> None:
+        self.handle = self.method.library().connect(str(self.path / "lance"))
+
+    def ingest(self, gallery: np.ndarray) -> None:
+        import pyarrow as pa
+
+        dim = gallery.shape[1]
+        schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
+
+        def batches():
+            for start in range(0, len(gallery), ADD_CHUNK_ROWS):
+                rows = gallery[start:start + ADD_CHUNK_ROWS]
+                yield pa.record_batch([pa.array(np.arange(start, start + len(rows)), pa.int64()),
+                                       pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim)], schema=schema)
+
+        self.handle.create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
+
+    def create_index(self, threads: int) -> None:
+        self.handle.open_table(TABLE).create_index("vector", config=self.method.index_config(self.opts))
+
+    def open(self) -> None:
+        self.handle = self.method.library().connect(str(self.path / "lance"))
+
+    def shut(self) -> None:
+        self.handle = None  # Lance's files are complete once written: nothing to flush
+
+    def connect(self) -> Any:
+        return self.handle.open_table(TABLE)
+
+    def disconnect(self, session: Any) -> None:
+        pass
+
+    def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        found = self.method.request(session, query, k, setting).to_arrow()
+        return found["id"].to_pylist(), [1 - value for value in found["_distance"].to_pylist()]
+
+    def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        """One call for a batch (its rows tagged with `query_index`); one query alone as a client sends it."""
+        if len(queries) == 1:
+            return [self.query(self.session(), queries[0], k, setting)]
+        found = self.method.request(self.session(), queries, k, setting).to_arrow()
+        which, ids, distances = (found[name].to_numpy() for name in ("query_index", "id", "_distance"))
+        order = np.argsort(which, kind="stable")  # each query's rows together, in the order Lance ranked them
+        bounds = np.cumsum(np.bincount(which, minlength=len(queries)))[:-1]
+        return list(zip(np.split(ids[order], bounds), np.split(1 - distances[order], bounds)))
+
+
 class Lance(DatabaseMethod):
     module, extra, install = "lancedb", "db", "lancedb==0.40.0"
     query_path = "client API"
+    database_type = LanceDatabase
     partitions, nprobes = Param("num_partitions", BUILD), Param("nprobes", QUERY, top_level=True)
 
     def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
@@ -44,55 +95,10 @@ class Lance(DatabaseMethod):
     def index_config(self, opts: MethodSettings):
         raise NotImplementedError
 
-    def create_in(self, database: Database, opts: MethodSettings, dim: int) -> None:
-        database.handle = self.library().connect(str(database.path / "lance"))
-
-    def ingest(self, database: Database, gallery: np.ndarray) -> None:
-        import pyarrow as pa
-
-        dim = gallery.shape[1]
-        schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
-
-        def batches():
-            for start in range(0, len(gallery), ADD_CHUNK_ROWS):
-                rows = gallery[start:start + ADD_CHUNK_ROWS]
-                yield pa.record_batch([pa.array(np.arange(start, start + len(rows)), pa.int64()),
-                                       pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim)], schema=schema)
-
-        database.handle.create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
-
-    def create_index(self, database: Database, opts: MethodSettings, threads: int) -> None:
-        database.handle.open_table(TABLE).create_index("vector", config=self.index_config(opts))
-
-    def open(self, database: Database, opts: MethodSettings) -> None:
-        database.handle = self.library().connect(str(database.path / "lance"))
-
-    def shut(self, database: Database) -> None:
-        database.handle = None  # Lance's files are complete once written: nothing to flush
-
-    def connect(self, database: Database) -> Any:
-        return database.handle.open_table(TABLE)
-
-    def disconnect(self, session: Any) -> None:
-        pass
-
     def request(self, session: Any, query: np.ndarray, k: int, setting: Mapping):
+        """The engine's query builder for one query (or a batch) at this setting."""
         return (session.search(query).distance_type("dot").nprobes(int(setting["nprobes"])).limit(k)
                 .select(["id", "_distance"]))
-
-    def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
-        found = self.request(session, query, k, setting).to_arrow()
-        return found["id"].to_pylist(), [1 - value for value in found["_distance"].to_pylist()]
-
-    def bare(self, native: Database, queries: np.ndarray, k: int, setting: Mapping, threads: int):
-        """One call for a batch (its rows tagged with `query_index`); one query alone as a client sends it."""
-        if len(queries) == 1:
-            return [self.query(self.session(native), queries[0], k, setting)]
-        found = self.request(self.session(native), queries, k, setting).to_arrow()
-        which, ids, distances = (found[name].to_numpy() for name in ("query_index", "id", "_distance"))
-        order = np.argsort(which, kind="stable")  # each query's rows together, in the order Lance ranked them
-        bounds = np.cumsum(np.bincount(which, minlength=len(queries)))[:-1]
-        return list(zip(np.split(ids[order], bounds), np.split(1 - distances[order], bounds)))
 
 
 class LanceIvfPq(Lance):

@@ -50,19 +50,109 @@ def reachable_by(folder: Path, uid: int) -> bool:
 
 
 @dataclass
+class Session:
+    """One thread's connection, and the query setting it last set."""
+
+    connection: Any
+    applied: dict | None = None
+
+    def apply(self, setting: Mapping, statement: str) -> None:
+        """`statement` (a SET of the method's knob) where the session holds another setting."""
+        if self.applied != setting:
+            self.connection.execute(statement)
+            self.applied = dict(setting)
+
+
+@dataclass(eq=False)
 class PostgresDatabase(Database):
+    """A PostgreSQL cluster in the folder, its server on a unix socket, the table and the method's index."""
+
     # the server's socket in a short folder of its own in /tmp, where the database's path is too long for one
     socket_folder: tempfile.TemporaryDirectory | None = None
 
+    def create(self, dim: int) -> None:
+        owner = unprivileged()
+        pgdata = self.path / "pgdata"
+        pgdata.mkdir()
+        hand_over(self.path, owner)
+        done = subprocess.run([postgres_bin() / "initdb", "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                               "--encoding=UTF8", "--no-instructions"], capture_output=True, text=True,
+                              user=owner[0] if owner else None, group=owner[1] if owner else None)
+        if done.returncode != 0:
+            raise ServerFailed(f"PostgreSQL's initdb failed (exit {done.returncode}): "
+                               f"{' | '.join(done.stderr.strip().splitlines()[-3:])}")
+        self.open()
+        with psycopg().connect(**self._address(), autocommit=True) as connection:
+            connection.execute("CREATE EXTENSION vector")
+            connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}))")
 
-@dataclass
-class Session:
-    connection: Any
-    applied: dict | None = None  # the query setting this session last set
+    def _socket_folder(self) -> Path:
+        if len(str(self.path / SOCKET_NAME)) <= SOCKET_PATH_MAX:
+            return self.path
+        if self.socket_folder is None:  # a deep cache folder: a short folder of its own in /tmp
+            self.socket_folder = process_folder(Path(tempfile.gettempdir()), "imgret-pg-")
+            hand_over(Path(self.socket_folder.name), unprivileged())
+        return Path(self.socket_folder.name)
+
+    def _address(self) -> dict:
+        return {"host": str(self._socket_folder()), "user": "postgres", "dbname": "postgres"}
+
+    def open(self) -> None:
+        owner = unprivileged()
+        hand_over(self.path, owner)
+        (self.path / "pgdata").chmod(0o700)
+        address = self._address()
+        self.server = start_server(
+            "PostgreSQL", [postgres_bin() / "postgres", "-D", self.path / "pgdata", "-k", address["host"],
+                           "-c", "listen_addresses=", "-c", f"shared_buffers={self.opts.get('shared_buffers', '128MB')}",
+                           "-c", f"maintenance_work_mem={self.opts.get('maintenance_work_mem', '64MB')}"],
+            ready=lambda: psycopg().connect(**address, connect_timeout=2).close() is None,
+            log_path=self.path / "postgres.log", stop_signal=signal.SIGINT, as_user=owner)
+
+    def shut(self) -> None:
+        super().shut()  # SIGINT: PostgreSQL's fast shutdown, a checkpoint and a clean stop
+        if self.socket_folder is not None:
+            self.socket_folder.cleanup()
+            self.socket_folder = None
+
+    def connect(self) -> Session:
+        connection = psycopg().connect(**self._address(), autocommit=True)
+        self.method.library().register_vector(connection)
+        return Session(connection)
+
+    def disconnect(self, session: Session) -> None:
+        session.connection.close()
+
+    def ingest(self, gallery: np.ndarray) -> None:
+        with self.session().connection.cursor() as cursor:
+            with cursor.copy("COPY items (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "vector"])
+                for row, vector in enumerate(gallery):
+                    copy.write_row((row, vector))
+            cursor.execute("ANALYZE items")
+
+    def create_index(self, threads: int) -> None:
+        connection = self.session().connection
+        connection.execute(f"SET max_parallel_maintenance_workers = {max(threads - 1, 0)}")
+        try:
+            connection.execute(self.method.index_sql(self.opts))
+        except psycopg().Error as error:
+            raise ServerFailed(f"PostgreSQL could not create the index: {str(error).strip().splitlines()[0]} "
+                               f"(log: {last_lines(self.path / 'postgres.log')})") from error
+
+    def query(self, session: Session, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        try:
+            session.apply(setting, f"SET {self.method.knob} = {int(setting[self.method.query_key])}")
+            rows = session.connection.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
+        except psycopg().OperationalError as error:  # the server was stopped or killed under the run
+            raise ServerFailed(f"PostgreSQL stopped answering while the run searched it: "
+                               f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                               ) from error
+        return [row[0] for row in rows], [-row[1] for row in rows]
 
 
 class Postgres(DatabaseMethod):
-    """What both pgvector indexes share: the server, the table, COPY, and the query."""
+    """What both pgvector indexes share: the server's settings, their checks, and where a run's copy lives."""
 
     module, also_needs, extra = "pgvector.psycopg", ("pgserver", "psycopg"), "db"
     install = "pgvector 'psycopg[binary]' pgserver==0.1.4"  # the last names the version its figures give
@@ -83,8 +173,6 @@ class Postgres(DatabaseMethod):
         if dim is not None and dim > 2000:
             raise bad_value("dim", dim, "at most 2000 dimensions (pgvector 0.6 indexes no wider vectors)")
 
-    # ------------------------------------------------------------------ the server
-
     def working_folder(self, near: Path | None) -> tempfile.TemporaryDirectory:
         owner = unprivileged()
         if owner is None or near is None or reachable_by(near.parent, owner[0]):
@@ -92,92 +180,8 @@ class Postgres(DatabaseMethod):
         # the cache lies under a folder only root may enter (pytest's, a home folder): the server's copy in /tmp
         return new_folder(near, elsewhere=Path(tempfile.gettempdir()))
 
-    def create_in(self, database: Database, opts: MethodSettings, dim: int) -> None:
-        owner = unprivileged()
-        pgdata = database.path / "pgdata"
-        pgdata.mkdir()
-        hand_over(database.path, owner)
-        done = subprocess.run([postgres_bin() / "initdb", "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                               "--encoding=UTF8", "--no-instructions"], capture_output=True, text=True,
-                              user=owner[0] if owner else None, group=owner[1] if owner else None)
-        if done.returncode != 0:
-            raise ServerFailed(f"PostgreSQL's initdb failed (exit {done.returncode}): "
-                               f"{' | '.join(done.stderr.strip().splitlines()[-3:])}")
-        self.open(database, opts)
-        with psycopg().connect(**self._address(database), autocommit=True) as connection:
-            connection.execute("CREATE EXTENSION vector")
-            connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}))")
-
-    def _socket_folder(self, database: PostgresDatabase) -> Path:
-        if len(str(database.path / SOCKET_NAME)) <= SOCKET_PATH_MAX:
-            return database.path
-        if database.socket_folder is None:  # a deep cache folder: a short folder of its own in /tmp
-            database.socket_folder = process_folder(Path(tempfile.gettempdir()), "imgret-pg-")
-            hand_over(Path(database.socket_folder.name), unprivileged())
-        return Path(database.socket_folder.name)
-
-    def _address(self, database: Database) -> dict:
-        return {"host": str(self._socket_folder(database)), "user": "postgres", "dbname": "postgres"}
-
-    def open(self, database: Database, opts: MethodSettings) -> None:
-        owner = unprivileged()
-        hand_over(database.path, owner)
-        (database.path / "pgdata").chmod(0o700)
-        address = self._address(database)
-        database.server = start_server(
-            "PostgreSQL", [postgres_bin() / "postgres", "-D", database.path / "pgdata", "-k", address["host"],
-                           "-c", "listen_addresses=", "-c", f"shared_buffers={opts.get('shared_buffers', '128MB')}",
-                           "-c", f"maintenance_work_mem={opts.get('maintenance_work_mem', '64MB')}"],
-            ready=lambda: psycopg().connect(**address, connect_timeout=2).close() is None,
-            log_path=database.path / "postgres.log", stop_signal=signal.SIGINT, as_user=owner)
-
-    def shut(self, database: Database) -> None:
-        super().shut(database)  # SIGINT: PostgreSQL's fast shutdown, a checkpoint and a clean stop
-        if database.socket_folder is not None:
-            database.socket_folder.cleanup()
-            database.socket_folder = None
-
-    def connect(self, database: PostgresDatabase) -> Session:
-        connection = psycopg().connect(**self._address(database), autocommit=True)
-        self.library().register_vector(connection)
-        return Session(connection)
-
-    def disconnect(self, session: Session) -> None:
-        session.connection.close()
-
-    # ------------------------------------------------------------------ rows and index
-
-    def ingest(self, database: Database, gallery: np.ndarray) -> None:
-        with self.session(database).connection.cursor() as cursor:
-            with cursor.copy("COPY items (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["int4", "vector"])
-                for row, vector in enumerate(gallery):
-                    copy.write_row((row, vector))
-            cursor.execute("ANALYZE items")
-
     def index_sql(self, opts: MethodSettings) -> str:
         raise NotImplementedError
-
-    def create_index(self, database: Database, opts: MethodSettings, threads: int) -> None:
-        connection = self.session(database).connection
-        connection.execute(f"SET max_parallel_maintenance_workers = {max(threads - 1, 0)}")
-        try:
-            connection.execute(self.index_sql(opts))
-        except psycopg().Error as error:
-            raise ServerFailed(f"PostgreSQL could not create the index: {str(error).strip().splitlines()[0]} "
-                               f"(log: {last_lines(database.path / 'postgres.log')})") from error
-
-    def query(self, session: Session, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
-        try:
-            if session.applied != setting:
-                session.connection.execute(f"SET {self.knob} = {int(setting[self.query_key])}")
-                session.applied = dict(setting)
-            rows = session.connection.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
-        except psycopg().OperationalError as error:  # the server was stopped or killed under the run
-            raise ServerFailed(f"PostgreSQL stopped answering while the run searched it: "
-                               f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
-                               ) from error
-        return [row[0] for row in rows], [-row[1] for row in rows]
 
 
 class PgvectorHnsw(Postgres):
