@@ -50,12 +50,13 @@ def help_text(command: str = "imgret-run", primary: str = "config.yaml") -> str:
 
 
 def reference_markdown() -> str:
-    """docs/reference/configuration.md: every config group with its options, and every option's keys with their
-    defaults and comments, read from the configs as `--help` reads them (`python -m imgret.cli > FILE` writes it)."""
+    """The docs site's configuration reference: every config group with its options, and every option's keys with
+    their defaults and comments, read from the configs as `--help` reads them (the site's build generates the page
+    from it, tools/mkdocs_hooks.py; `python -m imgret.cli` prints it)."""
     conf = resources.files("imgret.conf")
     lines = ["# Configuration reference", "",
-             "Generated from `conf/` by `python -m imgret.cli` (the code behind `imgret-run --help`); "
-             "tests/test_docs.py fails when it is stale. Any key can be set on the command line, e.g. "
+             "Generated from `conf/` when the site is built, by the code behind `imgret-run --help` "
+             "(`python -m imgret.cli` prints it). Any key can be set on the command line, e.g. "
              "`k=5 method.nprobe=16`; a group's option is chosen with `group=option`.", "",
              "## The run's own keys (conf/config.yaml)", "", "```yaml",
              *_without_hydra_section(conf.joinpath("config.yaml").read_text()), "```", ""]

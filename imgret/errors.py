@@ -173,7 +173,7 @@ def hydra_refusal(error: BaseException, argv: list[str]) -> ConfigError | None:
         if key and cause is not None and "not in struct" in str(cause):
             name, value = typed(key)
             return bad_value(name, value, f"a key of the composed config: it has no {key} (every key of every "
-                                          f"group is in docs/reference/configuration.md; +{key}=... would add one)")
+                                          f"group: `python -m imgret.cli`; +{key}=... would add one)")
         reason = one_line(error).split(": ", 1)[-1] + (f" ({one_line(cause).split(': ', 1)[-1]})" if cause else "")
         return ConfigError(f"the command line: {reason}")
     return None
