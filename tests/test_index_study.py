@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from conftest import PROJECT_ROOT, clustered_vectors
 from imgret.errors import ConfigError
 from imgret.index.build import build_index, index_cache_path
+from imgret.index.methods import MethodSettings
 from imgret.measure.metrics import queries_without_neighbours, recall_at, recall_at_ties, similarities_of
 
 GALLERY = clustered_vectors(4000, 64, clusters=32, seed=2)
@@ -82,10 +83,10 @@ def test_an_index_is_built_once_and_reused_with_new_query_settings(tmp_path, fir
 
 
 def test_other_build_parameters_or_gallery_mean_another_index(tmp_path):
-    a = index_cache_path(tmp_path, "gallery-a", method("ivf", nlist=16, nprobe=1))
-    assert a != index_cache_path(tmp_path, "gallery-a", method("ivf", nlist=32, nprobe=1))
-    assert a != index_cache_path(tmp_path, "gallery-b", method("ivf", nlist=16, nprobe=1))
-    assert a == index_cache_path(tmp_path, "gallery-a", method("ivf", nlist=16, nprobe=99))
+    a = index_cache_path(tmp_path, "gallery-a", MethodSettings.of(method("ivf", nlist=16, nprobe=1)))
+    assert a != index_cache_path(tmp_path, "gallery-a", MethodSettings.of(method("ivf", nlist=32, nprobe=1)))
+    assert a != index_cache_path(tmp_path, "gallery-b", MethodSettings.of(method("ivf", nlist=16, nprobe=1)))
+    assert a == index_cache_path(tmp_path, "gallery-a", MethodSettings.of(method("ivf", nlist=16, nprobe=99)))
 
 
 def test_an_index_file_without_its_meta_is_not_trusted(tmp_path):
@@ -212,5 +213,5 @@ def test_each_method_names_its_own_settings(tmp_path):
     assert run_name(factory, "resnet18") == "resnet18-factory-IVF16,PQ8-nprobe=4"
     assert METHODS["ivf"].choice_label({"nlist": 256, "nprobe": 8}) == "ivf nlist=256 nprobe=8"
     assert METHODS["factory"].choice_label(dict(factory)) == "factory IVF16,PQ8"
-    assert index_cache_path(tmp_path, "g", ivf).name.startswith("ivf-nlist256-")
-    assert "," not in index_cache_path(tmp_path, "g", factory).name
+    assert index_cache_path(tmp_path, "g", MethodSettings.of(ivf)).name.startswith("ivf-nlist256-")
+    assert "," not in index_cache_path(tmp_path, "g", MethodSettings.of(factory)).name

@@ -23,7 +23,7 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays, unpack_folder
-from imgret.index.params import hnsw_params
+from imgret.index.params import HnswGraph, hnsw_params
 from imgret.index.servers import Server
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
@@ -161,12 +161,11 @@ class Database:
         return run_in_threads(lambda query: self.query(self.session(), query, k, setting), queries, threads)
 
 
-class GraphSettings:
-    """A database's HNSW settings, checked alike: its degree and build list (build), its search list (query), at
-    least k long."""
+class GraphSettings(HnswGraph):
+    """A database's HNSW settings, checked alike: its degree and build list (build) at least 2, its search list
+    (query) at least k long."""
 
     params = hnsw_params(minimum=2)
-    variant_param = "ef_search"
 
     def check_k(self, opts: MethodSettings, k: int) -> None:
         if opts[self.variant_param] < k:

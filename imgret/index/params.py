@@ -68,3 +68,11 @@ def hnsw_params(minimum: int = 1) -> tuple[Param, ...]:
     degree and build list the engine accepts."""
     return (Param("hnsw_m", BUILD, minimum), Param("ef_construction", BUILD, minimum),
             Param("ef_search", QUERY, top_level=True))
+
+
+class HnswGraph:
+    """What a method that builds an HNSW graph declares, once for all of them (a mixin before `Method`): the graph's
+    parameters, and its search list as the setting the demo and the benchmark vary."""
+
+    params = hnsw_params()
+    variant_param = "ef_search"

@@ -14,7 +14,7 @@ import numpy as np
 from imgret.cache import Unreadable
 from imgret.errors import bad_value, whole
 from imgret.index.base import Method, SearchIndex
-from imgret.index.params import BUILD, QUERY, Param, hnsw_params
+from imgret.index.params import BUILD, QUERY, HnswGraph, Param
 from imgret.index.faiss_build import FaissIndex, build_faiss, on_device, warn_few_training_points
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
@@ -157,10 +157,8 @@ class IVFPQ(IVF):
             warn_few_training_points(gallery_size, 2 ** opts["pq_nbits"], "2**pq_nbits")
 
 
-class HNSW(FaissMethod):
+class HNSW(HnswGraph, FaissMethod):
     name, label = "hnsw", "FAISS HNSW"
-    params = hnsw_params()
-    variant_param = "ef_search"
     gpu = False  # faiss-gpu has no HNSW
 
     def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:

@@ -7,17 +7,15 @@ from typing import Any, Mapping, TYPE_CHECKING
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
-from imgret.index.params import hnsw_params
+from imgret.index.params import HnswGraph
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
     from imgret.index.methods import MethodSettings
 
 
-class Hnswlib(Method):
+class Hnswlib(HnswGraph, Method):
     name, label = "hnswlib", "hnswlib HNSW"
     module, install = "hnswlib", "hnswlib==0.8.0"
-    params = hnsw_params()
-    variant_param = "ef_search"
     file_suffix = ".hnswlib"
     ordering = "inner product (space 'ip', distance 1 - a·b)"
 

@@ -11,17 +11,15 @@ from typing import Any, Mapping, TYPE_CHECKING
 import numpy as np
 
 from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder
-from imgret.index.params import hnsw_params
+from imgret.index.params import HnswGraph
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
     from imgret.index.methods import MethodSettings
 
 
-class Nmslib(Method):
+class Nmslib(HnswGraph, Method):
     name, label = "nmslib", "NMSLIB HNSW"
     module, install = "nmslib", "nmslib==2.1.2"
-    params = hnsw_params()
-    variant_param = "ef_search"
     file_suffix = ".nmslib.tar"
     ordering = "inner product (space 'negdotprod', distance -a·b)"
 

@@ -7,17 +7,15 @@ from typing import Any, Mapping, TYPE_CHECKING
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows
-from imgret.index.params import hnsw_params
+from imgret.index.params import HnswGraph
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
     from imgret.index.methods import MethodSettings
 
 
-class Voyager(Method):
+class Voyager(HnswGraph, Method):
     name, label = "voyager", "Voyager HNSW"
     module, install = "voyager", "voyager==2.2.3"
-    params = hnsw_params()
-    variant_param = "ef_search"
     file_suffix = ".voyager"
     ordering = "inner product (Space.InnerProduct, distance 1 - a·b)"
 
