@@ -80,6 +80,11 @@ def whole(value, low: int, high: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
 
 
+def number(value) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_whole(key: str, value, low: int, what: str = "") -> None:
     if not whole(value, low):
         raise bad_value(key, value, f"a whole number{what} >= {low}")

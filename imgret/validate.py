@@ -14,10 +14,6 @@ from imgret.errors import bad_value, check_bool, check_whole, whole
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_level(cfg) -> None:
     """`level` picks a rung of the method's `levels` (its query knob, cheap to exhaustive): checked before anything
     reads the knob, whose interpolation would otherwise fail deep inside the config library."""
@@ -62,33 +58,18 @@ def check_run_settings(cfg) -> None:
     if not objectives or not all(name in RUN_METRICS for name in objectives):
         raise bad_value("objectives", list(objectives), f"a list of metric names from {', '.join(RUN_METRICS)}")
 
-    search = cfg.search
-    if not number(search.tie_epsilon) or search.tie_epsilon < 0:
-        raise bad_value("search.tie_epsilon", search.tie_epsilon, "a similarity tolerance >= 0, such as 1e-6")
-    check_whole("search.latency_queries", search.latency_queries, 1, " of single-query calls")
-    check_whole("search.warmup_queries", search.warmup_queries, 0, " of untimed calls")
-    check_whole("search.repeats", search.get("repeats", 3), 1, " of batch calls (the best is reported)")
-    if search.get("threads") is not None:
-        check_whole("search.threads", search.threads, 1, " of search threads, or null for `threads`")
-    clients = search.get("clients")
-    for count in ([] if clients is None else [clients] if isinstance(clients, int) else clients):
-        if not whole(count, 1, 64):
-            raise bad_value("search.clients", clients, "null, or client counts from 1 to 64 such as [1,2,4]")
-    if not number(search.get("clients_s")) or not 0 < search.clients_s <= 600:
-        raise bad_value("search.clients_s", search.get("clients_s"), "seconds per client count, more than 0, at most 600")
+    from imgret.measure.search import SearchSettings
+
+    SearchSettings.check_section(cfg.search)
 
 
 def check_tracking(tracking) -> None:
+    """The group's own keys (its type's check), then what the machine decides: the store's folder can be written,
+    a server answers."""
+    from imgret.track.store import TrackingSettings
+
+    TrackingSettings.check_section(tracking)
     uri = tracking.get("uri")
-    if not isinstance(uri, str) or not uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
-        raise bad_value("tracking.uri", uri, "sqlite:///<path>.db, http(s)://<host>:<port> of an MLflow server, "
-                                             "or file:<folder>")
-    if not isinstance(tracking.get("experiment"), str) or not tracking.experiment.strip():
-        raise bad_value("tracking.experiment", tracking.get("experiment"), "a non-empty experiment name")
-    interval = tracking.get("system_metrics_s")
-    if interval is not None and (not number(interval) or interval <= 0):
-        raise bad_value("tracking.system_metrics_s", interval, "seconds between system-metric samples (> 0), or null "
-                                                             "for none")
     if uri.startswith("sqlite:///"):
         check_writable("tracking.uri", Path(uri[len("sqlite:///"):]).parent, uri)
     if uri.startswith(("http://", "https://")):
@@ -111,19 +92,12 @@ def check_writable(key: str, folder: Path, value=None) -> None:
                         f"a folder this process can write to ({getattr(error, 'strerror', None) or error})") from error
 
 
-FILTER_KINDS = ("none", "label", "attribute")
-
-
 def check_filter(row_filter, source) -> None:
-    """filter=none | label (a labelled source's classes) | attribute with a selectivity in (0, 1]."""
-    kind, selectivity = row_filter.get("kind", "none"), row_filter.get("selectivity")
-    if kind not in FILTER_KINDS:
-        raise bad_value("filter.kind", kind, f"one of {', '.join(FILTER_KINDS)} (filter=label, filter=attribute)")
-    if kind == "attribute" and not (number(selectivity) and 0 < selectivity <= 1):
-        raise bad_value("filter.selectivity", selectivity, "the share of the gallery each query may return, in (0, 1]")
-    if kind != "attribute" and selectivity is not None:
-        raise bad_value("filter.selectivity", selectivity, f"null for filter={kind} (only filter=attribute takes one)")
-    if kind == "label" and not getattr(source, "labelled", True):
+    """The filter group's own keys (its type's check), and a label filter only on a source with classes."""
+    from imgret.index.filters import FilterSettings
+
+    FilterSettings.check_section(row_filter)
+    if row_filter.get("kind", "none") == "label" and not getattr(source, "labelled", True):
         raise bad_value("filter", "label", f"none or attribute for data={source.name}, whose vectors have no classes")
 
 
@@ -163,9 +137,6 @@ def validate_config(cfg) -> None:
         validate_search(cfg.method, cfg.k, gallery_size=gallery_size, dim=dim)
     else:
         description = describe_encoder(cfg.model, cfg.seed)  # family, arch, image size, checkpoint, pretrained tag
-        if cfg.model.get("bf16_pays") not in (True, False, None):
-            raise bad_value("model.bf16_pays", cfg.model.bf16_pays, "true or false (what `python -m imgret.bench "
-                            "--parts precision` measured for this model), or null if nobody measured it")
         if cfg.extract.get("decoder", DEFAULT_DECODER) == "torchvision":
             from imgret.embed.preprocess import check_tensor_preprocessing
 

@@ -100,6 +100,9 @@ class ModelSettings:
         if isinstance(section, cls):
             return section
         values = Options.of(section)
+        if values.get("bf16_pays") not in (True, False, None):
+            raise bad_value("model.bf16_pays", values["bf16_pays"], "true or false (what `python -m imgret.bench "
+                            "--parts precision` measured for this model), or null if nobody measured it")
         return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
 
 

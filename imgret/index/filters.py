@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imgret.errors import bad_value, number
+
 ATTRIBUTE_RANGE = 1_000_000
+FILTER_KINDS = ("none", "label", "attribute")
 POST_FILTER_SAFETY = 2.0  # a post-filtered search asks for k / selectivity times this
 
 
@@ -101,10 +104,21 @@ class FilterSettings:
     kind: str = "none"
     selectivity: float | None = None
 
+    @staticmethod
+    def check_section(section) -> None:
+        """filter=none | label | attribute with a selectivity in (0, 1]: the group's keys, as written."""
+        kind, selectivity = section.get("kind", "none"), section.get("selectivity")
+        if kind not in FILTER_KINDS:
+            raise bad_value("filter.kind", kind, f"one of {', '.join(FILTER_KINDS)} (filter=label, filter=attribute)")
+        if kind == "attribute" and not (number(selectivity) and 0 < selectivity <= 1):
+            raise bad_value("filter.selectivity", selectivity, "the share of the gallery each query may return, in (0, 1]")
+        if kind != "attribute" and selectivity is not None:
+            raise bad_value("filter.selectivity", selectivity, f"null for filter={kind} (only filter=attribute takes one)")
+
     @classmethod
-    def of(cls, filter_cfg) -> "FilterSettings":
-        filter_cfg = filter_cfg or {}
-        return cls(str(filter_cfg.get("kind", "none")), filter_cfg.get("selectivity"))
+    def of(cls, section) -> "FilterSettings":
+        section = section or {}
+        return cls(str(section.get("kind", "none")), section.get("selectivity"))
 
     def rows_for(self, gallery_labels: np.ndarray, query_labels: np.ndarray, seed: int) -> RowFilter | None:
         if self.kind == "label":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from imgret.errors import bad_value, check_whole, number, whole
 from imgret.index.base import SearchIndex
 from imgret.options import config_defaults
 
@@ -38,6 +39,24 @@ class SearchSettings:
     progress: bool = _RUN.extract.progress
     clients: tuple[int, ...] = ()  # client counts whose throughput is measured (search.clients)
     clients_s: float = _SEARCH.clients_s
+
+    @staticmethod
+    def check_section(search) -> None:
+        """The `search` group's keys, as written (before any conversion): each bad one refused in one line."""
+        if not number(search.get("tie_epsilon")) or search.tie_epsilon < 0:
+            raise bad_value("search.tie_epsilon", search.get("tie_epsilon"), "a similarity tolerance >= 0, such as 1e-6")
+        check_whole("search.latency_queries", search.get("latency_queries"), 1, " of single-query calls")
+        check_whole("search.warmup_queries", search.get("warmup_queries"), 0, " of untimed calls")
+        check_whole("search.repeats", search.get("repeats", 3), 1, " of batch calls (the best is reported)")
+        if search.get("threads") is not None:
+            check_whole("search.threads", search.threads, 1, " of search threads, or null for `threads`")
+        clients = search.get("clients")
+        for count in ([] if clients is None else [clients] if isinstance(clients, int) else clients):
+            if not whole(count, 1, 64):
+                raise bad_value("search.clients", clients, "null, or client counts from 1 to 64 such as [1,2,4]")
+        if not number(search.get("clients_s")) or not 0 < search.clients_s <= 600:
+            raise bad_value("search.clients_s", search.get("clients_s"),
+                            "seconds per client count, more than 0, at most 600")
 
     @classmethod
     def from_config(cls, cfg) -> "SearchSettings":

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from tenacity import Retrying, retry_if_result, stop_after_delay, stop_any, wait_fixed
 
 from imgret.cache import file_lock
-from imgret.errors import TrackingRefused, TrackingUnavailable, bad_value, one_line
+from imgret.errors import TrackingRefused, TrackingUnavailable, bad_value, number, one_line
 from imgret.options import config_defaults
 from imgret.track import lifecycle
 
@@ -56,6 +56,20 @@ class TrackingSettings:
     experiment: str = config_defaults().tracking.experiment
     artifact_root: str | None = config_defaults().tracking.artifact_root  # None: beside the store
     system_metrics_s: float | None = config_defaults().tracking.system_metrics_s  # None: no samples
+
+    @staticmethod
+    def check_section(tracking) -> None:
+        """The `tracking` group's keys, as written: each bad one refused in one line."""
+        uri = tracking.get("uri")
+        if not isinstance(uri, str) or not uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
+            raise bad_value("tracking.uri", uri, "sqlite:///<path>.db, http(s)://<host>:<port> of an MLflow server, "
+                                                 "or file:<folder>")
+        if not isinstance(tracking.get("experiment"), str) or not tracking.experiment.strip():
+            raise bad_value("tracking.experiment", tracking.get("experiment"), "a non-empty experiment name")
+        interval = tracking.get("system_metrics_s")
+        if interval is not None and (not number(interval) or interval <= 0):
+            raise bad_value("tracking.system_metrics_s", interval, "seconds between system-metric samples (> 0), or "
+                                                                 "null for none")
 
     @classmethod
     def of(cls, tracking) -> "TrackingSettings":
