@@ -218,10 +218,10 @@ class Retriever:
         if class_label is None:
             scores, ids = choice.search(vectors, k)
         else:
-            method = choice.built.method
-            scores, ids = method.search_filtered(choice.built.native, vectors, k, method.query_setting(choice.setting),
-                                                 max(1, torch.get_num_threads()), self.class_filter(vectors, class_label),
-                                                 np.arange(len(vectors)))
+            built = choice.built
+            scores, ids = built.search_filtered(vectors, k, built.method.query_setting(choice.setting),
+                                                max(1, torch.get_num_threads()), self.class_filter(vectors, class_label),
+                                                np.arange(len(vectors)))
         return Neighbours(ids, scores, time.perf_counter() - start)
 
     def exact(self, vectors: np.ndarray, k: int, class_label: int | None = None) -> Neighbours:

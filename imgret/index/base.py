@@ -264,6 +264,10 @@ class LibrarySearcher:
 
 @dataclass(frozen=True)
 class BuiltIndex:
+    """The index a run holds, built or loaded: it owns the engine's handle (`native`: the library's index, or a
+    database's `Database` with its state) and is what callers search (at its setting or another, under a filter),
+    measure and close; the method's code does the work."""
+
     index: SearchIndex  # searched at the run's query setting
     build_s: float  # train + add, as measured when the index was built (also when loaded from the cache)
     reused: bool
@@ -283,6 +287,12 @@ class BuiltIndex:
     def at(self, setting: Mapping, device: str = "cpu") -> SearchIndex:
         """The same index searched at another query setting."""
         return refined(self.method.searcher(self.native, setting, device), setting, self.gallery)
+
+    def search_filtered(self, queries: np.ndarray, k: int, setting: Mapping, threads: int, row_filter: RowFilter,
+                        query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's k best rows among those `row_filter` allows it, at `setting` (the method's own filter or
+        its post-filtered search: `method.filter_mode`)."""
+        return self.method.search_filtered(self.native, queries, k, setting, threads, row_filter, query_ids)
 
     def run_metrics(self) -> dict[str, float]:
         return self.method.run_metrics(self.native) if self.method else {}

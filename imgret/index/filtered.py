@@ -28,8 +28,8 @@ class FilteredSearch:
         query_ids, queries = self.query_ids(rows), plain_rows(rows)
         factor = refine_factor(self.setting)  # the best k x factor allowed rows, re-ranked from the gallery
         depth = k if factor <= 1 else min(len(self.built.gallery), k * factor)
-        found = self.built.method.search_filtered(self.built.native, queries, depth, self.setting,
-                                                  search_threads_now(), self.row_filter, query_ids)
+        found = self.built.search_filtered(queries, depth, self.setting, search_threads_now(), self.row_filter,
+                                           query_ids)
         return found if factor <= 1 else rerank(self.built.gallery, queries, found[1], k)
 
     @property
