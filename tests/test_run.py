@@ -49,12 +49,14 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(make_cfg):
     assert 0 < sum(stages) <= wall_s, "the stages lie within the run, as the test's own clock sees it"
     # the timed search holds search.repeats batch calls, each at least as long as the best one
     assert stages[3] >= 3 * 40 / run.data.metrics["search_qps_batch"]
-    # the sampled peak lies between the resident set before the run and the kernel's high-water mark of the process
+    # the sampled peak is this process's (not a child's): above half its resident set before the run (which can
+    # shrink meanwhile: the run collects earlier tests' garbage, and the kernel may drop mapped file pages), and
+    # below the kernel's high-water mark of the process
     high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # the kernel counts resident pages per CPU, in batches of max(32, 2 x CPUs): two readings may differ by that
     cpus = os.cpu_count() or 1
     slack = 2 * cpus * max(32, 2 * cpus) * resource.getpagesize()
-    assert rss_before * 0.98 <= run.data.metrics["peak_rss_bytes"] <= high_water + slack
+    assert rss_before * 0.5 <= run.data.metrics["peak_rss_bytes"] <= high_water + slack
     assert (run.data.params["gallery_size"], run.data.params["query_size"], run.data.params["dim"]) == ("200", "40", "512")
     params = run.data.params
     assert params["method.nprobe"] == "4" and params["nlist"] == "4" and params["model.arch"] == "resnet18"
