@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, PROJECT_ROOT
 from imgret.index.base import search_threads_now
-from imgret.index.algorithms.faiss_indexes import FaissMethod
+from imgret.index.libraries.faiss_indexes import FaissMethod
 from imgret.index.build import build_index
 from imgret.index.methods import METHODS, is_database
 from imgret.measure.metrics import recall_at_ties
@@ -310,7 +310,7 @@ METHODS = (Throwaway(),)
 THROWAWAY_YAML = "# An exact scan in numpy, for a test.\nname: throwaway\nquery_block: 16  # queries per product\n"
 # The entry points as a user runs them, with the throwaway's module on the methods' package path and its yaml on
 # Hydra's search path: nothing of imgret is edited.
-WITH_THROWAWAY = ("import runpy, sys; import imgret.index.algorithms as methods; methods.__path__.append({modules!r}); "
+WITH_THROWAWAY = ("import runpy, sys; import imgret.index.libraries as methods; methods.__path__.append({modules!r}); "
                   "sys.argv = [{entry!r}, *sys.argv[1:]]; runpy.run_module({entry!r}, run_name='__main__')")
 
 

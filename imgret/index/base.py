@@ -1,7 +1,7 @@
 """What every search method is: a `Method` (its parameters, checks, build, save and load, and a searcher bound
 to one query setting), the `SearchIndex` a run times, and the `BuiltIndex` the index cache hands out.
 
-A method lives in one module under `imgret/index/algorithms/` with one `conf/method/<name>.yaml`; the registry
+A method lives in one module under `imgret/index/libraries/` (or `databases/`) with one `conf/method/<name>.yaml`; the registry
 (`imgret/index/methods.py`) finds it there, so adding a library edits nothing else. Methods of libraries that are
 not installed stay listed: they refuse in one line naming what to install, before any work.
 """

@@ -1,5 +1,5 @@
-"""The search methods, found where they live: every `Method` in the modules of `imgret/index/algorithms/` (one
-module per library or algorithm, with its `conf/method/<name>.yaml`). Every method searches cosine on the
+"""The search methods, found where they live: every `Method` in the modules of `imgret/index/libraries/` and
+`imgret/index/databases/` (one module per library, algorithm or database, with its `conf/method/<name>.yaml`). Every method searches cosine on the
 L2-normalised store (inner product, or an ordering equal to it on unit vectors; each says which) and returns
 (similarities, gallery rows), best first, with row -1 where an approximate index found fewer than k results.
 
@@ -12,7 +12,7 @@ from functools import cache
 from typing import Mapping
 
 from imgret.errors import allowed, bad_value, whole
-from imgret.index import algorithms
+from imgret.index import databases, libraries
 from imgret.index.base import Method
 from imgret.options import Options
 from imgret.plugins import found_in
@@ -20,7 +20,11 @@ from imgret.plugins import found_in
 
 @cache
 def registry() -> dict[str, Method]:
-    found: dict[str, Method] = found_in(algorithms, "METHODS", "methods")
+    found: dict[str, Method] = found_in(libraries, "METHODS", "methods")
+    for name, method in found_in(databases, "METHODS", "methods").items():
+        if name in found:
+            raise RuntimeError(f"two methods are named {name!r} (a library's and a database's)")
+        found[name] = method
     # exact first, then FAISS's (always installed), then the optional libraries; in each, as their modules list them
     return dict(sorted(found.items(), key=lambda item: (not item[1].exact, item[1].module is not None)))
 
@@ -107,7 +111,7 @@ def validate_search(settings: MethodSettings | Mapping, k, gallery_size: int | N
 
 def is_database(name: str) -> bool:
     """Whether a method is a vector database (a folder of an engine's files, perhaps a server), not a library."""
-    from imgret.index.databases import DatabaseMethod
+    from imgret.index.databases.base import DatabaseMethod
 
     return name in METHODS and isinstance(METHODS[name], DatabaseMethod)
 

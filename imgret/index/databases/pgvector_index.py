@@ -18,7 +18,7 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import new_folder, process_folder
-from imgret.index.databases import Database, DatabaseMethod
+from imgret.index.databases.base import Database, DatabaseMethod
 from imgret.index.params import BUILD, QUERY, SERVER, Param, hnsw_params
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import faiss
 
-from imgret.index.algorithms.faiss_indexes import IVF
+from imgret.index.libraries.faiss_indexes import IVF
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
     from imgret.index.methods import MethodSettings

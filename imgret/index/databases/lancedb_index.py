@@ -16,7 +16,7 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import ADD_CHUNK_ROWS
-from imgret.index.databases import Database, DatabaseMethod
+from imgret.index.databases.base import Database, DatabaseMethod
 from imgret.index.params import BUILD, QUERY, Param, hnsw_params
 
 if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package

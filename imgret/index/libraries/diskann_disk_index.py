@@ -8,7 +8,7 @@ from typing import Any, Mapping, TYPE_CHECKING
 
 import numpy as np
 
-from imgret.index.algorithms.diskann_index import Vamana
+from imgret.index.libraries.diskann_index import Vamana
 from imgret.index.base import FolderIndex, new_folder, pack_folder, plain_rows, search_threads_now, unpack_folder
 from imgret.index.params import BUILD, QUERY, Param
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.databases import Database, DatabaseMethod, GraphSettings
+from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
 
 COLLECTION = "items"
 

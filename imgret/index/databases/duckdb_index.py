@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS
-from imgret.index.databases import Database, DatabaseMethod, GraphSettings
+from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
 
 DATABASE_FILE = "vectors.duckdb"
 
