@@ -73,6 +73,17 @@ def _diskann_disk(folder_index, queries, setting, threads):
                                            num_threads=threads, beam_width=setting["beam_width"]).identifiers
 
 
+def _scann(folder_index, queries, setting, threads):
+    leaves = min(setting["leaves_to_search"], int(folder_index.graph))  # the tree's leaves, at most
+    found = [folder_index.index.search(query, final_num_neighbors=K, leaves_to_search=leaves,
+                                       pre_reorder_num_neighbors=setting["reorder"])[0] for query in queries]
+    return [[*row, *[-1] * (K - len(row))] for row in found]  # leaves holding fewer than K rows: -1 for the rest
+
+
+def _scann_exact(searcher, queries, setting, threads):
+    return [searcher.search(query, final_num_neighbors=K)[0] for query in queries]
+
+
 def _faiss(index, queries, setting, threads):
     import faiss
 
@@ -98,7 +109,8 @@ def _brute(gallery, queries, setting, threads):
 
 BARE = {"hnswlib": _hnswlib, "voyager": _voyager, "usearch": _usearch, "usearch_exact": _usearch_exact,
         "annoy": _annoy, "nmslib": _nmslib, "pynndescent": _pynndescent, "ngt": _ngt, "diskann": _diskann,
-        "diskann_disk": _diskann_disk, "factory": _factory, "brute": _brute}
+        "diskann_disk": _diskann_disk, "scann": _scann, "scann_exact": _scann_exact, "factory": _factory,
+        "brute": _brute}
 LIBRARIES = [name for name in METHODS if not is_database(name)]
 
 

@@ -66,7 +66,7 @@ def test_build_reports_time_and_size():
     (method("ivf", nlist=16, nprobe=32), 10, "^nprobe=32: a whole number from 1 to nlist \\(16\\)$"),
     (method("ivf", nlist=5000, nprobe=1), 10, "^nlist=5000: a whole number from 1 to the gallery size \\(4000\\)$"),
     (method("flat"), 4001, "^k=4001: a whole number from 1 to the gallery size \\(4000\\)$"),
-    (method("scann"), 10, "^method=scann: one of " + re.escape(allowed(METHODS)) + "$"),
+    (method("nosuchmethod"), 10, "^method=nosuchmethod: one of " + re.escape(allowed(METHODS)) + "$"),
     (method("ivfpq", nlist=16, nprobe=1, pq_m=8, pq_nbits=20), 10, "^method.pq_nbits=20: a whole number of bits from 1 to 16$"),
     (method("hnsw", hnsw_m=0, ef_construction=40, ef_search=16), 10, "^method.hnsw_m=0: a whole number >= 1$"),
     (method("factory", index_factory="IVF16,Flatt", search_params=""), 10, "^method.index_factory=IVF16,Flatt: a faiss"),
