@@ -1,9 +1,9 @@
 """What every search method is: a `Method` (its parameters, checks, build, save and load, and a searcher bound
 to one query setting), the `SearchIndex` a run times, and the `BuiltIndex` the index cache hands out.
 
-A method lives in one module under `imgret/index/libraries/` (or `databases/`) with one `conf/method/<name>.yaml`; the registry
-(`imgret/index/methods.py`) finds it there, so adding a library edits nothing else. Methods of libraries that are
-not installed stay listed: they refuse in one line naming what to install, before any work.
+A method lives in one module of `imgret/index/libraries/` (or `databases/`) with one `conf/method/<name>.yaml`; the
+registry (`imgret/index/methods.py`) finds it there. Methods of libraries that are not installed stay listed: they
+refuse in one line naming what to install, before any work.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping, Protocol, TYPE_CHECKING
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -28,11 +28,8 @@ from tqdm.auto import tqdm
 
 from imgret.errors import ConfigError
 from imgret.index.filters import RowFilter, keep_allowed, post_filter_depth
-from imgret.index.params import BUILD, QUERY, Param, names
+from imgret.index.params import BUILD, QUERY, MethodParams, Param, names
 from imgret.index.refine import refined
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
 
 ADD_CHUNK_ROWS = 65536  # rows a streamed pass reads at a time (brute force's blocks, an index's adds)
 
@@ -121,7 +118,7 @@ class Method:
     def execution_params(self) -> tuple[str, ...]:
         return tuple(param.name for param in self.params if param.execution)
 
-    def setting_words(self, opts: MethodSettings, keys) -> list[str]:
+    def setting_words(self, opts: MethodParams, keys) -> list[str]:
         """How a run's name shows these settings: each key run together with its value (nlist256)."""
         return [f"{key}{opts[key]}" for key in keys]
 
@@ -145,23 +142,23 @@ class Method:
                     f"{EXTRAS[self.extra]}") from None
         return found
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         """Refuse parameters it cannot run with (raise bad_value), before any work: here, the bounds its `params`
         declare; a method adds what they cannot say after them. Bounds that depend on the gallery size or the
         dimension are checked when those are known (None: not yet)."""
         for param in self.params:
             param.check(opts)
 
-    def check_k(self, opts: MethodSettings, k: int) -> None:
+    def check_k(self, opts: MethodParams, k: int) -> None:
         """Refuse a query setting that cannot return k results (rather than search a setting it is not labelled)."""
 
-    def invalid_combination(self, opts: MethodSettings) -> str | None:
+    def invalid_combination(self, opts: MethodParams) -> str | None:
         """Why a cross-product sweep's point cannot run (nprobe > nlist), or None."""
         return None
 
     # ------------------------------------------------------------------ build, save, load
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         """The library's index over `gallery` (rows L2-normalised), built on `threads` threads. `path`: where the
         index cache will save it, for a library that builds on disk beside it (None: not cached)."""
         raise NotImplementedError
@@ -169,7 +166,7 @@ class Method:
     def save(self, native: Any, path: Path) -> None:
         raise NotImplementedError
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         raise NotImplementedError
 
     def meta(self, native: Any) -> dict:
@@ -185,7 +182,7 @@ class Method:
 
     # ------------------------------------------------------------------ search
 
-    def query_setting(self, opts: MethodSettings) -> dict:
+    def query_setting(self, opts: MethodParams) -> dict:
         return {key: opts.get(key) for key in self.query_params if opts.get(key) is not None}
 
     def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int) -> Any:
@@ -265,8 +262,7 @@ class LibrarySearcher:
 @dataclass(frozen=True)
 class BuiltIndex:
     """The index a run holds, built or loaded: it owns the engine's handle (`native`: the library's index, or a
-    database's `Database` with its state) and is what callers search (at its setting or another, under a filter),
-    measure and close; the method's code does the work."""
+    database's `Database`), and callers search it (at any setting, under a filter), measure it and close it."""
 
     index: SearchIndex  # searched at the run's query setting
     build_s: float  # train + add, as measured when the index was built (also when loaded from the cache)
@@ -290,8 +286,7 @@ class BuiltIndex:
 
     def search_filtered(self, queries: np.ndarray, k: int, setting: Mapping, threads: int, row_filter: RowFilter,
                         query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each query's k best rows among those `row_filter` allows it, at `setting` (the method's own filter or
-        its post-filtered search: `method.filter_mode`)."""
+        """Each query's k best rows that `row_filter` allows it, at `setting` (as `method.filter_mode` says)."""
         return self.method.search_filtered(self.native, queries, k, setting, threads, row_filter, query_ids)
 
     def run_metrics(self) -> dict[str, float]:

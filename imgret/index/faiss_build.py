@@ -7,7 +7,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping, TYPE_CHECKING
+from typing import Mapping
 
 import faiss
 import numpy as np
@@ -17,9 +17,7 @@ from imgret.allocator import return_freed_memory
 from imgret.mapped import gather_rows, release_pages, written_back
 from imgret.errors import ConfigError
 from imgret.index.base import ADD_CHUNK_ROWS, working
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import MethodParams
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ def on_device(faiss_index: faiss.Index, setting: Mapping, device: str, params: f
     return FaissIndex(gpu_index, cpu_index=faiss_index)
 
 
-def build_faiss(faiss_index: faiss.Index, opts: MethodSettings, gallery: np.ndarray, path: Path | None,
+def build_faiss(faiss_index: faiss.Index, opts: MethodParams, gallery: np.ndarray, path: Path | None,
                 name: str, lists_path: Path | None = None) -> faiss.Index:
     """Train on a sample, then add the gallery in chunks read from its memory map: memory holds the index,
     one chunk and the sample, never a second copy of the whole gallery. With `on_disk`, not even the index:
@@ -98,7 +96,7 @@ def build_faiss(faiss_index: faiss.Index, opts: MethodSettings, gallery: np.ndar
     return faiss_index
 
 
-def training_sample(gallery: np.ndarray, opts: MethodSettings) -> np.ndarray:
+def training_sample(gallery: np.ndarray, opts: MethodParams) -> np.ndarray:
     """A deterministic sample of the gallery for k-means and PQ training: `method.train_size` rows, by default
     64 per IVF list and at least 100,000 (faiss itself uses at most 256 per centroid)."""
     size = opts.get("train_size")

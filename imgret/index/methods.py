@@ -14,6 +14,7 @@ from typing import Mapping
 from imgret.errors import allowed, bad_value, whole
 from imgret.index import databases, libraries
 from imgret.index.base import Method
+from imgret.index.params import MethodParams
 from imgret.options import Options
 from imgret.plugins import found_in
 
@@ -45,7 +46,7 @@ class _Registry(Mapping):
 METHODS = _Registry()
 
 
-class MethodSettings(Options):
+class MethodSettings(MethodParams):
     """A method's config section, typed once where a config (or a library caller's mapping) comes in: `name`, a
     registered method; each parameter that method declares (imgret/index/params.py) and no other key; its `levels`.
     Frozen, read by key or attribute; `method` is the registered Method it configures."""

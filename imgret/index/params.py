@@ -7,16 +7,19 @@ method's own `check`, after these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from imgret.errors import bad_value
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.options import Options
 
 BUILD = "build"  # changes the index: keys the index cache
 QUERY = "query"  # applied to a built or loaded index per search
 SERVER = "server"  # a setting of the engine's server, neither building nor searching (PostgreSQL's memory)
+
+
+class MethodParams(Options):
+    """A method's section as its engine reads it: the value of each parameter it declares, by key (and its `name`
+    and `levels`). Made once, checked against the method's declarations, as `imgret.index.methods.MethodSettings`;
+    the engines' code below the registry reads this type, which needs no registry."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Param:
         low = value > self.minimum if self.above else value >= self.minimum
         return low and (self.maximum is None or value <= self.maximum)
 
-    def check(self, opts: MethodSettings) -> None:
+    def check(self, opts: MethodParams) -> None:
         value = opts.get(self.name)
         if self.minimum is None or (value is None and self.optional):
             return

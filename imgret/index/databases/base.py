@@ -17,17 +17,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays, unpack_folder
-from imgret.index.params import HnswGraph, hnsw_params
+from imgret.index.params import HnswGraph, MethodParams, hnsw_params
 from imgret.index.servers import Server
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
 
 
 @dataclass(eq=False)
@@ -40,7 +37,7 @@ class Database:
 
     method: DatabaseMethod  # the registered method: its declaration, and what differs between its indexes
     folder: tempfile.TemporaryDirectory
-    opts: MethodSettings  # the method's settings it was made or opened with
+    opts: MethodParams  # the method's settings it was made or opened with
     handle: Any = None
     server: Server | None = None
     ingest_s: float = 0.0
@@ -167,7 +164,7 @@ class GraphSettings(HnswGraph):
 
     params = hnsw_params(minimum=2)
 
-    def check_k(self, opts: MethodSettings, k: int) -> None:
+    def check_k(self, opts: MethodParams, k: int) -> None:
         if opts[self.variant_param] < k:
             raise bad_value(self.variant_param, opts[self.variant_param], f"at least k ({k})")
 
@@ -185,7 +182,7 @@ class DatabaseMethod(Method):
         """Where a run's copy of the database lives: beside the index cache's file (the same filesystem)."""
         return new_folder(near)
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Database:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Database:
         database = self.database_type(self, self.working_folder(path), opts)
         database.make(gallery, threads)
         return database
@@ -193,7 +190,7 @@ class DatabaseMethod(Method):
     def save(self, native: Database, path: Path) -> None:
         native.save(path)
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Database:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Database:
         database = self.database_type(self, unpack_folder(path, self.working_folder(path)), opts,
                                       ingest_s=float(meta.get("ingest_s", 0.0)),
                                       index_create_s=float(meta.get("index_create_s", 0.0)))

@@ -10,17 +10,14 @@ Lance sizes its own thread pools (its Rust runtime): `threads` does not bound it
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases.base import Database, DatabaseMethod
-from imgret.index.params import BUILD, QUERY, Param, hnsw_params
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param, hnsw_params
 
 TABLE = "items"
 
@@ -81,18 +78,18 @@ class Lance(DatabaseMethod):
     database_type = LanceDatabase
     partitions, nprobes = Param("num_partitions", BUILD), Param("nprobes", QUERY, top_level=True)
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if gallery_size is not None and opts["num_partitions"] > gallery_size:
             raise bad_value("method.num_partitions", opts["num_partitions"], f"at most the gallery size ({gallery_size})")
 
-    def invalid_combination(self, opts: MethodSettings) -> str | None:
+    def invalid_combination(self, opts: MethodParams) -> str | None:
         if isinstance(opts.get("nprobes"), int) and isinstance(opts.get("num_partitions"), int) \
                 and opts["nprobes"] > opts["num_partitions"]:
             return f"nprobes={opts['nprobes']} > num_partitions={opts['num_partitions']}"
         return None
 
-    def index_config(self, opts: MethodSettings):
+    def index_config(self, opts: MethodParams):
         raise NotImplementedError
 
     def request(self, session: Any, query: np.ndarray, k: int, setting: Mapping):
@@ -108,12 +105,12 @@ class LanceIvfPq(Lance):
     variant_param = "nprobes"
     ordering = "inner product (distance type 'dot', 1 - a·b), re-ranked on the full rows when refine_factor > 0"
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if dim is not None and dim % opts["num_sub_vectors"]:
             raise bad_value("method.num_sub_vectors", opts["num_sub_vectors"], f"a divisor of the dimension ({dim})")
 
-    def index_config(self, opts: MethodSettings):
+    def index_config(self, opts: MethodParams):
         from lancedb.index import IvfPq
 
         return IvfPq(distance_type="dot", num_partitions=int(opts["num_partitions"]),
@@ -132,11 +129,11 @@ class LanceHnswSq(Lance):
     scores_on = "scalar-quantised rows"
     recall_bound = "scalar-quantised rows ranked without re-ranking"
 
-    def check_k(self, opts: MethodSettings, k: int) -> None:
+    def check_k(self, opts: MethodParams, k: int) -> None:
         if opts["ef"] < k:
             raise bad_value("ef", opts["ef"], f"at least k ({k})")
 
-    def index_config(self, opts: MethodSettings):
+    def index_config(self, opts: MethodParams):
         from lancedb.index import HnswSq
 
         return HnswSq(distance_type="dot", num_partitions=int(opts["num_partitions"]), m=int(opts["hnsw_m"]),

@@ -12,18 +12,15 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import new_folder, process_folder
 from imgret.index.databases.base import Database, DatabaseMethod
-from imgret.index.params import BUILD, QUERY, SERVER, Param, hnsw_params
+from imgret.index.params import BUILD, QUERY, SERVER, MethodParams, Param, hnsw_params
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
 
 SOCKET_NAME = ".s.PGSQL.5432"
 SOCKET_PATH_MAX = 100  # a unix socket's path must fit sockaddr_un (107 bytes)
@@ -164,7 +161,7 @@ class Postgres(DatabaseMethod):
     knob = ""  # the session setting the query parameter sets (hnsw.ef_search, ivfflat.probes)
     query_key = ""
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         for key in self.execution_params:
             value = opts.get(key)
@@ -180,7 +177,7 @@ class Postgres(DatabaseMethod):
         # the cache lies under a folder only root may enter (pytest's, a home folder): the server's copy in /tmp
         return new_folder(near, elsewhere=Path(tempfile.gettempdir()))
 
-    def index_sql(self, opts: MethodSettings) -> str:
+    def index_sql(self, opts: MethodParams) -> str:
         raise NotImplementedError
 
 
@@ -191,16 +188,16 @@ class PgvectorHnsw(Postgres):
     knob, query_key = "hnsw.ef_search", "ef_search"
     ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if opts["ef_search"] > 1000:
             raise bad_value("ef_search", opts["ef_search"], "at most 1000 (pgvector's hnsw.ef_search)")
 
-    def check_k(self, opts: MethodSettings, k: int) -> None:
+    def check_k(self, opts: MethodParams, k: int) -> None:
         if opts["ef_search"] < k:  # pgvector returns at most ef_search rows through the index
             raise bad_value("ef_search", opts["ef_search"], f"at least k ({k}): pgvector returns at most ef_search rows")
 
-    def index_sql(self, opts: MethodSettings) -> str:
+    def index_sql(self, opts: MethodParams) -> str:
         return (f"CREATE INDEX ON items USING hnsw (embedding vector_ip_ops) "
                 f"WITH (m = {int(opts['hnsw_m'])}, ef_construction = {int(opts['ef_construction'])})")
 
@@ -212,17 +209,17 @@ class PgvectorIvfflat(Postgres):
     knob, query_key = "ivfflat.probes", "probes"
     ordering = "inner product (vector_ip_ops, ORDER BY <#>: the negative inner product)"
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if gallery_size is not None and opts["lists"] > gallery_size:
             raise bad_value("method.lists", opts["lists"], f"at most the gallery size ({gallery_size})")
 
-    def invalid_combination(self, opts: MethodSettings) -> str | None:
+    def invalid_combination(self, opts: MethodParams) -> str | None:
         if isinstance(opts.get("probes"), int) and isinstance(opts.get("lists"), int) and opts["probes"] > opts["lists"]:
             return f"probes={opts['probes']} > lists={opts['lists']}"
         return None
 
-    def index_sql(self, opts: MethodSettings) -> str:
+    def index_sql(self, opts: MethodParams) -> str:
         return f"CREATE INDEX ON items USING ivfflat (embedding vector_ip_ops) WITH (lists = {int(opts['lists'])})"
 
 

@@ -3,16 +3,13 @@ query per call (Annoy has no batch call), on search.threads threads."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import Method, run_in_threads, top_k_arrays
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 class Annoy(Method):
@@ -23,14 +20,14 @@ class Annoy(Method):
     file_suffix = ".annoy"
     ordering = "inner product (metric 'dot')"
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         search_k = opts.get("search_k")
         if search_k != -1 and not (isinstance(search_k, int) and not isinstance(search_k, bool) and search_k >= 1):
             raise bad_value("method.search_k", search_k, "a whole number of nodes to inspect >= 1, or -1 (Annoy's "
                             "default: n_trees * k)")
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self.library().AnnoyIndex(gallery.shape[1], "dot")
         index.set_seed(0)
         for row, vector in enumerate(gallery):
@@ -44,7 +41,7 @@ class Annoy(Method):
     def meta(self, native: Any) -> dict:
         return {"dim": int(native.f), "count": int(native.get_n_items())}
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         index = self.library().AnnoyIndex(int(meta["dim"]), "dot")
         index.load(str(path))
         return index

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import Method, SearchIndex, top_k_arrays
 from imgret.mapped import gather_rows
 from imgret.index.brute import BruteForceIndex
-from imgret.index.params import QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import QUERY, MethodParams, Param
 
 
 class BruteForce(Method):
@@ -23,7 +20,7 @@ class BruteForce(Method):
     params = (Param("query_chunk", QUERY, execution=True),
               Param("resident_mb", QUERY, minimum=0, execution=True, optional=True))
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         return gallery
 
     filter_mode = "its own filter (the allowed rows only, exactly)"

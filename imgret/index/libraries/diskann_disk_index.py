@@ -4,16 +4,13 @@ product's order). The index is read from its folder while it searches, so the fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.libraries.diskann_index import Vamana
 from imgret.index.base import FolderIndex, new_folder, pack_folder, plain_rows, search_threads_now, unpack_folder
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 class DiskANNDisk(Vamana):
@@ -25,7 +22,7 @@ class DiskANNDisk(Vamana):
     file_suffix = ".diskann-ssd.tar"
     ordering = "inner product (distance_metric 'l2' on unit rows)"
 
-    def _open(self, folder, opts: MethodSettings) -> FolderIndex:
+    def _open(self, folder, opts: MethodParams) -> FolderIndex:
         # I/O contexts, not search threads (each search call says its own): diskannpy 0.7.0 opened with one spins
         # forever in its warm-up (which takes a second context), so a single-thread run would hang here
         index = self.library().StaticDiskIndex(index_directory=folder.name, num_threads=max(2, search_threads_now()),
@@ -33,7 +30,7 @@ class DiskANNDisk(Vamana):
                                                vector_dtype=np.float32)
         return FolderIndex(index, folder, "ann")
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         folder = new_folder(path)
         self.library().build_disk_index(
             data=plain_rows(gallery), distance_metric="l2", index_directory=folder.name,
@@ -45,7 +42,7 @@ class DiskANNDisk(Vamana):
     def save(self, native: FolderIndex, path: Path) -> None:
         pack_folder(native.path, path)
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         return self._open(unpack_folder(path), opts)
 
     def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):

@@ -4,17 +4,14 @@ diskannpy==0.7.0`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, search_threads_now,
                                unpack_folder)
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 class Vamana(Method):
@@ -26,7 +23,7 @@ class Vamana(Method):
     variant_param = "complexity"
     concurrent_searches = False  # its searches share a fixed pool of scratch spaces sized when it was opened
 
-    def check_k(self, opts: MethodSettings, k: int) -> None:
+    def check_k(self, opts: MethodParams, k: int) -> None:
         if isinstance(opts.get("complexity"), int) and opts["complexity"] < k:
             raise bad_value("complexity", opts["complexity"], f"a search list at least k ({k}) long: DiskANN "
                             "returns no more neighbours than it holds")
@@ -45,7 +42,7 @@ class DiskANN(Vamana):
                                                  initial_search_complexity=64)
         return FolderIndex(index, folder, "ann")
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         folder = new_folder(path)
         self.library().build_memory_index(
             data=plain_rows(gallery), distance_metric="mips", index_directory=folder.name,
@@ -56,7 +53,7 @@ class DiskANN(Vamana):
     def save(self, native: FolderIndex, path: Path) -> None:
         pack_folder(native.path, path)
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         return self._open(unpack_folder(path), search_threads_now())
 
     def bare(self, native: FolderIndex, queries: np.ndarray, k: int, setting: Mapping, threads: int):

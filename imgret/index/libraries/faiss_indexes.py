@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import faiss
 import numpy as np
@@ -14,11 +14,8 @@ import numpy as np
 from imgret.cache import Unreadable
 from imgret.errors import bad_value, whole
 from imgret.index.base import Method, SearchIndex
-from imgret.index.params import BUILD, QUERY, HnswGraph, Param
+from imgret.index.params import BUILD, QUERY, HnswGraph, MethodParams, Param
 from imgret.index.faiss_build import FaissIndex, build_faiss, on_device, warn_few_training_points
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
 
 
 class FaissMethod(Method):
@@ -27,17 +24,17 @@ class FaissMethod(Method):
     gpu = True  # has a faiss-gpu copy
     reports_progress = True  # its training and chunked adds have their own bars
 
-    def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:
+    def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         raise NotImplementedError
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         lists = path.with_suffix(self.companions["lists_file"]) if path is not None else None
         return build_faiss(self.new_index(opts, gallery.shape[1]), opts, gallery, path, self.name, lists)
 
     def save(self, native: faiss.Index, path: Path) -> None:
         faiss.write_index(native, str(path))
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> faiss.Index:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> faiss.Index:
         try:  # on-disk inverted lists are found beside the index, wherever the cache has moved
             return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if "lists_file" in meta else 0)
         except RuntimeError as error:
@@ -89,7 +86,7 @@ class FaissMethod(Method):
 class Flat(FaissMethod):
     name, label, exact, cached = "flat", "FAISS Flat", True, False
 
-    def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:
+    def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         return faiss.IndexFlatIP(dim)
 
 
@@ -100,10 +97,10 @@ class IVF(FaissMethod):
               Param("on_disk", BUILD, minimum=None, execution=True), Param("nprobe", QUERY, minimum=None, top_level=True))
     variant_param = "nprobe"
 
-    def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:
+    def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(opts["nlist"]), faiss.METRIC_INNER_PRODUCT)
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         nlist, nprobe = opts.get("nlist"), opts.get("nprobe")
         if not whole(nlist, 1, gallery_size):
@@ -115,7 +112,7 @@ class IVF(FaissMethod):
             warn_few_training_points(gallery_size, nlist, "nlist")
         check_on_disk(opts)
 
-    def invalid_combination(self, opts: MethodSettings) -> str | None:
+    def invalid_combination(self, opts: MethodParams) -> str | None:
         nprobe, nlist = opts.get("nprobe"), opts.get("nlist")
         if isinstance(nprobe, int) and isinstance(nlist, int) and nprobe > nlist:
             return f"nprobe={nprobe} > nlist={nlist}"
@@ -136,13 +133,13 @@ class IVFPQ(IVF):
     params = (IVF.params[0], Param("pq_m", BUILD, minimum=None), Param("pq_nbits", BUILD, minimum=None),
               *IVF.params[1:], Param("refine_factor", QUERY, minimum=None))
 
-    def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:
+    def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         if dim % int(opts["pq_m"]):
             self.check(opts, None, dim)  # raises, naming the divisors of dim
         return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, int(opts["nlist"]), int(opts["pq_m"]),
                                 int(opts["pq_nbits"]), faiss.METRIC_INNER_PRODUCT)
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if not whole(opts.get("pq_nbits"), 1, 16):
             raise bad_value("method.pq_nbits", opts.get("pq_nbits"), "a whole number of bits from 1 to 16")
@@ -161,7 +158,7 @@ class HNSW(HnswGraph, FaissMethod):
     name, label = "hnsw", "FAISS HNSW"
     gpu = False  # faiss-gpu has no HNSW
 
-    def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:
+    def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         index = faiss.IndexHNSWFlat(dim, int(opts["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(opts["ef_construction"])
         return index
@@ -181,7 +178,7 @@ class Factory(FaissMethod):
 
     filter_mode = Method.filter_mode  # its parameters are set on the index, not per call: post-filtered
 
-    def setting_words(self, opts: MethodSettings, keys) -> list[str]:
+    def setting_words(self, opts: MethodParams, keys) -> list[str]:
         return [str(opts[key]) for key in keys]  # the factory string names itself
 
     def search_filtered(self, *args, **kwargs):
@@ -190,7 +187,7 @@ class Factory(FaissMethod):
     def choice_label(self, setting: Mapping) -> str:
         return f"factory {setting['index_factory']}"
 
-    def new_index(self, opts: MethodSettings, dim: int) -> faiss.Index:
+    def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         try:
             return faiss.index_factory(dim, str(opts["index_factory"]), faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
@@ -198,7 +195,7 @@ class Factory(FaissMethod):
                             f"a faiss index_factory string that builds for dimension {dim} "
                             f"({str(error).strip().splitlines()[-1]})") from error
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         # Without the dimension, check the grammar with one that every common sub-quantizer count divides.
         index = self.new_index(opts, dim or 8 * 3 * 5 * 7 * 16)
         self.apply(index, opts)
@@ -218,7 +215,7 @@ class Factory(FaissMethod):
                             f"({str(error).strip().splitlines()[-1]})") from error
 
 
-def check_on_disk(opts: MethodSettings) -> None:
+def check_on_disk(opts: MethodParams) -> None:
     if not isinstance(opts.get("on_disk", False), bool):
         raise bad_value("method.on_disk", opts.get("on_disk"), "true (inverted lists in a file beside the index, "
                         "memory-mapped) or false")

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
-from imgret.index.params import HnswGraph
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import HnswGraph, MethodParams
 
 
 class Hnswlib(HnswGraph, Method):
@@ -19,7 +16,7 @@ class Hnswlib(HnswGraph, Method):
     file_suffix = ".hnswlib"
     ordering = "inner product (space 'ip', distance 1 - a·b)"
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self.library().Index(space="ip", dim=gallery.shape[1])
         index.init_index(max_elements=len(gallery), M=int(opts["hnsw_m"]),
                          ef_construction=int(opts["ef_construction"]), random_seed=0)
@@ -35,7 +32,7 @@ class Hnswlib(HnswGraph, Method):
     def meta(self, native: Any) -> dict:
         return {"dim": int(native.dim), "count": int(native.element_count)}
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         index = self.library().Index(space="ip", dim=int(meta["dim"]))
         index.load_index(str(path))
         return index

@@ -7,16 +7,13 @@ its search here (ngt 2.8.0).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import (ADD_CHUNK_ROWS, FolderIndex, Method, new_folder, pack_folder, plain_rows,
                                run_in_threads, top_k_arrays, unpack_folder)
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 class NGT(Method):
@@ -30,7 +27,7 @@ class NGT(Method):
     concurrent_searches = False  # its Python binding documents no thread safety for searches of one index
     ordering = "inner product (distance type 'Normalized Cosine', 1 - a·b on unit rows)"
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         ngtpy = self.library()
         folder = new_folder(path)
         anng = str(Path(folder.name) / "anng")
@@ -57,7 +54,7 @@ class NGT(Method):
     def save(self, native: FolderIndex, path: Path) -> None:
         pack_folder(native.path, path)
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         folder = unpack_folder(path)
         graph = "onng" if (Path(folder.name) / "onng").exists() else "anng"
         return FolderIndex(self.library().Index(str(Path(folder.name) / graph), read_only=True, log_disabled=True),

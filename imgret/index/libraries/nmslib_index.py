@@ -6,15 +6,12 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder
-from imgret.index.params import HnswGraph
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import HnswGraph, MethodParams
 
 
 class Nmslib(HnswGraph, Method):
@@ -33,7 +30,7 @@ class Nmslib(HnswGraph, Method):
         nmslib = self.library()
         return nmslib.init(method="hnsw", space="negdotprod", data_type=nmslib.DataType.DENSE_VECTOR)
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self._new()
         index.addDataPointBatch(plain_rows(gallery))
         index.createIndex({"M": int(opts["hnsw_m"]), "efConstruction": int(opts["ef_construction"]), "post": 0,
@@ -45,7 +42,7 @@ class Nmslib(HnswGraph, Method):
             native.saveIndex(str(Path(folder) / "index"), save_data=True)
             pack_folder(Path(folder), path)
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         index = self._new()
         with unpack_folder(path) as folder:  # read into memory: the files can go
             index.loadIndex(str(Path(folder) / "index"), load_data=True)

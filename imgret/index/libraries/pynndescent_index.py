@@ -5,15 +5,12 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import Method, plain_rows
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 @functools.cache
@@ -54,7 +51,7 @@ class PyNNDescent(Method):
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         self._threads(threads)
         index = self.library().NNDescent(
             plain_rows(gallery), metric="dot", n_neighbors=int(opts["n_neighbors"]),
@@ -68,7 +65,7 @@ class PyNNDescent(Method):
         with open(path, "wb") as file:
             pickle.dump(native, file, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         self.library()
         _finisher()
         with open(path, "rb") as file:  # written by imgret's own cache, checked against its recorded sha256

@@ -14,17 +14,14 @@ fewer of the exact neighbours at few leaves (recall@10 0.59 against 0.70 at one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays,
                                unpack_folder)
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 class Scann(Method):
@@ -56,24 +53,24 @@ class ScannTree(Scann):
     variant_param = "leaves_to_search"
     file_suffix = ".scann.tar"
 
-    def check(self, opts: MethodSettings, gallery_size: int | None, dim: int | None) -> None:
+    def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
         if gallery_size is not None and opts["num_leaves"] > gallery_size:
             raise bad_value("method.num_leaves", opts["num_leaves"], f"at most the gallery size ({gallery_size})")
         if dim is not None and dim % 2:
             raise bad_value("dim", dim, "an even dimension (asymmetric hashing takes 2 dimensions a block)")
 
-    def check_k(self, opts: MethodSettings, k: int) -> None:
+    def check_k(self, opts: MethodParams, k: int) -> None:
         if opts["reorder"] < k:
             raise bad_value("method.reorder", opts["reorder"], f"at least k ({k}): the candidates rescored on the rows")
 
-    def invalid_combination(self, opts: MethodSettings) -> str | None:
+    def invalid_combination(self, opts: MethodParams) -> str | None:
         leaves, searched = opts.get("num_leaves"), opts.get("leaves_to_search")
         if isinstance(leaves, int) and isinstance(searched, int) and searched > leaves:
             return f"leaves_to_search={searched} > num_leaves={leaves}"
         return None
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         rows = plain_rows(gallery)
         sample = opts.get("training_sample_size") or min(len(rows), 250_000)
         leaves = int(opts["num_leaves"])
@@ -92,7 +89,7 @@ class ScannTree(Scann):
     def meta(self, native: FolderIndex) -> dict:
         return {"num_leaves": int(native.graph)}
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         folder = unpack_folder(path)
         return FolderIndex(self.library().load_searcher(folder.name), folder, str(meta["num_leaves"]))
 
@@ -102,7 +99,7 @@ class ScannExact(Scann):
     exact = True
     cached = False  # nothing is trained: building is copying the rows
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         return self.library().builder(plain_rows(gallery), 10, "dot_product").score_brute_force().build()
 
 

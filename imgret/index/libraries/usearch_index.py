@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
-from imgret.index.params import BUILD, QUERY, Param
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
 def _similarity(distances: np.ndarray) -> np.ndarray:
@@ -42,7 +39,7 @@ class USearch(Method):
     file_suffix = ".usearch"
     ordering = "inner product (metric 'ip', distance 1 - a·b)"
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         index = self.library().Index(ndim=gallery.shape[1], metric="ip", dtype="f32",
                                      connectivity=int(opts["connectivity"]), expansion_add=int(opts["expansion_add"]))
         for start in range(0, len(gallery), ADD_CHUNK_ROWS):
@@ -53,7 +50,7 @@ class USearch(Method):
     def save(self, native: Any, path: Path) -> None:
         native.save(str(path))
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         return self.library().Index.restore(str(path))
 
     def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
@@ -70,7 +67,7 @@ class USearchExact(Method):
     exact, cached = True, False
     ordering = "inner product (metric 'ip', exact=True: every row compared)"
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         return plain_rows(gallery)
 
     def save(self, native: Any, path: Path) -> None:

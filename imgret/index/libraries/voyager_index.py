@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping
 
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows
-from imgret.index.params import HnswGraph
-
-if TYPE_CHECKING:  # annotations only: imgret.index.methods imports the index package
-    from imgret.index.methods import MethodSettings
+from imgret.index.params import HnswGraph, MethodParams
 
 
 class Voyager(HnswGraph, Method):
@@ -19,7 +16,7 @@ class Voyager(HnswGraph, Method):
     file_suffix = ".voyager"
     ordering = "inner product (Space.InnerProduct, distance 1 - a·b)"
 
-    def build(self, opts: MethodSettings, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         voyager = self.library()
         index = voyager.Index(voyager.Space.InnerProduct, num_dimensions=gallery.shape[1], M=int(opts["hnsw_m"]),
                               ef_construction=int(opts["ef_construction"]), random_seed=1,
@@ -32,7 +29,7 @@ class Voyager(HnswGraph, Method):
     def save(self, native: Any, path: Path) -> None:
         native.save(str(path))
 
-    def load(self, path: Path, opts: MethodSettings, meta: dict) -> Any:
+    def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         return self.library().Index.load(str(path))
 
     def bare(self, native: Any, queries: np.ndarray, k: int, setting: Mapping, threads: int):
