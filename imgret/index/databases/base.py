@@ -22,9 +22,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays, unpack_folder
+from imgret.index.base import (Method, new_folder, pack_folder, plain_rows, process_folder, run_in_threads, top_k_arrays,
+                               unpack_folder)
 from imgret.index.params import HnswGraph, MethodParams, hnsw_params
-from imgret.index.servers import Server
+from imgret.index.servers import Server, hand_over
+
+SOCKET_PATH_MAX = 100  # a unix socket's path must fit sockaddr_un (107 bytes)
 
 
 @dataclass(eq=False)
@@ -44,10 +47,22 @@ class Database:
     index_create_s: float = 0.0
     sessions: dict[int, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # the server's socket in a short folder of its own in /tmp, where the database's path is too long for one
+    socket_folder: tempfile.TemporaryDirectory | None = None
 
     @property
     def path(self) -> Path:
         return Path(self.folder.name)
+
+    def socket_dir(self, socket_name: str, prefix: str, owner: tuple[int, int] | None = None) -> Path:
+        """The folder a server's unix socket `socket_name` goes in: the database's own, or where that path would not
+        fit a socket address (107 bytes), a short folder of this process's in /tmp (made `owner`'s)."""
+        if len(str(self.path / socket_name)) <= SOCKET_PATH_MAX:
+            return self.path
+        if self.socket_folder is None:
+            self.socket_folder = process_folder(Path(tempfile.gettempdir()), prefix)
+            hand_over(Path(self.socket_folder.name), owner)
+        return Path(self.socket_folder.name)
 
     def disk_bytes(self) -> int:
         return sum(entry.stat().st_size for entry in self.path.rglob("*") if entry.is_file() and not entry.is_socket())
@@ -73,6 +88,9 @@ class Database:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.socket_folder is not None:
+            self.socket_folder.cleanup()
+            self.socket_folder = None
 
     def connect(self) -> Any:
         return self.handle

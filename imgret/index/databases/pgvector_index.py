@@ -17,13 +17,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import new_folder, process_folder
+from imgret.index.base import new_folder
 from imgret.index.databases.base import Database, DatabaseMethod
 from imgret.index.params import BUILD, QUERY, SERVER, MethodParams, Param, hnsw_params
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
 
 SOCKET_NAME = ".s.PGSQL.5432"
-SOCKET_PATH_MAX = 100  # a unix socket's path must fit sockaddr_un (107 bytes)
 SQL = "SELECT id, embedding <#> %(query)s FROM items ORDER BY embedding <#> %(query)s LIMIT %(k)s"
 
 
@@ -64,9 +63,6 @@ class Session:
 class PostgresDatabase(Database):
     """A PostgreSQL cluster in the folder, its server on a unix socket, the table and the method's index."""
 
-    # the server's socket in a short folder of its own in /tmp, where the database's path is too long for one
-    socket_folder: tempfile.TemporaryDirectory | None = None
-
     def create(self, dim: int) -> None:
         owner = unprivileged()
         pgdata = self.path / "pgdata"
@@ -83,16 +79,9 @@ class PostgresDatabase(Database):
             connection.execute("CREATE EXTENSION vector")
             connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}))")
 
-    def _socket_folder(self) -> Path:
-        if len(str(self.path / SOCKET_NAME)) <= SOCKET_PATH_MAX:
-            return self.path
-        if self.socket_folder is None:  # a deep cache folder: a short folder of its own in /tmp
-            self.socket_folder = process_folder(Path(tempfile.gettempdir()), "imgret-pg-")
-            hand_over(Path(self.socket_folder.name), unprivileged())
-        return Path(self.socket_folder.name)
-
     def _address(self) -> dict:
-        return {"host": str(self._socket_folder()), "user": "postgres", "dbname": "postgres"}
+        return {"host": str(self.socket_dir(SOCKET_NAME, "imgret-pg-", unprivileged())), "user": "postgres",
+                "dbname": "postgres"}
 
     def open(self) -> None:
         owner = unprivileged()
@@ -105,12 +94,6 @@ class PostgresDatabase(Database):
                            "-c", f"maintenance_work_mem={self.opts.get('maintenance_work_mem', '64MB')}"],
             ready=lambda: psycopg().connect(**address, connect_timeout=2).close() is None,
             log_path=self.path / "postgres.log", stop_signal=signal.SIGINT, as_user=owner)
-
-    def shut(self) -> None:
-        super().shut()  # SIGINT: PostgreSQL's fast shutdown, a checkpoint and a clean stop
-        if self.socket_folder is not None:
-            self.socket_folder.cleanup()
-            self.socket_folder = None
 
     def connect(self) -> Session:
         connection = psycopg().connect(**self._address(), autocommit=True)

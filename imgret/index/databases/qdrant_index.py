@@ -1,0 +1,97 @@
+"""Qdrant through `qdrant-edge-py`: Qdrant's own Rust storage and search engine, in process (an `EdgeShard` in a
+folder: segments, a write-ahead log, HNSW graphs), vectors with distance Dot (the inner product on the store's unit
+rows), searched through its query API, one `query_batch` for the batch (Qdrant's batch search: one planned pass
+over the segments for all of its requests).
+
+- `qdrant`: each segment's HNSW graph (`m`, `ef_construct`), searched with `hnsw_ef` per request. Qdrant leaves
+  segments under its indexing threshold (10,000 KB by default) unindexed and scans them exactly; imgret sets both
+  thresholds to 1 KB so that the method is the HNSW graph at every gallery size (its defaults would scan every
+  gallery under 10 MB exactly), and runs Qdrant's optimizer to completion when the rows are in (its index
+  creation).
+- `qdrant_exact`: the same shard searched with `exact=True`, Qdrant's full scan; no graph is built.
+
+A shard splits its rows into segments (by default as many as the machine has cores) and searches them on its own
+thread pool: `threads` does not bound it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgret.index.base import ADD_CHUNK_ROWS
+from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
+
+SHARD = "shard"
+ALWAYS_INDEX_KB = 1  # segments above 1 KB get their graph, and no segment is scanned instead of searched
+NEVER_INDEX_KB = 2 ** 40  # a threshold no segment reaches
+
+
+class QdrantDatabase(Database):
+    """An edge shard in the folder: `handle` is the open `EdgeShard`."""
+
+    def _config(self, dim: int):
+        edge = self.method.library()
+        graph = edge.HnswIndexConfig(m=int(self.opts.get("hnsw_m", 16)),
+                                     ef_construct=int(self.opts.get("ef_construction", 100)),
+                                     full_scan_threshold=ALWAYS_INDEX_KB)
+        # the exact method builds no graph: its optimizer never indexes
+        indexing = NEVER_INDEX_KB if self.method.exact else ALWAYS_INDEX_KB
+        return edge.EdgeConfig(vectors=edge.EdgeVectorParams(size=int(dim), distance=edge.Distance.Dot),
+                               hnsw_config=graph, optimizers=edge.EdgeOptimizersConfig(indexing_threshold=indexing))
+
+    def create(self, dim: int) -> None:
+        self.handle = self.method.library().EdgeShard.create(str(self.path / SHARD), self._config(dim))
+
+    def ingest(self, gallery: np.ndarray) -> None:
+        edge = self.method.library()
+        for start in range(0, len(gallery), ADD_CHUNK_ROWS // 16):
+            rows = gallery[start:start + ADD_CHUNK_ROWS // 16]
+            self.handle.update(edge.UpdateOperation.upsert_points(
+                [edge.Point(start + offset, row) for offset, row in enumerate(rows)]))
+
+    def create_index(self, threads: int) -> None:
+        self.handle.optimize()  # blocks until Qdrant's optimizers have nothing left to do (graphs built)
+
+    def open(self) -> None:
+        self.handle = self.method.library().EdgeShard.load(str(self.path / SHARD))
+
+    def shut(self) -> None:
+        if self.handle is not None:
+            self.handle.flush()
+            self.handle.close()
+            self.handle = None
+
+    def disconnect(self, session: Any) -> None:
+        pass
+
+    def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
+        """One batch request for the queries, each at this setting."""
+        edge = self.method.library()
+        params = (edge.SearchParams(hnsw_ef=int(setting["ef_search"])) if "ef_search" in setting
+                  else edge.SearchParams(exact=True))
+        return self.handle.query_batch(edge.QueryBatchRequest(
+            [edge.QueryRequest(limit=k, query=edge.Query.Nearest(query), params=params) for query in queries]))
+
+
+class Qdrant(DatabaseMethod):
+    module, extra, install = "qdrant_edge", "db", "qdrant-edge-py==0.9.0"
+    query_path = "client API"
+    database_type = QdrantDatabase
+    ordering = "inner product (distance Dot)"
+
+    def results(self, found, k: int):
+        return super().results([([point.id for point in points], [point.score for point in points])
+                                for points in found], k)
+
+
+class QdrantHnsw(GraphSettings, Qdrant):
+    name, label = "qdrant", "Qdrant HNSW (edge, client API)"
+
+
+class QdrantExact(Qdrant):
+    name, label = "qdrant_exact", "Qdrant exact (edge, client API)"
+    exact = True
+
+
+METHODS = (QdrantHnsw(), QdrantExact())
