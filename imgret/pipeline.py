@@ -33,6 +33,7 @@ from imgret.measure.metrics import (VS_FP32_METRIC, latency_percentiles, map_at,
 from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.measure.search import (ClientsRun, SearchRun, SearchSettings, concurrent_clients, search_threads,
                                    timed_search)
+from imgret.measure.cost import Prices, cost_metrics
 from imgret.measure.timing import PeakResidentSet, StageTimes
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RunSettings:
     search: SearchSettings = field(default_factory=SearchSettings)
     threads: int | None = config_defaults().threads
     filter: FilterSettings = field(default_factory=FilterSettings)
+    cost: Prices = field(default_factory=Prices)
 
     def __post_init__(self) -> None:  # a library caller's data and method sections become typed here, once
         object.__setattr__(self, "data", settings_of(self.data))
@@ -57,7 +59,8 @@ class RunSettings:
     @classmethod
     def from_config(cls, cfg) -> "RunSettings":
         return cls(settings_of(cfg.data), MethodSettings.of(cfg.method), ExtractSettings.from_config(cfg),
-                   SearchSettings.from_config(cfg), cfg.get("threads"), FilterSettings.of(cfg.get("filter")))
+                   SearchSettings.from_config(cfg), cfg.get("threads"), FilterSettings.of(cfg.get("filter")),
+                   Prices.from_config(cfg))
 
 
 @dataclass
@@ -235,6 +238,7 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
     if images and row_filter is None and k >= 10:
         accuracy.update(against_fp32_rows(settings, images.splits, embeddings, found.ids, depth))
     searched, batch_qps = _search_metrics(found, len(query_vectors), built, index_metrics, under_load)
+    searched.update(cost_metrics(settings.cost, searched, search.threads or threads, threads))
     metrics = {**accuracy, **searched, **_store_metrics(embeddings), **stages}
     info = {
         "embeddings_extracted": ",".join(embeddings.extracted) or "none",

@@ -5,6 +5,8 @@ Writes to a folder (default outputs/report/<parent run id>) and attaches the sam
                            columns: the models (random weights marked: timings only)
   operating_points.md/.csv the fastest setting of each index reaching recall@10 of 0.90, 0.95 and 0.99
   end_to_end.md/.csv       extraction per image against search per query, per model
+  cost.md/.csv             each method's build cost and the cheapest setting reaching each recall@10, in US$
+                           per million queries at the `cost` group's prices
   pareto_<model>.png       recall@10 against QPS and against p99 latency, the frontier joined
   end_to_end.png           the breakdown as bars
   scaling.md/.csv, scaling_<model>.png
@@ -30,7 +32,7 @@ from imgret.measure.study import by_key, filtered_rows, gallery_words, provenanc
 from imgret.options import config_defaults
 from imgret.plots import (end_to_end_plot, features_of, filtered_plot, ivf_nprobe_plot, libraries_plot, pareto_plot,
                           scaling_plot)
-from imgret.tables import (clients_table, databases_table, end_to_end, libraries_table,
+from imgret.tables import (clients_table, cost_table, databases_table, end_to_end, libraries_table,
                            operating_points, precision_table, scaling_table, seed_table, write_table)
 from imgret.track.study_rows import load_runs
 
@@ -150,6 +152,17 @@ def _clients_section(runs: list[dict], out: Path) -> list[str]:
     return ["\n## Throughput under concurrent clients\n", clients_table(runs, out)]
 
 
+def _cost_section(runs: list[dict], out: Path) -> list[str]:
+    if not any("usd_per_million_queries" in r for r in runs):  # runs of an imgret that priced nothing
+        return []
+    table, verdicts = cost_table(runs, out)
+    return ["\n## Cost: what a million queries and a build cost\n",
+            "At the `cost` group's prices (each run's params): the cores searching, the index in memory and a "
+            "database's files on disk, by the hour, over the throughput of one client (one query at a time) or, "
+            "cheapest, of the best of its concurrent-client counts; the build's time on its cores. The cheapest "
+            "setting of each method reaching each recall@10.\n", table, "\n".join(verdicts) + "\n"]
+
+
 def _precision_section(runs: list[dict], out: Path) -> list[str]:
     extracted = _with_images(runs)
     if len({(r["backend"], r["precision"]) for r in extracted}) < 2:
@@ -182,7 +195,7 @@ def _pareto_section(runs: list[dict], out: Path) -> list[str]:
 # The report's sections after the seed table and the operating points, in order; each is empty where its runs are
 # not in the sweep.
 SECTIONS = (_end_to_end_section, _libraries_section, _filtered_section, _databases_section, _clients_section,
-            _precision_section, _ivf_features_section, _pareto_section)
+            _cost_section, _precision_section, _ivf_features_section, _pareto_section)
 
 
 def write_report(runs: list[dict], out: Path, title: str) -> Path:

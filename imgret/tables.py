@@ -1,12 +1,13 @@
 """The study's tables, each written as `<name>.csv` and `<name>.md` into the report's folder (imgret.report puts them
 on one page): the seed table, the operating points, the end-to-end breakdown, scaling, the libraries, the databases,
-concurrent clients and precision."""
+concurrent clients, cost and precision."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
 from imgret.index.methods import METHODS, is_database, method_label, method_order
+from imgret.measure.cost import cheapest_usd
 from imgret.measure.metrics import VS_FP32_METRIC
 from imgret.measure.study import (OPERATING_POINTS_HEADER, RECALL_TARGETS, SCALING_METRICS, by_key, growth_exponent,
                                   markdown_table, operating_point_rows, representative, single_query_qps)
@@ -183,3 +184,34 @@ def precision_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "precision", header, rows)
 
 
+
+
+def _usd(value: float) -> str:
+    return "n/a" if value != value else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def cost_table(runs: list[dict], out: Path) -> tuple[str, list[str]]:
+    """Per model and method: its build's cost and, at each recall@10 target, the cheapest setting reaching it and what
+    a million queries cost there (one client, and the best of its concurrent-client counts); and per model and
+    target, which method was cheapest."""
+    priced = [r for r in runs if "usd_per_million_queries" in r]
+    header = ["model", "method", "build US$", *[f"recall@10 ≥ {t:.2f}: setting, US$ per million queries one client / "
+                                                 "cheapest" for t in RECALL_TARGETS]]
+    rows, verdicts = [], []
+    for (model,), of_model in sorted(by_key(priced, "model").items()):
+        cheapest: dict[float, tuple[float, str]] = {}
+        for (method,), group in sorted(by_key(of_model, "method").items(), key=lambda item: method_order(item[0][0])):
+            row = [model, method_label(method), _usd(max(r["build_usd"] for r in group))]
+            for target in RECALL_TARGETS:
+                best = min((r for r in group if r["recall_at_10"] >= target - 1e-12), key=cheapest_usd, default=None)
+                if best is None:
+                    row.append("not reached")
+                    continue
+                row.append(f"{best['setting'] or 'exact'}: {_usd(best['usd_per_million_queries'])} / "
+                           f"{_usd(cheapest_usd(best))}")
+                if cheapest_usd(best) < cheapest.get(target, (float("inf"), ""))[0]:
+                    cheapest[target] = (cheapest_usd(best), f"{method_label(method)} ({best['setting'] or 'exact'})")
+            rows.append(row)
+        verdicts += [f"- {model}, recall@10 ≥ {target:.2f}: cheapest is {where}, {_usd(usd)} per million queries"
+                     for target, (usd, where) in sorted(cheapest.items())]
+    return write_table(out / "cost", header, rows), verdicts

@@ -58,9 +58,11 @@ def check_run_settings(cfg) -> None:
     if not objectives or not all(name in RUN_METRICS for name in objectives):
         raise bad_value("objectives", list(objectives), f"a list of metric names from {', '.join(RUN_METRICS)}")
 
+    from imgret.measure.cost import Prices
     from imgret.measure.search import SearchSettings
 
     SearchSettings.check_section(cfg.search)
+    Prices.check_section(cfg.get("cost") or {})
 
 
 def check_tracking(tracking) -> None:

@@ -80,6 +80,8 @@ BAD_VALUES = [  # (overrides, the key the one line must name)
     (["search.latency_queries=0"], "search.latency_queries=0"),
     (["search.warmup_queries=-1"], "search.warmup_queries=-1"),
     (["search.tie_epsilon=-1"], "search.tie_epsilon=-1"),
+    (["cost.core_hour_usd=-0.03"], "cost.core_hour_usd=-0.03"),
+    (["cost.disk_gib_month_usd=free"], "cost.disk_gib_month_usd=free"),
     (["extract.latency_images=0"], "extract.latency_images=0"),
     (["device=tpu"], "device=tpu"),
     (["nprobe=abc"], "nprobe=abc"),

@@ -111,6 +111,9 @@ def test_index_zoo_multirun_and_its_report(tmp_path):
     seed = (out / "seed_table.md").read_text()
     assert "extraction: ms/image at batch 1" in seed and "FAISS IVF: ms/query p50 · recall@10" in seed
     assert "extraction dominates" in (out / "end_to_end.md").read_text()
+    cost = (out / "cost.md").read_text()
+    assert "| resnet18 | FAISS HNSW | $" in cost and "US$ per million queries" in cost
+    assert "cheapest is" in (out / "report.md").read_text()
 
     client, _ = runs_of(uri)
     attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
@@ -254,3 +257,18 @@ def test_a_vector_study_is_described_as_vectors_not_images():
     rows = [{"model": "resnet18", "gallery_size": 100.0, "query_size": 10.0, "dim": 512.0, "image_size": "64"}]
     assert gallery_words(rows) == "gallery 100 images, 10 queries, 64 px"
 
+
+
+def test_a_million_queries_and_a_build_cost_what_the_prices_and_the_figures_say():
+    from imgret.measure.cost import Prices, cheapest_usd, cost_metrics
+
+    prices = Prices(core_hour_usd=0.036, memory_gib_month_usd=7.3, disk_gib_month_usd=0.73)
+    figures = {"search_ms_p50": 2.0, "index_bytes": 2.0**30, "db_disk_bytes": 2 * 2.0**30, "build_s": 1800.0,
+               "qps_clients_1": 400.0}
+    costs = cost_metrics(prices, figures, search_threads=1, build_threads=2)
+    hourly = 0.036 + 7.3 / 730 + 2 * 0.73 / 730  # a core, a GiB in memory, two on disk: $0.048 an hour
+    assert costs["usd_per_million_queries"] == pytest.approx(hourly / 3600 / 500 * 1e6)  # 500 queries a second
+    assert costs["usd_per_million_queries_clients_1"] == pytest.approx(hourly / 3600 / 400 * 1e6)
+    assert costs["build_usd"] == pytest.approx(0.5 * 2 * 0.036)  # half an hour on two cores
+    assert cheapest_usd({**figures, **costs}) == pytest.approx(costs["usd_per_million_queries"])
+    assert Prices.from_config({"cost": {"core_hour_usd": 1}}).core_hour_usd == 1.0

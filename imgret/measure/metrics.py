@@ -126,6 +126,7 @@ RESULT_ROWS = (
     ("extraction: kernel share of its CPU time", ("extract_kernel_share",), "{:.2f}"),
     ("extraction: minor page faults per image", ("extract_minor_faults_per_image",), "{:,.0f}"),
     ("index build (s) / size (MB)", ("build_s", "index_bytes"), None),
+    ("US$ per million queries / build (cost.*)", ("usd_per_million_queries", "build_usd"), "{:.4g}"),
     ("stages: stores / truth / index / search (s)", ("stores_s", "groundtruth_s", "index_s", "search_s"), "{:.2f}"),
     ("peak resident set (GB)", ("peak_rss_bytes",), None),
 )

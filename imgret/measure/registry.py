@@ -104,6 +104,15 @@ METRICS: tuple[Metric, ...] = tuple([
               "query at a time for `search.clients_s` seconds (each on its own connection to a database), at the "
               "run's query setting; the queries answered per second and their p99 latency", "queries/s, ms",
               "higher, lower", CLIENTS),
+    *_declare(("usd_per_million_queries", "usd_per_million_queries_clients_N"),
+              "what a million queries cost at the `cost` group's prices: the hourly price of the cores searching "
+              "(`search.threads`; under N clients, N x `search.threads`, at most the machine's cores), of the index in "
+              "memory (`index_bytes`) and of a database's files on disk (`db_disk_bytes`), divided by the throughput: "
+              "one client one query at a time (1000 / `search_ms_p50` queries a second), or `qps_clients_N`", "US$",
+              "lower", (EVERY_RUN, CLIENTS)),
+    *_declare(("build_usd",), "what the index's build cost at the `cost` group's price of a core-hour: `build_s` on "
+              "the run's `threads` cores (an engine that sizes its own thread pools may have used more)", "US$",
+              "lower", EVERY_RUN),
     *_declare(("filter_selectivity",), "the share of the gallery a query may return, as realised on this gallery, the "
               "mean over the queries (an attribute filter's nominal `filter.selectivity` keeps a little more or less "
               "on a finite gallery)", "share of 1", "", FILTER),
