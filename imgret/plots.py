@@ -129,13 +129,25 @@ def scaling_plot(model: str, runs: list[dict], path: Path) -> None:
 
 
 def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
-    """One Pareto frontier per method (each library's own best settings), recall@10 against single-query QPS and
-    against batch QPS: where each library stands, at every recall."""
-    figure, axes = plt.subplots(1, 2, figsize=(14, 5.6))
-    panels = [(single_query_qps, "queries per second, one query per call (log scale)"),
-              (lambda r: r["search_qps_batch"], "queries per second, all queries in one call (log scale)")]
-    for axis, (speed, label) in zip(axes, panels):
+    """One Pareto frontier per method (each library's own best settings), a panel per query mode: recall@10 against
+    single-query QPS, against batch QPS and, where the sweep measured concurrent clients, against the QPS of the most
+    clients it measured: where each library stands, at every recall."""
+    clients = max((int(key.removeprefix("qps_clients_")) for r in runs for key in r if key.startswith("qps_clients_")),
+                  default=None)
+    panels = [(single_query_qps, "queries per second, one query per call (log scale)", "one query per call"),
+              (lambda r: r["search_qps_batch"], "queries per second, all queries in one call (log scale)",
+               "all queries in one call")]
+    if clients is not None:
+        panels.append((lambda r: r.get(f"qps_clients_{clients}", float("nan")),
+                       f"queries per second, {clients} concurrent clients (log scale)",
+                       f"{clients} clients, each one query at a time"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.6))
+    for axis, (speed, label, title) in zip(axes, panels):
+        axis.set_title(title)
         for (method,), group in sorted(by_key(runs, "method").items(), key=lambda item: method_order(item[0][0])):
+            group = [r for r in group if speed(r) == speed(r)]  # measured in this mode
+            if not group:
+                continue
             frontier = pareto_frontier([r["recall_at_10"] for r in group], [speed(r) for r in group])
             points = sorted((speed(group[i]), group[i]["recall_at_10"]) for i in frontier)
             axis.plot([x for x, _ in points], [y for _, y in points], marker=method_marker(method),
@@ -143,8 +155,6 @@ def libraries_plot(model: str, runs: list[dict], path: Path) -> None:
                       label=method_label(method) + (" (exact)" if is_exact(method) else ""))
         recall_axis(axis, label, loc="lower left", ncol=2)
     threads = sorted({str(r["search_threads"]) for r in runs})
-    axes[0].set_title("one query per call: each point a library's query setting on its frontier")
-    axes[1].set_title("all queries in one call")
     figure.suptitle(f"{model}: {kinds_of(runs)}, each one's Pareto frontier; {gallery_words(runs)}; "
                     f"{'/'.join(threads)} search thread(s)")
     save(figure, path)

@@ -239,6 +239,49 @@ def test_the_ann_libraries_study_builds_each_index_once_and_reports_each_library
     assert (out / "libraries_efficientnet_lite0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# What the engines study leaves to studies of their own (experiments/engines.yaml says why)
+LEFT_TO_OTHER_STUDIES = {"brute", "factory", "ivfpq", "ivfsq", "diskann_disk"}
+
+
+def test_the_engines_study_sweeps_every_engine_but_those_left_to_other_studies():
+    from imgret.index.methods import METHODS
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=engines"], return_hydra_config=True)
+    swept = set(str(cfg.hydra.sweeper.params.method).split(","))
+    assert swept == set(METHODS) - LEFT_TO_OTHER_STUDIES, swept ^ (set(METHODS) - LEFT_TO_OTHER_STUDIES)
+    assert str(cfg.hydra.sweeper.params.level) == "0,1,2,3,4,5,6,7,8,9" and cfg.search.threads == 1
+    assert list(cfg.search.clients) == [1, 2] and cfg.tracking.experiment == "engines"
+
+
+@pytest.mark.slow
+def test_the_engines_study_resumes_and_its_report_has_a_panel_per_query_mode_and_the_cost(tmp_path):
+    """experiments/engines.yaml, small: a library, a database server, an embedded database and an exact one at the
+    cheapest and the most exhaustive level; run again, it runs nothing twice."""
+    small = ("nlist=4", "data.gallery_per_class=30", "method=hnswlib,redis,qdrant,sqlite_vec", "level=0,9",
+             "search.clients_s=0.3")
+    result, uri = imgret_multirun(tmp_path, "+experiment=engines", "model=efficientnet_lite0", *small)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def points():  # (runs that searched, links to one of them)
+        jobs = [r for r in runs_of(uri, "engines")[1] if r.data.tags.get("imgret.role") != "multirun"]
+        return ([r for r in jobs if "imgret.reused_run_id" not in r.data.tags],
+                [r for r in jobs if "imgret.reused_run_id" in r.data.tags])
+
+    searched, links = points()  # sqlite-vec is exact: one run, its other level a link to it
+    assert len(searched) == 7 and len(links) == 1 and all(r.info.status == "FINISHED" for r in searched)
+    assert all(r.data.metrics["usd_per_million_queries_clients_2"] > 0 for r in searched)
+    again, _ = imgret_multirun(tmp_path, "+experiment=engines", "model=efficientnet_lite0", *small)
+    assert again.returncode == 0, again.stderr[-3000:]
+    searched_again, links_again = points()
+    assert {r.info.run_id for r in searched_again} == {r.info.run_id for r in searched}, "nothing searched twice"
+    assert len(links_again) == 1 + 8, "the second sweep linked every point to its finished run"
+    out = report_main(["--tracking-uri", uri, "--experiment", "engines", "--all-runs", "--out", str(tmp_path / "report")])
+    assert "cheapest is" in (out / "report.md").read_text() and "| efficientnet_lite0 | Redis" in (out / "cost.md").read_text()
+    header = (out / "libraries_efficientnet_lite0.png").read_bytes()[:24]
+    assert struct.unpack(">II", header[16:24])[0] > 2000  # three panels: one query per call, a batch, 2 clients
+
+
 def test_the_report_draws_ivf_recall_against_nprobe_per_set_of_features(tmp_path):
     result, uri = imgret_multirun(tmp_path, "model=resnet18,mobilenet", "method=ivf", "nlist=4", "nprobe=1,2,4")
     assert result.returncode == 0, result.stderr[-3000:]
