@@ -314,6 +314,20 @@ def test_the_documented_database_run_with_two_clients(tmp_path):
     assert run["metrics.recall_at_10"] > 0.9 and run["metrics.ingest_s"] > 0
 
 
+def test_duckdb_s_plan_is_the_hnsw_index_scan_alone(tmp_path):
+    """Not the index scan's rows joined back to a sequential scan of every row (DuckDB's late materialization)."""
+    rows = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    built = build_index(compose_method("duckdb_hnsw").method, rows, tmp_path / "cache", "rows")
+    try:
+        session = built.native.session()
+        plan = session.connection.execute("EXPLAIN " + session.sql, {"query": rows[0].tolist(), "k": K}).fetchall()
+        operators = re.findall(r"│\s*([A-Z_]{4,})\s*│", plan[0][1])
+        assert "HNSW_INDEX_SCAN" in operators and "SEQ_SCAN" not in operators, operators
+    finally:
+        built.close()
+
+
 def test_clients_search_concurrently_for_the_time_given(tmp_path):
     from imgret.measure.search import concurrent_clients
 

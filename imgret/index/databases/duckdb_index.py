@@ -1,5 +1,6 @@
 """DuckDB's vss extension: an HNSW index (USearch inside DuckDB) over a FLOAT[dim] column, metric 'ip', searched in
-SQL by `ORDER BY array_negative_inner_product(embedding, query) LIMIT k` (the plan's HNSW_INDEX_SCAN). Embedded: the
+SQL by `ORDER BY array_negative_inner_product(embedding, query) LIMIT k` (the plan's HNSW_INDEX_SCAN, and nothing else:
+late materialization is turned off, below). Embedded: the
 database is one file, opened in this process. The extension comes from the `duckdb-ext-vss` wheel (no download at
 run time: `INSTALL vss` fetches from the internet), which matches exactly one DuckDB release, hence DuckDB's pin.
 """
@@ -32,7 +33,7 @@ class DuckdbDatabase(Database):
             "extension_directory": str(extension_directory()), "autoinstall_known_extensions": False,
             "autoload_known_extensions": False})
         connection.execute("LOAD vss")
-        return connection
+        return without_late_materialization(connection)
 
     def create(self, dim: int) -> None:
         self.handle, self.read_only = self._connect(read_only=False), False
@@ -70,7 +71,7 @@ class DuckdbDatabase(Database):
 
     def connect(self) -> Session:
         # a connection of its own to the same database, for one thread
-        return Session(self.handle.cursor(), sql(self.dim))
+        return Session(without_late_materialization(self.handle.cursor()), sql(self.dim))
 
     def disconnect(self, session: Session) -> None:
         session.connection.close()
@@ -87,6 +88,15 @@ class DuckdbHnsw(GraphSettings, DatabaseMethod):
     install = "duckdb-ext-vss==1.4.4.20260205 duckdb==1.4.4"  # the last names the version its figures give
     database_type = DuckdbDatabase
     ordering = "inner product (metric 'ip', ORDER BY array_negative_inner_product)"
+
+
+def without_late_materialization(connection):
+    """DuckDB's late materialization rewrites ORDER BY distance LIMIT k as the HNSW index scan's row ids joined back
+    to a sequential scan of the whole table (EXPLAIN: HASH_JOIN over SEQ_SCAN beside HNSW_INDEX_SCAN), so that every
+    query read every row; without it the plan is the index scan alone, and the rows found are the same (ranked by the
+    index's own distances). A setting of the connection: each cursor gets it too."""
+    connection.execute("SET late_materialization_max_rows = 0")
+    return connection
 
 
 def sql(dim: int) -> str:

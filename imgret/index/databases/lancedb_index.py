@@ -100,21 +100,22 @@ class Lance(DatabaseMethod):
 
 class LanceIvfPq(Lance):
     name, label = "lancedb", "LanceDB IVF_PQ (client API)"
-    params = (Lance.partitions, Param("num_sub_vectors", BUILD), Lance.nprobes,
+    params = (Lance.partitions, Param("num_sub_vectors", BUILD, optional=True), Lance.nprobes,
               Param("refine_factor", QUERY, minimum=0, top_level=True))
     variant_param = "nprobes"
     ordering = "inner product (distance type 'dot', 1 - a·b), re-ranked on the full rows when refine_factor > 0"
 
     def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
-        if dim is not None and dim % opts["num_sub_vectors"]:
+        if dim is not None and opts["num_sub_vectors"] is not None and dim % opts["num_sub_vectors"]:
             raise bad_value("method.num_sub_vectors", opts["num_sub_vectors"], f"a divisor of the dimension ({dim})")
 
     def index_config(self, opts: MethodParams):
         from lancedb.index import IvfPq
 
+        sub_vectors = opts["num_sub_vectors"]  # None: LanceDB's own choice (the dimension / 16, else / 8)
         return IvfPq(distance_type="dot", num_partitions=int(opts["num_partitions"]),
-                     num_sub_vectors=int(opts["num_sub_vectors"]))
+                     num_sub_vectors=None if sub_vectors is None else int(sub_vectors))
 
     def request(self, session: Any, query: np.ndarray, k: int, setting: Mapping):
         search = super().request(session, query, k, setting)
