@@ -381,10 +381,10 @@ def test_the_vector_databases_study_and_its_report(tmp_path, tiny_subset_zip):
     """The docs' vector-databases study at the subset's size: a database server and an embedded one, two levels,
     then the report's databases table and the one Pareto plot of libraries and databases."""
     command = documented("+experiment=vector_databases model=efficientnet_lite0 data.archive=")
-    work = docs_study(command, tmp_path, tiny_subset_zip, "method=hnswlib,pgvector_hnsw,duckdb_hnsw", "level=0,9",
+    work = docs_study(command, tmp_path, tiny_subset_zip, "method=hnswlib,redis,duckdb_hnsw", "level=0,9",
                       "search.clients_s=0.5")
     printed = run_command(documented("python -m imgret.report --experiment vector_databases"), work).stdout
     assert "Vector databases: what a database adds" in printed
-    assert "| pgvector HNSW (SQL) |" in printed and "| DuckDB vss HNSW (SQL) | " in printed
+    assert "| Redis 8 vector set HNSW (client API) |" in printed and "| DuckDB vss HNSW (SQL) | " in printed
     assert " / 2 clients" in printed  # each recall target's setting with its QPS under 1 and 2 clients
 
