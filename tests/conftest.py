@@ -3,6 +3,7 @@ subset of the Tiny-ImageNet archive (the real images and layout, 4 classes)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -119,16 +120,25 @@ def write_images(folder: Path, classes=("a", "b"), per_class: int = 6) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_stores(tmp_path_factory):
-    """The gallery and query stores of real images (20 classes, 30 and 2 images each), extracted once by the
-    pipeline's own stores."""
+    """The gallery and query stores of real images (20 classes, 30 and 2 images each), extracted once per test session
+    by the pipeline's own stores: in a folder every xdist worker of the session shares, the first to come writing the
+    zip under a lock, the stores' own locks making the others wait for and open the same extraction."""
+    from filelock import FileLock
+
     from imgret.api import open_stores
     from imgret.embed.options import ExtractSettings
     from imgret.sources.registry import provide
 
-    folder = tmp_path_factory.mktemp("real_store")
-    archive, digest = subset_zip(folder / "twenty.zip", 20, 30, 2)
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "real_store"
+    folder.mkdir(exist_ok=True)
+    with FileLock(str(folder / "zip.lock")):
+        if not (folder / "twenty.zip.sha256").is_file():
+            archive, digest = subset_zip(folder / "twenty.zip", 20, 30, 2)
+            (folder / "twenty.zip.sha256").write_text(digest)
+    archive, digest = folder / "twenty.zip", (folder / "twenty.zip.sha256").read_text()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"data.archive={archive}", f"data.checksums=[{digest}]", "model=efficientnet_lite0",
@@ -141,3 +151,9 @@ def real_stores(tmp_path_factory):
 def real_store(real_stores):
     """(gallery, queries) rows of real images."""
     return np.array(real_stores.gallery.vectors), np.array(real_stores.queries.vectors)  # writable, as Voyager wants
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker more than the machine has cores. Much of the suite waits rather than computes (servers
+    starting, subprocesses importing, Slurm polling), so on two cores a third worker fills the idle time."""
+    return (os.cpu_count() or 1) + 1

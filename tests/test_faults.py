@@ -364,7 +364,7 @@ def wait_for_rows(cache: Path, rows: int, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_sigterm_then_kill_9_mid_extraction_then_the_same_command_resumes(tmp_path):
-    overrides = ("data=synthetic", "model.pretrained=false", "model.image_size=64", "batch_size=16",
+    overrides = ("data=synthetic", "model.pretrained=false", "model.image_size=32", "batch_size=16",
                  "data.num_classes=10", "data.gallery_per_class=150", "data.query_per_class=2", "method=flat")
     command = imgret_command(tmp_path, *overrides)
     uri = sqlite_uri(tmp_path)
@@ -406,7 +406,7 @@ def test_sigterm_then_kill_9_mid_extraction_then_the_same_command_resumes(tmp_pa
 @pytest.mark.slow
 def test_ctrl_c_ends_a_sweep_killed_and_a_rerun_runs_only_what_did_not_finish(tmp_path):
     # flat finishes quickly on a cached store; the sweep is interrupted while the second point extracts
-    base = ("data=synthetic", "model.pretrained=false", "model.image_size=64", "batch_size=16", "data.num_classes=10",
+    base = ("data=synthetic", "model.pretrained=false", "model.image_size=32", "batch_size=16", "data.num_classes=10",
             "data.query_per_class=2", "method=flat", "k=5")
     sweep = imgret_command(tmp_path, *base, "data.gallery_per_class=10,150", multirun=True)
     first = subprocess.Popen(sweep, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -85,7 +85,7 @@ def test_a_cancelled_job_is_killed_in_mlflow_and_the_rerun_resumes_it(slurm, tmp
     work = sandbox(tmp_path)
     sweep = smaller(documented("-m hydra/launcher=slurm hydra.launcher.partition=debug hydra.launcher.gpus_per_node=0"),
                     {"method=flat,ivf": "method=flat", "model.image_size=64": "model.image_size=160"},
-                    ("data.gallery_per_class=150", "batch_size=8", "threads=1"))
+                    ("data.gallery_per_class=60", "batch_size=8", "threads=1"))
     first = subprocess.Popen(shlex.split(sweep), cwd=work, env=slurm, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # no shell between: terminate() reaches imgret
     staged = work / ".cache" / "imgret" / "embeddings"
