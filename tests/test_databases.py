@@ -4,7 +4,7 @@ recall@10 >= 0.99; a saved database reloaded gives the same ids; and no server p
 finished, failed, was stopped by SIGTERM or killed.
 
 Each engine's calls are written here with its own client (psycopg and SQL, DuckDB's SQL, LanceDB's, Chroma's and
-Qdrant's APIs, Redis's VSIM command, sqlite-vec's SQL), not imgret's."""
+Qdrant's APIs, Redis's VSIM command, sqlite-vec's SQL, pymilvus's MilvusClient), not imgret's."""
 from __future__ import annotations
 
 import os
@@ -109,9 +109,25 @@ def _sqlite_vec(native, queries, setting):
         connection.close()
 
 
+def _milvus(native, queries, setting):
+    """pymilvus's search, a request per query (imgret sends the batch as one request), through the unix socket the
+    server's forwarder listens on (read from the server's command line)."""
+    from pymilvus import MilvusClient
+
+    socket = re.search(r"UNIX-LISTEN:([^,]+),", " ".join(native.server.process.args)).group(1)
+    client = MilvusClient(uri=f"unix:{socket}")
+    try:
+        return [[hit["id"] for hit in client.search("items", data=[query.tolist()], limit=K, anns_field="vector",
+                                                    search_params={"metric_type": "IP", "params": {
+                                                        "ef" if "ef_search" in setting else "nprobe":
+                                                        next(iter(setting.values()))}})[0]] for query in queries]
+    finally:
+        client.close()
+
+
 BARE = {"pgvector_hnsw": _pgvector, "pgvector_ivfflat": _pgvector, "duckdb_hnsw": _duckdb, "lancedb": _lancedb,
         "lancedb_hnsw_sq": _lancedb, "chroma": _chroma, "qdrant": _qdrant, "qdrant_exact": _qdrant, "redis": _redis,
-        "sqlite_vec": _sqlite_vec}
+        "sqlite_vec": _sqlite_vec, "milvus_hnsw": _milvus, "milvus_ivf": _milvus}
 # Lance's IVF_PQ batch call is not repeatable: where candidates tie on their product-quantised score, two identical
 # calls may keep different ones (a row or two of 400 in about one build of four on this 600-row gallery, at nprobes 1
 # and at 256 with refine_factor 10), so imgret's rows are held to the client's but for that share
@@ -201,7 +217,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-SERVERS = {"pgvector_hnsw": "PostgreSQL", "redis": "Redis"}  # a database with a server: the name its log gives
+# a database with a server: the name its log gives
+SERVERS = {"pgvector_hnsw": "PostgreSQL", "redis": "Redis", "milvus_hnsw": "Milvus"}
 
 
 def database_run(tmp_path: Path, *overrides: str, method: str = "pgvector_hnsw") -> subprocess.Popen:
@@ -238,7 +255,7 @@ def last_status(tmp_path: Path) -> str:
 
 
 # a run that fails after its server started: pgvector refuses m > 100 when it creates the index; Redis, at its
-# maxmemory, refuses rows
+# maxmemory, refuses rows; Milvus's failed run is its server killed under it (the next test)
 FAILING = {"pgvector_hnsw": ("method.hnsw_m=101", "PostgreSQL could not create the index"),
            "redis": ("method.maxmemory=1mb", "Redis refused the rows")}
 
@@ -247,9 +264,10 @@ FAILING = {"pgvector_hnsw": ("method.hnsw_m=101", "PostgreSQL could not create t
 @pytest.mark.parametrize("method", SERVERS)
 def test_no_server_outlives_a_finished_a_failed_or_a_killed_run(tmp_path, method):
     server = SERVERS[method]
-    if method == "pgvector_hnsw":  # a finished run's path is the run's own; Redis's own close is held in process above
+    if method == "pgvector_hnsw":  # a finished run's path is the run's own; the others' close is held in process above
         finished_run(tmp_path, server)
-    failing(tmp_path, method, server)
+    if method in FAILING:
+        failing(tmp_path, method, server)
     # SIGTERM's path (the run KILLED, its servers stopped) is the run's own, whatever the server: PostgreSQL's case
     stops = ((signal.SIGTERM, 143), (signal.SIGKILL, -9)) if method == "pgvector_hnsw" else ((signal.SIGKILL, -9),)
     for stop, code in stops:
@@ -289,18 +307,23 @@ def failing(tmp_path: Path, method: str, server: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,stop", [("pgvector_hnsw", signal.SIGINT), ("pgvector_hnsw", signal.SIGKILL)])
+@pytest.mark.parametrize("method,stop", [("pgvector_hnsw", signal.SIGINT), ("pgvector_hnsw", signal.SIGKILL),
+                                         ("milvus_hnsw", signal.SIGKILL)])
 def test_a_server_stopped_under_the_run_is_one_line_and_the_run_failed(tmp_path, method, stop):
     """The server stopped (PostgreSQL's SIGINT, its fast shutdown: the backends answer AdminShutdown) or killed while
-    the run searches it: one line naming what happened, exit 1, the run FAILED, no traceback."""
+    the run searches it: one line naming what happened, exit 1, the run FAILED, no traceback, nothing of the
+    server's process tree left (Milvus's forwarder dies with it)."""
     run, seen = searching_on_the_reopened_server(tmp_path, method)
-    os.kill(server_pids(seen, SERVERS[method])[-1], stop)
+    pid = server_pids(seen, SERVERS[method])[-1]
+    tree = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    os.kill(pid, stop)
     seen += run.communicate(timeout=120)[0]
     assert run.returncode == 1, seen[-2000:]
     line = seen.strip().splitlines()[-1]
     assert line.startswith(f"error: {SERVERS[method]} stopped answering while the run searched it"), seen[-2000:]
     assert "Traceback" not in seen, seen[-3000:]
     assert last_status(tmp_path) == "FAILED"
+    assert not any(map(alive, tree)), [p for p in tree if alive(p)]
 
 
 @pytest.mark.slow

@@ -85,8 +85,8 @@ def test_every_documented_command_is_run_by_a_test():
 
 def test_the_readme_test_command_is_what_ci_runs():
     readme_test = documented("pip install -e '.[test]' && ")
-    browser = ("(command -v chromium && test -x /usr/bin/time && command -v slurmd || (apt-get update && apt-get install -y "
-               "chromium time && apt-get install -y --no-install-recommends slurm-wlm munge)) && ")
+    browser = ("(command -v chromium && test -x /usr/bin/time && command -v slurmd && command -v socat || (apt-get update && "
+               "apt-get install -y chromium time socat && apt-get install -y --no-install-recommends slurm-wlm munge)) && ")
     assert readme_test.startswith(browser)  # .ci/run does the same in its own lines
     assert readme_test[len(browser):] in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()
 

@@ -68,8 +68,10 @@ def last_lines(path: Path, count: int = 3) -> str:
 class Server:
     """A running server's process tree: its pid, its log, its memory, and how to stop it."""
 
-    def __init__(self, name: str, process: subprocess.Popen, log_path: Path, stop_signal: int):
+    def __init__(self, name: str, process: subprocess.Popen, log_path: Path, stop_signal: int,
+                 stop_timeout_s: float = 20.0, graceful: bool = True):
         self.name, self.process, self.log_path, self.stop_signal = name, process, log_path, stop_signal
+        self.stop_timeout_s, self.graceful = stop_timeout_s, graceful
         self.peak_resident_bytes = 0
         self._sampling = threading.Event()
 
@@ -107,8 +109,10 @@ class Server:
     def running(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """Its stop signal to the server's pid, a wait, then SIGKILL to whatever is left of its tree."""
+    def stop(self) -> None:
+        """Its stop signal to the server's pid, a wait (`stop_timeout_s`), then SIGKILL to whatever is left of its
+        tree."""
+        timeout_s = self.stop_timeout_s
         self._sampling.set()
         with _LIVE_LOCK:
             _LIVE.discard(self)
@@ -119,7 +123,8 @@ class Server:
             self.process.send_signal(self.stop_signal)
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) did not stop in %.0f s: killed", self.name, self.pid, timeout_s)
+            (log.warning if self.graceful else log.info)("%s (pid %d) did not stop in %.0f s: killed", self.name,
+                                                          self.pid, timeout_s)
         for process in tree:
             try:
                 process.kill()
@@ -130,18 +135,23 @@ class Server:
 
 def start_server(name: str, command: Sequence[str | Path], ready: Callable[[], bool], log_path: Path,
                  stop_signal: int = signal.SIGTERM, as_user: tuple[int, int] | None = None,
-                 timeout_s: float = 60.0, env: dict | None = None) -> Server:
+                 timeout_s: float = 60.0, env: dict | None = None, stop_timeout_s: float = 20.0,
+                 graceful: bool = True) -> Server:
     """Start `command` (a server that listens on a unix socket or 127.0.0.1 only), wait until `ready()` is true,
-    and return it running. A server that exits or is not ready in time: ServerFailed with its log's last lines."""
+    and return it running. A server that exits or is not ready in time: ServerFailed with its log's last lines.
+    `stop_timeout_s`: how long `stop()` waits after the stop signal before it kills the tree; `graceful`: False for a
+    server whose own stop is not expected to finish (its kill is then no warning)."""
     setpriv = shutil.which("setpriv")
-    death = [setpriv, "--pdeathsig", signal.Signals(stop_signal).name.removeprefix("SIG"), "--"] if setpriv else []
+    # the kernel's signal if the run dies first: the stop signal, or SIGKILL where the server's own stop does not finish
+    death_signal = signal.Signals(stop_signal if graceful else signal.SIGKILL).name.removeprefix("SIG")
+    death = [setpriv, "--pdeathsig", death_signal, "--"] if setpriv else []
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as output:
         process = _LAUNCHER.submit(
             subprocess.Popen, [*death, *map(str, command)], stdout=output, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, user=as_user[0] if as_user else None, group=as_user[1] if as_user else None,
             env=env, start_new_session=True).result()
-    server = Server(name, process, log_path, stop_signal)
+    server = Server(name, process, log_path, stop_signal, stop_timeout_s, graceful)
     with _LIVE_LOCK:
         _LIVE.add(server)
     deadline = time.monotonic() + timeout_s
