@@ -24,6 +24,12 @@ from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, pla
 from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 
+def absolute(folder) -> str:
+    """A folder's absolute path: ScaNN joins the folder it loads with the paths of its assets, so a relative folder
+    (a cache under the working directory) given to both would be joined twice."""
+    return str(Path(folder.name).resolve())
+
+
 class Scann(Method):
     module, install = "scann", "scann==1.4.2"
     ordering = "inner product (distance 'dot_product')"
@@ -80,8 +86,10 @@ class ScannTree(Scann):
                     .score_ah(2, anisotropic_quantization_threshold=float(opts["anisotropic_threshold"]))
                     .reorder(int(opts["reorder"])).set_n_training_threads(threads).build())
         folder = new_folder(path)
-        searcher.serialize(folder.name)  # the saved form is ScaNN's own folder: loaded back from it
-        return FolderIndex(self.library().load_searcher(folder.name), folder, str(leaves))
+        # the saved form is ScaNN's own folder, its assets named relative to it (by default ScaNN records where they
+        # were written, which the index cache's copy unpacked elsewhere would not find): loaded back from it
+        searcher.serialize(absolute(folder), relative_path=True)
+        return FolderIndex(self.library().load_searcher(absolute(folder)), folder, str(leaves))
 
     def save(self, native: FolderIndex, path: Path) -> None:
         pack_folder(native.path, path)
@@ -91,7 +99,7 @@ class ScannTree(Scann):
 
     def load(self, path: Path, opts: MethodParams, meta: dict) -> Any:
         folder = unpack_folder(path)
-        return FolderIndex(self.library().load_searcher(folder.name), folder, str(meta["num_leaves"]))
+        return FolderIndex(self.library().load_searcher(absolute(folder)), folder, str(meta["num_leaves"]))
 
 
 class ScannExact(Scann):
@@ -101,6 +109,11 @@ class ScannExact(Scann):
 
     def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
         return self.library().builder(plain_rows(gallery), 10, "dot_product").score_brute_force().build()
+
+    def save(self, native: Any, path: Path) -> None:
+        """ScaNN's own folder (never cached: how a run measures the index's size, the rows it holds)."""
+        path.mkdir(parents=True)
+        native.serialize(str(path), relative_path=True)
 
 
 METHODS = (ScannTree(), ScannExact())
