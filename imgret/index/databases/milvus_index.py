@@ -67,6 +67,14 @@ class MilvusDatabase(Database):
     def _client(self, timeout: float | None = None):
         return self.method.library().MilvusClient(uri=f"unix:{self._socket()}", timeout=timeout)
 
+    def _answers(self) -> bool:
+        """Whether the server answers through its socket yet (a client of its own, closed)."""
+        client = self._client(timeout=2)
+        try:
+            return bool(client.get_server_version())
+        finally:
+            client.close()
+
     def open(self) -> None:
         import milvus
 
@@ -85,7 +93,7 @@ class MilvusDatabase(Database):
         env = {"DEPLOY_MODE": "STANDALONE", "METRICS_PORT": "9091", "MILVUS_RUN_DIR": str(self.path / "run"),
                "LD_LIBRARY_PATH": str(executable.parent), "PATH": "/usr/bin:/bin"}
         self.server = start_server("Milvus", [tools["unshare"], "--net", "--", "sh", "-c", script],
-                                   ready=lambda: bool(self._client(timeout=2).get_server_version()),
+                                   ready=self._answers,
                                    log_path=self.path / "milvus.log", stop_signal=signal.SIGTERM, timeout_s=120.0,
                                    env=env, stop_timeout_s=STOP_WAIT_S, graceful=False)
         self.handle = self._client()
