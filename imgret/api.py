@@ -39,7 +39,7 @@ from imgret.errors import ConfigError, allowed, bad_value
 from imgret.index.base import BuiltIndex, SearchIndex
 from imgret.index.brute import BruteForceIndex
 from imgret.index.build import build_index
-from imgret.index.filters import RowFilter, label_filter
+from imgret.index.filters import RowFilter, RowKeys, label_filter
 from imgret.index.methods import METHODS, MethodSettings, execution_params, is_exact, validate_search
 from imgret.sources.base import ImageSet, ImagesToEmbed, ReadyVectors, Splits
 from imgret.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, open_image
@@ -74,7 +74,8 @@ def open_index(settings: MethodSettings | Mapping, gallery: EmbeddingStore, cach
                ) -> BuiltIndex:
     """The index `settings` configure over a store: loaded from the index cache (keyed by the store), or built and
     saved."""
-    return build_index(settings, np.ascontiguousarray(gallery.vectors), cache_dir, gallery.path.name, device)
+    return build_index(settings, np.ascontiguousarray(gallery.vectors), cache_dir, gallery.path.name, device,
+                       RowKeys.of(gallery.labels))
 
 
 # --------------------------------------------------------------------------- embedding

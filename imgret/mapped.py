@@ -23,6 +23,11 @@ def _file_mapping(array: np.ndarray):
     return base, mapping, array.__array_interface__["data"][0] - mapping_start
 
 
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether `array` reads a memory-mapped file (rather than this process's memory)."""
+    return _file_mapping(array)[0] is not None
+
+
 def release_pages(array: np.ndarray, start_row: int = 0, stop_row: int | None = None) -> None:
     """Drop rows [start_row, stop_row) of a memory-mapped store from this process's resident set.
 

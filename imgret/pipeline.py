@@ -250,6 +250,7 @@ def _run_stages(settings: RunSettings, provided: ImagesToEmbed | ReadyVectors, m
         "index_built": str(not built.reused).lower(),
         "filter": row_filter.describe() if row_filter else "none",
         "filter_mode": built.method.filter_mode if row_filter and built.method else "none",
+        **({"filter_plan": plan} if row_filter and (plan := built.filter_plan(query_vectors, k, row_filter)) else {}),
         "index_path": str(built.path) if built.path else "none",
         "threads": str(threads),
         "search_threads": str(search.threads or threads),

@@ -126,8 +126,10 @@ def _filtered_section(runs: list[dict], out: Path) -> list[str]:
     table, verdicts = filtered_rows(filtered)
     parts = ["\n## Filtered search: recall against speed at each selectivity\n",
              "The fastest setting (single-query QPS) reaching recall@10 0.95 against the exact filtered neighbours, "
-             "per filter and method, and how the method searched under the filter.\n",
-             write_table(out / "filtered", ["filter", "method", "how it filters", "recall@10 ≥ 0.95: setting, QPS"],
+             "per filter and method, how the method searched under the filter, and, for an engine that plans its "
+             "queries (SQL's EXPLAIN), the plans it chose for a sample of 20 queries (of that setting's run).\n",
+             write_table(out / "filtered", ["filter", "method", "how it filters", "recall@10 ≥ 0.95: setting, QPS",
+                                            "the engine's plan"],
                          table), "\n".join(verdicts) + "\n"]
     for (model,), group in sorted(by_key(filtered, "model").items()):
         filtered_plot(model, group, out / f"filtered_{model}.png")

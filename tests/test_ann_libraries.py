@@ -104,8 +104,8 @@ def _factory(index, queries, setting, threads):
     return index.search(queries, K)[1]
 
 
-def _brute(gallery, queries, setting, threads):
-    return np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :K]
+def _brute(exact, queries, setting, threads):  # brute force's index: the gallery's rows (`ExactGallery`)
+    return np.argsort(-(queries @ exact.rows.T), axis=1, kind="stable")[:, :K]
 
 
 BARE = {"hnswlib": _hnswlib, "voyager": _voyager, "usearch": _usearch, "usearch_exact": _usearch_exact,

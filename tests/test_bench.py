@@ -161,6 +161,21 @@ def test_the_readme_ivf_command_times_imgret_against_bare_faiss_on_one_thread(tm
     assert "imgret batch calls of 200 queries vs bare faiss, median of 2" in printed and "flags: " in printed
 
 
+def test_the_filtered_part_times_exact_filtered_search_against_the_unfiltered_scan(tmp_path, capsys):
+    command = shlex.split(documented("python -m imgret.bench --parts filtered"))[3:]
+    result = main(command + ["--cache", str(tmp_path / "c"), "--gallery", "4000", "--queries", "300", "--dim", "16",
+                             "--single-queries", "30", "--rounds", "2", "--json", str(tmp_path / "filtered.json")])
+    filtered = result["filtered"]
+    assert set(filtered["single_ms_rounds"]) == {"unfiltered", "0.01", "0.1", "0.5"}
+    assert all(len(rounds) == 2 for rounds in (*filtered["single_ms_rounds"].values(),
+                                               *filtered["batch_qps_rounds"].values()))
+    assert filtered["selectivities"]["0.1"] == pytest.approx(0.1, abs=0.02)
+    printed = capsys.readouterr().out
+    for share in ("1%", "10%", "50%"):
+        assert f"filtered to {share} (keeps " in printed and f"filtered to {share}: batch" in printed
+    assert "vs the bandwidth limit" in printed
+
+
 @pytest.mark.slow  # converts and quantizes the trained EfficientNet-Lite0: about 60 s
 def test_the_readme_precision_command_measures_the_trained_model(tmp_path, monkeypatch, capsys):
     archive, checksum = subset_zip(tmp_path / "tiny-subset.zip", 10, 10, 1)

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF_DIR, PROJECT_ROOT
 from documented import docs_study, documented, run_command, run_small
 from imgret.index.build import build_index
-from imgret.index.filters import ATTRIBUTE_RANGE, attribute_filter, label_filter, row_attributes
+from imgret.index.exact_filtered import filtered_top_k
+from imgret.index.filters import ATTRIBUTE_RANGE, RowKeys, keep_allowed, attribute_filter, label_filter, row_attributes
 from imgret.index.groundtruth import exact_filtered_top_k
 from imgret.index.methods import METHODS
 from imgret.measure.metrics import recall_at_ties
@@ -66,6 +67,50 @@ def test_the_filtered_ground_truth_equals_numpy_over_each_query_s_allowed_rows(k
     assert np.allclose(scores, np.take_along_axis(queries @ gallery.T, ids, 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("share", [0.001, 0.01, 0.1, 0.5, 1.0])
+def test_exact_filtered_search_equals_numpy_whether_it_gathers_or_masks(share, tmp_path):
+    """Brute force's filter, one query at a time and in batches, over a gallery in memory (its rows in key order) and
+    over a memory-mapped one (a narrow filter's rows gathered, a wide one scanned in blocks with the others masked):
+    numpy's float64 top-10 over each query's allowed rows (-1 past them)."""
+    rng = np.random.default_rng(7)
+    gallery = rng.normal(size=(3000, 24)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[rng.choice(3000, 60, replace=False)] + 0.1 * rng.normal(size=(60, 24)).astype(np.float32)
+    rows = attribute_filter(len(gallery), len(queries), share, seed=3)
+    expected = numpy_filtered_top_k(gallery, queries, rows.allowed, K)
+    mapped = np.lib.format.open_memmap(tmp_path / "gallery.npy", mode="w+", dtype=np.float32, shape=gallery.shape)
+    mapped[:] = gallery
+    for source, resident in ((gallery, 1 << 30), (np.load(tmp_path / "gallery.npy", mmap_mode="r"), 0)):
+        batch = filtered_top_k(source, queries, K, rows, np.arange(len(queries)), query_chunk=7, resident_bytes=resident)
+        single = [filtered_top_k(source, queries[q:q + 1], K, rows, np.array([q]), resident_bytes=resident)
+                  for q in range(len(queries))]
+        assert np.array_equal(batch[1], expected), (share, resident)
+        assert np.array_equal(np.concatenate([ids for _, ids in single]), expected), (share, resident)
+        assert np.all(np.isneginf(batch[0][expected < 0]))
+
+
+def test_a_database_refuses_a_filter_over_keys_it_does_not_hold(real_stores, tmp_path):
+    gallery = np.array(real_stores.gallery.vectors)
+    built = build_index(compose_method("sqlite_vec").method, gallery, tmp_path / "cache", "real")  # no classes given
+    try:
+        rows = filters_of(real_stores)["label"]
+        with pytest.raises(Exception, match="holds other label keys with its rows than the filter reads"):
+            METHODS["sqlite_vec"].search_filtered(built.native, np.array(real_stores.queries.vectors), K, {}, 1, rows,
+                                                  np.arange(len(real_stores.queries)))
+    finally:
+        built.close()
+
+
+def test_the_filtered_study_sweeps_every_engine_with_its_own_way_of_filtering():
+    """Every engine of the engines study (experiments/engines.yaml says what it leaves to other studies), brute force
+    (the exact baseline) among them, on one search thread and one client."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=filtered"], return_hydra_config=True)
+    swept = set(str(cfg.hydra.sweeper.params.method).split(","))
+    assert swept == set(METHODS) - {"factory", "ivfpq", "ivfsq", "diskann_disk"}, swept
+    assert cfg.search.threads == 1 and cfg.search.clients is None and cfg.tracking.experiment == "filtered"
+
+
 def compose_method(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[f"method={name}", "nlist=16", *overrides])
@@ -86,21 +131,29 @@ def test_every_method_searches_under_a_filter_returning_only_allowed_rows(name, 
     cfg = compose_method(name, f"level={len(levels) - 1}" if levels else "level=null")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a graph built on one thread inserts in one order
-    try:
-        built = build_index(cfg.method, gallery, tmp_path / "cache", "real")
+    try:  # a database stores the rows' classes and attributes with them, as a run's does
+        built = build_index(cfg.method, gallery, tmp_path / "cache", "real",
+                            row_keys=RowKeys.of(real_stores.gallery.labels))
     finally:
         torch.set_num_threads(threads)
     try:
         for kind, rows in filters_of(real_stores).items():
             scores, ids = method.search_filtered(built.native, queries, K, method.query_setting(cfg.method), 1, rows,
                                                  np.arange(len(queries)))
+            plan = method.filter_plan(built.native, queries, K, rows)
+            if type(built.native).__dict__.get("plan"):  # an engine that plans (SQL's EXPLAIN) says how it did
+                assert plan and "queries)" in plan, (name, plan)
             assert ids.shape == (len(queries), K) and ids.dtype == np.int64
             assert np.all(rows.allows(np.arange(len(queries))[:, None], ids) | (ids < 0)), f"{name}: a row not allowed"
             _, truth = exact_filtered_top_k(gallery, queries, rows, K)
             truth_scores = np.take_along_axis(queries @ gallery.T, truth, 1)
             found_scores = np.where(ids >= 0, np.take_along_axis(queries @ gallery.T, np.maximum(ids, 0), 1), -np.inf)
             recall = recall_at_ties(found_scores, truth_scores, K, 1e-6)
-            if method.recall_bound:  # its codes, not a setting, bound its recall
+            if method.filter_recall_bound:  # it filters its index's k results: exactly those, the allowed ones kept
+                unfiltered = method.search(built.native, queries, K, method.query_setting(cfg.method), 1)
+                kept = keep_allowed(rows, np.arange(len(queries)), *unfiltered, K)[1]
+                assert np.array_equal(np.sort(ids, axis=1), np.sort(kept, axis=1)), name
+            elif method.recall_bound:  # its codes, not a setting, bound its recall
                 assert recall > 0.5, (name, kind, recall)
             else:
                 assert recall >= 0.99, f"{name} ({method.filter_mode}) under the {kind} filter: recall@10 {recall}"

@@ -13,14 +13,14 @@ from pathlib import Path
 import faiss
 import torch
 
-from imgret.bench import allocator, ddp, extract, ivf, libraries, memory, precision, scale, search, verify
+from imgret.bench import allocator, ddp, extract, filtered, ivf, libraries, memory, precision, scale, search, verify
 from imgret.bench.machine import DEFAULT_ARCHIVE, Archive, Context, matmul_peak_gflops, memory_bandwidth_gbs
 from imgret.bench.verdicts import TARGETS
 from imgret.embed.precision import PRECISION_FLAGS, cpu_flags, cpu_info
 from imgret.options import default_cache_dir
 
 # The parts, in the order they run (memory last: it starts fresh processes of its own).
-PARTS = {"extract": extract, "precision": precision, "allocator": allocator, "search": search, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
+PARTS = {"extract": extract, "precision": precision, "allocator": allocator, "search": search, "filtered": filtered, "ivf": ivf, "libraries": libraries, "ddp": ddp, "verify": verify,
          "scale": scale, "memory": memory}
 
 

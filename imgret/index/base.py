@@ -105,6 +105,9 @@ class Method:
     unnamed_params: tuple[str, ...] = ()  # build parameters a cache file's name leaves out (they name themselves)
     concurrent_searches: bool = True  # several threads may search one index at once (at one setting)
     filter_mode: str = "post-filter"  # how it searches under a filter: its own filter, or a deeper search post-filtered
+    # why its own filter cannot reach the exact filtered top k at any setting (it filters the index's k results)
+    filter_recall_bound: str | None = None
+    stores_row_keys: bool = False  # keeps the rows' filter keys with them (`RowKeys`: a database's columns)
 
     @property
     def build_params(self) -> tuple[str, ...]:
@@ -210,6 +213,10 @@ class Method:
         scores, ids = self.search(native, queries, post_filter_depth(k, row_filter), setting, threads)
         return keep_allowed(row_filter, query_ids, scores, ids, k)
 
+    def filter_plan(self, native: Any, queries: np.ndarray, k: int, row_filter: RowFilter) -> str | None:
+        """How the engine chose to search under this filter (a database's query plans), where it chooses."""
+        return None
+
 
 class SettingGate:
     """Searches of one index at the same query setting run at once (concurrent clients); a search at another
@@ -288,6 +295,9 @@ class BuiltIndex:
                         query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each query's k best rows that `row_filter` allows it, at `setting` (as `method.filter_mode` says)."""
         return self.method.search_filtered(self.native, queries, k, setting, threads, row_filter, query_ids)
+
+    def filter_plan(self, queries: np.ndarray, k: int, row_filter: RowFilter) -> str | None:
+        return self.method.filter_plan(self.native, queries, k, row_filter) if self.method else None
 
     def run_metrics(self) -> dict[str, float]:
         return self.method.run_metrics(self.native) if self.method else {}

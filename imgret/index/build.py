@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from imgret.cache import Unreadable, file_lock, load_checked, save_checked
+from imgret.index.filters import RowKeys
 from imgret.index.base import ADD_CHUNK_ROWS, BuiltIndex, Method, search_threads_now, working
 from imgret.index.methods import MethodSettings
 from imgret.index.refine import refined
@@ -26,20 +27,25 @@ def build_params(settings: MethodSettings) -> dict:
     return {"method": settings.name, **{key: settings.get(key) for key in settings.method.build_params}}
 
 
-def index_cache_path(cache_dir: Path, gallery_id: str, settings: MethodSettings) -> Path:
+def index_cache_path(cache_dir: Path, gallery_id: str, settings: MethodSettings, row_keys: RowKeys | None = None
+                     ) -> Path:
+    """Keyed by the gallery, the build parameters and, for a method that stores them, the rows' filter keys."""
     params = build_params(settings)
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     method = settings.method
     readable = "-".join(f"{key}{value}" for key, value in params.items()
                         if key != "method" and key not in method.unnamed_params and value not in (None, False))
+    if row_keys is not None:
+        params["row_keys"] = row_keys.digest
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     suffix = method.file_suffix
     return Path(cache_dir) / "indexes" / gallery_id / f"{params['method']}{'-' + readable if readable else ''}-{digest}{suffix}"
 
 
 def build_index(settings: MethodSettings | Mapping, gallery: np.ndarray, cache_dir: Path | None = None,
-                gallery_id: str | None = None, device: str = "cpu") -> BuiltIndex:
+                gallery_id: str | None = None, device: str = "cpu", row_keys: RowKeys | None = None) -> BuiltIndex:
     """The index `settings` configure over `gallery`, searched at its query parameters (a library caller's mapping
-    is converted to MethodSettings here).
+    is converted to MethodSettings here). `row_keys`: what a method that filters by stored columns (a database)
+    stores with the rows (default: no classes, the rows' attributes).
 
     Indexes that train or build a graph are saved under `cache_dir`, keyed by the gallery and the build
     parameters; a later run with the same keys loads the file (and reports the original build time).
@@ -48,9 +54,10 @@ def build_index(settings: MethodSettings | Mapping, gallery: np.ndarray, cache_d
     method = settings.method
     method.library()  # a missing library refuses here too, for callers that did not validate first
     setting = method.query_setting(settings)
-    path = index_cache_path(cache_dir, gallery_id, settings) if method.cached and cache_dir else None
+    row_keys = (row_keys or RowKeys.unlabelled(len(gallery))) if method.stores_row_keys else None
+    path = index_cache_path(cache_dir, gallery_id, settings, row_keys) if method.cached and cache_dir else None
     if path is None:
-        native, build_s = _build(method, settings, gallery, None)
+        native, build_s = _build(method, settings, gallery, None, row_keys)
         return _searched(method, native, setting, device, gallery, build_s, False, None)
     # One build per index at a time: a concurrent run waits, then loads what the first one saved.
     with file_lock(path, f"the index {path.name}"):
@@ -60,7 +67,7 @@ def build_index(settings: MethodSettings | Mapping, gallery: np.ndarray, cache_d
             native, meta = loaded
             log.info("reusing index %s", path)
             return _searched(method, native, setting, device, gallery, meta["build_s"], True, path)
-        native, build_s = _build(method, settings, gallery, path)
+        native, build_s = _build(method, settings, gallery, path, row_keys)
         companions = {key: path.with_suffix(suffix) for key, suffix in method.companions.items()
                       if path.with_suffix(suffix).exists()}
         save_checked(path, lambda partial: method.save(native, partial),
@@ -75,7 +82,8 @@ def _searched(method: Method, native, setting: dict, device: str, gallery: np.nd
     return BuiltIndex(searcher, build_s, reused, path, method, native, gallery)
 
 
-def _build(method: Method, settings: MethodSettings, gallery: np.ndarray, path: Path | None):
+def _build(method: Method, settings: MethodSettings, gallery: np.ndarray, path: Path | None,
+           row_keys: RowKeys | None):
     log.info("building %s over %d vectors", build_params(settings), len(gallery))
     threads = search_threads_now()
     before = _entries_of(path)
@@ -83,7 +91,8 @@ def _build(method: Method, settings: MethodSettings, gallery: np.ndarray, path: 
     try:
         with working(f"building {method.label} over {len(gallery):,} vectors",
                      len(gallery) > ADD_CHUNK_ROWS and not method.reports_progress):
-            native = _in_worker_thread(lambda: method.build(settings, gallery, threads, path), threads)
+            keys = {} if row_keys is None else {"row_keys": row_keys}
+            native = _in_worker_thread(lambda: method.build(settings, gallery, threads, path, **keys), threads)
     except BaseException:
         _remove_partials(path, before)
         raise

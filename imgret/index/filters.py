@@ -3,16 +3,17 @@
 Every filter is one shape, a key per gallery row and a range per query (a row is allowed when low <= key < high),
 so the ground truth, the methods' own filters and the checks read it alike:
 - `label`: the key is the row's class, the range the query's own class (1/200 of Tiny-ImageNet's gallery);
-- `attribute`: the key is a whole number in [0, ATTRIBUTE_RANGE) drawn from the row's id and `seed` (a hash: the
-  same row has the same attribute in every run, whatever the gallery's size), the range a window of
+- `attribute`: the key is a whole number in [0, ATTRIBUTE_RANGE) drawn from the row's id (a hash: the same row has
+  the same attribute in every run, whatever the gallery's size or the run's seed), the range a window of
   `selectivity * ATTRIBUTE_RANGE` values placed per query (from the query's id and `seed`), like a date range.
 
 A method searches with its own filter where it has one (FAISS's IDSelector, hnswlib's filter function, brute force
-over the allowed rows) and otherwise post-filters a deeper search: `post_filter_depth` results, the allowed ones
-kept.
+over the allowed rows, a database's `WHERE` or filter over the `RowKeys` it stores with its rows) and otherwise
+post-filters a deeper search: `post_filter_depth` results, the allowed ones kept.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ import numpy as np
 from imgret.errors import bad_value, number
 
 ATTRIBUTE_RANGE = 1_000_000
+# A row's attribute is a property of the row (like its date), the same in every run and every index that stores it;
+# the seed of a run places the queries' windows only.
+ROW_ATTRIBUTE_SEED = 0
 FILTER_KINDS = ("none", "label", "attribute")
 POST_FILTER_SAFETY = 2.0  # a post-filtered search asks for k / selectivity times this
 
@@ -54,6 +58,15 @@ class RowFilter:
         keys = self.keys[np.maximum(row_ids, 0)]
         return (row_ids >= 0) & (keys >= self.low[query_ids]) & (keys < self.high[query_ids])
 
+    def allowed_counts(self, query_ids: np.ndarray) -> np.ndarray:
+        """How many gallery rows each of these queries may return."""
+        ordered = self.ordered_keys
+        return np.searchsorted(ordered, self.high[query_ids]) - np.searchsorted(ordered, self.low[query_ids])
+
+    @functools.cached_property
+    def ordered_keys(self) -> np.ndarray:
+        return np.sort(self.keys)
+
     def allowed(self, query_id: int) -> np.ndarray:
         """The gallery rows query `query_id` may return, as a boolean mask."""
         return (self.keys >= self.low[query_id]) & (self.keys < self.high[query_id])
@@ -62,6 +75,16 @@ class RowFilter:
         """(queries, rows start..stop) boolean mask: what each of these queries may return of these rows."""
         keys = self.keys[start:stop][None, :]
         return (keys >= self.low[query_ids, None]) & (keys < self.high[query_ids, None])
+
+    @functools.cached_property
+    def keys_digest(self) -> str:
+        """Names the rows' keys alone (what a database stores with its rows: `RowKeys`)."""
+        return keys_digest(self.keys)
+
+    def where(self, query_id: int) -> "Where":
+        """Query `query_id`'s condition, as a database's own filter states it."""
+        share = float(self.allowed_counts(np.array([query_id]))[0]) / max(len(self.keys), 1)
+        return Where(self.kind, int(self.low[query_id]), int(self.high[query_id]), share)
 
     @property
     def digest(self) -> str:
@@ -77,6 +100,46 @@ class RowFilter:
         return f"an attribute range of {self.asked:.2%} of its values, keeping {self.selectivity:.2%} of the gallery"
 
 
+def keys_digest(keys: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(keys, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Where:
+    """One query's condition as a database states it: `column` (label or attribute) in [low, high)."""
+    column: str
+    low: int
+    high: int
+    share: float = 1.0  # of the rows it allows (an engine that bounds its filtering effort scales that effort by it)
+
+
+@dataclass(frozen=True)
+class RowKeys:
+    """What a database stores with each row for its own filters: the row's class (-1 where the gallery has none) and
+    its attribute, under the columns `label` and `attribute` (a `RowFilter`'s kind names the one it reads)."""
+    label: np.ndarray  # (rows,) int64
+    attribute: np.ndarray  # (rows,) int64
+
+    @classmethod
+    def of(cls, labels) -> "RowKeys":
+        labels = np.asarray(labels, dtype=np.int64)
+        return cls(labels, row_attributes(len(labels), ROW_ATTRIBUTE_SEED))
+
+    @classmethod
+    def unlabelled(cls, rows: int) -> "RowKeys":
+        return cls.of(np.full(rows, -1, dtype=np.int64))
+
+    def digests(self) -> dict[str, str]:
+        """Each column's digest: what a database records, and checks a filter's keys against."""
+        return {"label": keys_digest(self.label), "attribute": keys_digest(self.attribute)}
+
+    @property
+    def digest(self) -> str:
+        """Names both columns in the index cache's keys."""
+        digests = self.digests()
+        return hashlib.sha256(f"{digests['label']}:{digests['attribute']}".encode()).hexdigest()[:12]
+
+
 def label_filter(gallery_labels: np.ndarray, query_labels: np.ndarray) -> RowFilter:
     keys = np.asarray(gallery_labels, dtype=np.int64)
     low = np.asarray(query_labels, dtype=np.int64)
@@ -86,12 +149,13 @@ def label_filter(gallery_labels: np.ndarray, query_labels: np.ndarray) -> RowFil
 
 
 def attribute_filter(gallery_size: int, query_count: int, selectivity: float, seed: int) -> RowFilter:
-    """Each query's window of `selectivity * ATTRIBUTE_RANGE` attribute values; the filter's selectivity is the
+    """Each query's window of `selectivity * ATTRIBUTE_RANGE` attribute values, placed by `seed` (the rows'
+    attributes are `row_attributes(rows, ROW_ATTRIBUTE_SEED)` whatever the seed); the filter's selectivity is the
     share of the gallery the windows realise, on average over the queries (the nominal width drawn on a finite
     gallery keeps a little more or less)."""
     width = max(1, round(selectivity * ATTRIBUTE_RANGE))
     low = (mixed(np.arange(query_count), seed + 1) % np.uint64(ATTRIBUTE_RANGE - width + 1)).astype(np.int64)
-    keys = row_attributes(gallery_size, seed)
+    keys = row_attributes(gallery_size, ROW_ATTRIBUTE_SEED)
     ordered = np.sort(keys)
     allowed = np.searchsorted(ordered, low + width) - np.searchsorted(ordered, low)
     share = float(allowed.mean() / max(gallery_size, 1)) if query_count else 0.0

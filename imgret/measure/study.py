@@ -165,9 +165,11 @@ def filtered_rows(runs: list[dict], target: float = 0.95) -> tuple[list[list[str
             reaching = [r for r in of_method if r["recall_at_10"] >= target - 1e-12]
             best = max(reaching, key=single_query_qps, default=None)
             best_of[method] = best
+            plan = (best or of_method[-1]).get("filter_plan") or "-"
             rows.append([described, method_label(method), of_method[0]["filter_mode"],
                          "not reached" if best is None else
-                         f"{best['setting'] or 'exact'}: {single_query_qps(best):,.0f} QPS (R@10 {best['recall_at_10']:.3f})"])
+                         f"{best['setting'] or 'exact'}: {single_query_qps(best):,.0f} QPS (R@10 {best['recall_at_10']:.3f})",
+                         plan])
         reached = {method: best for method, best in best_of.items() if best is not None}
         if reached:
             fastest = max(reached, key=lambda method: single_query_qps(reached[method]))

@@ -8,6 +8,10 @@ ends (`Database.close`).
 
 Searches go through one session per thread (a connection, a cursor): concurrent clients each hold their own, as
 they would against a real deployment.
+
+Every database stores each row's filter keys with it (`RowKeys`: columns `label` and `attribute`) and searches under
+a filter with its own condition on them (SQL `WHERE`, a payload filter, a filter expression), one query per call
+(each query has its own condition); it checks that the keys it holds are the ones the filter reads.
 """
 from __future__ import annotations
 
@@ -15,19 +19,22 @@ import contextlib
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.errors import bad_value
+from imgret.errors import ImgretError, bad_value
+from imgret.index.filters import RowFilter, RowKeys, Where
 from imgret.index.base import (Method, new_folder, pack_folder, plain_rows, process_folder, run_in_threads, top_k_arrays,
                                unpack_folder)
 from imgret.index.params import HnswGraph, MethodParams, hnsw_params
 from imgret.index.servers import Server, hand_over
 
 SOCKET_PATH_MAX = 100  # a unix socket's path must fit sockaddr_un (107 bytes)
+PLAN_SAMPLE = 20  # filtered queries whose plans a run records
 
 
 @dataclass(eq=False)
@@ -49,6 +56,8 @@ class Database:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # the server's socket in a short folder of its own in /tmp, where the database's path is too long for one
     socket_folder: tempfile.TemporaryDirectory | None = None
+    row_keys: RowKeys | None = None  # the keys being stored with the rows (while the database is made)
+    key_digests: dict = field(default_factory=dict)  # the digests of the keys it holds, per column
 
     @property
     def path(self) -> Path:
@@ -104,11 +113,36 @@ class Database:
         """One query's (gallery ids, cosine similarities), best first."""
         raise NotImplementedError
 
+    def filtered(self, session: Any, query: np.ndarray, k: int, setting: Mapping, where: Where) -> tuple[list, list]:
+        """One query's (gallery ids, cosine similarities) among the rows `where` allows, by the engine's own filter."""
+        raise NotImplementedError
+
+    def plan(self, query: np.ndarray, k: int, setting: Mapping, where: Where) -> str | None:
+        """The engine's plan for one filtered query, in a few words (an SQL engine's EXPLAIN), where it plans."""
+        return None
+
     # ------------------------------------------------------------------ shared
+
+    def keys_column(self, column: str) -> np.ndarray:
+        """The column of `row_keys` the engine stores under `column` (label, attribute), as whole numbers."""
+        return getattr(self.row_keys, column)
+
+    def check_keys(self, row_filter: RowFilter) -> None:
+        """A filter reads the keys this database holds with its rows, or it is refused (no silent wrong filter)."""
+        if self.key_digests.get(row_filter.kind) != row_filter.keys_digest:
+            raise ImgretError(f"{self.method.label} holds other {row_filter.kind} keys with its rows than the filter "
+                              f"reads: build it with the gallery's keys (build_index's row_keys=RowKeys.of(labels))")
+
+    def bare_filtered(self, queries: np.ndarray, k: int, setting: Mapping, threads: int, wheres: list[Where]):
+        """Each query under its own condition: one call per query, each thread on its session."""
+        return run_in_threads(lambda i: self.filtered(self.session(), queries[i], k, setting, wheres[i]),
+                              np.arange(len(queries)), threads)
 
     def make(self, gallery: np.ndarray, threads: int) -> None:
         """Create, ingest (timed) and index (timed); a failure closes it, server and folder."""
         try:
+            self.row_keys = self.row_keys or RowKeys.unlabelled(len(gallery))
+            self.key_digests = self.row_keys.digests()
             self.create(gallery.shape[1])
             start = time.perf_counter()
             self.ingest(plain_rows(gallery))
@@ -135,7 +169,7 @@ class Database:
         self.open()
 
     def meta(self) -> dict:
-        return {"ingest_s": self.ingest_s, "index_create_s": self.index_create_s}
+        return {"ingest_s": self.ingest_s, "index_create_s": self.index_create_s, "row_keys": self.key_digests}
 
     def run_metrics(self) -> dict[str, float]:
         metrics = {"ingest_s": self.ingest_s, "index_create_s": self.index_create_s,
@@ -195,13 +229,16 @@ class DatabaseMethod(Method):
     database_type: type[Database] = Database
     file_suffix = ".db.tar"
     ordering = "inner product"
+    stores_row_keys = True
+    own_filter = True  # searches under a filter by its own condition on the stored keys (else post-filtered)
 
     def working_folder(self, near: Path | None) -> tempfile.TemporaryDirectory:
         """Where a run's copy of the database lives: beside the index cache's file (the same filesystem)."""
         return new_folder(near)
 
-    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Database:
-        database = self.database_type(self, self.working_folder(path), opts)
+    def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None,
+              row_keys: RowKeys | None = None) -> Database:
+        database = self.database_type(self, self.working_folder(path), opts, row_keys=row_keys)
         database.make(gallery, threads)
         return database
 
@@ -211,7 +248,8 @@ class DatabaseMethod(Method):
     def load(self, path: Path, opts: MethodParams, meta: dict) -> Database:
         database = self.database_type(self, unpack_folder(path, self.working_folder(path)), opts,
                                       ingest_s=float(meta.get("ingest_s", 0.0)),
-                                      index_create_s=float(meta.get("index_create_s", 0.0)))
+                                      index_create_s=float(meta.get("index_create_s", 0.0)),
+                                      key_digests=dict(meta.get("row_keys") or {}))
         database.reopen()
         return database
 
@@ -229,3 +267,21 @@ class DatabaseMethod(Method):
 
     def results(self, found, k: int):
         return top_k_arrays([ids for ids, _ in found], [scores for _, scores in found], k)
+
+    def search_filtered(self, native: Database, queries: np.ndarray, k: int, setting: Mapping, threads: int,
+                        row_filter: RowFilter, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each query by the engine's own condition on the keys stored with the rows (`filter_mode` says how)."""
+        if not self.own_filter:
+            return super().search_filtered(native, queries, k, setting, threads, row_filter, query_ids)
+        native.check_keys(row_filter)
+        found = native.bare_filtered(queries, k, setting, threads, [row_filter.where(int(q)) for q in query_ids])
+        return DatabaseMethod.results(self, found, k)
+
+    def filter_plan(self, native: Database, queries: np.ndarray, k: int, row_filter: RowFilter) -> str | None:
+        """The engine's plans for a sample of the queries, each distinct plan with how many of them it served."""
+        if not self.own_filter:
+            return None
+        plans = [native.plan(queries[q], k, self.query_setting(native.opts), row_filter.where(q))
+                 for q in range(min(PLAN_SAMPLE, len(queries)))]
+        counted = Counter(plan for plan in plans if plan)
+        return "; ".join(f"{plan} ({count} of {len(plans)} queries)" for plan, count in counted.most_common()) or None

@@ -6,6 +6,10 @@ Chroma grows its HNSW graph while rows are added: its ingest time includes most 
 its index creation is the final flush. `ef_search` is a setting of the collection, read when the collection is
 opened (a `modify` alone leaves an open collection at its old value): another setting is stored, then the
 collection opened again, while searches at the current one wait (the index's gate).
+
+Each row's filter keys are its metadata (`label`, `attribute`); a filtered query passes `where={"$and": [{column:
+{"$gte": low}}, {column: {"$lt": high}}]}`, which Chroma applies to the metadata first and then searches the graph
+among the rows it allows.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
+from imgret.index.filters import Where
 
 COLLECTION = "items"
 
@@ -39,9 +44,12 @@ class ChromaDatabase(Database):
 
     def ingest(self, gallery: np.ndarray) -> None:
         batch = self.client.get_max_batch_size()
+        labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
         for start in range(0, len(gallery), batch):
             rows = gallery[start:start + batch]
-            self.handle.add(ids=[str(row) for row in range(start, start + len(rows))], embeddings=rows)
+            numbers = range(start, start + len(rows))
+            self.handle.add(ids=[str(row) for row in numbers], embeddings=rows,
+                            metadatas=[{"label": labels[row], "attribute": attributes[row]} for row in numbers])
 
     def create_index(self, threads: int) -> None:
         self.handle.count()  # the last rows applied to the graph
@@ -70,12 +78,19 @@ class ChromaDatabase(Database):
         self._apply(setting)
         return self.handle.query(query_embeddings=queries, n_results=k, include=["distances"])
 
+    def filtered(self, session: Any, query: np.ndarray, k: int, setting: Mapping, where: Where) -> tuple[list, list]:
+        self._apply(setting)
+        found = self.handle.query(query_embeddings=query[None], n_results=k, include=["distances"], where={
+            "$and": [{where.column: {"$gte": where.low}}, {where.column: {"$lt": where.high}}]})
+        return [int(row) for row in found["ids"][0]], [1 - value for value in found["distances"][0]]
+
 
 class Chroma(GraphSettings, DatabaseMethod):
     name, label = "chroma", "Chroma HNSW (client API)"
     module, extra, install = "chromadb", "db", "chromadb==1.5.9"
     query_path = "client API"
     database_type = ChromaDatabase
+    filter_mode = "its own filter (where= on the stored metadata, applied before the graph's search)"
     ordering = "inner product (space 'ip', distance 1 - a·b)"
 
     def results(self, found, k: int):

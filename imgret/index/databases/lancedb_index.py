@@ -6,6 +6,10 @@
 - `lancedb_hnsw_sq`: IVF_HNSW_SQ, an HNSW graph over scalar-quantised rows in each partition, `ef` its candidate
   list.
 
+Each row's filter keys are columns (`label`, `attribute`) with a scalar (B-tree) index each; a filtered query is
+the same request with `.where("column >= low AND column < high", prefilter=True)`: LanceDB finds the allowed rows
+first and searches the vector index among them only.
+
 Lance sizes its own thread pools (its Rust runtime): `threads` does not bound its builds.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from imgret.errors import bad_value
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases.base import Database, DatabaseMethod
+from imgret.index.filters import Where
 from imgret.index.params import BUILD, QUERY, MethodParams, Param, hnsw_params
 
 TABLE = "items"
@@ -32,18 +37,25 @@ class LanceDatabase(Database):
         import pyarrow as pa
 
         dim = gallery.shape[1]
-        schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
+        schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim)), ("label", pa.int64()),
+                            ("attribute", pa.int64())])
+        labels, attributes = self.keys_column("label"), self.keys_column("attribute")
 
         def batches():
             for start in range(0, len(gallery), ADD_CHUNK_ROWS):
                 rows = gallery[start:start + ADD_CHUNK_ROWS]
                 yield pa.record_batch([pa.array(np.arange(start, start + len(rows)), pa.int64()),
-                                       pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim)], schema=schema)
+                                       pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim),
+                                       pa.array(labels[start:start + len(rows)], pa.int64()),
+                                       pa.array(attributes[start:start + len(rows)], pa.int64())], schema=schema)
 
         self.handle.create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
 
     def create_index(self, threads: int) -> None:
-        self.handle.open_table(TABLE).create_index("vector", config=self.method.index_config(self.opts))
+        table = self.handle.open_table(TABLE)
+        table.create_index("vector", config=self.method.index_config(self.opts))
+        for column in ("label", "attribute"):  # what a prefilter reads its allowed rows from
+            table.create_scalar_index(column, index_type="BTREE")
 
     def open(self) -> None:
         self.handle = self.method.library().connect(str(self.path / "lance"))
@@ -58,8 +70,11 @@ class LanceDatabase(Database):
         pass
 
     def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
-        found = self.method.request(session, query, k, setting).to_arrow()
-        return found["id"].to_pylist(), [1 - value for value in found["_distance"].to_pylist()]
+        return answer(self.method.request(session, query, k, setting))
+
+    def filtered(self, session: Any, query: np.ndarray, k: int, setting: Mapping, where: Where) -> tuple[list, list]:
+        condition = f"{where.column} >= {int(where.low)} AND {where.column} < {int(where.high)}"
+        return answer(self.method.request(session, query, k, setting).where(condition, prefilter=True))
 
     def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
         """One call for a batch (its rows tagged with `query_index`); one query alone as a client sends it."""
@@ -72,8 +87,15 @@ class LanceDatabase(Database):
         return list(zip(np.split(ids[order], bounds), np.split(1 - distances[order], bounds)))
 
 
+def answer(request) -> tuple[list, list]:
+    """One query's (ids, cosines) from its request."""
+    found = request.to_arrow()
+    return found["id"].to_pylist(), [1 - value for value in found["_distance"].to_pylist()]
+
+
 class Lance(DatabaseMethod):
     module, extra, install = "lancedb", "db", "lancedb==0.40.0"
+    filter_mode = "its own filter (a prefilter on the stored keys, B-tree indexed, then the vector index's search)"
     query_path = "client API"
     database_type = LanceDatabase
     partitions, nprobes = Param("num_partitions", BUILD), Param("nprobes", QUERY, top_level=True)

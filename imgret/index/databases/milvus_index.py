@@ -14,6 +14,10 @@ search; each segment is searched with `ef` or `nprobe` and the segments' results
 batch goes as one `search` request of many queries (Milvus's batch search); one query per call is one request.
 The database's folder holds the server's etcd and its segment files; once the rows are flushed and indexed it is
 stopped and cached like PostgreSQL's.
+
+Each row's filter keys are INT64 fields (`label`, `attribute`) with a scalar index each (STL_SORT, Milvus's index
+for numbers); a filtered query is one search request with the boolean expression `column >= low and column < high`,
+which Milvus evaluates into a bitset of the allowed rows before it searches each segment's vector index.
 """
 from __future__ import annotations
 
@@ -29,10 +33,12 @@ import numpy as np
 
 from imgret.errors import ImgretError, bad_value
 from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
+from imgret.index.filters import Where
 from imgret.index.params import BUILD, QUERY, MethodParams, Param
 from imgret.index.servers import ServerFailed, start_server
 
 COLLECTION, VECTOR = "items", "vector"
+KEY_COLUMNS = ("label", "attribute")
 SOCKET_NAME = "milvus.sock"
 INSERT_ROWS = 2000  # rows per insert request: far under the proxy's 64 MB message limit at any common width
 BATCH_QUERIES = 1000  # queries per batch search request (Milvus allows up to 16,384)
@@ -106,12 +112,16 @@ class MilvusDatabase(Database):
         schema = self.handle.create_schema(auto_id=False)
         schema.add_field("id", library.DataType.INT64, is_primary=True)
         schema.add_field(VECTOR, library.DataType.FLOAT_VECTOR, dim=int(dim))
+        for column in KEY_COLUMNS:
+            schema.add_field(column, library.DataType.INT64)
         self.handle.create_collection(COLLECTION, schema=schema)
 
     def ingest(self, gallery: np.ndarray) -> None:
+        labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
         for start in range(0, len(gallery), INSERT_ROWS):
             rows = gallery[start:start + INSERT_ROWS]
-            self.handle.insert(COLLECTION, [{"id": start + offset, VECTOR: row.tolist()}
+            self.handle.insert(COLLECTION, [{"id": start + offset, VECTOR: row.tolist(), "label": labels[start + offset],
+                                             "attribute": attributes[start + offset]}
                                             for offset, row in enumerate(rows)])
         self.handle.flush(COLLECTION)  # seals the rows into segments, which is what Milvus indexes
 
@@ -119,6 +129,8 @@ class MilvusDatabase(Database):
         params = self.handle.prepare_index_params()
         params.add_index(VECTOR, index_type=self.method.index_type, metric_type="IP",
                          params=self.method.index_params(self.opts))
+        for column in KEY_COLUMNS:
+            params.add_index(column, index_type="STL_SORT")
         self.handle.create_index(COLLECTION, params)
         deadline = time.monotonic() + INDEX_WAIT_S
         while True:  # Milvus builds segments' indexes in the background: until every row is in one
@@ -142,16 +154,21 @@ class MilvusDatabase(Database):
         except self.method.library().MilvusException as error:  # a new client's session on a server gone away
             raise ServerFailed(f"Milvus stopped answering while the run searched it: {error}") from error
 
-    def _search(self, session: Any, queries: list, k: int, setting: Mapping) -> list:
+    def _search(self, session: Any, queries: list, k: int, setting: Mapping, condition: str = "") -> list:
         library = self.method.library()
         try:
-            return session.search(COLLECTION, data=queries, limit=k, anns_field=VECTOR, search_params={
+            return session.search(COLLECTION, data=queries, limit=k, anns_field=VECTOR, filter=condition, search_params={
                 "metric_type": "IP", "params": self.method.request_params(setting)})
         except library.MilvusException as error:  # the server was stopped or killed under the run
             raise ServerFailed(f"Milvus stopped answering while the run searched it: {error}") from error
 
     def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
         [hits] = self._search(session, [query.tolist()], k, setting)
+        return [hit["id"] for hit in hits], [hit["distance"] for hit in hits]
+
+    def filtered(self, session: Any, query: np.ndarray, k: int, setting: Mapping, where: Where) -> tuple[list, list]:
+        [hits] = self._search(session, [query.tolist()], k, setting,
+                              f"{where.column} >= {int(where.low)} and {where.column} < {int(where.high)}")
         return [hit["id"] for hit in hits], [hit["distance"] for hit in hits]
 
     def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
@@ -169,6 +186,7 @@ class Milvus(DatabaseMethod):
     install = "pymilvus==2.6.17 milvus==2.3.5"
     query_path = "client API"
     database_type = MilvusDatabase
+    filter_mode = "its own filter (a boolean expression on the stored keys, STL_SORT-indexed, before each segment's search)"
     ordering = "inner product (metric IP)"
     index_type = ""
 

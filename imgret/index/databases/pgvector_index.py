@@ -3,6 +3,11 @@ started by imgret for the run on a unix socket only (no TCP), as `nobody` when i
 refuses root). Rows are ingested with COPY in binary; the index is HNSW or IVFFlat with `vector_ip_ops`, searched by
 `ORDER BY embedding <#> query LIMIT k` (negative inner product: the inner product's order), one SQL query per
 query vector, each client on its own connection.
+
+Each row's filter keys are columns (`label`, `attribute`) with a B-tree index each; a filtered query is the same
+query with `WHERE column >= low AND column < high`, and PostgreSQL's planner chooses how to run it: the vector index
+(its ef_search or probes candidates, then the condition: it may return fewer than k) or the condition's B-tree and
+an exact sort of the rows it keeps. A run records the plans it chose (`EXPLAIN`) for a sample of the queries.
 """
 from __future__ import annotations
 
@@ -19,11 +24,14 @@ import numpy as np
 from imgret.errors import bad_value
 from imgret.index.base import new_folder
 from imgret.index.databases.base import Database, DatabaseMethod
+from imgret.index.filters import Where
 from imgret.index.params import BUILD, QUERY, SERVER, MethodParams, Param, hnsw_params
 from imgret.index.servers import ServerFailed, hand_over, last_lines, start_server, unprivileged
 
 SOCKET_NAME = ".s.PGSQL.5432"
 SQL = "SELECT id, embedding <#> %(query)s FROM items ORDER BY embedding <#> %(query)s LIMIT %(k)s"
+FILTERED_SQL = {column: f"SELECT id, embedding <#> %(query)s FROM items WHERE {column} >= %(low)s AND {column} < "
+                        f"%(high)s ORDER BY embedding <#> %(query)s LIMIT %(k)s" for column in ("label", "attribute")}
 
 
 def psycopg():
@@ -77,7 +85,8 @@ class PostgresDatabase(Database):
         self.open()
         with psycopg().connect(**self._address(), autocommit=True) as connection:
             connection.execute("CREATE EXTENSION vector")
-            connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}))")
+            connection.execute(f"CREATE TABLE items (id integer PRIMARY KEY, embedding vector({int(dim)}), "
+                               "label integer, attribute integer)")
 
     def _address(self) -> dict:
         return {"host": str(self.socket_dir(SOCKET_NAME, "imgret-pg-", unprivileged())), "user": "postgres",
@@ -105,10 +114,11 @@ class PostgresDatabase(Database):
 
     def ingest(self, gallery: np.ndarray) -> None:
         with self.session().connection.cursor() as cursor:
-            with cursor.copy("COPY items (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["int4", "vector"])
+            labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
+            with cursor.copy("COPY items (id, embedding, label, attribute) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "vector", "int4", "int4"])
                 for row, vector in enumerate(gallery):
-                    copy.write_row((row, vector))
+                    copy.write_row((row, vector, labels[row], attributes[row]))
             cursor.execute("ANALYZE items")
 
     def create_index(self, threads: int) -> None:
@@ -116,23 +126,52 @@ class PostgresDatabase(Database):
         connection.execute(f"SET max_parallel_maintenance_workers = {max(threads - 1, 0)}")
         try:
             connection.execute(self.method.index_sql(self.opts))
+            for column in ("label", "attribute"):  # what a filtered query's condition can use instead
+                connection.execute(f"CREATE INDEX ON items ({column})")
         except psycopg().Error as error:
             raise ServerFailed(f"PostgreSQL could not create the index: {str(error).strip().splitlines()[0]} "
                                f"(log: {last_lines(self.path / 'postgres.log')})") from error
 
     def query(self, session: Session, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        return self._fetch(session, SQL, setting, {"query": query, "k": k})
+
+    def _fetch(self, session: Session, sql: str, setting: Mapping, values: dict) -> tuple[list, list]:
         try:
             session.apply(setting, f"SET {self.method.knob} = {int(setting[self.method.query_key])}")
-            rows = session.connection.execute(SQL, {"query": query, "k": k}, binary=True).fetchall()
+            rows = session.connection.execute(sql, values, binary=True).fetchall()
         except psycopg().OperationalError as error:  # the server was stopped or killed under the run
             raise ServerFailed(f"PostgreSQL stopped answering while the run searched it: "
                                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
                                ) from error
         return [row[0] for row in rows], [-row[1] for row in rows]
 
+    def filtered(self, session: Session, query: np.ndarray, k: int, setting: Mapping, where: Where) -> tuple[list, list]:
+        return self._fetch(session, FILTERED_SQL[where.column], setting,
+                           {"query": query, "k": k, "low": where.low, "high": where.high})
+
+    def plan(self, query: np.ndarray, k: int, setting: Mapping, where: Where) -> str | None:
+        session = self.session()
+        session.apply(setting, f"SET {self.method.knob} = {int(setting[self.method.query_key])}")
+        [[found]] = session.connection.execute(f"EXPLAIN (FORMAT JSON) {FILTERED_SQL[where.column]}", {
+            "query": query, "k": k, "low": where.low, "high": where.high}, binary=True).fetchall()
+        return plan_words(found[0]["Plan"])
+
+
+def plan_words(node: dict) -> str:
+    """A plan as its nodes from the top down the first child, each with the index it scans: `Limit > Index Scan
+    (items_embedding_idx)`, or `Limit > Sort > Bitmap Heap Scan > Bitmap Index Scan (items_attribute_idx)`."""
+    words = []
+    while node is not None:
+        words.append(node["Node Type"] + (f" ({node['Index Name']})" if "Index Name" in node else ""))
+        node = (node.get("Plans") or [None])[0]
+    return " > ".join(words)
+
 
 class Postgres(DatabaseMethod):
     """What both pgvector indexes share: the server's settings, their checks, and where a run's copy lives."""
+
+    filter_mode = ("its own filter (SQL WHERE on the stored keys, B-tree indexed: PostgreSQL's planner chooses the "
+                   "vector index, then the condition, or an exact sort of the rows the condition keeps: filter_plan)")
 
     module, also_needs, extra = "pgvector.psycopg", ("pgserver", "psycopg"), "db"
     install = "pgvector 'psycopg[binary]' pgserver==0.1.4"  # the last names the version its figures give

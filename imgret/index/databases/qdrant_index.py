@@ -10,6 +10,11 @@ over the segments for all of its requests).
   creation).
 - `qdrant_exact`: the same shard searched with `exact=True`, Qdrant's full scan; no graph is built.
 
+Each row's filter keys are its payload (`label`, `attribute`), each with an integer payload index made before the
+graphs are built (Qdrant's advice: its graphs then add the links that keep filtered searches connected, and its
+query planner can choose the payload index and an exact scan for a narrow filter); a filtered request carries
+`Filter(must=[FieldCondition(column, range=RangeFloat(gte=low, lt=high))])`, one request per query in one batch.
+
 A shard splits its rows into segments (by default as many as the machine has cores) and searches them on its own
 thread pool: `threads` does not bound it.
 """
@@ -21,6 +26,7 @@ import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
+from imgret.index.filters import Where
 
 SHARD = "shard"
 ALWAYS_INDEX_KB = 1  # segments above 1 KB get their graph, and no segment is scanned instead of searched
@@ -45,10 +51,14 @@ class QdrantDatabase(Database):
 
     def ingest(self, gallery: np.ndarray) -> None:
         edge = self.method.library()
+        for column in ("label", "attribute"):
+            self.handle.update(edge.UpdateOperation.create_field_index(column, edge.PayloadSchemaType.Integer))
+        labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
         for start in range(0, len(gallery), ADD_CHUNK_ROWS // 16):
             rows = gallery[start:start + ADD_CHUNK_ROWS // 16]
             self.handle.update(edge.UpdateOperation.upsert_points(
-                [edge.Point(start + offset, row) for offset, row in enumerate(rows)]))
+                [edge.Point(start + offset, row, {"label": labels[start + offset], "attribute": attributes[start + offset]})
+                 for offset, row in enumerate(rows)]))
 
     def create_index(self, threads: int) -> None:
         self.handle.optimize()  # blocks until Qdrant's optimizers have nothing left to do (graphs built)
@@ -67,17 +77,32 @@ class QdrantDatabase(Database):
 
     def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
         """One batch request for the queries, each at this setting."""
+        return self._batch(queries, k, setting, [None] * len(queries))
+
+    def bare_filtered(self, queries: np.ndarray, k: int, setting: Mapping, threads: int, wheres: list[Where]):
+        """One batch request, each query under its own payload filter."""
+        return [([point.id for point in points], [point.score for point in points])
+                for points in self._batch(queries, k, setting, wheres)]
+
+    def _batch(self, queries: np.ndarray, k: int, setting: Mapping, wheres: list[Where | None]):
         edge = self.method.library()
         params = (edge.SearchParams(hnsw_ef=int(setting["ef_search"])) if "ef_search" in setting
                   else edge.SearchParams(exact=True))
+
+        def condition(where: Where | None):
+            return None if where is None else edge.Filter(must=[edge.FieldCondition(
+                where.column, range=edge.RangeFloat(gte=where.low, lt=where.high))])
+
         return self.handle.query_batch(edge.QueryBatchRequest(
-            [edge.QueryRequest(limit=k, query=edge.Query.Nearest(query), params=params) for query in queries]))
+            [edge.QueryRequest(limit=k, query=edge.Query.Nearest(query), params=params, filter=condition(where))
+             for query, where in zip(queries, wheres)]))
 
 
 class Qdrant(DatabaseMethod):
     module, extra, install = "qdrant_edge", "db", "qdrant-edge-py==0.9.0"
     query_path = "client API"
     database_type = QdrantDatabase
+    filter_mode = "its own filter (a payload filter on the stored keys, integer-indexed, in Qdrant's own planning)"
     ordering = "inner product (distance Dot)"
 
     def results(self, found, k: int):

