@@ -31,6 +31,13 @@ def _at_level(levels, default, *, _root_):
     return levels[level]
 
 
+def _quantised(default, *, _root_):
+    """A method that only keeps codes (FAISS's SQ, binary): the run's top-level `quantisation` where it names codes,
+    this method's own default where it is none (so that `method=sq` alone runs)."""
+    chosen = _root_.get("quantisation")
+    return default if chosen in (None, "none") else chosen
+
+
 # Third-party noise that says nothing about the run: Lightning's deprecation of its own pytree helper, and faiss
 # announcing which SIMD build it loaded.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -42,3 +49,4 @@ logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 OmegaConf.register_new_resolver("imgret.model_name", _model_name, replace=True)
 OmegaConf.register_new_resolver("imgret.help", _help, replace=True)
 OmegaConf.register_new_resolver("imgret.level", _at_level, replace=True)
+OmegaConf.register_new_resolver("imgret.quantised", _quantised, replace=True)

@@ -33,7 +33,8 @@ from imgret.options import config_defaults
 from imgret.plots import (end_to_end_plot, features_of, filtered_plot, ivf_nprobe_plot, libraries_plot, pareto_plot,
                           scaling_plot)
 from imgret.tables import (clients_table, cost_table, databases_table, end_to_end, libraries_table,
-                           operating_points, precision_table, scaling_table, seed_table, write_table)
+                           operating_points, precision_table, quantisation_table, scaling_table, seed_table,
+                           write_table)
 from imgret.track.study_rows import load_runs
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,16 @@ def _databases_section(runs: list[dict], out: Path) -> list[str]:
             "`search.clients_s` seconds, each on its own connection.\n", databases_table(runs, out)]
 
 
+def _quantisation_section(runs: list[dict], out: Path) -> list[str]:
+    if all(r.get("quantisation", "none") == "none" for r in runs):
+        return []
+    return ["\n## Quantisation: index bytes against recall and speed\n",
+            "Each method's codes (none: full precision) and whether its candidates were re-ranked by the full rows "
+            "(refine_factor x k of them: read back from the gallery store, or by the engine's own rescoring), the "
+            "index's size over the gallery's rows (a database's: its files on disk), the best recall@10 any of its "
+            "settings reached, and the fastest setting reaching each target.\n", quantisation_table(runs, out)]
+
+
 def _clients_section(runs: list[dict], out: Path) -> list[str]:
     if not any(key.startswith("qps_clients_") for r in runs for key in r):
         return []
@@ -196,7 +207,8 @@ def _pareto_section(runs: list[dict], out: Path) -> list[str]:
 
 # The report's sections after the seed table and the operating points, in order; each is empty where its runs are
 # not in the sweep.
-SECTIONS = (_end_to_end_section, _libraries_section, _filtered_section, _databases_section, _clients_section,
+SECTIONS = (_end_to_end_section, _libraries_section, _filtered_section, _quantisation_section, _databases_section,
+            _clients_section,
             _cost_section, _precision_section, _ivf_features_section, _pareto_section)
 
 

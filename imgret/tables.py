@@ -149,6 +149,25 @@ def databases_table(runs: list[dict], out: Path) -> str:
     return write_table(out / "databases", header, rows)
 
 
+def quantisation_table(runs: list[dict], out: Path) -> str:
+    """Per model, method, code and re-ranking: the index's bytes per gallery row against the best recall@10 its
+    settings reached and the fastest setting (single-query QPS) reaching each recall@10 target."""
+    header = ["model", "method", "codes", "re-ranked", "bytes per vector", "best recall@10",
+              *[f"recall@10 ≥ {t:.2f}: setting, QPS" for t in RECALL_TARGETS]]
+    rows = []
+    keys = ("model", "method", "quantisation", "refine_factor")
+    for (model, method, codes, refine), group in sorted(by_key(runs, *keys).items(),
+                                                       key=lambda item: (item[0][0], method_order(item[0][1]), item[0][2:])):
+        size = sorted(r["index_bytes"] / r["gallery_size"] for r in group)[len(group) // 2]
+        row = [model, method_label(method), codes, "no" if refine in ("1", "null", "None") else f"{refine} x k",
+               f"{size:,.1f}", f"{max(r['recall_at_10'] for r in group):.4f}"]
+        for target in RECALL_TARGETS:
+            best = max((r for r in group if r["recall_at_10"] >= target - 1e-12), key=single_query_qps, default=None)
+            row.append("not reached" if best is None else f"{best['setting']}: {single_query_qps(best):,.0f}")
+        rows.append(row)
+    return write_table(out / "quantisation", header, rows)
+
+
 def clients_table(runs: list[dict], out: Path, target: float = 0.95) -> str:
     """Per method measured under concurrent clients (search.clients), libraries and databases alike: the fastest
     setting (single-query QPS) reaching `target` recall@10, with its QPS and p99 latency at each client count."""

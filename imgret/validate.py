@@ -28,9 +28,26 @@ def check_level(cfg) -> None:
         raise bad_value("level", level, rungs)
 
 
+TOP_LEVEL_CODES = (("quantisation", "none", "keeps full-precision rows"), ("refine_factor", 1, "re-ranks nothing"))
+
+
+def unused_top_level(cfg) -> tuple[str, object, str] | None:
+    """A top-level `quantisation` or `refine_factor` that the run's method does not take (its section has no such
+    key, so the run would ignore it): (key, value, what is allowed), or None."""
+    method = cfg.get("method") or {}
+    for key, idle, words in TOP_LEVEL_CODES:
+        value = cfg.get(key, idle)
+        if value not in (idle, None) and key not in method:
+            return key, value, f"{idle} for method={method.get('name')}, which {words} (docs/how-to/quantisation.md)"
+    return None
+
+
 def check_run_settings(cfg) -> None:
     """The keys of config.yaml itself: devices, sizes, seeds, and the extract and search groups."""
     check_level(cfg)
+    unused = unused_top_level(cfg)
+    if unused:
+        raise bad_value(*unused)
     if cfg.device not in DEVICES:
         raise bad_value("device", cfg.device, f"one of {', '.join(DEVICES)}")
     if cfg.device == "cuda":
@@ -110,6 +127,9 @@ def invalid_point(cfg) -> str | None:
     from imgret.index.methods import invalid_combination
 
     check_level(cfg)  # a level past the method's rungs: refused in one line before its knob is read below
+    unused = unused_top_level(cfg)
+    if unused:
+        return f"{unused[0]}={unused[1]}: {unused[2]}"
     extract = cfg.get("extract") or {}
     row_filter = cfg.get("filter") or {}
     if row_filter.get("kind") != "attribute" and row_filter.get("selectivity") is not None:

@@ -275,10 +275,10 @@ def test_a_working_folder_left_by_a_killed_process_is_removed_by_the_next_one_ma
     import zlib
     from pathlib import Path
 
-    from imgret.index.base import new_folder
+    from imgret.index.folders import new_folder
 
     near = tmp_path / "index.bin"
-    made = ("import os, sys; from pathlib import Path; from imgret.index.base import new_folder; "
+    made = ("import os, sys; from pathlib import Path; from imgret.index.folders import new_folder; "
             "folder = new_folder(Path(sys.argv[1])); print(folder.name, flush=True); os.kill(os.getpid(), 9)")
     killed = subprocess.run([sys.executable, "-c", made, str(near)], capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -107,7 +107,7 @@ def test_the_filtered_study_sweeps_every_engine_with_its_own_way_of_filtering():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=filtered"], return_hydra_config=True)
     swept = set(str(cfg.hydra.sweeper.params.method).split(","))
-    assert swept == set(METHODS) - {"factory", "ivfpq", "ivfsq", "diskann_disk"}, swept
+    assert swept == set(METHODS) - {"factory", "ivfpq", "ivfsq", "sq", "hnsw_sq", "binary", "diskann_disk"}, swept
     assert cfg.search.threads == 1 and cfg.search.clients is None and cfg.tracking.experiment == "filtered"
 
 

@@ -8,15 +8,9 @@ refuse in one line naming what to install, before any work.
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib
-import os
-import shutil
-import socket
-import tarfile
 import tempfile
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imgret.errors import ConfigError
+from imgret.errors import ConfigError, bad_value
 from imgret.index.filters import RowFilter, keep_allowed, post_filter_depth
 from imgret.index.params import BUILD, QUERY, MethodParams, Param, names
 from imgret.index.refine import refined
@@ -108,6 +102,10 @@ class Method:
     # why its own filter cannot reach the exact filtered top k at any setting (it filters the index's k results)
     filter_recall_bound: str | None = None
     stores_row_keys: bool = False  # keeps the rows' filter keys with them (`RowKeys`: a database's columns)
+    reranks_itself: bool = False  # its refine_factor is its engine's own re-ranking (imgret does not re-rank it again)
+    # the codes it can keep its rows as, in imgret's words (QUANTISATIONS) -> its engine's own name; empty: full
+    # precision only (no `quantisation` parameter)
+    quantisations: dict[str, str] = {}
 
     @property
     def build_params(self) -> tuple[str, ...]:
@@ -151,6 +149,20 @@ class Method:
         dimension are checked when those are known (None: not yet)."""
         for param in self.params:
             param.check(opts)
+        if self.unsupported_quantisation(opts):
+            raise bad_value("quantisation", self.codes(opts), f"one of {', '.join(self.quantisations)} for "
+                            f"method={self.name} (what its engine can keep its rows as)")
+
+    def codes(self, opts: MethodParams) -> str:
+        """The quantisation it keeps its rows as: the settings' own, or its first (its default) where a library
+        caller gave none."""
+        return opts.get("quantisation") or next(iter(self.quantisations), "none")
+
+    def unsupported_quantisation(self, opts: MethodParams) -> str | None:
+        """Why its `quantisation` cannot be (a code the engine does not have), or None."""
+        if self.quantisations and self.codes(opts) not in self.quantisations:
+            return f"quantisation={self.codes(opts)} for method={self.name}: one of {', '.join(self.quantisations)}"
+        return None
 
     def check_k(self, opts: MethodParams, k: int) -> None:
         """Refuse a query setting that cannot return k results (rather than search a setting it is not labelled)."""
@@ -289,7 +301,8 @@ class BuiltIndex:
 
     def at(self, setting: Mapping, device: str = "cpu") -> SearchIndex:
         """The same index searched at another query setting."""
-        return refined(self.method.searcher(self.native, setting, device), setting, self.gallery)
+        return refined(self.method.searcher(self.native, setting, device), setting, self.gallery,
+                       self.method.reranks_itself)
 
     def search_filtered(self, queries: np.ndarray, k: int, setting: Mapping, threads: int, row_filter: RowFilter,
                         query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,67 +350,6 @@ def top_k_arrays(rows: list, values: list, k: int, to_scores: Callable[[np.ndarr
         found = np.asarray(found[:n], dtype=np.float32)
         out_ids[i, :n], out_scores[i, :n] = ids[:n], to_scores(found) if to_scores else found
     return out_scores, out_ids
-
-
-@dataclass
-class FolderIndex:
-    """An index of a library that builds and loads from a folder of files (NGT, DiskANN): the loaded index and
-    that folder, kept while the index lives (the cache packs it into one file)."""
-
-    index: Any
-    folder: tempfile.TemporaryDirectory
-    graph: str = ""  # the file or subfolder in it that the index was opened from
-
-    @property
-    def path(self) -> Path:
-        return Path(self.folder.name)
-
-
-def new_folder(near: Path | None, elsewhere: Path | None = None) -> tempfile.TemporaryDirectory:
-    """A working folder beside the index cache's file (same filesystem), or in `elsewhere`, or in the system's temp
-    folder."""
-    if elsewhere is not None or near is None:
-        return process_folder(Path(elsewhere or tempfile.gettempdir()),
-                              f"imgret-{near.stem}.work." if near else "imgret-index-work.")
-    return process_folder(near.parent, f".{near.stem}.work.")
-
-
-def process_folder(where: Path, stem: str) -> tempfile.TemporaryDirectory:
-    """A temporary folder named for this host and process: making one first removes those of this host whose
-    process is gone (a killed run's), never another host's (a cache on a shared filesystem). The host is a short
-    hash of its name, as a PostgreSQL socket's path has room for little."""
-    owner = f"{stem}{zlib.crc32(socket.gethostname().encode()):08x}-"
-    for abandoned in Path(where).glob(glob.escape(owner) + "*"):
-        pid = abandoned.name[len(owner):].split(".")[0]
-        if pid.isdigit() and not process_exists(int(pid)):
-            shutil.rmtree(abandoned, ignore_errors=True)
-    return tempfile.TemporaryDirectory(dir=where, prefix=f"{owner}{os.getpid()}.")
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
-def pack_folder(folder: Path, path: Path) -> None:
-    """A folder of index files packed into the one file the index cache checks and renames."""
-    with tarfile.open(path, "w") as packed:
-        for item in sorted(Path(folder).iterdir()):
-            packed.add(item, arcname=item.name)
-
-
-def unpack_folder(path: Path, folder: tempfile.TemporaryDirectory | None = None) -> tempfile.TemporaryDirectory:
-    """The folder `pack_folder` packed, unpacked into a working folder beside it (or `folder`) for the library to
-    load from."""
-    folder = folder or new_folder(path)
-    with tarfile.open(path) as packed:
-        packed.extractall(folder.name, filter="data")
-    return folder
 
 
 def run_in_threads(search_one: Callable[[np.ndarray], Any], queries: np.ndarray, threads: int) -> list:

@@ -78,7 +78,7 @@ def build_index(settings: MethodSettings | Mapping, gallery: np.ndarray, cache_d
 
 def _searched(method: Method, native, setting: dict, device: str, gallery: np.ndarray, build_s: float, reused: bool,
               path: Path | None) -> BuiltIndex:
-    searcher = refined(method.searcher(native, setting, device), setting, gallery)
+    searcher = refined(method.searcher(native, setting, device), setting, gallery, method.reranks_itself)
     return BuiltIndex(searcher, build_s, reused, path, method, native, gallery)
 
 

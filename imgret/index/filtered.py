@@ -26,7 +26,8 @@ class FilteredSearch:
 
     def search(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         query_ids, queries = self.query_ids(rows), plain_rows(rows)
-        factor = refine_factor(self.setting)  # the best k x factor allowed rows, re-ranked from the gallery
+        # the best k x factor allowed rows, re-ranked from the gallery (an engine that re-ranks itself: by itself)
+        factor = 1 if self.built.method.reranks_itself else refine_factor(self.setting)
         depth = k if factor <= 1 else min(len(self.built.gallery), k * factor)
         found = self.built.search_filtered(queries, depth, self.setting, search_threads_now(), self.row_filter,
                                            query_ids)

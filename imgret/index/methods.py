@@ -92,7 +92,7 @@ def execution_params() -> set[str]:
 def invalid_combination(settings: MethodSettings | Mapping) -> str | None:
     """Why this sweep point cannot run, for combinations a cross-product sweep produces (nprobe > nlist)."""
     settings = MethodSettings.of(settings)
-    return settings.method.invalid_combination(settings)
+    return settings.method.unsupported_quantisation(settings) or settings.method.invalid_combination(settings)
 
 
 def validate_search(settings: MethodSettings | Mapping, k, gallery_size: int | None = None, dim: int | None = None

@@ -79,3 +79,13 @@ class HnswGraph:
 
     params = hnsw_params()
     variant_param = "ef_search"
+
+
+# The codes a method can keep its rows as, in imgret's words (each method maps them to its engine's own: its
+# `quantisations`): full precision, 8-bit scalar, 16-bit float, product-quantised, one bit a dimension.
+QUANTISATIONS = ("none", "sq8", "fp16", "pq", "binary")
+QUANTISATION = Param("quantisation", BUILD, minimum=None, top_level=True)  # checked against the method's own codes
+# re-ranking a quantised index's candidates by the full rows (imgret.index.refine, or an engine's own rescoring)
+REFINE = Param("refine_factor", QUERY, optional=True,
+               meaning="candidates per result re-ranked by their full rows; 1 or null: none")
+

@@ -79,9 +79,11 @@ class Refined:
         return self.inner.nbytes  # the gallery store is not part of the index
 
 
-def refined(searcher: Any, setting: Mapping, gallery: np.ndarray | None) -> Any:
-    """`searcher`, re-ranked from `gallery` when the setting asks for it (refine_factor > 1)."""
-    factor = refine_factor(setting)
+def refined(searcher: Any, setting: Mapping, gallery: np.ndarray | None, by_engine: bool = False) -> Any:
+    """`searcher`, re-ranked from `gallery` when the setting asks for it (refine_factor > 1), unless the engine
+    re-ranks by that setting itself (`by_engine`: LanceDB's refine_factor, Qdrant's rescoring), which a second
+    re-rank here would deepen."""
+    factor = 1 if by_engine else refine_factor(setting)
     if factor <= 1:
         return searcher
     if gallery is None:

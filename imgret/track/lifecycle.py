@@ -23,7 +23,7 @@ NOT_RESULT_KEYS = ("paths", "tracking", "extract.progress", "skip_invalid", "for
                    "objectives",
                    # The top-level index knobs reach a run only through its method's own keys (method.nprobe, ...),
                    # which stay: a sweep over nprobe runs method=flat once, and links its other points to that run.
-                   "nlist", "nprobe", "ef_search", "effort", "level", "data.nlist")
+                   "nlist", "nprobe", "ef_search", "effort", "level", "data.nlist", "quantisation", "refine_factor")
 
 
 class Interrupted(KeyboardInterrupt):

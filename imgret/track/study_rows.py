@@ -34,7 +34,9 @@ def load_runs(client: MlflowClient, experiment_id: str, parent_id: str | None) -
             "index_built": tags.get("index_built", ""),
             "filter": tags.get("filter", "none"),  # runs of an imgret without filters searched unfiltered
             "filter_mode": tags.get("filter_mode", "none"),
-            "filter_plan": tags.get("filter_plan", ""),  # an SQL engine's plans for a sample of the filtered queries
+            "filter_plan": tags.get("filter_plan", ""),
+            "quantisation": params.get("method.quantisation", "none"),  # the codes a quantising method kept
+            "refine_factor": params.get("method.refine_factor", "null"),  # an SQL engine's plans for a sample of the filtered queries
             "search_threads": tags.get("search_threads", "?"),
             "weights": tags.get("weights", ""),
             # the extraction's backend and precision as it ran (auto resolved: the tag), for image sources

@@ -28,8 +28,8 @@ import numpy as np
 
 from imgret.errors import ImgretError, bad_value
 from imgret.index.filters import RowFilter, RowKeys, Where
-from imgret.index.base import (Method, new_folder, pack_folder, plain_rows, process_folder, run_in_threads, top_k_arrays,
-                               unpack_folder)
+from imgret.index.base import Method, plain_rows, run_in_threads, top_k_arrays
+from imgret.index.folders import new_folder, pack_folder, process_folder, unpack_folder
 from imgret.index.params import HnswGraph, MethodParams, hnsw_params
 from imgret.index.servers import Server, hand_over
 

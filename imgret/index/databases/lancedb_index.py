@@ -126,6 +126,7 @@ class LanceIvfPq(Lance):
               Param("refine_factor", QUERY, minimum=0, top_level=True))
     variant_param = "nprobes"
     ordering = "inner product (distance type 'dot', 1 - a·b), re-ranked on the full rows when refine_factor > 0"
+    reranks_itself = True  # refine_factor is LanceDB's own
 
     def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)

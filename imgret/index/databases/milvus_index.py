@@ -116,6 +116,13 @@ class MilvusDatabase(Database):
             schema.add_field(column, library.DataType.INT64)
         self.handle.create_collection(COLLECTION, schema=schema)
 
+    def make(self, gallery: np.ndarray, threads: int) -> None:
+        """As every database makes itself; Milvus's refusal of a request (an insert, a flush, an index) is one line."""
+        try:
+            super().make(gallery, threads)
+        except self.method.library().MilvusException as error:
+            raise ServerFailed(f"Milvus refused to make the collection: {error}") from error
+
     def ingest(self, gallery: np.ndarray) -> None:
         labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
         for start in range(0, len(gallery), INSERT_ROWS):

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import new_folder
+from imgret.index.folders import new_folder
 from imgret.index.databases.base import Database, DatabaseMethod
 from imgret.index.filters import Where
 from imgret.index.params import BUILD, QUERY, SERVER, MethodParams, Param, hnsw_params

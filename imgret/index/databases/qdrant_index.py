@@ -15,6 +15,11 @@ graphs are built (Qdrant's advice: its graphs then add the links that keep filte
 query planner can choose the payload index and an exact scan for a narrow filter); a filtered request carries
 `Filter(must=[FieldCondition(column, range=RangeFloat(gte=low, lt=high))])`, one request per query in one batch.
 
+`qdrant` keeps its rows quantised as Qdrant does where asked (`quantisation`: sq8, Qdrant's scalar Int8; pq, its
+product quantisation at compression x16, its docs' example; binary, one bit a dimension), its graph searched on the
+codes; `refine_factor` F > 1 turns on Qdrant's own rescoring of F x k candidates by the full vectors (`rescore`,
+`oversampling`), 1 leaves it off, so that the codes' own recall is measured.
+
 A shard splits its rows into segments (by default as many as the machine has cores) and searches them on its own
 thread pool: `threads` does not bound it.
 """
@@ -27,6 +32,7 @@ import numpy as np
 from imgret.index.base import ADD_CHUNK_ROWS
 from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
 from imgret.index.filters import Where
+from imgret.index.params import QUANTISATION, REFINE
 
 SHARD = "shard"
 ALWAYS_INDEX_KB = 1  # segments above 1 KB get their graph, and no segment is scanned instead of searched
@@ -44,7 +50,19 @@ class QdrantDatabase(Database):
         # the exact method builds no graph: its optimizer never indexes
         indexing = NEVER_INDEX_KB if self.method.exact else ALWAYS_INDEX_KB
         return edge.EdgeConfig(vectors=edge.EdgeVectorParams(size=int(dim), distance=edge.Distance.Dot),
-                               hnsw_config=graph, optimizers=edge.EdgeOptimizersConfig(indexing_threshold=indexing))
+                               hnsw_config=graph, optimizers=edge.EdgeOptimizersConfig(indexing_threshold=indexing),
+                               quantization_config=self._codes(edge))
+
+    def _codes(self, edge):
+        """The quantisation Qdrant keeps the rows in, or None (full precision)."""
+        codes = self.method.codes(self.opts)
+        if codes == "sq8":
+            return edge.ScalarQuantizationConfig(type=edge.ScalarType.Int8)
+        if codes == "pq":
+            return edge.ProductQuantizationConfig(compression=edge.CompressionRatio.X16)
+        if codes == "binary":
+            return edge.BinaryQuantizationConfig()
+        return None
 
     def create(self, dim: int) -> None:
         self.handle = self.method.library().EdgeShard.create(str(self.path / SHARD), self._config(dim))
@@ -75,6 +93,14 @@ class QdrantDatabase(Database):
     def disconnect(self, session: Any) -> None:
         pass
 
+    def _rescoring(self, edge, setting: Mapping):
+        """Qdrant's own rescoring of a quantised shard: on with F x k candidates where refine_factor F > 1, off at 1
+        (the codes' own order); nothing for full-precision rows."""
+        if self.method.codes(self.opts) == "none":
+            return None
+        factor = int(setting.get("refine_factor") or 1)
+        return edge.QuantizationSearchParams(rescore=factor > 1, oversampling=float(factor) if factor > 1 else None)
+
     def bare(self, queries: np.ndarray, k: int, setting: Mapping, threads: int):
         """One batch request for the queries, each at this setting."""
         return self._batch(queries, k, setting, [None] * len(queries))
@@ -86,8 +112,8 @@ class QdrantDatabase(Database):
 
     def _batch(self, queries: np.ndarray, k: int, setting: Mapping, wheres: list[Where | None]):
         edge = self.method.library()
-        params = (edge.SearchParams(hnsw_ef=int(setting["ef_search"])) if "ef_search" in setting
-                  else edge.SearchParams(exact=True))
+        params = (edge.SearchParams(hnsw_ef=int(setting["ef_search"]), quantization=self._rescoring(edge, setting))
+                  if "ef_search" in setting else edge.SearchParams(exact=True))
 
         def condition(where: Where | None):
             return None if where is None else edge.Filter(must=[edge.FieldCondition(
@@ -112,6 +138,9 @@ class Qdrant(DatabaseMethod):
 
 class QdrantHnsw(GraphSettings, Qdrant):
     name, label = "qdrant", "Qdrant HNSW (edge, client API)"
+    params = (*GraphSettings.params, QUANTISATION, REFINE)
+    quantisations = {"none": "none", "sq8": "scalar Int8", "pq": "product x16", "binary": "binary"}
+    reranks_itself = True  # refine_factor is Qdrant's own rescoring (oversampling)
 
 
 class QdrantExact(Qdrant):

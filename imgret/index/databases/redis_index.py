@@ -4,8 +4,9 @@ numbers, reached through redis-py's vector-set API (`vset().vadd`, `vset().vsim`
 
 A vector set is an HNSW graph over its elements' vectors (cosine similarity: Redis normalises each vector and
 answers a similarity (1 + cos) / 2, turned back into the cosine here). `hnsw_m` is VADD's `M`, `ef_construction`
-its `EF`; `ef_search` is VSIM's `EF` per query; `quantisation` is how the set stores its vectors: `noquant`
-(float32, as every other graph in the study), `q8` (Redis's own default: 8-bit) or `bin` (one bit a dimension);
+its `EF`; `ef_search` is VSIM's `EF` per query; `quantisation` is how the set stores its vectors: `none` (NOQUANT:
+float32, as every other graph in the study), `sq8` (Q8, Redis's own default: 8-bit) or `binary` (BIN, one bit a
+dimension);
 `maxmemory` is the server's memory limit (0: none), past which it refuses rows rather than evict any.
 Rows are added in pipelines of VADDs on one connection (VADD's CAS option, which moves the neighbour search to a
 thread, did not add rows faster from one Python client); queries run one VSIM per query, each client on its own
@@ -30,13 +31,12 @@ import numpy as np
 from imgret.errors import bad_value
 from imgret.index.databases.base import Database, DatabaseMethod, GraphSettings
 from imgret.index.filters import Where
-from imgret.index.params import BUILD, QUERY, SERVER, MethodParams, Param
+from imgret.index.params import BUILD, QUANTISATION, QUERY, SERVER, MethodParams, Param
 from imgret.index.servers import ServerFailed, start_server
 
 KEY = "items"
 SOCKET_NAME = "redis.sock"
 PIPELINE_ROWS = 500
-QUANTISATIONS = {"noquant": "NOQUANT", "q8": "Q8", "bin": "BIN"}
 MAX_FILTER_EF = 10_000_000  # FILTER-EF's cap for a filter that allows almost nothing (0 would be Redis's "no limit")
 
 
@@ -71,7 +71,7 @@ class RedisDatabase(Database):
     def ingest(self, gallery: np.ndarray) -> None:
         from redis.commands.vectorset.commands import QuantizationOptions
 
-        quantisation = QuantizationOptions[QUANTISATIONS[self.opts["quantisation"]]]
+        quantisation = QuantizationOptions[self.method.quantisations[self.method.codes(self.opts)]]
         labels, attributes = self.keys_column("label").tolist(), self.keys_column("attribute").tolist()
         pipeline = self.handle.pipeline(transaction=False)
         try:
@@ -114,6 +114,8 @@ class RedisDatabase(Database):
                                         **options)
         except self.method.library().ConnectionError as error:  # the server was stopped or killed under the run
             raise ServerFailed(f"Redis stopped answering while the run searched it: {error}") from error
+        except self.method.library().ResponseError as error:  # a query Redis refuses: its own one-line reason
+            raise ServerFailed(f"Redis refused the query: {error}") from error
         return [int(element) for element in found or {}], [2 * score - 1 for score in (found or {}).values()]
 
 
@@ -128,13 +130,12 @@ class RedisVectorSet(GraphSettings, DatabaseMethod):
     # Redis's own bounds: VADD refuses M outside 4..4096 and EF above 1,000,000 ("invalid M"), after its server started
     params = (Param("hnsw_m", BUILD, 4, maximum=4096, meaning="VADD's M"),
               Param("ef_construction", BUILD, maximum=1_000_000, meaning="VADD's EF"),
-              Param("ef_search", QUERY, top_level=True), Param("quantisation", BUILD, minimum=None),
+              Param("ef_search", QUERY, top_level=True), QUANTISATION,
               Param("maxmemory", SERVER, minimum=None, execution=True))
+    quantisations = {"none": "NOQUANT", "sq8": "Q8", "binary": "BIN"}  # VADD's options
 
     def check(self, opts: MethodParams, gallery_size: int | None, dim: int | None) -> None:
         super().check(opts, gallery_size, dim)
-        if opts.get("quantisation") not in QUANTISATIONS:
-            raise bad_value("method.quantisation", opts.get("quantisation"), "noquant, q8 or bin")
         if not re.fullmatch(r"0|[1-9][0-9]*(kb|mb|gb)", str(opts.get("maxmemory"))):
             raise bad_value("method.maxmemory", opts.get("maxmemory"), "0 (no limit) or a Redis size such as 512mb or 4gb")
 

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.index.libraries.diskann_index import Vamana
-from imgret.index.base import FolderIndex, new_folder, pack_folder, plain_rows, search_threads_now, unpack_folder
+from imgret.index.base import plain_rows, search_threads_now
+from imgret.index.folders import FolderIndex, new_folder, pack_folder, unpack_folder
 from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from imgret.cache import Unreadable
 from imgret.errors import bad_value, whole
 from imgret.index.base import Method, SearchIndex
-from imgret.index.params import BUILD, QUERY, HnswGraph, MethodParams, Param
+from imgret.index.params import BUILD, QUANTISATION, QUERY, REFINE, HnswGraph, MethodParams, Param
 from imgret.index.faiss_build import FaissIndex, build_faiss, on_device, warn_few_training_points
 
 
@@ -131,7 +131,8 @@ class IVFPQ(IVF):
     scores_on = recall_bound = "product-quantised codes"
     # refine_factor: imgret.index.refine re-ranks k x factor from the store
     params = (IVF.params[0], Param("pq_m", BUILD, minimum=None), Param("pq_nbits", BUILD, minimum=None),
-              *IVF.params[1:], Param("refine_factor", QUERY, minimum=None))
+              *IVF.params[1:], QUANTISATION, REFINE)
+    quantisations = {"pq": "product-quantised codes"}
 
     def new_index(self, opts: MethodParams, dim: int) -> faiss.Index:
         if dim % int(opts["pq_m"]):
@@ -147,9 +148,6 @@ class IVFPQ(IVF):
         if not whole(pq_m, 1) or (dim and dim % pq_m):
             raise bad_value("method.pq_m", pq_m, "a whole number of sub-quantizers that divides the "
                             f"embedding dimension{f' ({dim}): one of {_divisors(dim)}' if dim else ''}")
-        if not whole(opts.get("refine_factor", 1), 1):
-            raise bad_value("method.refine_factor", opts.get("refine_factor"), "a whole number >= 1: how many "
-                            "candidates per result are re-ranked by their full vectors (1: none)")
         if gallery_size:
             warn_few_training_points(gallery_size, 2 ** opts["pq_nbits"], "2**pq_nbits")
 

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgret.index.base import Method, new_folder, pack_folder, plain_rows, top_k_arrays, unpack_folder
+from imgret.index.base import Method, plain_rows, top_k_arrays
+from imgret.index.folders import new_folder, pack_folder, unpack_folder
 from imgret.index.params import HnswGraph, MethodParams
 
 

@@ -19,8 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.errors import bad_value
-from imgret.index.base import (FolderIndex, Method, new_folder, pack_folder, plain_rows, run_in_threads, top_k_arrays,
-                               unpack_folder)
+from imgret.index.base import Method, plain_rows, run_in_threads, top_k_arrays
+from imgret.index.folders import FolderIndex, new_folder, pack_folder, unpack_folder
 from imgret.index.params import BUILD, QUERY, MethodParams, Param
 
 

@@ -1,5 +1,7 @@
 """USearch: its HNSW index, and its exact mode (a brute-force scan by its own SIMD kernels), metric "ip"
-(distance 1 - a·b)."""
+(distance 1 - a·b). The HNSW index keeps its rows as USearch's `dtype`: f32, or its own quantisation (f16, i8:
+`quantisation=fp16|sq8`), its graph walked on those; refine_factor > 1 re-ranks the best k x F by the full rows read
+from the gallery store."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgret.index.base import ADD_CHUNK_ROWS, Method, plain_rows, top_k_arrays
-from imgret.index.params import BUILD, QUERY, MethodParams, Param
+from imgret.index.params import BUILD, QUANTISATION, QUERY, REFINE, MethodParams, Param
 
 
 def _similarity(distances: np.ndarray) -> np.ndarray:
@@ -34,13 +36,15 @@ def _matches(found, k: int) -> tuple[np.ndarray, np.ndarray]:
 class USearch(Method):
     name, label = "usearch", "USearch HNSW"
     module, install = "usearch.index", "usearch==2.26.6"
-    params = (Param("connectivity", BUILD), Param("expansion_add", BUILD), Param("ef_search", QUERY, top_level=True))
+    params = (Param("connectivity", BUILD), Param("expansion_add", BUILD), QUANTISATION,
+              Param("ef_search", QUERY, top_level=True), REFINE)
     variant_param = "ef_search"
     file_suffix = ".usearch"
     ordering = "inner product (metric 'ip', distance 1 - a·b)"
+    quantisations = {"none": "f32", "fp16": "f16", "sq8": "i8"}  # its dtype
 
     def build(self, opts: MethodParams, gallery: np.ndarray, threads: int, path: Path | None = None) -> Any:
-        index = self.library().Index(ndim=gallery.shape[1], metric="ip", dtype="f32",
+        index = self.library().Index(ndim=gallery.shape[1], metric="ip", dtype=self.quantisations[self.codes(opts)],
                                      connectivity=int(opts["connectivity"]), expansion_add=int(opts["expansion_add"]))
         for start in range(0, len(gallery), ADD_CHUNK_ROWS):
             rows = plain_rows(gallery[start:start + ADD_CHUNK_ROWS])
