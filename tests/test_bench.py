@@ -104,7 +104,7 @@ def test_batch_pairs_alternate_which_side_goes_first_from_chunk_to_chunk():
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "search,warp"])
-    assert "unknown part(s) ['warp']; allowed: extract, precision, allocator, search, ivf, libraries, ddp, verify, " \
+    assert "unknown part(s) ['warp']; allowed: extract, precision, allocator, search, filtered, ivf, libraries, ddp, verify, " \
         "scale, memory" in capsys.readouterr().err
 
 

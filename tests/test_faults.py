@@ -142,7 +142,7 @@ def test_a_bad_value_exits_2_with_one_line_and_no_run(tmp_path, overrides, key):
 def test_a_sweep_with_an_unknown_option_exits_2_with_one_line_before_any_job(tmp_path):
     result = run_imgret(tmp_path, *SYNTHETIC_FAST, "nlist=4", "nprobe=2", "method=flat,nosuch", multirun=True)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("config error: method=nosuch: one of annoy, brute, ")
+    assert result.stderr.strip().splitlines()[-1].startswith("config error: method=nosuch: one of annoy, binary, brute, ")
     assert "Traceback" not in result.stderr and "Available options" not in result.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
