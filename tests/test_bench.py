@@ -161,6 +161,7 @@ def test_the_readme_ivf_command_times_imgret_against_bare_faiss_on_one_thread(tm
     assert "imgret batch calls of 200 queries vs bare faiss, median of 2" in printed and "flags: " in printed
 
 
+@pytest.mark.slow  # times four sides in turn
 def test_the_filtered_part_times_exact_filtered_search_against_the_unfiltered_scan(tmp_path, capsys):
     command = shlex.split(documented("python -m imgret.bench --parts filtered"))[3:]
     result = main(command + ["--cache", str(tmp_path / "c"), "--gallery", "4000", "--queries", "300", "--dim", "16",

@@ -32,6 +32,7 @@ def recall(found: np.ndarray, gallery: np.ndarray, queries: np.ndarray) -> float
     return recall_at_ties(found_scores, np.sort(similarities, axis=1)[:, ::-1][:, :K], K, 1e-6)
 
 
+@pytest.mark.slow  # a run in a process of its own
 def test_the_documented_quantised_run_keeps_two_bytes_a_dimension_and_re_ranks_to_the_exact_neighbours(tmp_path):
     run = run_small(documented("method=sq quantisation=fp16 refine_factor=4"), tmp_path, "search.latency_queries=50")
     assert run["params.method.quantisation"] == "fp16" and run["params.method.refine_factor"] == "4"
@@ -40,19 +41,30 @@ def test_the_documented_quantised_run_keeps_two_bytes_a_dimension_and_re_ranks_t
     assert run["metrics.recall_at_10"] >= 0.99
 
 
-@pytest.mark.parametrize("overrides, line", [
-    (["method=usearch", "quantisation=pq"], "config error: quantisation=pq: one of none, fp16, sq8 for method=usearch"),
-    (["method=flat", "quantisation=sq8"],
-     "config error: quantisation=sq8: none for method=flat, which keeps full-precision rows"),
-    (["method=hnswlib", "refine_factor=4"], "config error: refine_factor=4: 1 for method=hnswlib, which re-ranks nothing"),
-])
-def test_a_code_or_re_ranking_a_method_has_not_is_refused_in_one_line_before_any_work(overrides, line, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "imgret.run", "data=synthetic_vectors", *overrides,
-                           f"paths.cache={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+def test_a_code_a_method_has_not_is_refused_in_one_line_before_any_work(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "imgret.run", "data=synthetic_vectors", "method=usearch",
+                           "quantisation=pq", f"paths.cache={tmp_path / 'cache'}",
+                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-1000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr[-1000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "config error: quantisation=pq: one of none, fp16, sq8 for method=usearch"), done.stderr[-1000:]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["method=flat", "quantisation=sq8"], "quantisation=sq8: none for method=flat, which keeps full-precision rows"),
+    (["method=hnswlib", "refine_factor=4"], "refine_factor=4: 1 for method=hnswlib, which re-ranks nothing"),
+])
+def test_a_top_level_code_or_re_ranking_the_method_does_not_take_is_refused(overrides, line):
+    from imgret.errors import ConfigError
+    from imgret.validate import check_run_settings, invalid_point
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["data=synthetic_vectors", *overrides])
+    with pytest.raises(ConfigError, match=f"^{line}"):
+        check_run_settings(cfg)
+    assert invalid_point(cfg).startswith(line)  # a sweep with skip_invalid=true skips it
 
 
 def test_a_method_that_only_keeps_codes_takes_its_own_where_quantisation_is_none():
