@@ -230,7 +230,6 @@ class DatabaseMethod(Method):
     file_suffix = ".db.tar"
     ordering = "inner product"
     stores_row_keys = True
-    own_filter = True  # searches under a filter by its own condition on the stored keys (else post-filtered)
 
     def working_folder(self, near: Path | None) -> tempfile.TemporaryDirectory:
         """Where a run's copy of the database lives: beside the index cache's file (the same filesystem)."""
@@ -271,16 +270,12 @@ class DatabaseMethod(Method):
     def search_filtered(self, native: Database, queries: np.ndarray, k: int, setting: Mapping, threads: int,
                         row_filter: RowFilter, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each query by the engine's own condition on the keys stored with the rows (`filter_mode` says how)."""
-        if not self.own_filter:
-            return super().search_filtered(native, queries, k, setting, threads, row_filter, query_ids)
         native.check_keys(row_filter)
         found = native.bare_filtered(queries, k, setting, threads, [row_filter.where(int(q)) for q in query_ids])
         return DatabaseMethod.results(self, found, k)
 
     def filter_plan(self, native: Database, queries: np.ndarray, k: int, row_filter: RowFilter) -> str | None:
         """The engine's plans for a sample of the queries, each distinct plan with how many of them it served."""
-        if not self.own_filter:
-            return None
         plans = [native.plan(queries[q], k, self.query_setting(native.opts), row_filter.where(q))
                  for q in range(min(PLAN_SAMPLE, len(queries)))]
         counted = Counter(plan for plan in plans if plan)
