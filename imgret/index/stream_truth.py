@@ -1,5 +1,5 @@
 """The exact neighbours at every search step of a runbook: each query's k most similar rows among those present then,
-exact in float64 (ties by the lower id), computed incrementally and cached by the stores and the runbook's digest.
+exact in float64 (ties by the lower id), computed incrementally.
 
 Each query keeps a list of candidates (its best rows found so far, float32 products, at most CANDIDATES of them) and a
 floor: every present row not on the list scores at most the floor. An insert scores the new rows against every
@@ -9,14 +9,10 @@ answered from its list, re-ranked in float64; any other query is computed again 
 ground truth's exact scan, with presence as its filter), which also refills its list and lowers its floor."""
 from __future__ import annotations
 
-import hashlib
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from imgret.cache import Unreadable, file_lock, load_checked, save_checked
 from imgret.index.filters import RowFilter
 from imgret.index.groundtruth import GroundTruth, exact_filtered_top_k
 from imgret.index.runbook import ResolvedStep
@@ -25,8 +21,6 @@ from imgret.mapped import gather_rows
 CANDIDATES = 40  # rows kept per query between steps (k + margin for the deletes ahead)
 FLOOR_MARGIN = 1e-5  # a candidate above the floor by less than this may trail an unlisted row in float64
 QUERY_CHUNK = 1024
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,44 +110,3 @@ def _answer(gallery: np.ndarray, queries: np.ndarray, lists: Candidates, present
         full = (found_ids >= 0).all(axis=1)
         lists.floor[again] = np.where(full, found_scores[:, -1], -np.inf)
     return GroundTruth(ids, scores)
-
-
-def runbook_truth_path(cache_dir: Path, gallery_id: str, queries_id: str, runbook_digest: str, k: int) -> Path:
-    return Path(cache_dir) / "groundtruth" / f"{gallery_id}__{queries_id}__k{k}__runbook-{runbook_digest}.npz"
-
-
-def cached_step_ground_truth(gallery, queries, steps: list[ResolvedStep], runbook_digest: str, k: int,
-                             cache_dir: Path) -> dict[int, GroundTruth]:
-    """`step_ground_truth` of two stores, cached (checked on load) by the stores and the runbook's digest."""
-    path = runbook_truth_path(cache_dir, gallery.path.name, queries.path.name, runbook_digest, k)
-    numbers = [step.number for step in steps if step.operation == "search"]
-    with file_lock(path, f"the runbook's ground truth {path.name}"):
-        found = load_checked(path, lambda file, meta: _read(file, numbers, (len(queries), k)))
-        if found is not None:
-            return found
-        log.info("computing the exact top-%d at each of %d search steps", k, len(numbers))
-        truths = step_ground_truth(gallery.vectors, queries.vectors, steps, k)
-        arrays = {f"{kind}_{number}": getattr(truth, kind) for number, truth in truths.items()
-                  for kind in ("ids", "scores")}
-        save_checked(path, lambda partial: np.savez(partial, **arrays))
-        return truths
-
-
-def _read(path: Path, numbers: list[int], shape: tuple[int, int]) -> dict[int, GroundTruth]:
-    try:
-        with np.load(path) as cached:
-            truths = {number: GroundTruth(cached[f"ids_{number}"], cached[f"scores_{number}"]) for number in numbers}
-    except (OSError, ValueError, KeyError) as error:
-        raise Unreadable(f"numpy cannot read it: {error}") from error
-    if any(truth.ids.shape != shape for truth in truths.values()):
-        raise Unreadable(f"it does not hold {shape} per search step")
-    return truths
-
-
-def digest_of(steps: list[ResolvedStep]) -> str:
-    """The resolved steps' own digest (rows as resolved against the gallery)."""
-    digest = hashlib.sha256()
-    for step in steps:
-        digest.update(step.operation.encode())
-        digest.update(np.ascontiguousarray(step.rows, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:12]
